@@ -1,0 +1,116 @@
+//! Command-line arguments. Flags override the config file; most also read a `FERROSERVE_*` variable.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{ConfigError, FileConfig, Settings};
+
+/// Ferroserve: LLM inference serving over gRPC.
+#[derive(Debug, Parser)]
+#[command(name = "ferroserve", version, about, propagate_version = true)]
+pub struct Cli {
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Router plus one in-process worker with the default model: the one-command server.
+    Serve(ServerArgs),
+    /// Router only, in front of remote workers (`--worker http://host:port`, repeatable).
+    Router(RouterArgs),
+    /// A worker: loads the model and serves the internal contract to a router.
+    Worker(ServerArgs),
+    /// Sends one request and prints tokens as they stream.
+    Generate(crate::commands::generate::GenerateArgs),
+    /// Downloads the default model into the cache and verifies its checksum.
+    FetchModel(FetchArgs),
+}
+
+/// Options shared by the server commands.
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// Config file [default: configs/ferroserve.toml, skipped if absent].
+    #[arg(long, env = "FERROSERVE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on (overrides server.listen, or worker.listen for `worker`).
+    #[arg(long, env = "FERROSERVE_LISTEN")]
+    pub listen: Option<String>,
+    /// Serve this GGUF instead of the fetched default (overrides model.path).
+    #[arg(long, env = "FERROSERVE_MODEL_PATH")]
+    pub model_path: Option<PathBuf>,
+    /// Cache directory for fetched models (overrides model.cache_dir).
+    #[arg(long, env = "FERROSERVE_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// `cpu` or `cuda:N` (overrides model.device).
+    #[arg(long, env = "FERROSERVE_DEVICE")]
+    pub device: Option<String>,
+    /// Seconds in-flight streams may finish after SIGINT/SIGTERM (overrides server.drain_timeout_secs).
+    #[arg(long)]
+    pub drain_timeout_secs: Option<f64>,
+}
+
+/// Options of the router command.
+#[derive(Debug, Args)]
+pub struct RouterArgs {
+    /// Common server options.
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// A worker address, e.g. http://127.0.0.1:50061; repeat for more (overrides router.workers).
+    #[arg(long = "worker")]
+    pub workers: Vec<String>,
+}
+
+/// Options of fetch-model.
+#[derive(Debug, Args)]
+pub struct FetchArgs {
+    /// Cache directory [default: $FERROSERVE_CACHE_DIR or ~/.cache/ferroserve].
+    #[arg(long, env = "FERROSERVE_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+}
+
+/// Which listener `--listen` overrides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The public router listener.
+    Router,
+    /// The worker listener.
+    Worker,
+}
+
+impl ServerArgs {
+    /// Reads the config file, applies flag and environment overrides, validates.
+    pub fn settings(&self, role: Role, workers: &[String]) -> Result<Settings, ConfigError> {
+        let default = PathBuf::from("configs/ferroserve.toml");
+        let (path, explicit) = match &self.config {
+            Some(p) => (p.clone(), true),
+            None => (default, false),
+        };
+        let mut file = FileConfig::load(&path, explicit)?;
+        if let Some(l) = &self.listen {
+            match role {
+                Role::Router => file.server.listen = l.clone(),
+                Role::Worker => file.worker.listen = l.clone(),
+            }
+        }
+        if let Some(p) = &self.model_path {
+            file.model.path = Some(p.clone());
+        }
+        if let Some(c) = &self.cache_dir {
+            file.model.cache_dir = Some(c.clone());
+        }
+        if let Some(d) = &self.device {
+            file.model.device = d.clone();
+        }
+        if let Some(d) = self.drain_timeout_secs {
+            file.server.drain_timeout_secs = d;
+        }
+        if !workers.is_empty() {
+            file.router.workers = workers.to_vec();
+        }
+        file.validate()
+    }
+}

@@ -1,0 +1,223 @@
+//! `ferroserve generate`: a client that sends one request and prints tokens as they stream.
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+use ferroserve_proto::v1 as pb;
+use ferroserve_proto::v1::inference_client::InferenceClient;
+use serde_json::json;
+
+/// Flags for every field of `GenerateRequest`.
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// The text to send: a user message by default, the raw prompt with --raw.
+    pub text: Option<String>,
+    /// Send TEXT as the raw `prompt`, with no chat template.
+    #[arg(long)]
+    pub raw: bool,
+    /// A system message placed before TEXT.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// A conversation turn as ROLE:CONTENT (roles: system, user, assistant); repeat for more. Used instead
+    /// of TEXT.
+    #[arg(long = "message", value_name = "ROLE:CONTENT")]
+    pub messages: Vec<String>,
+    /// Model to use: empty for the default, `name` or `name@version`.
+    #[arg(long, default_value = "")]
+    pub model: String,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: u32,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Nucleus sampling mass in (0, 1].
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    /// Keep only the k most likely tokens (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: u32,
+    /// Sampler seed, for reproducible sampling.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Penalty for tokens already in the context (1: none).
+    #[arg(long)]
+    pub repetition_penalty: Option<f32>,
+    /// Stop before this string; repeat for more.
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Request id to send (the server makes one if omitted).
+    #[arg(long, default_value = "")]
+    pub request_id: String,
+    /// Server address.
+    #[arg(long, env = "FERROSERVE_ADDR", default_value = "http://127.0.0.1:50051")]
+    pub addr: String,
+    /// Print machine-readable JSON lines instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Use the unary Generate call instead of streaming.
+    #[arg(long)]
+    pub unary: bool,
+    /// gRPC deadline in seconds.
+    #[arg(long)]
+    pub timeout_secs: Option<f64>,
+}
+
+impl GenerateArgs {
+    fn request(&self) -> anyhow::Result<pb::GenerateRequest> {
+        let mut messages = Vec::new();
+        let mut prompt = String::new();
+        if self.messages.is_empty() {
+            let text = self
+                .text
+                .clone()
+                .context("give TEXT or at least one --message ROLE:CONTENT")?;
+            if self.raw {
+                anyhow::ensure!(self.system.is_none(), "--system cannot be used with --raw");
+                prompt = text;
+            } else {
+                if let Some(system) = &self.system {
+                    messages.push(message("system", system));
+                }
+                messages.push(message("user", &text));
+            }
+        } else {
+            anyhow::ensure!(
+                self.text.is_none() && !self.raw,
+                "use either TEXT or --message, not both"
+            );
+            for m in &self.messages {
+                let (role, content) = m
+                    .split_once(':')
+                    .with_context(|| format!("--message `{m}` is not ROLE:CONTENT"))?;
+                messages.push(message(role, content));
+            }
+        }
+        Ok(pb::GenerateRequest {
+            model: self.model.clone(),
+            prompt,
+            messages,
+            max_tokens: self.max_tokens,
+            sampling: Some(pb::SamplingParams {
+                temperature: self.temperature,
+                top_p: self.top_p,
+                top_k: self.top_k,
+                seed: self.seed,
+                repetition_penalty: self.repetition_penalty,
+            }),
+            stop: self.stop.clone(),
+            request_id: self.request_id.clone(),
+        })
+    }
+}
+
+fn message(role: &str, content: &str) -> pb::ChatMessage {
+    pb::ChatMessage {
+        role: role.to_string(),
+        content: content.to_string(),
+    }
+}
+
+fn finish_name(v: i32) -> &'static str {
+    pb::FinishReason::try_from(v).map_or("UNKNOWN", |f| f.as_str_name().trim_start_matches("FINISH_REASON_"))
+}
+
+fn complete_json(c: &pb::GenerationComplete) -> serde_json::Value {
+    let usage = c.usage.unwrap_or_default();
+    let t = c.timings.unwrap_or_default();
+    json!({
+        "type": "complete",
+        "finish_reason": finish_name(c.finish_reason),
+        "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens},
+        "model_version": c.model_version,
+        "request_id": c.request_id,
+        "timings": {"queue_ms": t.queue_ms, "time_to_first_token_ms": t.time_to_first_token_ms, "total_ms": t.total_ms},
+    })
+}
+
+fn summary(c: &pb::GenerationComplete, elapsed: Duration) -> String {
+    let usage = c.usage.unwrap_or_default();
+    let t = c.timings.unwrap_or_default();
+    let decode_s = (t.total_ms - t.time_to_first_token_ms) / 1e3;
+    let rate = if usage.completion_tokens > 1 && decode_s > 0.0 {
+        f64::from(usage.completion_tokens - 1) / decode_s
+    } else {
+        0.0
+    };
+    format!(
+        "[{}] {} prompt + {} completion tokens | ttft {:.0} ms | total {:.0} ms ({:.0} ms at client) | \
+         decode {:.1} tok/s | {} | {}",
+        finish_name(c.finish_reason),
+        usage.prompt_tokens,
+        usage.completion_tokens,
+        t.time_to_first_token_ms,
+        t.total_ms,
+        elapsed.as_secs_f64() * 1e3,
+        rate,
+        c.model_version,
+        c.request_id
+    )
+}
+
+/// Runs the command.
+pub async fn run(args: GenerateArgs) -> anyhow::Result<()> {
+    let request = args.request()?;
+    let mut client = InferenceClient::connect(args.addr.clone())
+        .await
+        .with_context(|| format!("cannot connect to {}; is `ferroserve serve` running?", args.addr))?;
+    let mut request = tonic::Request::new(request);
+    if let Some(t) = args.timeout_secs {
+        request.set_timeout(Duration::from_secs_f64(t));
+    }
+    let started = Instant::now();
+    let status_err = |s: tonic::Status| anyhow::anyhow!("{:?}: {}", s.code(), s.message());
+    let mut out = std::io::stdout().lock();
+    if args.unary {
+        let r = client.generate(request).await.map_err(status_err)?.into_inner();
+        let c = pb::GenerationComplete {
+            finish_reason: r.finish_reason,
+            usage: r.usage,
+            model_version: r.model_version,
+            request_id: r.request_id,
+            timings: r.timings,
+        };
+        if args.json {
+            let mut v = complete_json(&c);
+            v["text"] = json!(r.text);
+            writeln!(out, "{v}")?;
+        } else {
+            writeln!(out, "{}", r.text)?;
+            eprintln!("{}", summary(&c, started.elapsed()));
+        }
+        return Ok(());
+    }
+    let mut stream = client.generate_stream(request).await.map_err(status_err)?.into_inner();
+    while let Some(msg) = stream.message().await.map_err(status_err)? {
+        match msg.event {
+            Some(pb::generate_stream_response::Event::Token(t)) => {
+                if args.json {
+                    writeln!(
+                        out,
+                        "{}",
+                        json!({"type": "token", "text": t.text, "token_ids": t.token_ids})
+                    )?;
+                } else {
+                    write!(out, "{}", t.text)?;
+                }
+                out.flush()?;
+            }
+            Some(pb::generate_stream_response::Event::Complete(c)) => {
+                if args.json {
+                    writeln!(out, "{}", complete_json(&c))?;
+                } else {
+                    writeln!(out)?;
+                    eprintln!("{}", summary(&c, started.elapsed()));
+                }
+            }
+            None => {}
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,154 @@
+//! `serve`, `worker` and `router`: bind first (so health checks see NOT_SERVING while the model loads),
+//! then load or connect in the background.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use ferroserve_core::Backend;
+use ferroserve_engine::EngineHandle;
+use ferroserve_model::{LoadedModel, ModelSpec};
+use ferroserve_router::Pool;
+use ferroserve_worker::{BackendSlot, RemoteWorker, WorkerServerConfig};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+use crate::config::Settings;
+use crate::running::Running;
+
+async fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} for the {what}; is another server using it?"))
+}
+
+/// Loads the model on a blocking thread and starts its engine.
+async fn load_engine(settings: &Settings, path: PathBuf) -> anyhow::Result<Arc<EngineHandle>> {
+    let spec = ModelSpec {
+        name: settings.model_name.clone(),
+        version: settings.model_version.clone(),
+        path,
+        device: settings.device,
+        system_prompt: settings.system_prompt.clone(),
+    };
+    let engine = settings.engine;
+    tokio::task::spawn_blocking(move || {
+        let model = LoadedModel::load(&spec)?;
+        anyhow::Ok(Arc::new(EngineHandle::start(model, engine)))
+    })
+    .await
+    .context("model loading panicked")?
+}
+
+/// Router plus one in-process engine serving `model_path`.
+pub async fn start_serve(settings: Settings, model_path: PathBuf) -> anyhow::Result<Running> {
+    let listener = bind(settings.listen, "router").await?;
+    let addr = listener.local_addr()?;
+    let pool = Pool::new(Some(settings.model_name.clone()));
+    let slot = BackendSlot::new();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn({
+        let pool = Arc::clone(&pool);
+        let slot = slot.clone();
+        async move {
+            let load = async {
+                let engine = load_engine(&settings, model_path).await?;
+                slot.fill(Arc::clone(&engine) as Arc<dyn Backend>);
+                pool.add(engine);
+                anyhow::Ok(())
+            };
+            let server = ferroserve_router::serve(listener, Arc::clone(&pool), settings.router, async {
+                let _ = stopped.await;
+            });
+            tokio::pin!(server);
+            tokio::select! {
+                r = &mut server => return r.context("router server failed"),
+                r = load => r.context("loading the model")?,
+            }
+            server.await.context("router server failed")
+        }
+    });
+    Ok(Running::new(addr, slot, stop, task))
+}
+
+/// A worker process: the internal contract around one engine.
+pub async fn start_worker(settings: Settings, model_path: PathBuf) -> anyhow::Result<Running> {
+    let listener = bind(settings.worker_listen, "worker").await?;
+    let addr = listener.local_addr()?;
+    let slot = BackendSlot::new();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let (loaded, ready) = oneshot::channel::<()>();
+    let config = WorkerServerConfig {
+        drain_timeout: settings.drain_timeout,
+    };
+    let task = tokio::spawn({
+        let slot = slot.clone();
+        async move {
+            let load = async {
+                let engine = load_engine(&settings, model_path).await?;
+                slot.fill(engine);
+                let _ = loaded.send(());
+                anyhow::Ok(())
+            };
+            let server = ferroserve_worker::serve(
+                listener,
+                slot.clone(),
+                async {
+                    let _ = ready.await;
+                },
+                config,
+                async {
+                    let _ = stopped.await;
+                },
+            );
+            tokio::pin!(server);
+            tokio::select! {
+                r = &mut server => return r.context("worker server failed"),
+                r = load => r.context("loading the model")?,
+            }
+            server.await.context("worker server failed")
+        }
+    });
+    Ok(Running::new(addr, slot, stop, task))
+}
+
+/// A router in front of remote workers. Each worker is connected in the background and joins the pool
+/// once it answers, so workers may start before or after the router.
+pub async fn start_router(settings: Settings) -> anyhow::Result<Running> {
+    anyhow::ensure!(
+        !settings.workers.is_empty(),
+        "the router needs at least one worker: pass --worker http://host:port or set router.workers"
+    );
+    let listener = bind(settings.listen, "router").await?;
+    let addr = listener.local_addr()?;
+    let pool = Pool::new(Some(settings.model_name.clone()));
+    for address in settings.workers.clone() {
+        let pool = Arc::clone(&pool);
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                match RemoteWorker::connect(&address).await {
+                    Ok(w) => {
+                        pool.add(Arc::new(w));
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::info!(worker = %address, error = %e, retry_in = ?backoff, "worker not ready");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+        });
+    }
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        ferroserve_router::serve(listener, pool, settings.router, async {
+            let _ = stopped.await;
+        })
+        .await
+        .context("router server failed")
+    });
+    Ok(Running::new(addr, BackendSlot::new(), stop, task))
+}

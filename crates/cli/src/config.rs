@@ -1,0 +1,324 @@
+//! Configuration: a TOML file (`--config`, default `configs/ferroserve.toml`), then environment and
+//! command-line overrides, validated into typed settings before any port is bound. Every error names the
+//! key to fix.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ferroserve_engine::EngineConfig;
+use ferroserve_model::device::DeviceSpec;
+use ferroserve_model::fetch;
+use ferroserve_router::{Limits, RouterConfig};
+use serde::Deserialize;
+
+/// The config file as written. Unknown keys are errors, so typos do not pass silently.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileConfig {
+    /// `[server]`: the public listener.
+    pub server: ServerSection,
+    /// `[model]`: what to serve.
+    pub model: ModelSection,
+    /// `[engine]`: the generation engine.
+    pub engine: EngineSection,
+    /// `[router]`: request limits and remote workers.
+    pub router: RouterSection,
+    /// `[worker]`: the worker process's listener.
+    pub worker: WorkerSection,
+}
+
+/// `[server]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSection {
+    /// Public gRPC address.
+    pub listen: String,
+    /// Seconds in-flight streams may run after SIGINT/SIGTERM.
+    pub drain_timeout_secs: f64,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            listen: "127.0.0.1:50051".into(),
+            drain_timeout_secs: 30.0,
+        }
+    }
+}
+
+/// `[model]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSection {
+    /// Name clients use.
+    pub name: String,
+    /// Version label.
+    pub version: String,
+    /// A GGUF to serve instead of the fetched default.
+    pub path: Option<PathBuf>,
+    /// Where fetched models live.
+    pub cache_dir: Option<PathBuf>,
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+    /// System message for conversations that bring none; empty leaves it to the model's chat template.
+    pub system_prompt: String,
+}
+
+/// The default system prompt. SmolLM2's own template default ("You are a helpful AI assistant named
+/// SmolLM, ...") sends the Q4_1 build off-topic on simple questions (greedy answers "L'Étoile, ..." to
+/// "What is the capital of France?"), while this plain one keeps it on task.
+pub const DEFAULT_SYSTEM_PROMPT: &str = "You are a helpful assistant.";
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        ModelSection {
+            name: fetch::DEFAULT_MODEL_NAME.into(),
+            version: fetch::DEFAULT_MODEL_VERSION.into(),
+            path: None,
+            cache_dir: None,
+            device: "cpu".into(),
+            system_prompt: DEFAULT_SYSTEM_PROMPT.into(),
+        }
+    }
+}
+
+/// `[engine]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineSection {
+    /// Requests that may wait for the engine.
+    pub queue_capacity: usize,
+}
+
+impl Default for EngineSection {
+    fn default() -> Self {
+        EngineSection {
+            queue_capacity: EngineConfig::default().queue_capacity,
+        }
+    }
+}
+
+/// `[router]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouterSection {
+    /// Worker addresses for `ferroserve router`, e.g. `http://127.0.0.1:50061`.
+    pub workers: Vec<String>,
+    /// Most stop strings per request.
+    pub max_stop_sequences: usize,
+    /// Longest stop string in bytes.
+    pub max_stop_bytes: usize,
+}
+
+impl Default for RouterSection {
+    fn default() -> Self {
+        let l = Limits::default();
+        RouterSection {
+            workers: Vec::new(),
+            max_stop_sequences: l.max_stop_sequences,
+            max_stop_bytes: l.max_stop_bytes,
+        }
+    }
+}
+
+/// `[worker]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerSection {
+    /// Worker gRPC address for `ferroserve worker`.
+    pub listen: String,
+}
+
+impl Default for WorkerSection {
+    fn default() -> Self {
+        WorkerSection {
+            listen: "127.0.0.1:50061".into(),
+        }
+    }
+}
+
+/// A configuration problem, naming the key.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {key}: {message}")]
+pub struct ConfigError {
+    /// Dotted key, e.g. `server.listen`.
+    pub key: String,
+    /// What is wrong and what would be right.
+    pub message: String,
+}
+
+fn err(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// Validated settings: everything typed, nothing left to check.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Public gRPC address.
+    pub listen: SocketAddr,
+    /// Worker gRPC address (worker command).
+    pub worker_listen: SocketAddr,
+    /// Grace period for in-flight streams at shutdown.
+    pub drain_timeout: Duration,
+    /// Model name.
+    pub model_name: String,
+    /// Model version.
+    pub model_version: String,
+    /// Explicit GGUF, or `None` for the fetched default.
+    pub model_path: Option<PathBuf>,
+    /// Cache for fetched models.
+    pub cache_dir: PathBuf,
+    /// Where the model runs.
+    pub device: DeviceSpec,
+    /// Default system message, if any.
+    pub system_prompt: Option<String>,
+    /// Engine settings.
+    pub engine: EngineConfig,
+    /// Router settings.
+    pub router: RouterConfig,
+    /// Remote workers (router command).
+    pub workers: Vec<String>,
+}
+
+impl FileConfig {
+    /// Reads `path`. A missing file is an error only when `explicit` (the user named it).
+    pub fn load(path: &Path, explicit: bool) -> Result<FileConfig, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => return Ok(FileConfig::default()),
+            Err(e) => return Err(err("--config", format!("cannot read {}: {e}", path.display()))),
+        };
+        toml::from_str(&text).map_err(|e| {
+            let key = e.message().split('`').nth(1).unwrap_or("(file)").to_string();
+            err(&key, format!("{} (in {})", e.to_string().trim(), path.display()))
+        })
+    }
+
+    /// Checks every value and produces typed settings.
+    pub fn validate(self) -> Result<Settings, ConfigError> {
+        let addr = |key: &str, v: &str| {
+            v.parse::<SocketAddr>().map_err(|_| {
+                err(
+                    key,
+                    format!("`{v}` is not a socket address; use host:port, e.g. 127.0.0.1:50051"),
+                )
+            })
+        };
+        let listen = addr("server.listen", &self.server.listen)?;
+        let worker_listen = addr("worker.listen", &self.worker.listen)?;
+        let d = self.server.drain_timeout_secs;
+        if !(0.0..=3600.0).contains(&d) {
+            return Err(err(
+                "server.drain_timeout_secs",
+                format!("must be between 0 and 3600 seconds (got {d})"),
+            ));
+        }
+        if self.model.name.is_empty() || self.model.name.contains('@') {
+            return Err(err("model.name", "must be non-empty and contain no `@`"));
+        }
+        if self.model.version.is_empty() || self.model.version.contains('@') {
+            return Err(err("model.version", "must be non-empty and contain no `@`"));
+        }
+        let device: DeviceSpec = self.model.device.parse().map_err(|m: String| err("model.device", m))?;
+        if let Some(p) = &self.model.path
+            && !p.is_file()
+        {
+            return Err(err(
+                "model.path",
+                format!(
+                    "{} is not a file; fix the path or remove it to use the default model",
+                    p.display()
+                ),
+            ));
+        }
+        if self.engine.queue_capacity == 0 {
+            return Err(err("engine.queue_capacity", "must be at least 1"));
+        }
+        if self.router.max_stop_sequences == 0 || self.router.max_stop_bytes == 0 {
+            return Err(err("router.max_stop_sequences", "stop limits must be at least 1"));
+        }
+        for (i, w) in self.router.workers.iter().enumerate() {
+            if !(w.starts_with("http://") || w.starts_with("https://")) || w.parse::<tonic::transport::Uri>().is_err() {
+                return Err(err(
+                    &format!("router.workers[{i}]"),
+                    format!("`{w}` is not a worker URL; use http://host:port"),
+                ));
+            }
+        }
+        let drain_timeout = Duration::from_secs_f64(d);
+        Ok(Settings {
+            listen,
+            worker_listen,
+            drain_timeout,
+            model_name: self.model.name,
+            model_version: self.model.version,
+            model_path: self.model.path,
+            cache_dir: self.model.cache_dir.unwrap_or_else(fetch::default_cache_dir),
+            device,
+            system_prompt: Some(self.model.system_prompt).filter(|s| !s.is_empty()),
+            engine: EngineConfig {
+                queue_capacity: self.engine.queue_capacity,
+            },
+            router: RouterConfig {
+                limits: Limits {
+                    max_stop_sequences: self.router.max_stop_sequences,
+                    max_stop_bytes: self.router.max_stop_bytes,
+                    ..Limits::default()
+                },
+                drain_timeout,
+            },
+            workers: self.router.workers,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Settings, ConfigError> {
+        toml::from_str::<FileConfig>(text)
+            .map_err(|e| err("(file)", e.to_string()))?
+            .validate()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let s = parse("").unwrap();
+        assert_eq!(s.listen.to_string(), "127.0.0.1:50051");
+        assert_eq!(s.model_name, "smollm2-135m-instruct");
+    }
+
+    #[test]
+    fn the_shipped_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/ferroserve.toml");
+        FileConfig::load(&path, true).unwrap().validate().unwrap();
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = parse("[server]\nlisten = \"nowhere\"").unwrap_err();
+        assert_eq!(e.key, "server.listen");
+        let e = parse("[model]\ndevice = \"tpu\"").unwrap_err();
+        assert_eq!(e.key, "model.device");
+        let e = parse("[engine]\nqueue_capacity = 0").unwrap_err();
+        assert_eq!(e.key, "engine.queue_capacity");
+        let e = parse("[router]\nworkers = [\"127.0.0.1:1\"]").unwrap_err();
+        assert_eq!(e.key, "router.workers[0]");
+        let e = parse("[server]\ndrain_timeout_secs = -1").unwrap_err();
+        assert_eq!(e.key, "server.drain_timeout_secs");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_by_name() {
+        let path = std::env::temp_dir().join(format!("ferroserve-cfg-{}.toml", std::process::id()));
+        std::fs::write(&path, "[server]\nlistn = \"127.0.0.1:1\"\n").unwrap();
+        let e = FileConfig::load(&path, true).unwrap_err();
+        std::fs::remove_file(&path).unwrap();
+        assert!(e.to_string().contains("listn"), "{e}");
+    }
+}

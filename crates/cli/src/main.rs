@@ -1,0 +1,38 @@
+//! `ferroserve`: parse, dispatch, exit.
+
+use clap::Parser;
+use ferroserve::args::{Cli, Command, Role};
+use ferroserve::commands::{self, servers};
+use ferroserve::running::{Running, shutdown_signal};
+
+/// Prints the bound address on stdout (scripts and tests read it), then serves until a signal.
+async fn announce_and_run(what: &str, running: Running) -> anyhow::Result<()> {
+    println!("ferroserve {what} listening on {}", running.addr);
+    running.run_until(shutdown_signal()).await?;
+    tracing::info!("{what} stopped cleanly");
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    ferroserve_telemetry::init_logging();
+    match cli.command {
+        Command::Serve(a) => {
+            let settings = a.settings(Role::Router, &[])?;
+            let model = commands::resolve_model(&settings, &ferroserve::Bars::default())?;
+            announce_and_run("serve", servers::start_serve(settings, model).await?).await
+        }
+        Command::Worker(a) => {
+            let settings = a.settings(Role::Worker, &[])?;
+            let model = commands::resolve_model(&settings, &ferroserve::Bars::default())?;
+            announce_and_run("worker", servers::start_worker(settings, model).await?).await
+        }
+        Command::Router(a) => {
+            let settings = a.server.settings(Role::Router, &a.workers)?;
+            announce_and_run("router", servers::start_router(settings).await?).await
+        }
+        Command::Generate(a) => commands::generate::run(a).await,
+        Command::FetchModel(a) => commands::fetch_model(a.cache_dir),
+    }
+}

@@ -1,0 +1,86 @@
+//! A server started in the background: its address, its engine slot, and a way to stop it and wait.
+//! The binary stops it on SIGINT/SIGTERM; tests stop it directly.
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use ferroserve_worker::BackendSlot;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// A running router or worker.
+pub struct Running {
+    /// The address it actually bound (useful with port 0).
+    pub addr: SocketAddr,
+    /// The in-process engine once loaded (empty for a router with remote workers).
+    pub backend: BackendSlot,
+    /// Fires the graceful shutdown.
+    stop: Option<oneshot::Sender<()>>,
+    /// The server; ends after drain, or early on a fatal error such as a model that fails to load.
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    pub(crate) fn new(
+        addr: SocketAddr,
+        backend: BackendSlot,
+        stop: oneshot::Sender<()>,
+        task: JoinHandle<anyhow::Result<()>>,
+    ) -> Running {
+        Running {
+            addr,
+            backend,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    /// `http://addr`, for clients.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Starts a graceful shutdown: no new requests, in-flight ones drain.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Shuts down gracefully and waits until the server has stopped.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        self.begin_shutdown();
+        self.task.await.context("server task panicked")?
+    }
+
+    /// Runs until `signal` fires (then drains) or the server fails on its own.
+    pub async fn run_until(mut self, signal: impl Future<Output = ()>) -> anyhow::Result<()> {
+        tokio::select! {
+            r = &mut self.task => r.context("server task panicked")?,
+            () = signal => self.shutdown().await,
+        }
+    }
+}
+
+/// Resolves when the process receives SIGINT (Ctrl-C) or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("SIGINT received"),
+        () = term => tracing::info!("SIGTERM received"),
+    }
+}

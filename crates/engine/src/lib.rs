@@ -1,0 +1,15 @@
+//! The generation engine: requests queue behind a bounded channel and a dedicated thread runs the model.
+//! It takes validated requests and returns a stream of events; it knows nothing of gRPC.
+//!
+//! Flow: [`EngineHandle::submit`] tokenizes and checks the request on the caller's task, then queues it;
+//! the engine thread prefills, samples ([`sampler`]) and detokenizes one token at a time, applying stop
+//! conditions ([`stop`]), and sends each event into the request's own channel. A closed channel means the
+//! client left, and the engine stops work on that request at its next step.
+#![forbid(unsafe_code)]
+
+mod handle;
+mod run;
+pub mod sampler;
+pub mod stop;
+
+pub use handle::{EngineConfig, EngineHandle};

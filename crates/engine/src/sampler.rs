@@ -1,0 +1,195 @@
+//! Choosing the next token from logits: repetition penalty, temperature, top-k, top-p, seeded.
+
+use std::collections::HashSet;
+
+use ferroserve_core::Sampling;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// Per-sequence sampler. Owns its random generator, so a seed reproduces the same tokens whatever else
+/// the engine is running.
+pub struct Sampler {
+    /// The request's settings.
+    params: Sampling,
+    /// Seeded from `params.seed`.
+    rng: StdRng,
+    /// Distinct tokens of the context, for the repetition penalty.
+    seen: HashSet<u32>,
+}
+
+/// A chosen token and its log-probability under the model's unmodified distribution.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampled {
+    /// The token id.
+    pub token: u32,
+    /// `log softmax(logits)[token]`, before penalty, temperature or truncation.
+    pub logprob: f32,
+}
+
+impl Sampler {
+    /// A sampler for one sequence whose context starts with `prompt`.
+    pub fn new(params: Sampling, prompt: &[u32]) -> Sampler {
+        Sampler {
+            params,
+            rng: StdRng::seed_from_u64(params.seed),
+            seen: prompt.iter().copied().collect(),
+        }
+    }
+
+    /// Picks the next token from `logits` (modified in place) and records it in the context.
+    pub fn sample(&mut self, logits: &mut [f32]) -> Sampled {
+        let lse = log_sum_exp(logits);
+        // The penalty rewrites logits; keep the originals of the tokens it touches for the logprob.
+        let mut originals = Vec::new();
+        if self.params.repetition_penalty != 1.0 {
+            let p = self.params.repetition_penalty;
+            for &t in &self.seen {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    originals.push((t, *l));
+                    *l = if *l > 0.0 { *l / p } else { *l * p };
+                }
+            }
+        }
+        let token = if self.params.is_greedy() {
+            argmax(logits)
+        } else {
+            self.sample_random(logits)
+        };
+        self.seen.insert(token);
+        let raw = originals
+            .iter()
+            .find(|(t, _)| *t == token)
+            .map_or(logits[token as usize], |(_, l)| *l);
+        Sampled {
+            token,
+            logprob: raw - lse,
+        }
+    }
+
+    fn sample_random(&mut self, logits: &[f32]) -> u32 {
+        let inv_t = 1.0 / self.params.temperature;
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        // Candidates as (token, unnormalised probability), most likely first once truncated.
+        let mut cands: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, ((l - max) * inv_t).exp()))
+            .collect();
+        let by_prob_desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        let k = self.params.top_k as usize;
+        if k > 0 && k < cands.len() {
+            cands.select_nth_unstable_by(k - 1, by_prob_desc);
+            cands.truncate(k);
+        }
+        if self.params.top_p < 1.0 {
+            cands.sort_unstable_by(by_prob_desc);
+            let total: f32 = cands.iter().map(|c| c.1).sum();
+            let mut cum = 0.0;
+            let mut keep = cands.len();
+            for (i, c) in cands.iter().enumerate() {
+                cum += c.1 / total;
+                if cum >= self.params.top_p {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            cands.truncate(keep);
+        }
+        let total: f32 = cands.iter().map(|c| c.1).sum();
+        let mut r = self.rng.random::<f32>() * total;
+        for &(t, p) in &cands {
+            if r < p {
+                return t;
+            }
+            r -= p;
+        }
+        // Rounding left a sliver of mass past the end: the last candidate takes it.
+        cands.last().map_or(0, |c| c.0)
+    }
+}
+
+/// `log(sum(exp(logits)))`, computed stably.
+fn log_sum_exp(logits: &[f32]) -> f32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    max + logits.iter().map(|&l| (l - max).exp()).sum::<f32>().ln()
+}
+
+fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(temperature: f32, top_k: u32, top_p: f32, seed: u64) -> Sampling {
+        Sampling {
+            temperature,
+            top_p,
+            top_k,
+            seed,
+            repetition_penalty: 1.0,
+        }
+    }
+
+    #[test]
+    fn greedy_takes_the_max_and_reports_its_logprob() {
+        let mut s = Sampler::new(Sampling::GREEDY, &[]);
+        let mut logits = vec![0.0, 2.0, 1.0];
+        let out = s.sample(&mut logits);
+        assert_eq!(out.token, 1);
+        let expected = 2.0 - (1.0f32 + 2.0f32.exp() + 1.0f32.exp()).ln();
+        assert!((out.logprob - expected).abs() < 1e-5);
+    }
+
+    #[test]
+    fn same_seed_same_tokens_different_seed_differs() {
+        let logits: Vec<f32> = (0..100).map(|i| (i % 7) as f32 * 0.3).collect();
+        let run = |seed| {
+            let mut s = Sampler::new(params(1.0, 0, 1.0, seed), &[]);
+            (0..50).map(|_| s.sample(&mut logits.clone()).token).collect::<Vec<_>>()
+        };
+        assert_eq!(run(7), run(7));
+        assert_ne!(run(7), run(8));
+    }
+
+    #[test]
+    fn top_k_one_is_greedy_and_top_k_limits_choices() {
+        let logits: Vec<f32> = vec![0.1, 3.0, 2.9, 0.2, 2.8];
+        let mut s = Sampler::new(params(5.0, 1, 1.0, 1), &[]);
+        for _ in 0..20 {
+            assert_eq!(s.sample(&mut logits.clone()).token, 1);
+        }
+        let mut s = Sampler::new(params(5.0, 3, 1.0, 1), &[]);
+        for _ in 0..200 {
+            assert!([1, 2, 4].contains(&s.sample(&mut logits.clone()).token));
+        }
+    }
+
+    #[test]
+    fn top_p_keeps_only_the_nucleus() {
+        // Token 0 holds ~88% of the mass: top_p 0.5 must always pick it.
+        let logits = vec![4.0, 1.0, 1.0, 0.5];
+        let mut s = Sampler::new(params(1.0, 0, 0.5, 3), &[]);
+        for _ in 0..100 {
+            assert_eq!(s.sample(&mut logits.clone()).token, 0);
+        }
+    }
+
+    #[test]
+    fn repetition_penalty_discourages_seen_tokens() {
+        let mut p = Sampling::GREEDY;
+        p.repetition_penalty = 2.0;
+        let mut s = Sampler::new(p, &[0]);
+        // 0 is seen: 3.0 / 2 = 1.5 < 2.0.
+        assert_eq!(s.sample(&mut [3.0, 2.0]).token, 1);
+        // Now 1 is seen too; a negative logit is pushed further down.
+        assert_eq!(s.sample(&mut [-1.0, -0.6, -1.0]).token, 2);
+    }
+}

@@ -1,0 +1,18 @@
+//! Everything about the model itself: where its file comes from ([`fetch`]), how its GGUF is read
+//! ([`gguf`]), its tokenizer ([`tokenizer`]) and chat template ([`chat`]), streaming detokenization
+//! ([`detok`]) and the forward pass ([`llama`]). Nothing here is async or knows about gRPC.
+#![forbid(unsafe_code)]
+
+pub mod chat;
+pub mod detok;
+pub mod device;
+pub mod fetch;
+pub mod gguf;
+pub mod llama;
+pub mod tokenizer;
+
+mod error;
+mod loaded;
+
+pub use error::ModelError;
+pub use loaded::{LoadedModel, ModelSpec, TextCodec};

@@ -1,0 +1,100 @@
+//! A model ready to generate: weights, tokenizer and chat template from one GGUF.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use ferroserve_core::{ChatMessage, Input, ModelInfo, Role};
+
+use crate::ModelError;
+use crate::chat::{CHATML, ChatTemplate};
+use crate::device::DeviceSpec;
+use crate::gguf::GgufFile;
+use crate::llama::Llama;
+use crate::tokenizer::TextTokenizer;
+
+/// What to load.
+#[derive(Debug, Clone)]
+pub struct ModelSpec {
+    /// Name clients ask for.
+    pub name: String,
+    /// Version label.
+    pub version: String,
+    /// The GGUF file.
+    pub path: PathBuf,
+    /// Where to run it.
+    pub device: DeviceSpec,
+    /// System message for conversations that bring none. `None` leaves it to the chat template.
+    pub system_prompt: Option<String>,
+}
+
+/// The text side of a model: tokenizer and chat template. Shared (`Arc`) between the tasks that validate
+/// requests and the engine thread that detokenizes output.
+pub struct TextCodec {
+    /// Text to ids and back.
+    pub tokenizer: TextTokenizer,
+    /// Conversation to prompt text.
+    pub chat: ChatTemplate,
+    /// Prepended to conversations without a system message (a generation default of the version).
+    pub system_prompt: Option<String>,
+}
+
+impl TextCodec {
+    /// The prompt token ids for an input: raw text as-is, or a conversation through the chat template.
+    pub fn prompt_ids(&self, input: &Input) -> Result<Vec<u32>, ModelError> {
+        match input {
+            Input::Prompt(text) => self.tokenizer.encode(text),
+            Input::Chat(messages) => {
+                let rendered = match &self.system_prompt {
+                    Some(system) if messages.iter().all(|m| m.role != Role::System) => {
+                        let mut with_system = Vec::with_capacity(messages.len() + 1);
+                        with_system.push(ChatMessage {
+                            role: Role::System,
+                            content: system.clone(),
+                        });
+                        with_system.extend_from_slice(messages);
+                        self.chat.render(&with_system, true)?
+                    }
+                    _ => self.chat.render(messages, true)?,
+                };
+                self.tokenizer.encode(&rendered)
+            }
+        }
+    }
+}
+
+/// Everything needed to turn a request into tokens and back.
+pub struct LoadedModel {
+    /// Name, version and context length.
+    pub info: ModelInfo,
+    /// Tokenizer and chat template.
+    pub text: Arc<TextCodec>,
+    /// The forward pass.
+    pub llama: Llama,
+}
+
+impl LoadedModel {
+    /// Loads `spec`; fails with a message naming the file and the problem.
+    pub fn load(spec: &ModelSpec) -> Result<LoadedModel, ModelError> {
+        let device = spec.device.open()?;
+        let gguf = GgufFile::open(&spec.path)?;
+        let tokenizer = TextTokenizer::from_gguf(&gguf)?;
+        let template = gguf.string("tokenizer.chat_template").unwrap_or(CHATML);
+        let chat = ChatTemplate::new(template, tokenizer.bos_token(), tokenizer.eos_token())?;
+        let context_length = gguf.u32("llama.context_length")?;
+        let llama = Llama::load(gguf, &device)?;
+        tracing::info!(path = %spec.path.display(), %spec.device, context_length, "model loaded");
+        Ok(LoadedModel {
+            info: ModelInfo {
+                name: spec.name.clone(),
+                version: spec.version.clone(),
+                context_length,
+            },
+            text: Arc::new(TextCodec {
+                tokenizer,
+                chat,
+                system_prompt: spec.system_prompt.clone(),
+            }),
+            llama,
+        })
+    }
+}

@@ -1,0 +1,59 @@
+//! `ferroserve.v1.Admin`: the operator's view. Later issues add model, filter and limit control here.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use ferroserve_proto::v1 as pb;
+use ferroserve_proto::v1::admin_server::Admin;
+use futures::{Stream, StreamExt};
+use tokio_stream::wrappers::WatchStream;
+use tonic::{Request, Response, Status};
+
+use crate::pool::Pool;
+
+/// The admin service.
+pub(crate) struct AdminService {
+    /// The workers to report on.
+    pub pool: Arc<Pool>,
+}
+
+fn report(pool: &Pool) -> pb::ListWorkersResponse {
+    let default = pool.default_name();
+    let workers = pool
+        .workers()
+        .into_iter()
+        .map(|w| pb::WorkerInfo {
+            address: w.location,
+            in_flight: w.in_flight,
+            healthy: w.healthy,
+            models: vec![pb::ModelInfo {
+                is_default: default.as_deref() == Some(w.model.name.as_str()),
+                name: w.model.name,
+                version: w.model.version,
+                context_length: w.model.context_length,
+            }],
+        })
+        .collect();
+    pb::ListWorkersResponse { workers }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    type WatchWorkersStream = Pin<Box<dyn Stream<Item = Result<pb::ListWorkersResponse, Status>> + Send>>;
+
+    async fn list_workers(
+        &self,
+        _: Request<pb::ListWorkersRequest>,
+    ) -> Result<Response<pb::ListWorkersResponse>, Status> {
+        Ok(Response::new(report(&self.pool)))
+    }
+
+    async fn watch_workers(
+        &self,
+        _: Request<pb::ListWorkersRequest>,
+    ) -> Result<Response<Self::WatchWorkersStream>, Status> {
+        let pool = Arc::clone(&self.pool);
+        let changes = WatchStream::new(self.pool.watch_healthy());
+        Ok(Response::new(changes.map(move |_| Ok(report(&pool))).boxed()))
+    }
+}

