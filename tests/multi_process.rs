@@ -9,6 +9,7 @@ use ferroserve_proto::v1::ListWorkersRequest;
 use ferroserve_proto::v1::admin_client::AdminClient;
 use ferroserve_proto::worker::WatchStatsRequest;
 use ferroserve_proto::worker::worker_client::WorkerClient;
+use futures::StreamExt;
 use support::*;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -122,7 +123,83 @@ async fn router_spreads_concurrent_requests_across_two_worker_processes() {
     assert_eq!(a + b, 6, "every request completed on some worker");
     assert!(a >= 1 && b >= 1, "both workers served requests: {a} and {b}");
 
+    // A client that disconnects from the router cancels the generation on the worker process.
+    let mut c = client(&router.url).await;
+    let mut stream = c
+        .generate_stream(chat("Tell me a very long story about dragons.", 2000))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(stream.message().await.unwrap().is_some(), "a first token");
+    drop(stream);
+    drop(c);
+    tokio::time::timeout(WAIT, async {
+        let mut watchers = Vec::new();
+        for url in [&w1.url, &w2.url] {
+            let mut w = WorkerClient::connect(url.to_string()).await.unwrap();
+            watchers.push(w.watch_stats(WatchStatsRequest {}).await.unwrap().into_inner());
+        }
+        let mut merged = futures::stream::select_all(watchers.into_iter().map(|s| s.boxed()));
+        while let Some(s) = merged.next().await {
+            let s = s.unwrap();
+            if s.cancelled >= 1 && s.running == 0 {
+                assert!(s.generated_tokens < 2000 + 6 * 8);
+                return;
+            }
+        }
+        panic!("stats streams ended");
+    })
+    .await
+    .expect("the worker cancelled the abandoned generation in time");
+
     router.stop().await;
     w1.stop().await;
     w2.stop().await;
+}
+
+/// Runs the binary to completion (bounded) and returns its exit status and stderr.
+async fn run_to_end(args: &[&str]) -> (std::process::ExitStatus, String) {
+    let out = tokio::time::timeout(
+        WAIT,
+        Command::new(env!("CARGO_BIN_EXE_ferroserve"))
+            .args(args)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("exited in time")
+    .expect("ran");
+    (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_configuration_exits_before_binding_and_names_the_key() {
+    let dir = std::env::temp_dir().join(format!("ferroserve-badcfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("bad.toml");
+    std::fs::write(&cfg, "[engine]\nqueue_capacity = 0\n").unwrap();
+    let (status, stderr) = run_to_end(&["serve", "--config", cfg.to_str().unwrap()]).await;
+    assert!(!status.success());
+    assert!(stderr.contains("engine.queue_capacity"), "{stderr}");
+
+    std::fs::write(&cfg, "[server]\nlisten = \"127.0.0.1:0\"\nlisten_typo = 1\n").unwrap();
+    let (status, stderr) = run_to_end(&["serve", "--config", cfg.to_str().unwrap()]).await;
+    assert!(!status.success());
+    assert!(stderr.contains("listen_typo"), "{stderr}");
+
+    let (status, stderr) = run_to_end(&["worker", "--listen", "127.0.0.1:0", "--device", "cuda:0"]).await;
+    assert!(!status.success());
+    assert!(
+        stderr.contains("model.device") && stderr.contains("not built with CUDA"),
+        "{stderr}"
+    );
+
+    let (status, stderr) = run_to_end(&["serve", "--config", dir.join("missing.toml").to_str().unwrap()]).await;
+    assert!(!status.success());
+    assert!(
+        stderr.contains("--config") && stderr.contains("missing.toml"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -164,7 +164,7 @@ async fn client_disconnect_cancels_generation_on_the_worker() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn list_models_reports_the_default() {
+async fn list_models_reports_the_default_and_reflection_lists_services() {
     let server = start_serve().await;
     let mut c = client(&server.url()).await;
     let models = c
@@ -178,6 +178,39 @@ async fn list_models_reports_the_default() {
     assert_eq!(models[0].version, "q4_1");
     assert!(models[0].is_default);
     assert_eq!(models[0].context_length, 8192);
+    // Server reflection lists every service, so tools like grpcurl need no proto files.
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let channel = tonic::transport::Channel::from_shared(server.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut reflection = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut replies = reflection
+        .server_reflection_info(futures::stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) = replies.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("expected a service list");
+    };
+    let names: Vec<&str> = list.service.iter().map(|s| s.name.as_str()).collect();
+    for wanted in [
+        "ferroserve.v1.Inference",
+        "ferroserve.v1.Admin",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(names.contains(&wanted), "{wanted} missing from {names:?}");
+    }
+
     // Pinning the exact version works.
     let mut req = chat("Hi", 2);
     req.model = "smollm2-135m-instruct@q4_1".into();

@@ -224,6 +224,7 @@ impl FileConfig {
             return Err(err("model.version", "must be non-empty and contain no `@`"));
         }
         let device: DeviceSpec = self.model.device.parse().map_err(|m: String| err("model.device", m))?;
+        device.check_built().map_err(|m| err("model.device", m))?;
         if let Some(p) = &self.model.path
             && !p.is_file()
         {

@@ -39,17 +39,25 @@ impl std::fmt::Display for DeviceSpec {
 }
 
 impl DeviceSpec {
-    /// Opens the device, failing clearly when this binary was built without the needed backend.
-    pub fn open(self) -> Result<Device, ModelError> {
+    /// Checks, cheaply and without touching hardware, that this build has the backend the device needs.
+    pub fn check_built(self) -> Result<(), String> {
         match self {
-            DeviceSpec::Cpu => Ok(Device::Cpu),
-            DeviceSpec::Cuda(n) if candle_core::utils::cuda_is_available() => {
-                Device::new_cuda(n).map_err(|e| ModelError::Device(format!("cannot open cuda:{n}: {e}")))
-            }
-            DeviceSpec::Cuda(n) => Err(ModelError::Device(format!(
+            DeviceSpec::Cuda(n) if !candle_core::utils::cuda_is_available() => Err(format!(
                 "device cuda:{n} requested, but this ferroserve was not built with CUDA; \
                  rebuild with `--features cuda` or use `--device cpu`"
-            ))),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Opens the device, failing clearly when this binary was built without the needed backend.
+    pub fn open(self) -> Result<Device, ModelError> {
+        self.check_built().map_err(ModelError::Device)?;
+        match self {
+            DeviceSpec::Cpu => Ok(Device::Cpu),
+            DeviceSpec::Cuda(n) => {
+                Device::new_cuda(n).map_err(|e| ModelError::Device(format!("cannot open cuda:{n}: {e}")))
+            }
         }
     }
 }
