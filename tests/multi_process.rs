@@ -41,6 +41,8 @@ async fn spawn(args: &[&str]) -> Proc {
     })
     .await
     .expect("process announced its address in time");
+    // Keep draining stdout so the child never writes into a closed pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     Proc {
         child,
         url: format!("http://{addr}"),
@@ -89,18 +91,10 @@ async fn completed_on(worker_url: &str) -> u64 {
 async fn router_spreads_concurrent_requests_across_two_worker_processes() {
     let model = model_path();
     let model = model.to_str().unwrap();
-    let w1 = spawn(&["worker", "--listen", "127.0.0.1:0", "--model-path", model]).await;
-    let w2 = spawn(&["worker", "--listen", "127.0.0.1:0", "--model-path", model]).await;
-    let router = spawn(&[
-        "router",
-        "--listen",
-        "127.0.0.1:0",
-        "--worker",
-        &w1.url,
-        "--worker",
-        &w2.url,
-    ])
-    .await;
+    let loopback = ["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"];
+    let w1 = spawn(&[&["worker", "--model-path", model][..], &loopback].concat()).await;
+    let w2 = spawn(&[&["worker", "--model-path", model][..], &loopback].concat()).await;
+    let router = spawn(&[&["router", "--worker", &w1.url, "--worker", &w2.url][..], &loopback].concat()).await;
     wait_serving(&w1.url).await;
     wait_serving(&w2.url).await;
     wait_serving(&router.url).await;

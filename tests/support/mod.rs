@@ -34,6 +34,8 @@ pub fn settings() -> Settings {
     file.server.listen = "127.0.0.1:0".into();
     file.worker.listen = "127.0.0.1:0".into();
     file.server.drain_timeout_secs = 60.0;
+    file.server.metrics_listen = "127.0.0.1:0".into();
+    file.worker.metrics_listen = "127.0.0.1:0".into();
     file.validate().expect("test settings are valid")
 }
 
@@ -123,4 +125,53 @@ pub async fn stream_all(
 /// The concatenated text of token messages.
 pub fn text_of(tokens: &[pb::TokenDelta]) -> String {
     tokens.iter().map(|t| t.text.as_str()).collect()
+}
+
+/// A plain HTTP/1.1 GET on loopback, returning the body (enough for /metrics and Prometheus' API).
+pub async fn http_get(addr: std::net::SocketAddr, path_and_query: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect http");
+    let request = format!("GET {path_and_query} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("send http request");
+    let mut raw = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut raw))
+        .await
+        .expect("http response in time")
+        .expect("read http response");
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").expect("http head and body");
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("http status");
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    (status, body)
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// The value of the first exposition line starting with `series` (name plus labels), if any.
+pub fn sample(exposition: &str, series: &str) -> Option<f64> {
+    exposition
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
 }

@@ -51,6 +51,10 @@ pub struct ServerArgs {
     /// Seconds in-flight streams may finish after SIGINT/SIGTERM (overrides server.drain_timeout_secs).
     #[arg(long)]
     pub drain_timeout_secs: Option<f64>,
+    /// Prometheus /metrics address, empty to disable (overrides server.metrics_listen, or
+    /// worker.metrics_listen for `worker`).
+    #[arg(long, env = "FERROSERVE_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
 }
 
 /// Options of the router command.
@@ -94,6 +98,12 @@ impl ServerArgs {
             match role {
                 Role::Router => file.server.listen = l.clone(),
                 Role::Worker => file.worker.listen = l.clone(),
+            }
+        }
+        if let Some(l) = &self.metrics_listen {
+            match role {
+                Role::Router => file.server.metrics_listen = l.clone(),
+                Role::Worker => file.worker.metrics_listen = l.clone(),
             }
         }
         if let Some(p) = &self.model_path {

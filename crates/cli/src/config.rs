@@ -10,6 +10,7 @@ use ferroserve_engine::EngineConfig;
 use ferroserve_model::device::DeviceSpec;
 use ferroserve_model::fetch;
 use ferroserve_router::{Limits, RouterConfig};
+use ferroserve_telemetry::cost::Price;
 use serde::Deserialize;
 
 /// The config file as written. Unknown keys are errors, so typos do not pass silently.
@@ -26,6 +27,8 @@ pub struct FileConfig {
     pub router: RouterSection,
     /// `[worker]`: the worker process's listener.
     pub worker: WorkerSection,
+    /// `[cost]`: what busy time costs.
+    pub cost: CostSection,
 }
 
 /// `[server]`.
@@ -36,6 +39,8 @@ pub struct ServerSection {
     pub listen: String,
     /// Seconds in-flight streams may run after SIGINT/SIGTERM.
     pub drain_timeout_secs: f64,
+    /// Prometheus `/metrics` address of `serve` and `router`; empty disables it.
+    pub metrics_listen: String,
 }
 
 impl Default for ServerSection {
@@ -43,6 +48,7 @@ impl Default for ServerSection {
         ServerSection {
             listen: "127.0.0.1:50051".into(),
             drain_timeout_secs: 30.0,
+            metrics_listen: "127.0.0.1:9464".into(),
         }
     }
 }
@@ -89,12 +95,36 @@ impl Default for ModelSection {
 pub struct EngineSection {
     /// Requests that may wait for the engine.
     pub queue_capacity: usize,
+    /// Tokens in the drift monitor's sliding window.
+    pub drift_window_tokens: usize,
 }
 
 impl Default for EngineSection {
     fn default() -> Self {
+        let e = EngineConfig::default();
         EngineSection {
-            queue_capacity: EngineConfig::default().queue_capacity,
+            queue_capacity: e.queue_capacity,
+            drift_window_tokens: e.drift_window_tokens,
+        }
+    }
+}
+
+/// `[cost]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CostSection {
+    /// Label for the price, e.g. `cpu-2core` or `h200`.
+    pub worker_kind: String,
+    /// US dollars per busy hour of one worker.
+    pub usd_per_hour: f64,
+}
+
+impl Default for CostSection {
+    fn default() -> Self {
+        let p = EngineConfig::default().price;
+        CostSection {
+            worker_kind: p.worker_kind,
+            usd_per_hour: p.usd_per_hour,
         }
     }
 }
@@ -128,12 +158,15 @@ impl Default for RouterSection {
 pub struct WorkerSection {
     /// Worker gRPC address for `ferroserve worker`.
     pub listen: String,
+    /// Prometheus `/metrics` address of `ferroserve worker`; empty disables it.
+    pub metrics_listen: String,
 }
 
 impl Default for WorkerSection {
     fn default() -> Self {
         WorkerSection {
             listen: "127.0.0.1:50061".into(),
+            metrics_listen: "127.0.0.1:9465".into(),
         }
     }
 }
@@ -162,6 +195,10 @@ pub struct Settings {
     pub listen: SocketAddr,
     /// Worker gRPC address (worker command).
     pub worker_listen: SocketAddr,
+    /// `/metrics` address of serve and router, if enabled.
+    pub metrics_listen: Option<SocketAddr>,
+    /// `/metrics` address of a worker, if enabled.
+    pub worker_metrics_listen: Option<SocketAddr>,
     /// Grace period for in-flight streams at shutdown.
     pub drain_timeout: Duration,
     /// Model name.
@@ -210,6 +247,22 @@ impl FileConfig {
         };
         let listen = addr("server.listen", &self.server.listen)?;
         let worker_listen = addr("worker.listen", &self.worker.listen)?;
+        let optional = |key: &str, v: &str| if v.is_empty() { Ok(None) } else { addr(key, v).map(Some) };
+        let metrics_listen = optional("server.metrics_listen", &self.server.metrics_listen)?;
+        let worker_metrics_listen = optional("worker.metrics_listen", &self.worker.metrics_listen)?;
+        let price = self.cost.usd_per_hour;
+        if !(price.is_finite() && price >= 0.0) {
+            return Err(err(
+                "cost.usd_per_hour",
+                format!("must be a finite number >= 0 (got {price})"),
+            ));
+        }
+        if self.cost.worker_kind.is_empty() {
+            return Err(err("cost.worker_kind", "must be non-empty, e.g. `cpu` or `h200`"));
+        }
+        if self.engine.drift_window_tokens == 0 {
+            return Err(err("engine.drift_window_tokens", "must be at least 1"));
+        }
         let d = self.server.drain_timeout_secs;
         if !(0.0..=3600.0).contains(&d) {
             return Err(err(
@@ -254,6 +307,8 @@ impl FileConfig {
         Ok(Settings {
             listen,
             worker_listen,
+            metrics_listen,
+            worker_metrics_listen,
             drain_timeout,
             model_name: self.model.name,
             model_version: self.model.version,
@@ -263,6 +318,11 @@ impl FileConfig {
             system_prompt: Some(self.model.system_prompt).filter(|s| !s.is_empty()),
             engine: EngineConfig {
                 queue_capacity: self.engine.queue_capacity,
+                drift_window_tokens: self.engine.drift_window_tokens,
+                price: Price {
+                    worker_kind: self.cost.worker_kind,
+                    usd_per_hour: price,
+                },
             },
             router: RouterConfig {
                 limits: Limits {
@@ -310,6 +370,16 @@ mod tests {
         assert_eq!(e.key, "engine.queue_capacity");
         let e = parse("[router]\nworkers = [\"127.0.0.1:1\"]").unwrap_err();
         assert_eq!(e.key, "router.workers[0]");
+        let e = parse("[server]\nmetrics_listen = \"x\"").unwrap_err();
+        assert_eq!(e.key, "server.metrics_listen");
+        let e = parse("[cost]\nusd_per_hour = -2.0").unwrap_err();
+        assert_eq!(e.key, "cost.usd_per_hour");
+        assert!(
+            parse("[server]\nmetrics_listen = \"\"")
+                .unwrap()
+                .metrics_listen
+                .is_none()
+        );
         let e = parse("[server]\ndrain_timeout_secs = -1").unwrap_err();
         assert_eq!(e.key, "server.drain_timeout_secs");
     }

@@ -1,5 +1,7 @@
 //! `ferroserve`: parse, dispatch, exit.
 
+use std::io::Write;
+
 use clap::Parser;
 use ferroserve::args::{Cli, Command, Role};
 use ferroserve::commands::{self, servers};
@@ -7,7 +9,12 @@ use ferroserve::running::{Running, shutdown_signal};
 
 /// Prints the bound address on stdout (scripts and tests read it), then serves until a signal.
 async fn announce_and_run(what: &str, running: Running) -> anyhow::Result<()> {
-    println!("ferroserve {what} listening on {}", running.addr);
+    // A closed stdout (a supervisor that stopped reading) must not take the server down.
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "ferroserve {what} listening on {}", running.addr);
+    if let Some(m) = running.metrics_addr {
+        let _ = writeln!(out, "ferroserve {what} metrics on http://{m}/metrics");
+    }
     running.run_until(shutdown_signal()).await?;
     tracing::info!("{what} stopped cleanly");
     Ok(())

@@ -1,4 +1,4 @@
-//! A server started in the background: its address, its engine slot, and a way to stop it and wait.
+//! A server started in the background: its addresses, its engine slot, and a way to stop it and wait.
 //! The binary stops it on SIGINT/SIGTERM; tests stop it directly.
 
 use std::future::Future;
@@ -6,17 +6,42 @@ use std::net::SocketAddr;
 
 use anyhow::Context;
 use ferroserve_worker::BackendSlot;
-use tokio::sync::oneshot;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
+
+/// Broadcasts the shutdown to every part of one server (gRPC, /metrics).
+#[derive(Clone)]
+pub struct Stop {
+    /// Flips to true once.
+    rx: watch::Receiver<bool>,
+}
+
+impl Stop {
+    /// A new stop signal and its trigger.
+    pub fn new() -> (watch::Sender<bool>, Stop) {
+        let (tx, rx) = watch::channel(false);
+        (tx, Stop { rx })
+    }
+
+    /// Resolves once shutdown begins (or its trigger is dropped).
+    pub fn wait(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.rx.clone();
+        async move {
+            let _ = rx.wait_for(|stopped| *stopped).await;
+        }
+    }
+}
 
 /// A running router or worker.
 pub struct Running {
-    /// The address it actually bound (useful with port 0).
+    /// The gRPC address it bound (useful with port 0).
     pub addr: SocketAddr,
+    /// The `/metrics` address it bound, if metrics are enabled.
+    pub metrics_addr: Option<SocketAddr>,
     /// The in-process engine once loaded (empty for a router with remote workers).
     pub backend: BackendSlot,
     /// Fires the graceful shutdown.
-    stop: Option<oneshot::Sender<()>>,
+    stop: watch::Sender<bool>,
     /// The server; ends after drain, or early on a fatal error such as a model that fails to load.
     task: JoinHandle<anyhow::Result<()>>,
 }
@@ -24,14 +49,16 @@ pub struct Running {
 impl Running {
     pub(crate) fn new(
         addr: SocketAddr,
+        metrics_addr: Option<SocketAddr>,
         backend: BackendSlot,
-        stop: oneshot::Sender<()>,
+        stop: watch::Sender<bool>,
         task: JoinHandle<anyhow::Result<()>>,
     ) -> Running {
         Running {
             addr,
+            metrics_addr,
             backend,
-            stop: Some(stop),
+            stop,
             task,
         }
     }
@@ -43,9 +70,7 @@ impl Running {
 
     /// Starts a graceful shutdown: no new requests, in-flight ones drain.
     pub fn begin_shutdown(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
+        let _ = self.stop.send(true);
     }
 
     /// Shuts down gracefully and waits until the server has stopped.

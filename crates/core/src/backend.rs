@@ -26,6 +26,10 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Follows the backend's counters. The stream ends when the backend goes away.
     fn watch_stats(&self) -> StatsStream;
+
+    /// Freezes the backend's recent token distribution as the drift baseline of its version; returns how
+    /// many tokens the baseline holds.
+    fn snapshot_drift_baseline(&self) -> BoxFuture<'_, Result<u64, BackendError>>;
 }
 
 /// Identity and limits of a served model.

@@ -1,29 +1,64 @@
 //! The engine's front door: checks requests on the caller's task and queues them for the engine thread.
 
-use std::sync::Arc;
 use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex};
 use std::thread;
 
 use ferroserve_core::{Backend, BackendError, EventStream, ModelInfo, StatsStream, ValidRequest, WorkerStats};
-use ferroserve_model::LoadedModel;
-use ferroserve_model::TextCodec;
+use ferroserve_model::{LoadedModel, TextCodec};
+use ferroserve_telemetry::cost::{self, CostMeter, Price};
+use ferroserve_telemetry::drift::DriftMonitor;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::{ReceiverStream, WatchStream};
 
-use crate::run::{Job, run_engine};
+use crate::instruments::EngineMetrics;
+use crate::run::{EngineLoop, Job};
 
-/// Engine settings from the `[engine]` config section.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Engine settings from the `[engine]` and `[cost]` config sections.
+#[derive(Debug, Clone, PartialEq)]
 pub struct EngineConfig {
     /// Requests that may wait for the engine; more are refused as overloaded.
     pub queue_capacity: usize,
+    /// Tokens in the drift monitor's sliding window.
+    pub drift_window_tokens: usize,
+    /// What this worker's busy time costs.
+    pub price: Price,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        EngineConfig { queue_capacity: 64 }
+        EngineConfig {
+            queue_capacity: 64,
+            drift_window_tokens: 4096,
+            price: Price {
+                worker_kind: "cpu".into(),
+                usd_per_hour: 0.0,
+            },
+        }
+    }
+}
+
+/// State that both the handle and the engine thread touch.
+pub(crate) struct Shared {
+    /// Counters, published to watchers on every change.
+    pub stats: watch::Sender<WorkerStats>,
+    /// Metric handles with this engine's labels.
+    pub metrics: EngineMetrics,
+    /// The token-distribution drift of this engine's version.
+    pub drift: Mutex<DriftMonitor>,
+    /// Busy time and tokens, priced.
+    pub cost: Arc<CostMeter>,
+}
+
+impl Shared {
+    /// Changes the counters and mirrors the queue gauges into the metrics.
+    pub fn update(&self, f: impl FnOnce(&mut WorkerStats)) {
+        self.stats.send_modify(f);
+        let s = *self.stats.borrow();
+        self.metrics.waiting.set(f64::from(s.waiting));
+        self.metrics.running.set(f64::from(s.running));
     }
 }
 
@@ -35,29 +70,42 @@ pub struct EngineHandle {
     text: Arc<TextCodec>,
     /// The bounded queue into the engine thread.
     jobs: SyncSender<Job>,
-    /// Counters, shared with the engine thread which updates most of them.
-    stats: Arc<watch::Sender<WorkerStats>>,
+    /// Counters, metrics and drift, shared with the engine thread.
+    shared: Arc<Shared>,
 }
 
 impl EngineHandle {
     /// Starts the engine thread for `model`.
     pub fn start(model: LoadedModel, config: EngineConfig) -> EngineHandle {
         let (jobs, queue) = sync_channel(config.queue_capacity);
-        let stats = Arc::new(watch::Sender::new(WorkerStats::default()));
         let LoadedModel { info, text, llama } = model;
-        let engine_stats = Arc::clone(&stats);
-        let engine_text = Arc::clone(&text);
-        let context_length = info.context_length as usize;
+        let shared = Arc::new(Shared {
+            stats: watch::Sender::new(WorkerStats::default()),
+            metrics: EngineMetrics::new(&info),
+            drift: Mutex::new(DriftMonitor::new(config.drift_window_tokens)),
+            cost: cost::meter(&config.price),
+        });
+        let engine = EngineLoop {
+            llama,
+            text: Arc::clone(&text),
+            context_length: info.context_length as usize,
+            shared: Arc::clone(&shared),
+        };
         thread::Builder::new()
             .name("ferroserve-engine".into())
-            .spawn(move || run_engine(llama, &engine_text, context_length, &queue, &engine_stats))
+            .spawn(move || engine.run(&queue))
             .expect("spawning the engine thread");
         EngineHandle {
             info,
             text,
             jobs,
-            stats,
+            shared,
         }
+    }
+
+    /// Freezes the recent token distribution as this version's drift baseline; returns its token count.
+    pub fn snapshot_drift_baseline(&self) -> u64 {
+        self.shared.drift.lock().expect("drift lock").snapshot_baseline() as u64
     }
 
     /// Tokenizes and checks `request`, then queues it. Fails at once when the prompt does not fit the
@@ -99,7 +147,7 @@ impl EngineHandle {
             events,
         };
         // Count it as waiting before the engine can see it, so the engine never decrements first.
-        self.stats.send_modify(|s| {
+        self.shared.update(|s| {
             s.waiting += 1;
             s.accepted += 1;
         });
@@ -110,14 +158,14 @@ impl EngineHandle {
         match self.jobs.try_send(job) {
             Ok(()) => Ok(ReceiverStream::new(rx).boxed()),
             Err(TrySendError::Full(_)) => {
-                self.stats.send_modify(refused);
+                self.shared.update(refused);
                 Err(BackendError::Overloaded(format!(
                     "the engine queue is full ({} requests waiting); retry later",
-                    self.stats.borrow().waiting
+                    self.shared.stats.borrow().waiting
                 )))
             }
             Err(TrySendError::Disconnected(_)) => {
-                self.stats.send_modify(refused);
+                self.shared.update(refused);
                 Err(BackendError::Unavailable("the engine has stopped".into()))
             }
         }
@@ -125,7 +173,7 @@ impl EngineHandle {
 
     /// The current counters.
     pub fn stats(&self) -> WorkerStats {
-        *self.stats.borrow()
+        *self.shared.stats.borrow()
     }
 }
 
@@ -143,7 +191,12 @@ impl Backend for EngineHandle {
         Box::pin(async move { submitted })
     }
 
+    fn snapshot_drift_baseline(&self) -> BoxFuture<'_, Result<u64, BackendError>> {
+        let tokens = EngineHandle::snapshot_drift_baseline(self);
+        Box::pin(async move { Ok(tokens) })
+    }
+
     fn watch_stats(&self) -> StatsStream {
-        WatchStream::new(self.stats.subscribe()).boxed()
+        WatchStream::new(self.shared.stats.subscribe()).boxed()
     }
 }

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 mod handle;
+mod instruments;
 mod run;
 pub mod sampler;
 pub mod stop;

@@ -24,6 +24,8 @@ pub struct Sampled {
     pub token: u32,
     /// `log softmax(logits)[token]`, before penalty, temperature or truncation.
     pub logprob: f32,
+    /// Entropy in nats of the model's (unmodified) next-token distribution.
+    pub entropy: f32,
 }
 
 impl Sampler {
@@ -39,6 +41,7 @@ impl Sampler {
     /// Picks the next token from `logits` (modified in place) and records it in the context.
     pub fn sample(&mut self, logits: &mut [f32]) -> Sampled {
         let lse = log_sum_exp(logits);
+        let entropy = entropy(logits, lse);
         // The penalty rewrites logits; keep the originals of the tokens it touches for the logprob.
         let mut originals = Vec::new();
         if self.params.repetition_penalty != 1.0 {
@@ -63,6 +66,7 @@ impl Sampler {
         Sampled {
             token,
             logprob: raw - lse,
+            entropy,
         }
     }
 
@@ -114,6 +118,12 @@ fn log_sum_exp(logits: &[f32]) -> f32 {
     max + logits.iter().map(|&l| (l - max).exp()).sum::<f32>().ln()
 }
 
+/// `-Σ p log p` of `softmax(logits)`, given their log-sum-exp: `lse - Σ p·logit`.
+fn entropy(logits: &[f32], lse: f32) -> f32 {
+    let expected_logit: f32 = logits.iter().map(|&l| (l - lse).exp() * l).sum();
+    (lse - expected_logit).max(0.0)
+}
+
 fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;
     for (i, &l) in logits.iter().enumerate() {
@@ -146,6 +156,13 @@ mod tests {
         assert_eq!(out.token, 1);
         let expected = 2.0 - (1.0f32 + 2.0f32.exp() + 1.0f32.exp()).ln();
         assert!((out.logprob - expected).abs() < 1e-5);
+        let p: Vec<f32> = [0.0f32, 2.0, 1.0].iter().map(|l| (l + expected - 2.0).exp()).collect();
+        let h: f32 = -p.iter().map(|p| p * p.ln()).sum::<f32>();
+        assert!((out.entropy - h).abs() < 1e-5, "{} vs {h}", out.entropy);
+        // A one-hot distribution has (near) zero entropy; a uniform one has ln(n).
+        assert!(Sampler::new(Sampling::GREEDY, &[]).sample(&mut [0.0, 100.0]).entropy < 1e-5);
+        let uniform = Sampler::new(Sampling::GREEDY, &[]).sample(&mut [1.0; 8]).entropy;
+        assert!((uniform - 8f32.ln()).abs() < 1e-5);
     }
 
     #[test]

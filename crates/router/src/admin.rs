@@ -10,6 +10,7 @@ use tokio_stream::wrappers::WatchStream;
 use tonic::{Request, Response, Status};
 
 use crate::pool::Pool;
+use crate::{ModelSelector, RouterError};
 
 /// The admin service.
 pub(crate) struct AdminService {
@@ -46,6 +47,21 @@ impl Admin for AdminService {
         _: Request<pb::ListWorkersRequest>,
     ) -> Result<Response<pb::ListWorkersResponse>, Status> {
         Ok(Response::new(report(&self.pool)))
+    }
+
+    async fn snapshot_drift_baseline(
+        &self,
+        request: Request<pb::SnapshotDriftBaselineRequest>,
+    ) -> Result<Response<pb::SnapshotDriftBaselineResponse>, Status> {
+        let selector = ModelSelector::parse(&request.into_inner().model)?;
+        let backends = self.pool.matching(&selector)?;
+        let mut reply = pb::SnapshotDriftBaselineResponse::default();
+        for backend in backends {
+            reply.tokens += backend.snapshot_drift_baseline().await.map_err(RouterError::from)?;
+            reply.workers += 1;
+        }
+        tracing::info!(workers = reply.workers, tokens = reply.tokens, "drift baseline taken");
+        Ok(Response::new(reply))
     }
 
     async fn watch_workers(

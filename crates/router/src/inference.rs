@@ -8,6 +8,7 @@ use ferroserve_proto::v1 as pb;
 use ferroserve_proto::v1::inference_server::Inference;
 use ferroserve_telemetry::names;
 use futures::{Stream, StreamExt};
+use metrics::Histogram;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -58,12 +59,20 @@ fn finish_to_wire(f: FinishReason) -> pb::FinishReason {
     }
 }
 
-fn record_outcome(result: &Result<(), Status>) {
+/// Counts a finished request by status, and by model and version once one was chosen.
+fn record_outcome(result: &Result<(), Status>, model: Option<&ModelInfo>) {
     let label = match result {
         Ok(()) => "ok",
         Err(s) => code_label(s.code()),
     };
-    metrics::counter!(names::REQUESTS_TOTAL, names::LABEL_STATUS => label).increment(1);
+    let (name, version) = model.map_or((String::new(), String::new()), |m| (m.name.clone(), m.version.clone()));
+    metrics::counter!(
+        names::REQUESTS_TOTAL,
+        names::LABEL_STATUS => label,
+        names::LABEL_MODEL => name,
+        names::LABEL_VERSION => version
+    )
+    .increment(1);
 }
 
 impl InferenceService {
@@ -106,21 +115,33 @@ impl InferenceService {
     }
 }
 
-/// Per-request latency bookkeeping for the metrics.
+/// Per-request latency bookkeeping, recorded under the serving model's labels.
 struct Clock {
     arrived: Instant,
     first: Option<Instant>,
     last: Option<Instant>,
     tokens: u32,
+    ttft: Histogram,
+    itl: Histogram,
+    e2e: Histogram,
+    tpot: Histogram,
 }
 
 impl Clock {
-    fn new(arrived: Instant) -> Clock {
+    fn new(arrived: Instant, model: &ModelInfo) -> Clock {
+        let labels = [
+            (names::LABEL_MODEL, model.name.clone()),
+            (names::LABEL_VERSION, model.version.clone()),
+        ];
         Clock {
             arrived,
             first: None,
             last: None,
             tokens: 0,
+            ttft: metrics::histogram!(names::TIME_TO_FIRST_TOKEN_SECONDS, &labels),
+            itl: metrics::histogram!(names::INTER_TOKEN_LATENCY_SECONDS, &labels),
+            e2e: metrics::histogram!(names::REQUEST_DURATION_SECONDS, &labels),
+            tpot: metrics::histogram!(names::TIME_PER_OUTPUT_TOKEN_SECONDS, &labels),
         }
     }
 
@@ -129,13 +150,12 @@ impl Clock {
         match self.last {
             None => {
                 self.first = Some(now);
-                metrics::histogram!(names::TIME_TO_FIRST_TOKEN_SECONDS)
-                    .record(now.duration_since(self.arrived).as_secs_f64());
+                self.ttft.record(now.duration_since(self.arrived).as_secs_f64());
             }
             Some(last) if n > 0 => {
                 let gap = now.duration_since(last).as_secs_f64() / n as f64;
                 for _ in 0..n {
-                    metrics::histogram!(names::INTER_TOKEN_LATENCY_SECONDS).record(gap);
+                    self.itl.record(gap);
                 }
             }
             Some(_) => {}
@@ -146,10 +166,10 @@ impl Clock {
 
     fn complete(&self) {
         let e2e = self.arrived.elapsed();
-        metrics::histogram!(names::REQUEST_DURATION_SECONDS).record(e2e.as_secs_f64());
+        self.e2e.record(e2e.as_secs_f64());
         if let (Some(first), true) = (self.first, self.tokens > 1) {
             let tpot = first.elapsed().as_secs_f64() / f64::from(self.tokens - 1);
-            metrics::histogram!(names::TIME_PER_OUTPUT_TOKEN_SECONDS).record(tpot);
+            self.tpot.record(tpot);
         }
     }
 }
@@ -194,39 +214,43 @@ impl Inference for InferenceService {
     type GenerateStreamStream = ResponseStream;
 
     async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<pb::GenerateResponse>, Status> {
-        let result = async {
-            let mut d = self.dispatch(request).await?;
-            let mut clock = Clock::new(d.arrived);
-            let mut text = String::new();
-            let complete = loop {
-                let next = tokio::select! {
-                    next = d.events.next() => next,
-                    () = until(d.deadline) => return Err(deadline_error(d.arrived, clock.tokens)),
-                };
-                match next {
-                    Some(Ok(Event::Token(t))) => {
-                        clock.tokens(t.token_ids.len());
-                        text.push_str(&t.text);
-                    }
-                    Some(Ok(Event::Complete(c))) => break c,
-                    Some(Err(e)) => return Err(RouterError::from(e).into()),
-                    None => return Err(Status::internal("the worker ended the stream without a completion")),
-                }
+        let mut d = match self.dispatch(request).await {
+            Ok(d) => d,
+            Err(e) => {
+                let status = Status::from(e);
+                record_outcome(&Err(status.clone()), None);
+                return Err(status);
+            }
+        };
+        let mut clock = Clock::new(d.arrived, &d.model);
+        let mut text = String::new();
+        let complete = loop {
+            let next = tokio::select! {
+                next = d.events.next() => next,
+                () = until(d.deadline) => break Err(deadline_error(d.arrived, clock.tokens)),
             };
-            clock.complete();
-            let c = complete_to_wire(complete, &d.model, &d.request_id);
-            Ok(pb::GenerateResponse {
-                text,
-                finish_reason: c.finish_reason,
-                usage: c.usage,
-                model_version: c.model_version,
-                request_id: c.request_id,
-                timings: c.timings,
-            })
-        }
-        .await;
-        record_outcome(&result.as_ref().map(|_| ()).map_err(Clone::clone));
-        result.map(Response::new)
+            match next {
+                Some(Ok(Event::Token(t))) => {
+                    clock.tokens(t.token_ids.len());
+                    text.push_str(&t.text);
+                }
+                Some(Ok(Event::Complete(c))) => break Ok(c),
+                Some(Err(e)) => break Err(RouterError::from(e).into()),
+                None => break Err(Status::internal("the worker ended the stream without a completion")),
+            }
+        };
+        record_outcome(&complete.as_ref().map(|_| ()).map_err(Clone::clone), Some(&d.model));
+        let complete = complete?;
+        clock.complete();
+        let c = complete_to_wire(complete, &d.model, &d.request_id);
+        Ok(Response::new(pb::GenerateResponse {
+            text,
+            finish_reason: c.finish_reason,
+            usage: c.usage,
+            model_version: c.model_version,
+            request_id: c.request_id,
+            timings: c.timings,
+        }))
     }
 
     async fn generate_stream(&self, request: Request<pb::GenerateRequest>) -> Result<Response<ResponseStream>, Status> {
@@ -234,7 +258,7 @@ impl Inference for InferenceService {
             Ok(d) => d,
             Err(e) => {
                 let status = Status::from(e);
-                record_outcome(&Err(status.clone()));
+                record_outcome(&Err(status.clone()), None);
                 return Err(status);
             }
         };
@@ -264,7 +288,7 @@ impl Inference for InferenceService {
 
 async fn forward(mut d: Dispatched, tx: mpsc::Sender<Result<pb::GenerateStreamResponse, Status>>) {
     use pb::generate_stream_response::Event as Out;
-    let mut clock = Clock::new(d.arrived);
+    let mut clock = Clock::new(d.arrived, &d.model);
     let outcome: Result<(), Status> = loop {
         let next = tokio::select! {
             () = tx.closed() => {
@@ -314,5 +338,5 @@ async fn forward(mut d: Dispatched, tx: mpsc::Sender<Result<pb::GenerateStreamRe
             break Err(Status::cancelled("client disconnected"));
         }
     };
-    record_outcome(&outcome);
+    record_outcome(&outcome, Some(&d.model));
 }

@@ -9,6 +9,8 @@ use ferroserve_core::{Backend, ModelInfo, WorkerStats};
 use futures::StreamExt;
 use tokio::sync::watch;
 
+use ferroserve_telemetry::names;
+
 use crate::{ModelSelector, RouterError};
 
 /// One worker and what the router knows of it.
@@ -91,18 +93,23 @@ impl Pool {
         self.members.write().expect("pool lock").push(Arc::clone(&member));
         tracing::info!(worker = member.backend.location(), model = %member.backend.model().qualified(), "worker joined the pool");
         let pool = Arc::downgrade(self);
+        let healthy_gauge =
+            metrics::gauge!(names::WORKER_HEALTHY, names::LABEL_WORKER => member.backend.location().to_string());
+        healthy_gauge.set(0.0);
         tokio::spawn(async move {
             loop {
                 let mut stats = member.backend.watch_stats();
                 while let Some(s) = stats.next().await {
                     *member.stats.lock().expect("stats lock") = s;
                     if !member.healthy.swap(true, Ordering::Relaxed) {
+                        healthy_gauge.set(1.0);
                         let Some(pool) = pool.upgrade() else { return };
                         pool.healthy.send_modify(|n| *n += 1);
                     }
                 }
                 let Some(pool) = pool.upgrade() else { return };
                 if member.healthy.swap(false, Ordering::Relaxed) {
+                    healthy_gauge.set(0.0);
                     tracing::warn!(
                         worker = member.backend.location(),
                         "worker stats stream ended; marked unhealthy"
@@ -160,36 +167,54 @@ impl Pool {
             .collect()
     }
 
-    /// Chooses the least loaded healthy worker for `selector`, skipping the locations in `tried`.
-    pub fn pick(&self, selector: &ModelSelector, tried: &[String]) -> Result<Lease, RouterError> {
+    /// Every member serving `selector`'s model, with a label for messages. NOT_FOUND when no member
+    /// serves it, UNAVAILABLE when there are no members at all yet.
+    fn serving(&self, selector: &ModelSelector) -> Result<(Vec<Arc<Member>>, String), RouterError> {
         let members = self.members();
-        let wanted = |info: &ModelInfo| match selector {
-            ModelSelector::Default => self.default_name().is_some_and(|d| d == info.name),
-            ModelSelector::Name(n) => *n == info.name,
-            ModelSelector::Pinned { name, version } => *name == info.name && *version == info.version,
-        };
-        let serving: Vec<&Arc<Member>> = members.iter().filter(|m| wanted(m.backend.model())).collect();
+        let default = self.default_name();
         let label = match selector {
-            ModelSelector::Default => self.default_name().unwrap_or_else(|| "the default model".into()),
+            ModelSelector::Default => default.clone().unwrap_or_else(|| "the default model".into()),
             ModelSelector::Name(n) => n.clone(),
             ModelSelector::Pinned { name, version } => format!("{name}@{version}"),
         };
-        if serving.is_empty() {
-            if members.is_empty() {
-                return Err(RouterError::NoWorker {
-                    model: label,
-                    reason: "no worker has joined yet (model still loading?)".into(),
-                });
-            }
-            return Err(RouterError::ModelNotFound {
-                requested: label,
-                available: self.models().iter().map(ModelInfo::qualified).collect(),
+        let wanted = |info: &ModelInfo| match selector {
+            ModelSelector::Default => default.as_deref() == Some(info.name.as_str()),
+            ModelSelector::Name(n) => *n == info.name,
+            ModelSelector::Pinned { name, version } => *name == info.name && *version == info.version,
+        };
+        let serving: Vec<Arc<Member>> = members.iter().filter(|m| wanted(m.backend.model())).cloned().collect();
+        if !serving.is_empty() {
+            return Ok((serving, label));
+        }
+        if members.is_empty() {
+            return Err(RouterError::NoWorker {
+                model: label,
+                reason: "no worker has joined yet (model still loading?)".into(),
             });
         }
+        Err(RouterError::ModelNotFound {
+            requested: label,
+            available: self.models().iter().map(ModelInfo::qualified).collect(),
+        })
+    }
+
+    /// The healthy backends serving `selector`'s model.
+    pub fn matching(&self, selector: &ModelSelector) -> Result<Vec<Arc<dyn Backend>>, RouterError> {
+        let (serving, _) = self.serving(selector)?;
+        Ok(serving
+            .into_iter()
+            .filter(|m| m.healthy.load(Ordering::Relaxed))
+            .map(|m| Arc::clone(&m.backend))
+            .collect())
+    }
+
+    /// Chooses the least loaded healthy worker for `selector`, skipping the locations in `tried`.
+    pub fn pick(&self, selector: &ModelSelector, tried: &[String]) -> Result<Lease, RouterError> {
+        let (serving, label) = self.serving(selector)?;
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let n = serving.len();
         let best = (0..n)
-            .map(|i| serving[(start + i) % n])
+            .map(|i| &serving[(start + i) % n])
             .filter(|m| m.healthy.load(Ordering::Relaxed) && !tried.iter().any(|t| t == m.backend.location()))
             .min_by_key(|m| m.in_flight.load(Ordering::Relaxed))
             .ok_or_else(|| RouterError::NoWorker {

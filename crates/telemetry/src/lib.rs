@@ -1,8 +1,12 @@
-//! Telemetry as a side channel: every metric name and histogram bucket set is a constant here, described
-//! once at start-up, and logging is set up in one place. Crates record through the `metrics` facade and
+//! Telemetry as a side channel: every metric name and histogram bucket set is a constant here
+//! ([`names`]), described once at start-up; the Prometheus exposition ([`exporter`]); token drift
+//! ([`drift`]) and cost ([`cost`]); and logging set-up. Crates record through the `metrics` facade and
 //! never spell a metric name at the call site.
 #![forbid(unsafe_code)]
 
+pub mod cost;
+pub mod drift;
+pub mod exporter;
 pub mod names;
 
 pub use names::describe;

@@ -1,47 +1,166 @@
-//! The metric catalogue. Dashboards and alerts depend on these exact names: add, never rename.
+//! The metric catalogue. Dashboards, alerts and external checks depend on these exact names: add, never
+//! rename. Every histogram's buckets are here too, so the exporter and the docs agree.
 
 use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
 
-/// Requests finished, by gRPC status code name (`status`).
+// --- Requests and latency (recorded by the router, per request) ---
+
+/// Requests finished, by `status` (gRPC code name), `model` and `version`.
 pub const REQUESTS_TOTAL: &str = "ferroserve_requests_total";
 /// End-to-end request latency.
 pub const REQUEST_DURATION_SECONDS: &str = "ferroserve_request_duration_seconds";
 /// Time from arrival to the first generated token.
 pub const TIME_TO_FIRST_TOKEN_SECONDS: &str = "ferroserve_time_to_first_token_seconds";
-/// Gap between consecutive streamed tokens.
+/// Gap between consecutive streamed tokens (a chunk of k tokens counts as k gaps of gap/k).
 pub const INTER_TOKEN_LATENCY_SECONDS: &str = "ferroserve_inter_token_latency_seconds";
 /// Per request: (e2e - TTFT) / (output tokens - 1).
 pub const TIME_PER_OUTPUT_TOKEN_SECONDS: &str = "ferroserve_time_per_output_token_seconds";
-/// Time a request waited before the engine started on it.
+/// Time a request waited before the engine started on it (recorded by the engine).
 pub const QUEUE_DURATION_SECONDS: &str = "ferroserve_queue_duration_seconds";
+
+// --- Tokens (recorded by the engine) ---
+
 /// Prompt tokens processed.
 pub const PROMPT_TOKENS_TOTAL: &str = "ferroserve_prompt_tokens_total";
 /// Tokens generated.
 pub const GENERATION_TOKENS_TOTAL: &str = "ferroserve_generation_tokens_total";
+/// Prompt length per request.
+pub const REQUEST_PROMPT_TOKENS: &str = "ferroserve_request_prompt_tokens";
+/// Output length per request; by version, it is one of the drift signals.
+pub const REQUEST_GENERATION_TOKENS: &str = "ferroserve_request_generation_tokens";
+
+// --- Engine ---
+
 /// Requests the engine is generating for.
 pub const RUNNING_REQUESTS: &str = "ferroserve_running_requests";
 /// Requests queued for the engine.
 pub const WAITING_REQUESTS: &str = "ferroserve_waiting_requests";
+/// Tokens processed per engine step (prefill chunks and decode tokens together).
+pub const BATCH_TOKENS: &str = "ferroserve_batch_tokens";
+/// Fraction of the KV-cache budget in use, 0 to 1.
+pub const KV_CACHE_USAGE_RATIO: &str = "ferroserve_kv_cache_usage_ratio";
 /// Generations stopped because the client left or its deadline passed.
 pub const CANCELLED_REQUESTS_TOTAL: &str = "ferroserve_cancelled_requests_total";
 
-/// Label: gRPC status code name, e.g. `ok`, `invalid_argument`.
-pub const LABEL_STATUS: &str = "status";
+// --- Admission and filter ---
 
-/// Latency buckets in seconds, from 5 ms to 60 s.
-pub const LATENCY_BUCKETS: &[f64] = &[
-    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+/// Requests refused by admission, by `tenant` and `reason`.
+pub const RATE_LIMITED_TOTAL: &str = "ferroserve_rate_limited_total";
+/// Content-filter verdicts, by `filter`, `stage`, `category` and `action`.
+pub const FILTER_VERDICTS_TOTAL: &str = "ferroserve_filter_verdicts_total";
+
+// --- Workers ---
+
+/// 1 while the router can reach a worker, else 0, by `worker`.
+pub const WORKER_HEALTHY: &str = "ferroserve_worker_healthy";
+
+// --- Token drift, by `version` ---
+
+/// Log-probability of each sampled token under the model's distribution.
+pub const TOKEN_LOGPROB: &str = "ferroserve_token_logprob";
+/// Entropy (nats) of each next-token distribution.
+pub const TOKEN_ENTROPY: &str = "ferroserve_token_entropy";
+/// Finished generations by `version` and `reason`.
+pub const FINISH_REASON_TOTAL: &str = "ferroserve_finish_reason_total";
+/// Population stability index between the live window and the baseline snapshot, by `version`.
+pub const TOKEN_DRIFT_SCORE: &str = "ferroserve_token_drift_score";
+
+// --- Cost ---
+
+/// Accelerator (or CPU) cost accrued while busy, in US dollars, by `worker_kind`.
+pub const COST_USD_TOTAL: &str = "ferroserve_cost_usd_total";
+/// Cost of a million generated tokens at the current rate, by `worker_kind`.
+pub const COST_PER_MILLION_TOKENS: &str = "ferroserve_cost_per_million_tokens";
+
+/// Every metric name above, for checks that dashboards and alerts use only real names.
+pub const ALL: &[&str] = &[
+    REQUESTS_TOTAL,
+    REQUEST_DURATION_SECONDS,
+    TIME_TO_FIRST_TOKEN_SECONDS,
+    INTER_TOKEN_LATENCY_SECONDS,
+    TIME_PER_OUTPUT_TOKEN_SECONDS,
+    QUEUE_DURATION_SECONDS,
+    PROMPT_TOKENS_TOTAL,
+    GENERATION_TOKENS_TOTAL,
+    REQUEST_PROMPT_TOKENS,
+    REQUEST_GENERATION_TOKENS,
+    RUNNING_REQUESTS,
+    WAITING_REQUESTS,
+    BATCH_TOKENS,
+    KV_CACHE_USAGE_RATIO,
+    CANCELLED_REQUESTS_TOTAL,
+    RATE_LIMITED_TOTAL,
+    FILTER_VERDICTS_TOTAL,
+    WORKER_HEALTHY,
+    TOKEN_LOGPROB,
+    TOKEN_ENTROPY,
+    FINISH_REASON_TOTAL,
+    TOKEN_DRIFT_SCORE,
+    COST_USD_TOTAL,
+    COST_PER_MILLION_TOKENS,
 ];
-/// Inter-token buckets in seconds, from 1 ms to 2 s.
+
+// --- Labels ---
+
+/// gRPC status code name, e.g. `ok`, `invalid_argument`.
+pub const LABEL_STATUS: &str = "status";
+/// Model name.
+pub const LABEL_MODEL: &str = "model";
+/// Model version label.
+pub const LABEL_VERSION: &str = "version";
+/// Worker location (address or `in-process`).
+pub const LABEL_WORKER: &str = "worker";
+/// Why a generation ended.
+pub const LABEL_REASON: &str = "reason";
+/// Which price applies (`cpu`, `h200`, ...).
+pub const LABEL_WORKER_KIND: &str = "worker_kind";
+
+// --- Buckets ---
+
+/// Request latency buckets in seconds, 5 ms to 120 s.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+/// Inter-token buckets in seconds, 1 ms to 2 s.
 pub const INTER_TOKEN_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.0,
+];
+/// Token-count buckets, 1 to 8192.
+pub const TOKEN_COUNT_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0,
+];
+/// Log-probability buckets (nats, negative), from very unlikely to certain.
+pub const LOGPROB_BUCKETS: &[f64] = &[
+    -20.0, -10.0, -7.0, -5.0, -4.0, -3.0, -2.0, -1.5, -1.0, -0.5, -0.25, -0.1, -0.01, 0.0,
+];
+/// Entropy buckets (nats), from a certain choice to a near-uniform one over a large vocabulary.
+pub const ENTROPY_BUCKETS: &[f64] = &[
+    0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 11.0,
+];
+
+/// Every histogram with its buckets, for the exporter.
+pub const HISTOGRAM_BUCKETS: &[(&str, &[f64])] = &[
+    (REQUEST_DURATION_SECONDS, LATENCY_BUCKETS),
+    (TIME_TO_FIRST_TOKEN_SECONDS, LATENCY_BUCKETS),
+    (QUEUE_DURATION_SECONDS, LATENCY_BUCKETS),
+    (INTER_TOKEN_LATENCY_SECONDS, INTER_TOKEN_BUCKETS),
+    (TIME_PER_OUTPUT_TOKEN_SECONDS, INTER_TOKEN_BUCKETS),
+    (REQUEST_PROMPT_TOKENS, TOKEN_COUNT_BUCKETS),
+    (REQUEST_GENERATION_TOKENS, TOKEN_COUNT_BUCKETS),
+    (BATCH_TOKENS, TOKEN_COUNT_BUCKETS),
+    (TOKEN_LOGPROB, LOGPROB_BUCKETS),
+    (TOKEN_ENTROPY, ENTROPY_BUCKETS),
 ];
 
 /// Registers help text and units for every metric. Call once after installing a recorder.
 pub fn describe() {
-    describe_counter!(REQUESTS_TOTAL, "Requests finished, by gRPC status.");
+    describe_counter!(REQUESTS_TOTAL, Unit::Count, "Requests finished, by gRPC status.");
     describe_histogram!(REQUEST_DURATION_SECONDS, Unit::Seconds, "End-to-end request latency.");
-    describe_histogram!(TIME_TO_FIRST_TOKEN_SECONDS, Unit::Seconds, "Time to first token.");
+    describe_histogram!(
+        TIME_TO_FIRST_TOKEN_SECONDS,
+        Unit::Seconds,
+        "Time from arrival to the first token."
+    );
     describe_histogram!(
         INTER_TOKEN_LATENCY_SECONDS,
         Unit::Seconds,
@@ -50,16 +169,127 @@ pub fn describe() {
     describe_histogram!(
         TIME_PER_OUTPUT_TOKEN_SECONDS,
         Unit::Seconds,
-        "Mean time per output token after the first."
+        "Per request: (e2e - TTFT) / (output tokens - 1)."
     );
     describe_histogram!(QUEUE_DURATION_SECONDS, Unit::Seconds, "Time waiting for the engine.");
     describe_counter!(PROMPT_TOKENS_TOTAL, Unit::Count, "Prompt tokens processed.");
     describe_counter!(GENERATION_TOKENS_TOTAL, Unit::Count, "Tokens generated.");
+    describe_histogram!(REQUEST_PROMPT_TOKENS, Unit::Count, "Prompt tokens per request.");
+    describe_histogram!(REQUEST_GENERATION_TOKENS, Unit::Count, "Generated tokens per request.");
     describe_gauge!(RUNNING_REQUESTS, Unit::Count, "Requests being generated.");
     describe_gauge!(WAITING_REQUESTS, Unit::Count, "Requests queued for the engine.");
+    describe_histogram!(BATCH_TOKENS, Unit::Count, "Tokens processed per engine step.");
+    describe_gauge!(KV_CACHE_USAGE_RATIO, "Fraction of the KV-cache budget in use (0 to 1).");
     describe_counter!(
         CANCELLED_REQUESTS_TOTAL,
         Unit::Count,
         "Generations stopped because the client left."
     );
+    describe_counter!(
+        RATE_LIMITED_TOTAL,
+        Unit::Count,
+        "Requests refused by admission, by tenant and reason."
+    );
+    describe_counter!(FILTER_VERDICTS_TOTAL, Unit::Count, "Content-filter verdicts.");
+    describe_gauge!(WORKER_HEALTHY, "1 while the router can reach the worker, else 0.");
+    describe_histogram!(TOKEN_LOGPROB, "Log-probability (nats) of each sampled token.");
+    describe_histogram!(TOKEN_ENTROPY, "Entropy (nats) of each next-token distribution.");
+    describe_counter!(
+        FINISH_REASON_TOTAL,
+        Unit::Count,
+        "Finished generations by version and reason."
+    );
+    describe_gauge!(
+        TOKEN_DRIFT_SCORE,
+        "Population stability index of the token distribution against the baseline."
+    );
+    describe_counter!(COST_USD_TOTAL, "Busy-time cost in US dollars.");
+    describe_gauge!(
+        COST_PER_MILLION_TOKENS,
+        "US dollars per million generated tokens at the current rate."
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Metric names referenced in a deploy file, with histogram suffixes removed.
+    fn referenced(text: &str) -> Vec<String> {
+        let mut names = Vec::new();
+        let mut rest = text;
+        while let Some(at) = rest.find("ferroserve_") {
+            let tail = &rest[at..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(tail.len());
+            let name = &tail[..end];
+            let base = ["_bucket", "_count", "_sum"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(name);
+            names.push(base.to_string());
+            rest = &tail[end..];
+        }
+        names
+    }
+
+    fn deploy_file(path: &str) -> String {
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../deploy")
+            .join(path);
+        std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    }
+
+    #[test]
+    fn names_are_unique_prefixed_and_histograms_have_buckets() {
+        let mut seen = std::collections::HashSet::new();
+        for n in ALL {
+            assert!(n.starts_with("ferroserve_"), "{n}");
+            assert!(seen.insert(n), "{n} listed twice");
+        }
+        for (name, buckets) in HISTOGRAM_BUCKETS {
+            assert!(ALL.contains(name));
+            assert!(buckets.windows(2).all(|w| w[0] < w[1]), "{name} buckets must increase");
+        }
+    }
+
+    #[test]
+    fn dashboard_and_alerts_use_only_catalogue_names() {
+        for file in ["grafana/ferroserve.json", "prometheus/alerts.yml"] {
+            let used = referenced(&deploy_file(file));
+            assert!(!used.is_empty(), "{file} references no metrics");
+            for name in used {
+                assert!(ALL.contains(&name.as_str()), "{file} uses unknown metric {name}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_dashboard_is_valid_json_with_a_query_in_every_panel() {
+        let dash: serde_json::Value =
+            serde_json::from_str(&deploy_file("grafana/ferroserve.json")).expect("valid JSON");
+        assert_eq!(dash["uid"], "ferroserve");
+        let panels = dash["panels"].as_array().expect("panels array");
+        assert!(panels.len() >= 12, "{} panels", panels.len());
+        for p in panels {
+            assert!(p["title"].as_str().is_some_and(|t| !t.is_empty()));
+            assert!(p["gridPos"]["w"].as_u64().is_some_and(|w| w > 0 && w <= 24));
+            let targets = p["targets"].as_array().expect("targets");
+            assert!(!targets.is_empty());
+            assert!(
+                targets
+                    .iter()
+                    .all(|t| t["expr"].as_str().is_some_and(|e| e.contains("ferroserve_")))
+            );
+        }
+        let all = serde_json::to_string(&dash).unwrap();
+        for must in [
+            "ferroserve_time_to_first_token_seconds",
+            "ferroserve_token_drift_score",
+            "ferroserve_cost_usd_total",
+        ] {
+            assert!(all.contains(must), "dashboard lacks {must}");
+        }
+    }
 }

@@ -76,6 +76,18 @@ impl Backend for RemoteWorker {
         })
     }
 
+    fn snapshot_drift_baseline(&self) -> BoxFuture<'_, Result<u64, BackendError>> {
+        let mut client = self.client.clone();
+        Box::pin(async move {
+            Ok(client
+                .snapshot_drift_baseline(pb::SnapshotDriftBaselineRequest {})
+                .await
+                .map_err(|s| status_to_error(s, &self.address))?
+                .into_inner()
+                .tokens)
+        })
+    }
+
     fn watch_stats(&self) -> StatsStream {
         let mut client = self.client.clone();
         futures::stream::once(async move { client.watch_stats(pb::WatchStatsRequest {}).await })

@@ -79,6 +79,18 @@ impl Worker for WorkerService {
         }))
     }
 
+    async fn snapshot_drift_baseline(
+        &self,
+        _: Request<pb::SnapshotDriftBaselineRequest>,
+    ) -> Result<Response<pb::SnapshotDriftBaselineResponse>, Status> {
+        let tokens = self
+            .backend()?
+            .snapshot_drift_baseline()
+            .await
+            .map_err(error_to_status)?;
+        Ok(Response::new(pb::SnapshotDriftBaselineResponse { tokens }))
+    }
+
     async fn watch_stats(&self, _: Request<pb::WatchStatsRequest>) -> Result<Response<Self::WatchStatsStream>, Status> {
         let stats = self.backend()?.watch_stats();
         Ok(Response::new(stats.map(|s| Ok(stats_to_wire(s))).boxed()))

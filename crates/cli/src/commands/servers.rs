@@ -12,10 +12,20 @@ use ferroserve_model::{LoadedModel, ModelSpec};
 use ferroserve_router::Pool;
 use ferroserve_worker::{BackendSlot, RemoteWorker, WorkerServerConfig};
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
 
 use crate::config::Settings;
-use crate::running::Running;
+use crate::running::{Running, Stop};
+
+/// Starts `/metrics` on `addr` if enabled; it stops with the server.
+async fn metrics(addr: Option<std::net::SocketAddr>, stop: &Stop) -> anyhow::Result<Option<std::net::SocketAddr>> {
+    match addr {
+        None => Ok(None),
+        Some(a) => ferroserve_telemetry::exporter::spawn_metrics_server(a, stop.wait())
+            .await
+            .map(Some)
+            .with_context(|| format!("cannot listen on {a} for /metrics; set another address or \"\" to disable")),
+    }
+}
 
 async fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
@@ -32,7 +42,7 @@ async fn load_engine(settings: &Settings, path: PathBuf) -> anyhow::Result<Arc<E
         device: settings.device,
         system_prompt: settings.system_prompt.clone(),
     };
-    let engine = settings.engine;
+    let engine = settings.engine.clone();
     tokio::task::spawn_blocking(move || {
         let model = LoadedModel::load(&spec)?;
         anyhow::Ok(Arc::new(EngineHandle::start(model, engine)))
@@ -45,9 +55,10 @@ async fn load_engine(settings: &Settings, path: PathBuf) -> anyhow::Result<Arc<E
 pub async fn start_serve(settings: Settings, model_path: PathBuf) -> anyhow::Result<Running> {
     let listener = bind(settings.listen, "router").await?;
     let addr = listener.local_addr()?;
+    let (stop, stopped) = Stop::new();
+    let metrics_addr = metrics(settings.metrics_listen, &stopped).await?;
     let pool = Pool::new(Some(settings.model_name.clone()));
     let slot = BackendSlot::new();
-    let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn({
         let pool = Arc::clone(&pool);
         let slot = slot.clone();
@@ -58,9 +69,7 @@ pub async fn start_serve(settings: Settings, model_path: PathBuf) -> anyhow::Res
                 pool.add(engine);
                 anyhow::Ok(())
             };
-            let server = ferroserve_router::serve(listener, Arc::clone(&pool), settings.router, async {
-                let _ = stopped.await;
-            });
+            let server = ferroserve_router::serve(listener, Arc::clone(&pool), settings.router, stopped.wait());
             tokio::pin!(server);
             tokio::select! {
                 r = &mut server => return r.context("router server failed"),
@@ -69,16 +78,17 @@ pub async fn start_serve(settings: Settings, model_path: PathBuf) -> anyhow::Res
             server.await.context("router server failed")
         }
     });
-    Ok(Running::new(addr, slot, stop, task))
+    Ok(Running::new(addr, metrics_addr, slot, stop, task))
 }
 
 /// A worker process: the internal contract around one engine.
 pub async fn start_worker(settings: Settings, model_path: PathBuf) -> anyhow::Result<Running> {
     let listener = bind(settings.worker_listen, "worker").await?;
     let addr = listener.local_addr()?;
+    let (stop, stopped) = Stop::new();
+    let metrics_addr = metrics(settings.worker_metrics_listen, &stopped).await?;
     let slot = BackendSlot::new();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let (loaded, ready) = oneshot::channel::<()>();
+    let (loaded, ready) = tokio::sync::oneshot::channel::<()>();
     let config = WorkerServerConfig {
         drain_timeout: settings.drain_timeout,
     };
@@ -98,9 +108,7 @@ pub async fn start_worker(settings: Settings, model_path: PathBuf) -> anyhow::Re
                     let _ = ready.await;
                 },
                 config,
-                async {
-                    let _ = stopped.await;
-                },
+                stopped.wait(),
             );
             tokio::pin!(server);
             tokio::select! {
@@ -110,7 +118,7 @@ pub async fn start_worker(settings: Settings, model_path: PathBuf) -> anyhow::Re
             server.await.context("worker server failed")
         }
     });
-    Ok(Running::new(addr, slot, stop, task))
+    Ok(Running::new(addr, metrics_addr, slot, stop, task))
 }
 
 /// A router in front of remote workers. Each worker is connected in the background and joins the pool
@@ -122,6 +130,8 @@ pub async fn start_router(settings: Settings) -> anyhow::Result<Running> {
     );
     let listener = bind(settings.listen, "router").await?;
     let addr = listener.local_addr()?;
+    let (stop, stopped) = Stop::new();
+    let metrics_addr = metrics(settings.metrics_listen, &stopped).await?;
     let pool = Pool::new(Some(settings.model_name.clone()));
     for address in settings.workers.clone() {
         let pool = Arc::clone(&pool);
@@ -142,13 +152,10 @@ pub async fn start_router(settings: Settings) -> anyhow::Result<Running> {
             }
         });
     }
-    let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
-        ferroserve_router::serve(listener, pool, settings.router, async {
-            let _ = stopped.await;
-        })
-        .await
-        .context("router server failed")
+        ferroserve_router::serve(listener, pool, settings.router, stopped.wait())
+            .await
+            .context("router server failed")
     });
-    Ok(Running::new(addr, BackendSlot::new(), stop, task))
+    Ok(Running::new(addr, metrics_addr, BackendSlot::new(), stop, task))
 }
