@@ -62,3 +62,50 @@ impl EngineMetrics {
         .increment(1);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+    use super::*;
+
+    #[test]
+    fn engine_series_carry_model_and_version_and_finishes_count_by_reason() {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        metrics::with_local_recorder(&recorder, || {
+            let m = EngineMetrics::new(&ModelInfo {
+                name: "m".into(),
+                version: "v2".into(),
+                context_length: 8,
+            });
+            m.token_logprob.record(-0.5);
+            m.finished(FinishReason::Eos);
+            m.finished(FinishReason::Eos);
+            m.finished(FinishReason::Length);
+        });
+        let snapshot = snapshotter.snapshot().into_vec();
+        let find = |name: &str, reason: Option<&str>| {
+            snapshot.iter().find(|(k, _, _, _)| {
+                let key = k.key();
+                key.name() == name
+                    && key
+                        .labels()
+                        .any(|l| l.key() == names::LABEL_VERSION && l.value() == "v2")
+                    && reason.is_none_or(|r| key.labels().any(|l| l.key() == names::LABEL_REASON && l.value() == r))
+            })
+        };
+        assert!(matches!(
+            find(names::FINISH_REASON_TOTAL, Some("eos")),
+            Some((_, _, _, DebugValue::Counter(2)))
+        ));
+        assert!(matches!(
+            find(names::FINISH_REASON_TOTAL, Some("length")),
+            Some((_, _, _, DebugValue::Counter(1)))
+        ));
+        match find(names::TOKEN_LOGPROB, None) {
+            Some((_, _, _, DebugValue::Histogram(values))) => assert_eq!(values.len(), 1),
+            other => panic!("logprob histogram missing: {other:?}"),
+        }
+    }
+}

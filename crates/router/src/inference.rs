@@ -340,3 +340,60 @@ async fn forward(mut d: Dispatched, tx: mpsc::Sender<Result<pb::GenerateStreamRe
     };
     record_outcome(&outcome, Some(&d.model));
 }
+
+#[cfg(test)]
+mod tests {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+    use super::*;
+
+    #[test]
+    fn outcomes_count_by_status_and_latencies_by_version() {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let model = ModelInfo {
+            name: "m".into(),
+            version: "v1".into(),
+            context_length: 8,
+        };
+        metrics::with_local_recorder(&recorder, || {
+            record_outcome(&Ok(()), Some(&model));
+            record_outcome(&Err(Status::invalid_argument("x")), None);
+            let mut clock = Clock::new(Instant::now(), &model);
+            clock.tokens(1);
+            clock.tokens(2);
+            clock.complete();
+        });
+        let snapshot = snapshotter.snapshot().into_vec();
+        let counter = |status: &str| {
+            snapshot.iter().find_map(|(k, _, _, v)| {
+                let key = k.key();
+                (key.name() == names::REQUESTS_TOTAL
+                    && key
+                        .labels()
+                        .any(|l| l.key() == names::LABEL_STATUS && l.value() == status))
+                .then_some(v)
+            })
+        };
+        assert!(matches!(counter("ok"), Some(DebugValue::Counter(1))));
+        assert!(matches!(counter("invalid_argument"), Some(DebugValue::Counter(1))));
+        let histogram = |name: &str| {
+            snapshot.iter().find_map(|(k, _, _, v)| match v {
+                DebugValue::Histogram(values)
+                    if k.key().name() == name
+                        && k.key()
+                            .labels()
+                            .any(|l| l.key() == names::LABEL_VERSION && l.value() == "v1") =>
+                {
+                    Some(values.len())
+                }
+                _ => None,
+            })
+        };
+        assert_eq!(histogram(names::TIME_TO_FIRST_TOKEN_SECONDS), Some(1));
+        // A chunk of two tokens counts as two inter-token gaps.
+        assert_eq!(histogram(names::INTER_TOKEN_LATENCY_SECONDS), Some(2));
+        assert_eq!(histogram(names::REQUEST_DURATION_SECONDS), Some(1));
+        assert_eq!(histogram(names::TIME_PER_OUTPUT_TOKEN_SECONDS), Some(1));
+    }
+}
