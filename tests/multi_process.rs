@@ -189,6 +189,14 @@ async fn invalid_configuration_exits_before_binding_and_names_the_key() {
         "{stderr}"
     );
 
+    // Secure default: no keys on a non-loopback address is refused before anything is bound.
+    let (status, stderr) = run_to_end(&["serve", "--listen", "0.0.0.0:0", "--metrics-listen", ""]).await;
+    assert!(!status.success());
+    assert!(
+        stderr.contains("auth.keys") && stderr.contains("--allow-unauthenticated"),
+        "{stderr}"
+    );
+
     let (status, stderr) = run_to_end(&["serve", "--config", dir.join("missing.toml").to_str().unwrap()]).await;
     assert!(!status.success());
     assert!(

@@ -55,6 +55,9 @@ pub struct ServerArgs {
     /// worker.metrics_listen for `worker`).
     #[arg(long, env = "FERROSERVE_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
+    /// Allow a non-loopback address with no API keys configured (overrides auth.allow_unauthenticated).
+    #[arg(long)]
+    pub allow_unauthenticated: bool,
 }
 
 /// Options of the router command.
@@ -117,6 +120,9 @@ impl ServerArgs {
         }
         if let Some(d) = self.drain_timeout_secs {
             file.server.drain_timeout_secs = d;
+        }
+        if self.allow_unauthenticated {
+            file.auth.allow_unauthenticated = true;
         }
         if !workers.is_empty() {
             file.router.workers = workers.to_vec();

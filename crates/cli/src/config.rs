@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ferroserve_admission::{KeyStore, Priority, Tenant, TenantKey, parse_sha256};
 use ferroserve_engine::EngineConfig;
 use ferroserve_model::device::DeviceSpec;
 use ferroserve_model::fetch;
@@ -29,6 +30,33 @@ pub struct FileConfig {
     pub worker: WorkerSection,
     /// `[cost]`: what busy time costs.
     pub cost: CostSection,
+    /// `[auth]`: API keys and the admin credential.
+    pub auth: AuthSection,
+}
+
+/// `[auth]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSection {
+    /// sha256 (hex) of the admin credential for the `Admin` service.
+    pub admin_token_sha256: Option<String>,
+    /// Data-plane keys, one table per key.
+    pub keys: Vec<KeySection>,
+    /// Allow binding a non-loopback address with no keys (also `--allow-unauthenticated`).
+    pub allow_unauthenticated: bool,
+}
+
+/// `[[auth.keys]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeySection {
+    /// Tenant name, used in metric labels and logs.
+    pub tenant: String,
+    /// sha256 (hex) of the key; the plaintext is never stored.
+    pub key_sha256: String,
+    /// `interactive` (default) or `batch`.
+    #[serde(default)]
+    pub priority: Option<String>,
 }
 
 /// `[server]`.
@@ -219,6 +247,48 @@ pub struct Settings {
     pub router: RouterConfig,
     /// Remote workers (router command).
     pub workers: Vec<String>,
+    /// Credentials.
+    pub keys: KeyStore,
+}
+
+impl AuthSection {
+    /// Builds the key store, refusing an open server on a non-loopback address unless allowed.
+    fn validate(self, listen: SocketAddr) -> Result<KeyStore, ConfigError> {
+        let mut keys = Vec::new();
+        for (i, k) in self.keys.into_iter().enumerate() {
+            if k.tenant.is_empty() {
+                return Err(err(&format!("auth.keys[{i}].tenant"), "must be non-empty"));
+            }
+            let key_sha256 = parse_sha256(&k.key_sha256).map_err(|m| err(&format!("auth.keys[{i}].key_sha256"), m))?;
+            let priority = match k.priority {
+                None => Priority::default(),
+                Some(p) => p
+                    .parse()
+                    .map_err(|m: String| err(&format!("auth.keys[{i}].priority"), m))?,
+            };
+            keys.push(TenantKey {
+                tenant: Tenant {
+                    name: k.tenant,
+                    priority,
+                },
+                key_sha256,
+            });
+        }
+        let admin = self
+            .admin_token_sha256
+            .map(|h| parse_sha256(&h).map_err(|m| err("auth.admin_token_sha256", m)))
+            .transpose()?;
+        if keys.is_empty() && !listen.ip().is_loopback() && !self.allow_unauthenticated {
+            return Err(err(
+                "auth.keys",
+                format!(
+                    "refusing to listen on {listen} with no API keys: anyone who can reach it could use it; \
+                     add [[auth.keys]] entries, or pass --allow-unauthenticated if that is really intended"
+                ),
+            ));
+        }
+        Ok(KeyStore::new(keys, admin))
+    }
 }
 
 impl FileConfig {
@@ -303,6 +373,7 @@ impl FileConfig {
                 ));
             }
         }
+        let keys = self.auth.validate(listen)?;
         let drain_timeout = Duration::from_secs_f64(d);
         Ok(Settings {
             listen,
@@ -333,6 +404,7 @@ impl FileConfig {
                 drain_timeout,
             },
             workers: self.router.workers,
+            keys,
         })
     }
 }
@@ -382,6 +454,39 @@ mod tests {
         );
         let e = parse("[server]\ndrain_timeout_secs = -1").unwrap_err();
         assert_eq!(e.key, "server.drain_timeout_secs");
+    }
+
+    #[test]
+    fn open_servers_stay_on_loopback_unless_allowed() {
+        let e = parse("[server]\nlisten = \"0.0.0.0:50051\"").unwrap_err();
+        assert_eq!(e.key, "auth.keys");
+        assert!(e.message.contains("--allow-unauthenticated"));
+        assert!(parse("[server]\nlisten = \"0.0.0.0:50051\"\n[auth]\nallow_unauthenticated = true").is_ok());
+        let keyed = format!(
+            "[server]\nlisten = \"0.0.0.0:50051\"\n[[auth.keys]]\ntenant = \"a\"\nkey_sha256 = \"{}\"",
+            ferroserve_admission::sha256_hex("k")
+        );
+        let s = parse(&keyed).unwrap();
+        assert!(!s.keys.is_open());
+        let e = parse("[[auth.keys]]\ntenant = \"a\"\nkey_sha256 = \"zz\"").unwrap_err();
+        assert_eq!(e.key, "auth.keys[0].key_sha256");
+    }
+
+    #[test]
+    fn the_multi_tenant_sample_holds_hashes_of_the_documented_demo_keys() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/multi-tenant.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            !text.contains("demo-key-alpha\"") && !text.contains("demo-admin-token\""),
+            "no plaintext keys"
+        );
+        let s = FileConfig::load(&path, true).unwrap().validate().unwrap();
+        assert_eq!(
+            s.keys.authenticate(Some("Bearer demo-key-alpha")).unwrap().name,
+            "alpha"
+        );
+        assert_eq!(s.keys.authenticate(Some("Bearer demo-key-beta")).unwrap().name, "beta");
+        assert_eq!(s.keys.authorize_admin(Some("Bearer demo-admin-token")), Ok(()));
     }
 
     #[test]

@@ -9,6 +9,9 @@ use futures::{Stream, StreamExt};
 use tokio_stream::wrappers::WatchStream;
 use tonic::{Request, Response, Status};
 
+use ferroserve_admission::KeyStore;
+
+use crate::inference::authorization;
 use crate::pool::Pool;
 use crate::{ModelSelector, RouterError};
 
@@ -16,6 +19,16 @@ use crate::{ModelSelector, RouterError};
 pub(crate) struct AdminService {
     /// The workers to report on.
     pub pool: Arc<Pool>,
+    /// Who may call it: only the admin credential.
+    pub keys: Arc<KeyStore>,
+}
+
+impl AdminService {
+    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        self.keys
+            .authorize_admin(authorization(request.metadata()))
+            .map_err(|e| RouterError::from(e).into())
+    }
 }
 
 fn report(pool: &Pool) -> pb::ListWorkersResponse {
@@ -44,8 +57,9 @@ impl Admin for AdminService {
 
     async fn list_workers(
         &self,
-        _: Request<pb::ListWorkersRequest>,
+        request: Request<pb::ListWorkersRequest>,
     ) -> Result<Response<pb::ListWorkersResponse>, Status> {
+        self.authorize(&request)?;
         Ok(Response::new(report(&self.pool)))
     }
 
@@ -53,6 +67,7 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::SnapshotDriftBaselineRequest>,
     ) -> Result<Response<pb::SnapshotDriftBaselineResponse>, Status> {
+        self.authorize(&request)?;
         let selector = ModelSelector::parse(&request.into_inner().model)?;
         let backends = self.pool.matching(&selector)?;
         let mut reply = pb::SnapshotDriftBaselineResponse::default();
@@ -66,8 +81,9 @@ impl Admin for AdminService {
 
     async fn watch_workers(
         &self,
-        _: Request<pb::ListWorkersRequest>,
+        request: Request<pb::ListWorkersRequest>,
     ) -> Result<Response<Self::WatchWorkersStream>, Status> {
+        self.authorize(&request)?;
         let pool = Arc::clone(&self.pool);
         let changes = WatchStream::new(self.pool.watch_healthy());
         Ok(Response::new(changes.map(move |_| Ok(report(&pool))).boxed()))

@@ -1,5 +1,6 @@
 //! Every way the router can refuse or fail a request, and the one place each becomes a gRPC status.
 
+use ferroserve_admission::AuthError;
 use ferroserve_core::BackendError;
 use tonic::Status;
 
@@ -41,6 +42,9 @@ pub enum RouterError {
     /// A worker refused or failed the request.
     #[error(transparent)]
     Backend(#[from] BackendError),
+    /// The caller's credentials were missing, unknown, or not valid for this service.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
 }
 
 impl From<RouterError> for Status {
@@ -51,6 +55,8 @@ impl From<RouterError> for Status {
             RouterError::ModelNotFound { .. } => Status::not_found(message),
             RouterError::NoWorker { .. } => Status::unavailable(message),
             RouterError::DeadlineExceeded { .. } => Status::deadline_exceeded(message),
+            RouterError::Auth(AuthError::Unauthenticated(_)) => Status::unauthenticated(message),
+            RouterError::Auth(AuthError::PermissionDenied(_)) => Status::permission_denied(message),
             RouterError::Backend(b) => match b {
                 BackendError::InvalidRequest { field, message } => {
                     Status::invalid_argument(format!("{field}: {message}"))

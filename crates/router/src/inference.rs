@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use ferroserve_admission::KeyStore;
 use ferroserve_core::{BackendError, Completion, Event, EventStream, FinishReason, ModelInfo};
 use ferroserve_proto::v1 as pb;
 use ferroserve_proto::v1::inference_server::Inference;
@@ -21,10 +22,12 @@ use crate::{RouterError, deadline};
 /// How many workers a request may be offered to before it fails as unavailable.
 const MAX_DISPATCH_ATTEMPTS: usize = 3;
 
-/// The inference service: stateless apart from the shared pool.
+/// The inference service: stateless apart from the shared pool and credentials.
 pub(crate) struct InferenceService {
     /// Where requests go.
     pub pool: Arc<Pool>,
+    /// Who may send them.
+    pub keys: Arc<KeyStore>,
     /// Request shape limits.
     pub limits: Limits,
 }
@@ -43,6 +46,11 @@ struct Dispatched {
     arrived: Instant,
     /// When the client's deadline passes, if it set one.
     deadline: Option<Instant>,
+}
+
+/// The `authorization` metadata value, if present and ASCII.
+pub(crate) fn authorization(metadata: &tonic::metadata::MetadataMap) -> Option<&str> {
+    metadata.get("authorization").and_then(|v| v.to_str().ok())
 }
 
 fn new_request_id() -> String {
@@ -79,6 +87,8 @@ impl InferenceService {
     /// Validates the request and hands it to a worker, trying another if one is full or unreachable.
     async fn dispatch(&self, request: Request<pb::GenerateRequest>) -> Result<Dispatched, RouterError> {
         let arrived = Instant::now();
+        // Admission first: an unknown caller costs nothing further.
+        let tenant = self.keys.authenticate(authorization(request.metadata()))?;
         let deadline = deadline::from_metadata(request.metadata()).map(|d| arrived + d);
         let request = request.into_inner();
         let request_id = if request.request_id.is_empty() {
@@ -93,7 +103,7 @@ impl InferenceService {
             let backend = Arc::clone(lease.backend());
             match backend.generate(valid.clone()).await {
                 Ok(events) => {
-                    tracing::debug!(request_id = %request_id, worker = backend.location(), "dispatched");
+                    tracing::debug!(request_id = %request_id, tenant = %tenant.name, worker = backend.location(), "dispatched");
                     return Ok(Dispatched {
                         _lease: lease,
                         events,
@@ -269,7 +279,13 @@ impl Inference for InferenceService {
         Ok(Response::new(ReceiverStream::new(rx).boxed()))
     }
 
-    async fn list_models(&self, _: Request<pb::ListModelsRequest>) -> Result<Response<pb::ListModelsResponse>, Status> {
+    async fn list_models(
+        &self,
+        request: Request<pb::ListModelsRequest>,
+    ) -> Result<Response<pb::ListModelsResponse>, Status> {
+        self.keys
+            .authenticate(authorization(request.metadata()))
+            .map_err(RouterError::from)?;
         let default = self.pool.default_name();
         let models = self
             .pool

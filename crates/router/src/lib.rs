@@ -19,5 +19,5 @@ mod validate;
 
 pub use error::RouterError;
 pub use pool::{Pool, WorkerView};
-pub use server::{RouterConfig, serve};
+pub use server::{RouterConfig, RouterParts, serve};
 pub use validate::{Limits, ModelSelector};

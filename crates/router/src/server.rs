@@ -13,6 +13,7 @@ use tonic_health::ServingStatus;
 use crate::admin::AdminService;
 use crate::inference::InferenceService;
 use crate::{Limits, Pool};
+use ferroserve_admission::KeyStore;
 
 /// Router settings from the `[router]` and `[server]` config sections.
 #[derive(Debug, Clone, Copy)]
@@ -23,15 +24,25 @@ pub struct RouterConfig {
     pub drain_timeout: Duration,
 }
 
+/// What the router serves with.
+pub struct RouterParts {
+    /// The workers.
+    pub pool: Arc<Pool>,
+    /// Credentials: data-plane keys and the admin credential.
+    pub keys: Arc<KeyStore>,
+    /// Limits and drain.
+    pub config: RouterConfig,
+}
+
 /// Serves the public API on `listener` until `shutdown` completes, then stops accepting new requests and
 /// lets in-flight ones finish for at most `drain_timeout`. Health reports SERVING while at least one
 /// worker is healthy.
 pub async fn serve(
     listener: TcpListener,
-    pool: Arc<Pool>,
-    config: RouterConfig,
+    parts: RouterParts,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
+    let RouterParts { pool, keys, config } = parts;
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_service_status("", ServingStatus::NotServing).await;
     reporter.set_not_serving::<InferenceServer<InferenceService>>().await;
@@ -58,16 +69,13 @@ pub async fn serve(
             }
         }
     });
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(ferroserve_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .expect("the compiled-in descriptor sets are valid");
+    let reflection = ferroserve_worker::reflection_service();
     let inference = InferenceServer::new(InferenceService {
         pool: Arc::clone(&pool),
+        keys: Arc::clone(&keys),
         limits: config.limits,
     });
-    let admin = AdminServer::new(AdminService { pool });
+    let admin = AdminServer::new(AdminService { pool, keys });
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
         .add_service(health)

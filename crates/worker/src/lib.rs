@@ -11,5 +11,5 @@ mod server;
 mod slot;
 
 pub use remote::RemoteWorker;
-pub use server::{WorkerServerConfig, drain_bounded, serve};
+pub use server::{WorkerServerConfig, drain_bounded, reflection_service, serve};
 pub use slot::BackendSlot;

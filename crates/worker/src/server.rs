@@ -114,11 +114,7 @@ pub async fn serve(
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_service_status("", ServingStatus::NotServing).await;
     reporter.set_not_serving::<WorkerServer<WorkerService>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(ferroserve_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .expect("the compiled-in descriptor sets are valid");
+    let reflection = reflection_service();
     let health_task = tokio::spawn({
         let reporter = reporter.clone();
         async move {
@@ -141,6 +137,16 @@ pub async fn serve(
     let result = drain_bounded(server, drain_rx, config.drain_timeout).await;
     health_task.abort();
     result
+}
+
+/// gRPC server reflection over Ferroserve's and the health service's descriptors, for every server.
+pub fn reflection_service()
+-> tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(ferroserve_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("the compiled-in descriptor sets are valid")
 }
 
 /// Runs a server future; once shutdown starts, gives it at most `timeout` to finish draining.

@@ -51,6 +51,9 @@ pub struct GenerateArgs {
     /// Request id to send (the server makes one if omitted).
     #[arg(long, default_value = "")]
     pub request_id: String,
+    /// API key, sent as `authorization: Bearer <key>`.
+    #[arg(long, env = "FERROSERVE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
     /// Server address.
     #[arg(long, env = "FERROSERVE_ADDR", default_value = "http://127.0.0.1:50051")]
     pub addr: String,
@@ -170,6 +173,12 @@ pub async fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let mut request = tonic::Request::new(request);
     if let Some(t) = args.timeout_secs {
         request.set_timeout(Duration::from_secs_f64(t));
+    }
+    if let Some(key) = &args.api_key {
+        let value = format!("Bearer {key}")
+            .parse()
+            .context("the API key must be printable ASCII")?;
+        request.metadata_mut().insert("authorization", value);
     }
     let started = Instant::now();
     let status_err = |s: tonic::Status| anyhow::anyhow!("{:?}: {}", s.code(), s.message());

@@ -1,6 +1,7 @@
 //! `serve`, `worker` and `router`: bind first (so health checks see NOT_SERVING while the model loads),
 //! then load or connect in the background.
 
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,7 +10,7 @@ use anyhow::Context;
 use ferroserve_core::Backend;
 use ferroserve_engine::EngineHandle;
 use ferroserve_model::{LoadedModel, ModelSpec};
-use ferroserve_router::Pool;
+use ferroserve_router::{Pool, RouterParts};
 use ferroserve_worker::{BackendSlot, RemoteWorker, WorkerServerConfig};
 use tokio::net::TcpListener;
 
@@ -51,6 +52,36 @@ async fn load_engine(settings: &Settings, path: PathBuf) -> anyhow::Result<Arc<E
     .context("model loading panicked")?
 }
 
+/// Runs `server` while `load` brings the model up. A failed load ends the server with that error; a server
+/// that stops first (shut down during loading) ends it cleanly.
+async fn serve_while_loading(
+    server: impl Future<Output = Result<(), tonic::transport::Error>>,
+    load: impl Future<Output = anyhow::Result<()>>,
+    what: &str,
+) -> anyhow::Result<()> {
+    tokio::pin!(server);
+    tokio::select! {
+        r = &mut server => return r.with_context(|| format!("{what} server failed")),
+        r = load => r.context("loading the model")?,
+    }
+    server.await.with_context(|| format!("{what} server failed"))
+}
+
+/// The router's parts, warning when it runs without credentials.
+fn router_parts(settings: &Settings, pool: Arc<Pool>) -> RouterParts {
+    if settings.keys.is_open() {
+        tracing::warn!(
+            listen = %settings.listen,
+            "no API keys configured: the server is open to anyone who can reach it (see [auth] in the config)"
+        );
+    }
+    RouterParts {
+        pool,
+        keys: Arc::new(settings.keys.clone()),
+        config: settings.router,
+    }
+}
+
 /// Router plus one in-process engine serving `model_path`.
 pub async fn start_serve(settings: Settings, model_path: PathBuf) -> anyhow::Result<Running> {
     let listener = bind(settings.listen, "router").await?;
@@ -69,13 +100,9 @@ pub async fn start_serve(settings: Settings, model_path: PathBuf) -> anyhow::Res
                 pool.add(engine);
                 anyhow::Ok(())
             };
-            let server = ferroserve_router::serve(listener, Arc::clone(&pool), settings.router, stopped.wait());
-            tokio::pin!(server);
-            tokio::select! {
-                r = &mut server => return r.context("router server failed"),
-                r = load => r.context("loading the model")?,
-            }
-            server.await.context("router server failed")
+            let parts = router_parts(&settings, Arc::clone(&pool));
+            let server = ferroserve_router::serve(listener, parts, stopped.wait());
+            serve_while_loading(server, load, "router").await
         }
     });
     Ok(Running::new(addr, metrics_addr, slot, stop, task))
@@ -110,12 +137,7 @@ pub async fn start_worker(settings: Settings, model_path: PathBuf) -> anyhow::Re
                 config,
                 stopped.wait(),
             );
-            tokio::pin!(server);
-            tokio::select! {
-                r = &mut server => return r.context("worker server failed"),
-                r = load => r.context("loading the model")?,
-            }
-            server.await.context("worker server failed")
+            serve_while_loading(server, load, "worker").await
         }
     });
     Ok(Running::new(addr, metrics_addr, slot, stop, task))
@@ -152,8 +174,9 @@ pub async fn start_router(settings: Settings) -> anyhow::Result<Running> {
             }
         });
     }
+    let parts = router_parts(&settings, pool);
     let task = tokio::spawn(async move {
-        ferroserve_router::serve(listener, pool, settings.router, stopped.wait())
+        ferroserve_router::serve(listener, parts, stopped.wait())
             .await
             .context("router server failed")
     });
