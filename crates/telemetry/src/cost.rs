@@ -82,34 +82,47 @@ pub fn render() -> String {
         return String::new();
     };
     let meters = meters.lock().expect("meters lock");
-    if meters.is_empty() {
-        return String::new();
-    }
     let mut out = String::new();
-    let _ = writeln!(out, "# HELP {COST_USD_TOTAL} Busy-time cost in US dollars.");
-    let _ = writeln!(out, "# TYPE {COST_USD_TOTAL} counter");
-    for m in meters.iter() {
-        let _ = writeln!(
-            out,
-            "{COST_USD_TOTAL}{{{LABEL_WORKER_KIND}=\"{}\"}} {}",
-            m.price.worker_kind,
-            m.usd_total()
+    if !meters.is_empty() {
+        family(
+            &mut out,
+            COST_USD_TOTAL,
+            "counter",
+            "Busy-time cost in US dollars.",
+            &meters,
+            CostMeter::usd_total,
         );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP {COST_PER_MILLION_TOKENS} US dollars per million generated tokens, busy time only."
-    );
-    let _ = writeln!(out, "# TYPE {COST_PER_MILLION_TOKENS} gauge");
-    for m in meters.iter() {
-        let _ = writeln!(
-            out,
-            "{COST_PER_MILLION_TOKENS}{{{LABEL_WORKER_KIND}=\"{}\"}} {}",
-            m.price.worker_kind,
-            m.usd_per_million_tokens()
+        family(
+            &mut out,
+            COST_PER_MILLION_TOKENS,
+            "gauge",
+            "US dollars per million generated tokens, busy time only.",
+            &meters,
+            CostMeter::usd_per_million_tokens,
         );
     }
     out
+}
+
+/// Appends one metric family: its HELP and TYPE lines, then one sample per worker kind.
+fn family(
+    out: &mut String,
+    name: &str,
+    kind: &str,
+    help: &str,
+    meters: &[Arc<CostMeter>],
+    value: fn(&CostMeter) -> f64,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+    for m in meters {
+        let _ = writeln!(
+            out,
+            "{name}{{{LABEL_WORKER_KIND}=\"{}\"}} {}",
+            m.price.worker_kind,
+            value(m)
+        );
+    }
 }
 
 #[cfg(test)]
