@@ -40,8 +40,7 @@ impl Sampler {
 
     /// Picks the next token from `logits` (modified in place) and records it in the context.
     pub fn sample(&mut self, logits: &mut [f32]) -> Sampled {
-        let lse = log_sum_exp(logits);
-        let entropy = entropy(logits, lse);
+        let (lse, entropy) = lse_and_entropy(logits);
         // The penalty rewrites logits; keep the originals of the tokens it touches for the logprob.
         let mut originals = Vec::new();
         if self.params.repetition_penalty != 1.0 {
@@ -112,16 +111,16 @@ impl Sampler {
     }
 }
 
-/// `log(sum(exp(logits)))`, computed stably.
-fn log_sum_exp(logits: &[f32]) -> f32 {
+/// `log Σ exp(l)` and the entropy `-Σ p log p` of `softmax(logits)`, in one pass over the vocabulary:
+/// with `m = max l`, `Z = Σ e^(l-m)` and `S = Σ e^(l-m)·l`, `lse = m + ln Z` and `H = lse - S/Z`.
+fn lse_and_entropy(logits: &[f32]) -> (f32, f32) {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    max + logits.iter().map(|&l| (l - max).exp()).sum::<f32>().ln()
-}
-
-/// `-Σ p log p` of `softmax(logits)`, given their log-sum-exp: `lse - Σ p·logit`.
-fn entropy(logits: &[f32], lse: f32) -> f32 {
-    let expected_logit: f32 = logits.iter().map(|&l| (l - lse).exp() * l).sum();
-    (lse - expected_logit).max(0.0)
+    let (z, s) = logits.iter().fold((0.0f32, 0.0f32), |(z, s), &l| {
+        let e = (l - max).exp();
+        (z + e, s + e * l)
+    });
+    let lse = max + z.ln();
+    (lse, (lse - s / z).max(0.0))
 }
 
 fn argmax(logits: &[f32]) -> u32 {
