@@ -121,6 +121,11 @@ impl KeyStore {
         KeyStore { keys, admin }
     }
 
+    /// How many data-plane keys are configured.
+    pub fn key_count(&self) -> usize {
+        self.keys.len()
+    }
+
     /// True when no data-plane keys are configured: every request is let in.
     pub fn is_open(&self) -> bool {
         self.keys.is_empty()

@@ -44,8 +44,23 @@ pub const CANCELLED_REQUESTS_TOTAL: &str = "ferroserve_cancelled_requests_total"
 
 // --- Admission and filter ---
 
-/// Requests refused by admission, by `tenant` and `reason`.
+/// Requests refused by admission, by `tenant` and `reason` (`tenant_requests`, `tenant_tokens`,
+/// `tenant_concurrency`, `server_requests`, `server_tokens`, `too_large`, `queue_full`, `deadline`).
 pub const RATE_LIMITED_TOTAL: &str = "ferroserve_rate_limited_total";
+/// Time the admission gate took to decide (admit, queue or reject).
+pub const ADMISSION_DECISION_SECONDS: &str = "ferroserve_admission_decision_seconds";
+/// Time an admitted request waited in the admission queue for a slot.
+pub const ADMISSION_WAIT_SECONDS: &str = "ferroserve_admission_wait_seconds";
+/// Requests running past admission, by `tenant`.
+pub const ADMISSION_IN_FLIGHT: &str = "ferroserve_admission_in_flight";
+/// Requests waiting in the admission queue.
+pub const ADMISSION_QUEUE_REQUESTS: &str = "ferroserve_admission_queue_requests";
+/// Tokens reserved by the requests in the admission queue.
+pub const ADMISSION_QUEUE_TOKENS: &str = "ferroserve_admission_queue_tokens";
+/// Requests a tenant could send now under its requests-per-second limit, by `tenant`.
+pub const TENANT_REMAINING_REQUESTS: &str = "ferroserve_tenant_remaining_requests";
+/// Tokens a tenant could reserve now under its tokens-per-minute limit, by `tenant`.
+pub const TENANT_REMAINING_TOKENS: &str = "ferroserve_tenant_remaining_tokens";
 /// Content-filter verdicts, by `filter`, `stage`, `category` and `action`.
 pub const FILTER_VERDICTS_TOTAL: &str = "ferroserve_filter_verdicts_total";
 
@@ -90,6 +105,13 @@ pub const ALL: &[&str] = &[
     KV_CACHE_USAGE_RATIO,
     CANCELLED_REQUESTS_TOTAL,
     RATE_LIMITED_TOTAL,
+    ADMISSION_DECISION_SECONDS,
+    ADMISSION_WAIT_SECONDS,
+    ADMISSION_IN_FLIGHT,
+    ADMISSION_QUEUE_REQUESTS,
+    ADMISSION_QUEUE_TOKENS,
+    TENANT_REMAINING_REQUESTS,
+    TENANT_REMAINING_TOKENS,
     FILTER_VERDICTS_TOTAL,
     WORKER_HEALTHY,
     TOKEN_LOGPROB,
@@ -112,6 +134,8 @@ pub const LABEL_VERSION: &str = "version";
 pub const LABEL_WORKER: &str = "worker";
 /// Why a generation ended.
 pub const LABEL_REASON: &str = "reason";
+/// Tenant name (never a key).
+pub const LABEL_TENANT: &str = "tenant";
 /// Which price applies (`cpu`, `h200`, ...).
 pub const LABEL_WORKER_KIND: &str = "worker_kind";
 
@@ -129,6 +153,20 @@ pub const INTER_TOKEN_BUCKETS: &[f64] = &[
 pub const TOKEN_COUNT_BUCKETS: &[f64] = &[
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0,
 ];
+/// Admission decision buckets in seconds, 1 µs to 10 ms: a decision should take microseconds.
+pub const DECISION_BUCKETS: &[f64] = &[
+    0.000_001,
+    0.000_002_5,
+    0.000_005,
+    0.000_01,
+    0.000_025,
+    0.000_05,
+    0.000_1,
+    0.000_25,
+    0.000_5,
+    0.001,
+    0.01,
+];
 /// Log-probability buckets (nats, negative), from very unlikely to certain.
 pub const LOGPROB_BUCKETS: &[f64] = &[
     -20.0, -10.0, -7.0, -5.0, -4.0, -3.0, -2.0, -1.5, -1.0, -0.5, -0.25, -0.1, -0.01, 0.0,
@@ -143,6 +181,8 @@ pub const HISTOGRAM_BUCKETS: &[(&str, &[f64])] = &[
     (REQUEST_DURATION_SECONDS, LATENCY_BUCKETS),
     (TIME_TO_FIRST_TOKEN_SECONDS, LATENCY_BUCKETS),
     (QUEUE_DURATION_SECONDS, LATENCY_BUCKETS),
+    (ADMISSION_WAIT_SECONDS, LATENCY_BUCKETS),
+    (ADMISSION_DECISION_SECONDS, DECISION_BUCKETS),
     (INTER_TOKEN_LATENCY_SECONDS, INTER_TOKEN_BUCKETS),
     (TIME_PER_OUTPUT_TOKEN_SECONDS, INTER_TOKEN_BUCKETS),
     (REQUEST_PROMPT_TOKENS, TOKEN_COUNT_BUCKETS),
@@ -189,6 +229,41 @@ pub fn describe() {
         RATE_LIMITED_TOTAL,
         Unit::Count,
         "Requests refused by admission, by tenant and reason."
+    );
+    describe_histogram!(
+        ADMISSION_DECISION_SECONDS,
+        Unit::Seconds,
+        "Time the admission gate took to admit, queue or reject."
+    );
+    describe_histogram!(
+        ADMISSION_WAIT_SECONDS,
+        Unit::Seconds,
+        "Time admitted requests waited for a slot."
+    );
+    describe_gauge!(
+        ADMISSION_IN_FLIGHT,
+        Unit::Count,
+        "Requests running past admission, by tenant."
+    );
+    describe_gauge!(
+        ADMISSION_QUEUE_REQUESTS,
+        Unit::Count,
+        "Requests waiting in the admission queue."
+    );
+    describe_gauge!(
+        ADMISSION_QUEUE_TOKENS,
+        Unit::Count,
+        "Tokens reserved by waiting requests."
+    );
+    describe_gauge!(
+        TENANT_REMAINING_REQUESTS,
+        Unit::Count,
+        "Requests a tenant may send now under its rate limit."
+    );
+    describe_gauge!(
+        TENANT_REMAINING_TOKENS,
+        Unit::Count,
+        "Tokens a tenant may reserve now under its token limit."
     );
     describe_counter!(FILTER_VERDICTS_TOTAL, Unit::Count, "Content-filter verdicts.");
     describe_gauge!(WORKER_HEALTHY, "1 while the router can reach the worker, else 0.");

@@ -1,0 +1,721 @@
+//! The admission gate: rate limits, concurrency caps, the waiting queue and deadline-aware shedding.
+//!
+//! Every decision is made under one short lock with no I/O, so a rejection costs microseconds and never
+//! waits behind model work. A request that passes either runs at once (a [`Permit`]) or waits in a bounded
+//! priority queue (a [`Waiting`]) until a running request ends.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use ferroserve_telemetry::names;
+use governor::clock::{Clock, DefaultClock};
+use tokio::sync::oneshot;
+
+use crate::bucket::{Bucket, Rate, Refusal};
+use crate::estimate::ServiceEstimate;
+use crate::keys::{Priority, Tenant};
+use crate::limits::{AdmissionLimits, LimitsPatch, ServerLimits, TenantLimits};
+
+/// Which limit turned a request away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// The tenant's requests-per-second bucket is empty.
+    TenantRequests,
+    /// The tenant's tokens-per-minute bucket cannot cover the reservation.
+    TenantTokens,
+    /// The tenant already has its maximum of requests running or waiting.
+    TenantConcurrency,
+    /// The server's requests-per-second bucket is empty.
+    ServerRequests,
+    /// The server's tokens-per-minute bucket cannot cover the reservation.
+    ServerTokens,
+    /// The reservation is larger than a token bucket can ever hold.
+    TooLarge,
+    /// Every slot is busy and the waiting queue is full.
+    QueueFull,
+    /// The expected wait plus generation time would overrun the request's deadline.
+    Deadline,
+}
+
+impl Reason {
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Reason::TenantRequests => "tenant_requests",
+            Reason::TenantTokens => "tenant_tokens",
+            Reason::TenantConcurrency => "tenant_concurrency",
+            Reason::ServerRequests => "server_requests",
+            Reason::ServerTokens => "server_tokens",
+            Reason::TooLarge => "too_large",
+            Reason::QueueFull => "queue_full",
+            Reason::Deadline => "deadline",
+        }
+    }
+
+    /// True for a quota (the caller's to respect); false for a capacity condition of this server, which
+    /// another replica might not share.
+    pub fn is_quota(self) -> bool {
+        !matches!(self, Reason::QueueFull | Reason::Deadline)
+    }
+}
+
+/// A refused request: which limit, a message that names it, and when to try again.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{message}")]
+pub struct Rejection {
+    /// The limit.
+    pub reason: Reason,
+    /// What happened and what to change.
+    pub message: String,
+    /// When a retry could succeed; `None` when waiting would not help.
+    pub retry_after: Option<Duration>,
+}
+
+/// What a request asks of the gate.
+#[derive(Debug, Clone)]
+pub struct Ask {
+    /// Who sends it.
+    pub tenant: Tenant,
+    /// Tokens to reserve: the prompt (estimated) plus `max_tokens`.
+    pub tokens: u32,
+    /// The request's `max_tokens`, for the generation-time estimate.
+    pub max_tokens: u32,
+    /// Time left before the client's deadline, if it set one.
+    pub deadline: Option<Duration>,
+}
+
+/// A rate bucket of requests and one of tokens, either of which may be absent.
+struct Buckets<C: Clock> {
+    requests: Option<Bucket<C>>,
+    tokens: Option<Bucket<C>>,
+}
+
+impl<C: Clock + Clone> Buckets<C> {
+    fn new(limits: &TenantLimits, clock: &C) -> Self {
+        let make = |r: Option<Rate>| r.map(|r| Bucket::new(r, clock.clone()));
+        Buckets {
+            requests: make(limits.requests),
+            tokens: make(limits.tokens),
+        }
+    }
+
+    /// The same buckets under new limits: unchanged rates keep their bucket, changed ones carry their level.
+    fn reconfigure(self, limits: &TenantLimits, clock: &C) -> Self {
+        let carry = |old: Option<Bucket<C>>, rate: Option<Rate>| match (old, rate) {
+            (Some(b), Some(r)) if b.rate() == r => Some(b),
+            (Some(b), Some(r)) => Some(b.with_rate(r)),
+            (None, Some(r)) => Some(Bucket::new(r, clock.clone())),
+            (_, None) => None,
+        };
+        Buckets {
+            requests: carry(self.requests, limits.requests),
+            tokens: carry(self.tokens, limits.tokens),
+        }
+    }
+
+    fn refund(&self, requests: u32, tokens: u32) {
+        if let Some(b) = &self.requests {
+            b.refund(requests);
+        }
+        if let Some(b) = &self.tokens {
+            b.refund(tokens);
+        }
+    }
+}
+
+/// One tenant's live state.
+struct TenantState<C: Clock> {
+    limits: TenantLimits,
+    buckets: Buckets<C>,
+    /// Requests running now.
+    running: u32,
+    /// Requests waiting in the queue.
+    queued: u32,
+}
+
+/// A request waiting for a slot.
+struct Waiter<C: Clock + Clone> {
+    tenant: String,
+    reserved: u32,
+    /// Where the permit goes when a slot frees.
+    grant: oneshot::Sender<Permit<C>>,
+}
+
+struct State<C: Clock + Clone> {
+    server: ServerLimits,
+    server_buckets: Buckets<C>,
+    running: u32,
+    tenants: HashMap<String, TenantState<C>>,
+    /// Waiting requests by (priority rank, arrival number): interactive (0) before batch (1), FIFO within.
+    queue: BTreeMap<(u8, u64), Waiter<C>>,
+    queued_tokens: u64,
+    next_seq: u64,
+    estimate: ServiceEstimate,
+}
+
+/// The admission gate. Cheap to share; every method takes `&self`.
+pub struct Admission<C: Clock + Clone = DefaultClock> {
+    /// The time source for the rate buckets (governor's fake clock in tests).
+    clock: C,
+    /// Everything that changes, behind one lock held only for bookkeeping.
+    state: Mutex<State<C>>,
+}
+
+fn rank(p: Priority) -> u8 {
+    match p {
+        Priority::Interactive => 0,
+        Priority::Batch => 1,
+    }
+}
+
+fn ms(d: Duration) -> u128 {
+    d.as_millis().max(1)
+}
+
+/// What the gate decided for an admitted request.
+pub enum Admitted<C: Clock + Clone = DefaultClock> {
+    /// Run now.
+    Now(Permit<C>),
+    /// Wait for a slot.
+    Queued(Waiting<C>),
+}
+
+impl Admission<DefaultClock> {
+    /// A gate with these limits on the real clock.
+    pub fn new(limits: AdmissionLimits) -> Arc<Self> {
+        Self::with_clock(limits, DefaultClock::default())
+    }
+}
+
+impl<C: Clock + Clone> Admission<C> {
+    /// A gate with these limits on `clock`.
+    pub fn with_clock(limits: AdmissionLimits, clock: C) -> Arc<Self> {
+        let tenants = limits
+            .tenants
+            .iter()
+            .map(|(name, l)| {
+                let state = TenantState {
+                    buckets: Buckets::new(l, &clock),
+                    limits: l.clone(),
+                    running: 0,
+                    queued: 0,
+                };
+                (name.clone(), state)
+            })
+            .collect();
+        let state = State {
+            server_buckets: Buckets::new(&limits.server.shared, &clock),
+            server: limits.server,
+            running: 0,
+            tenants,
+            queue: BTreeMap::new(),
+            queued_tokens: 0,
+            next_seq: 0,
+            estimate: ServiceEstimate::default(),
+        };
+        Arc::new(Admission {
+            clock,
+            state: Mutex::new(state),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State<C>> {
+        // The lock guards plain bookkeeping; a panic mid-update is a bug, but serving must go on.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Decides at once: a permit, a place in the queue, or a rejection naming the limit.
+    pub fn admit(self: &Arc<Self>, ask: Ask) -> Result<Admitted<C>, Rejection> {
+        let started = Instant::now();
+        let name = ask.tenant.name.clone();
+        let result = self.decide(ask);
+        metrics::histogram!(names::ADMISSION_DECISION_SECONDS).record(started.elapsed().as_secs_f64());
+        if let Err(r) = &result {
+            metrics::counter!(names::RATE_LIMITED_TOTAL, names::LABEL_TENANT => name, names::LABEL_REASON => r.reason.label())
+                .increment(1);
+        }
+        result
+    }
+
+    fn decide(self: &Arc<Self>, ask: Ask) -> Result<Admitted<C>, Rejection> {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let name = ask.tenant.name.as_str();
+        let tenant = st.tenants.entry(name.to_string()).or_insert_with(|| TenantState {
+            limits: TenantLimits::default(),
+            buckets: Buckets::new(&TenantLimits::default(), &self.clock),
+            running: 0,
+            queued: 0,
+        });
+        if let Some(max) = tenant.limits.max_in_flight
+            && tenant.running + tenant.queued >= max
+        {
+            return Err(Rejection {
+                reason: Reason::TenantConcurrency,
+                message: format!(
+                    "tenant `{name}` already has {max} requests in flight, its limit; wait for one to finish"
+                ),
+                retry_after: Some(st.estimate.slot_free_in(1)),
+            });
+        }
+        take_all(&tenant.buckets, &ask, &format!("tenant `{name}`"), true)?;
+        if let Err(e) = take_all(&st.server_buckets, &ask, "the server", false) {
+            tenant.buckets.refund(1, ask.tokens);
+            return Err(e);
+        }
+        let slots = st.server.shared.max_in_flight.unwrap_or(u32::MAX);
+        let must_wait = st.running >= slots || !st.queue.is_empty();
+        let ahead = if must_wait {
+            let mine = rank(ask.tenant.priority);
+            st.queue.keys().filter(|(r, _)| *r <= mine).count() as u32
+        } else {
+            0
+        };
+        let wait = if must_wait {
+            st.estimate.slot_free_in(slots).mul_f64(f64::from(ahead + 1))
+        } else {
+            Duration::ZERO
+        };
+        let refuse = |st: &State<C>, rejection: Rejection| {
+            if let Some(t) = st.tenants.get(name) {
+                t.buckets.refund(1, ask.tokens);
+            }
+            st.server_buckets.refund(1, ask.tokens);
+            Err(rejection)
+        };
+        if let (Some(deadline), Some(generate)) = (ask.deadline, st.estimate.generation(ask.max_tokens))
+            && wait + generate > deadline
+        {
+            let rejection = Rejection {
+                reason: Reason::Deadline,
+                message: format!(
+                    "the deadline ({} ms) is shorter than the expected wait ({} ms) plus generation of up to {} \
+                     tokens ({} ms); retry later, raise the deadline or lower max_tokens",
+                    ms(deadline),
+                    wait.as_millis(),
+                    ask.max_tokens,
+                    generate.as_millis()
+                ),
+                retry_after: must_wait.then_some(wait),
+            };
+            return refuse(st, rejection);
+        }
+        if !must_wait {
+            return Ok(Admitted::Now(self.start(st, name, ask.tokens)));
+        }
+        if st.queue.len() as u32 >= st.server.max_queued_requests
+            || st.queued_tokens + u64::from(ask.tokens) > st.server.max_queued_tokens
+        {
+            let rejection = Rejection {
+                reason: Reason::QueueFull,
+                message: format!(
+                    "the server is at capacity: {} running and {} waiting ({} tokens reserved), the most it queues \
+                     is {} requests or {} tokens; retry, or send to another replica",
+                    st.running,
+                    st.queue.len(),
+                    st.queued_tokens,
+                    st.server.max_queued_requests,
+                    st.server.max_queued_tokens
+                ),
+                retry_after: Some(st.estimate.slot_free_in(slots)),
+            };
+            return refuse(st, rejection);
+        }
+        let key = (rank(ask.tenant.priority), st.next_seq);
+        st.next_seq += 1;
+        let (grant, rx) = oneshot::channel();
+        st.queue.insert(
+            key,
+            Waiter {
+                tenant: name.to_string(),
+                reserved: ask.tokens,
+                grant,
+            },
+        );
+        st.queued_tokens += u64::from(ask.tokens);
+        if let Some(t) = st.tenants.get_mut(name) {
+            t.queued += 1;
+        }
+        publish_queue(st);
+        Ok(Admitted::Queued(Waiting {
+            admission: Arc::clone(self),
+            key,
+            rx: Some(rx),
+            since: Instant::now(),
+        }))
+    }
+
+    /// Marks a request as running and hands out its permit.
+    fn start(self: &Arc<Self>, st: &mut State<C>, tenant: &str, reserved: u32) -> Permit<C> {
+        st.running += 1;
+        if let Some(t) = st.tenants.get_mut(tenant) {
+            t.running += 1;
+            metrics::gauge!(names::ADMISSION_IN_FLIGHT, names::LABEL_TENANT => tenant.to_string())
+                .set(f64::from(t.running));
+        }
+        Permit {
+            admission: Arc::clone(self),
+            tenant: tenant.to_string(),
+            reserved,
+            used: None,
+            decode: None,
+            started: Instant::now(),
+        }
+    }
+
+    /// Ends a running request: reconciles its tokens, frees its slot and starts whoever waits next.
+    fn finish(self: &Arc<Self>, permit: &Permit<C>) {
+        let mut grants = Vec::new();
+        {
+            let mut guard = self.lock();
+            let st = &mut *guard;
+            let used = permit.used.unwrap_or(0);
+            if let Some(t) = st.tenants.get_mut(&permit.tenant) {
+                reconcile(&t.buckets, permit.reserved, used);
+                t.running = t.running.saturating_sub(1);
+                metrics::gauge!(names::ADMISSION_IN_FLIGHT, names::LABEL_TENANT => permit.tenant.clone())
+                    .set(f64::from(t.running));
+                publish_remaining(&permit.tenant, t);
+            }
+            reconcile(&st.server_buckets, permit.reserved, used);
+            st.running = st.running.saturating_sub(1);
+            if permit.used.is_some() {
+                st.estimate.observe(permit.started.elapsed(), permit.decode);
+            }
+            let slots = st.server.shared.max_in_flight.unwrap_or(u32::MAX);
+            while st.running < slots {
+                let Some((_, w)) = st.queue.pop_first() else { break };
+                st.queued_tokens -= u64::from(w.reserved);
+                if let Some(t) = st.tenants.get_mut(&w.tenant) {
+                    t.queued = t.queued.saturating_sub(1);
+                }
+                let next = self.start(st, &w.tenant, w.reserved);
+                grants.push((w.grant, next));
+            }
+            publish_queue(st);
+        }
+        // Outside the lock: a permit whose waiter has gone is dropped here, which frees its slot in turn.
+        for (grant, next) in grants {
+            drop(grant.send(next));
+        }
+    }
+
+    /// Replaces every limit, as a config reload does. Tenants whose limits did not change keep their
+    /// buckets untouched; changed ones keep their level under the new rates; running requests go on.
+    pub fn set_limits(&self, limits: AdmissionLimits) {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let old = std::mem::replace(
+            &mut st.server_buckets,
+            Buckets::new(&TenantLimits::default(), &self.clock),
+        );
+        st.server_buckets = old.reconfigure(&limits.server.shared, &self.clock);
+        st.server = limits.server;
+        st.tenants
+            .retain(|name, t| limits.tenants.contains_key(name) || t.running + t.queued > 0);
+        for (name, l) in limits.tenants {
+            self.apply(st, &name, l);
+        }
+    }
+
+    fn apply(&self, st: &mut State<C>, name: &str, limits: TenantLimits) {
+        match st.tenants.get_mut(name) {
+            Some(t) if t.limits == limits => {}
+            Some(t) => {
+                let old = std::mem::replace(&mut t.buckets, Buckets::new(&TenantLimits::default(), &self.clock));
+                t.buckets = old.reconfigure(&limits, &self.clock);
+                t.limits = limits;
+            }
+            None => {
+                let state = TenantState {
+                    buckets: Buckets::new(&limits, &self.clock),
+                    limits,
+                    running: 0,
+                    queued: 0,
+                };
+                st.tenants.insert(name.to_string(), state);
+            }
+        }
+    }
+
+    /// Changes one tenant's limits (`None`: the server's). An invalid change leaves everything as it was.
+    pub fn patch(&self, tenant: Option<&str>, patch: &LimitsPatch) -> Result<LimitsView, PatchError> {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        match tenant {
+            None => {
+                let next = st.server.patched(patch).map_err(PatchError::Invalid)?;
+                let old = std::mem::replace(
+                    &mut st.server_buckets,
+                    Buckets::new(&TenantLimits::default(), &self.clock),
+                );
+                st.server_buckets = old.reconfigure(&next.shared, &self.clock);
+                st.server = next;
+                Ok(server_view(st))
+            }
+            Some(name) => {
+                if patch.has_server_fields() {
+                    return Err(PatchError::Invalid(
+                        "max_queued_requests and max_queued_tokens are server limits; leave the tenant empty".into(),
+                    ));
+                }
+                let Some(t) = st.tenants.get(name) else {
+                    let mut known: Vec<_> = st.tenants.keys().cloned().collect();
+                    known.sort();
+                    return Err(PatchError::UnknownTenant(format!(
+                        "no tenant `{name}`; known tenants: {}",
+                        known.join(", ")
+                    )));
+                };
+                let next = t.limits.patched(patch).map_err(PatchError::Invalid)?;
+                self.apply(st, name, next);
+                Ok(tenant_view(name, &st.tenants[name]))
+            }
+        }
+    }
+
+    /// The waiting queue's bounds: requests and reserved tokens.
+    pub fn queue_limits(&self) -> (u32, u64) {
+        let guard = self.lock();
+        (guard.server.max_queued_requests, guard.server.max_queued_tokens)
+    }
+
+    /// Every limit, with what remains of each budget now.
+    pub fn snapshot(&self) -> Snapshot {
+        let guard = self.lock();
+        let mut tenants: Vec<_> = guard.tenants.iter().map(|(n, t)| tenant_view(n, t)).collect();
+        tenants.sort_by(|a, b| a.name.cmp(&b.name));
+        Snapshot {
+            server: server_view(&guard),
+            tenants,
+            queued_requests: guard.queue.len() as u32,
+            queued_tokens: guard.queued_tokens,
+        }
+    }
+
+    /// Sets the remaining-budget gauges from the buckets' levels now (they refill between requests).
+    pub fn publish(&self) {
+        let guard = self.lock();
+        for (name, t) in &guard.tenants {
+            publish_remaining(name, t);
+        }
+        publish_queue(&guard);
+    }
+}
+
+/// Takes one request cell and the token reservation from `buckets`, or neither.
+fn take_all<C: Clock + Clone>(buckets: &Buckets<C>, ask: &Ask, who: &str, tenant: bool) -> Result<(), Rejection> {
+    let (req_reason, tok_reason) = if tenant {
+        (Reason::TenantRequests, Reason::TenantTokens)
+    } else {
+        (Reason::ServerRequests, Reason::ServerTokens)
+    };
+    if let Some(b) = &buckets.requests
+        && let Err(refusal) = b.take(1)
+    {
+        let r = b.rate();
+        return Err(refused(refusal, req_reason, || {
+            format!(
+                "{who} is over its limit of {} requests per second (burst {})",
+                r.amount, r.burst
+            )
+        }));
+    }
+    if let Some(b) = &buckets.tokens
+        && let Err(refusal) = b.take(ask.tokens)
+    {
+        if let Some(req) = &buckets.requests {
+            req.refund(1);
+        }
+        let r = b.rate();
+        return Err(refused(refusal, tok_reason, || {
+            format!(
+                "{who} is over its limit of {} tokens per minute (burst {}); this request reserves {} tokens \
+                 (prompt + max_tokens, reconciled when it ends)",
+                r.amount, r.burst, ask.tokens
+            )
+        }));
+    }
+    Ok(())
+}
+
+fn refused(refusal: Refusal, reason: Reason, what: impl FnOnce() -> String) -> Rejection {
+    match refusal {
+        Refusal::Wait(wait) => Rejection {
+            reason,
+            message: format!("{}; retry in {} ms", what(), ms(wait)),
+            retry_after: Some(wait),
+        },
+        Refusal::TooLarge { burst } => Rejection {
+            reason: Reason::TooLarge,
+            message: format!(
+                "{}, and a bucket of {burst} can never cover it; lower max_tokens or shorten the prompt",
+                what()
+            ),
+            retry_after: None,
+        },
+    }
+}
+
+/// Refunds what a request reserved but did not use, or charges what it used beyond that.
+fn reconcile<C: Clock + Clone>(buckets: &Buckets<C>, reserved: u32, used: u32) {
+    if let Some(b) = &buckets.tokens {
+        if used < reserved {
+            b.refund(reserved - used);
+        } else if used > reserved {
+            b.force(used - reserved);
+        }
+    }
+}
+
+fn publish_queue<C: Clock + Clone>(st: &State<C>) {
+    metrics::gauge!(names::ADMISSION_QUEUE_REQUESTS).set(st.queue.len() as f64);
+    metrics::gauge!(names::ADMISSION_QUEUE_TOKENS).set(st.queued_tokens as f64);
+}
+
+fn publish_remaining<C: Clock + Clone>(name: &str, t: &TenantState<C>) {
+    if let Some(b) = &t.buckets.requests {
+        metrics::gauge!(names::TENANT_REMAINING_REQUESTS, names::LABEL_TENANT => name.to_string()).set(b.available());
+    }
+    if let Some(b) = &t.buckets.tokens {
+        metrics::gauge!(names::TENANT_REMAINING_TOKENS, names::LABEL_TENANT => name.to_string()).set(b.available());
+    }
+}
+
+/// Why a limit change was refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PatchError {
+    /// No such tenant.
+    #[error("{0}")]
+    UnknownTenant(String),
+    /// The new value is not valid; the old limits stay.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// One set of limits and its state now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LimitsView {
+    /// Tenant name, or empty for the server.
+    pub name: String,
+    /// The limits.
+    pub limits: TenantLimits,
+    /// Requests that could be admitted now by rate, if limited.
+    pub remaining_requests: Option<f64>,
+    /// Tokens that could be reserved now, if limited.
+    pub remaining_tokens: Option<f64>,
+    /// Requests running.
+    pub running: u32,
+    /// Requests waiting.
+    pub queued: u32,
+}
+
+/// All limits and queue state at one moment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    /// The server's limits and budgets.
+    pub server: LimitsView,
+    /// Each tenant's, by name.
+    pub tenants: Vec<LimitsView>,
+    /// Requests waiting for a slot.
+    pub queued_requests: u32,
+    /// Tokens those requests reserved.
+    pub queued_tokens: u64,
+}
+
+fn view<C: Clock + Clone>(name: &str, limits: &TenantLimits, b: &Buckets<C>, running: u32, queued: u32) -> LimitsView {
+    LimitsView {
+        name: name.to_string(),
+        limits: limits.clone(),
+        remaining_requests: b.requests.as_ref().map(Bucket::available),
+        remaining_tokens: b.tokens.as_ref().map(Bucket::available),
+        running,
+        queued,
+    }
+}
+
+fn tenant_view<C: Clock + Clone>(name: &str, t: &TenantState<C>) -> LimitsView {
+    view(name, &t.limits, &t.buckets, t.running, t.queued)
+}
+
+fn server_view<C: Clock + Clone>(st: &State<C>) -> LimitsView {
+    view(
+        "",
+        &st.server.shared,
+        &st.server_buckets,
+        st.running,
+        st.queue.len() as u32,
+    )
+}
+
+/// The right to run one request. Dropping it frees the slot and reconciles the token reservation with
+/// what [`Permit::settle`] reported (nothing settled: nothing used, everything refunded).
+pub struct Permit<C: Clock + Clone = DefaultClock> {
+    admission: Arc<Admission<C>>,
+    tenant: String,
+    reserved: u32,
+    used: Option<u32>,
+    decode: Option<(Duration, u32)>,
+    started: Instant,
+}
+
+impl<C: Clock + Clone> Permit<C> {
+    /// Records what the request really used (prompt plus generated tokens), and, when it generated, the
+    /// time from its first token to its last with the number of tokens generated.
+    pub fn settle(&mut self, used_tokens: u32, decode: Option<(Duration, u32)>) {
+        self.used = Some(used_tokens);
+        self.decode = decode;
+    }
+
+    /// Tokens reserved at admission.
+    pub fn reserved(&self) -> u32 {
+        self.reserved
+    }
+}
+
+impl<C: Clock + Clone> Drop for Permit<C> {
+    fn drop(&mut self) {
+        let admission = Arc::clone(&self.admission);
+        admission.finish(self);
+    }
+}
+
+/// A place in the waiting queue. Dropping it (the client left, or its deadline passed) gives the place up
+/// and refunds the reserved tokens.
+pub struct Waiting<C: Clock + Clone = DefaultClock> {
+    admission: Arc<Admission<C>>,
+    key: (u8, u64),
+    rx: Option<oneshot::Receiver<Permit<C>>>,
+    since: Instant,
+}
+
+impl<C: Clock + Clone> Waiting<C> {
+    /// Waits for a slot.
+    pub async fn granted(mut self) -> Result<Permit<C>, Rejection> {
+        let rx = self.rx.take().expect("granted once");
+        let result = rx.await;
+        metrics::histogram!(names::ADMISSION_WAIT_SECONDS).record(self.since.elapsed().as_secs_f64());
+        result.map_err(|_| Rejection {
+            reason: Reason::QueueFull,
+            message: "the server dropped the waiting queue (shutting down); retry on another replica".into(),
+            retry_after: None,
+        })
+    }
+}
+
+impl<C: Clock + Clone> Drop for Waiting<C> {
+    fn drop(&mut self) {
+        let mut guard = self.admission.lock();
+        let st = &mut *guard;
+        if let Some(w) = st.queue.remove(&self.key) {
+            st.queued_tokens -= u64::from(w.reserved);
+            if let Some(t) = st.tenants.get_mut(&w.tenant) {
+                t.queued = t.queued.saturating_sub(1);
+                t.buckets.refund(0, w.reserved);
+            }
+            st.server_buckets.refund(0, w.reserved);
+            publish_queue(st);
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! The admission gate's queue, priorities, caps and shedding, on governor's fake clock.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferroserve_admission::{
+    Admission, AdmissionLimits, Admitted, Ask, LimitsPatch, PatchError, Permit, Priority, Reason, ServerLimits, Tenant,
+    TenantLimits, rate,
+};
+use governor::clock::FakeRelativeClock;
+
+type Gate = Arc<Admission<FakeRelativeClock>>;
+
+fn ask(name: &str, priority: Priority, tokens: u32) -> Ask {
+    Ask {
+        tenant: Tenant {
+            name: name.into(),
+            priority,
+        },
+        tokens,
+        max_tokens: tokens,
+        deadline: None,
+    }
+}
+
+fn gate(slots: u32, queue: u32, tenants: &[(&str, TenantLimits)]) -> Gate {
+    let limits = AdmissionLimits {
+        server: ServerLimits {
+            shared: TenantLimits {
+                max_in_flight: Some(slots),
+                ..TenantLimits::default()
+            },
+            max_queued_requests: queue,
+            max_queued_tokens: 1000,
+        },
+        tenants: tenants
+            .iter()
+            .map(|(n, l)| (n.to_string(), l.clone()))
+            .collect::<BTreeMap<_, _>>(),
+    };
+    Admission::with_clock(limits, FakeRelativeClock::default())
+}
+
+fn now(g: &Gate, a: Ask) -> Permit<FakeRelativeClock> {
+    match g.admit(a) {
+        Ok(Admitted::Now(p)) => p,
+        Ok(Admitted::Queued(_)) => panic!("queued"),
+        Err(e) => panic!("rejected: {e}"),
+    }
+}
+
+#[tokio::test]
+async fn interactive_requests_go_ahead_of_batch_and_waiters_get_slots_in_order() {
+    let g = gate(1, 8, &[]);
+    let running = now(&g, ask("x", Priority::Batch, 1));
+    let Ok(Admitted::Queued(batch)) = g.admit(ask("b", Priority::Batch, 1)) else {
+        panic!()
+    };
+    let Ok(Admitted::Queued(interactive)) = g.admit(ask("i", Priority::Interactive, 1)) else {
+        panic!()
+    };
+    assert_eq!(g.snapshot().queued_requests, 2);
+    let batch = tokio::spawn(batch.granted());
+    let interactive = tokio::spawn(interactive.granted());
+    drop(running);
+    let first = interactive.await.unwrap().expect("interactive gets the freed slot");
+    assert!(!batch.is_finished());
+    assert_eq!(g.snapshot().server.running, 1);
+    drop(first);
+    let second = batch.await.unwrap().expect("then batch");
+    drop(second);
+    let s = g.snapshot();
+    assert_eq!((s.server.running, s.queued_requests), (0, 0));
+}
+
+#[test]
+fn a_full_queue_and_a_tenant_at_its_cap_are_rejected_with_a_retry_hint() {
+    let capped = TenantLimits {
+        max_in_flight: Some(1),
+        ..TenantLimits::default()
+    };
+    let g = gate(1, 1, &[("capped", capped)]);
+    let _running = now(&g, ask("capped", Priority::Interactive, 1));
+    let e = g.admit(ask("capped", Priority::Interactive, 1)).err().unwrap();
+    assert_eq!(e.reason, Reason::TenantConcurrency);
+    assert!(e.message.contains("capped") && e.retry_after.is_some(), "{e:?}");
+    let _queued = g.admit(ask("other", Priority::Interactive, 1)).unwrap();
+    let e = g.admit(ask("other", Priority::Interactive, 1)).err().unwrap();
+    assert_eq!(e.reason, Reason::QueueFull);
+    assert!(!e.reason.is_quota());
+    assert!(e.retry_after.is_some());
+}
+
+#[test]
+fn a_dropped_waiter_leaves_the_queue_and_gets_its_tokens_back() {
+    let limited = TenantLimits {
+        tokens: Some(rate(60.0, Duration::from_secs(60), Some(100), "t").unwrap()),
+        ..TenantLimits::default()
+    };
+    let g = gate(1, 4, &[("t", limited)]);
+    let running = now(&g, ask("t", Priority::Interactive, 30));
+    let waiting = g.admit(ask("t", Priority::Interactive, 50)).unwrap();
+    let tenant = |g: &Gate| g.snapshot().tenants.into_iter().find(|t| t.name == "t").unwrap();
+    assert!((tenant(&g).remaining_tokens.unwrap() - 20.0).abs() < 1e-6);
+    drop(waiting);
+    assert_eq!(g.snapshot().queued_requests, 0);
+    assert!((tenant(&g).remaining_tokens.unwrap() - 70.0).abs() < 1e-6);
+    drop(running);
+    assert!(
+        (tenant(&g).remaining_tokens.unwrap() - 100.0).abs() < 1e-6,
+        "unsettled: nothing charged"
+    );
+}
+
+#[test]
+fn rate_limits_name_the_limit_and_give_the_wait() {
+    let alpha = TenantLimits {
+        requests: Some(rate(2.0, Duration::from_secs(1), Some(2), "r").unwrap()),
+        tokens: Some(rate(1000.0, Duration::from_secs(60), Some(100), "t").unwrap()),
+        max_in_flight: None,
+    };
+    let g = gate(100, 4, &[("alpha", alpha)]);
+    drop(now(&g, ask("alpha", Priority::Interactive, 1)));
+    drop(now(&g, ask("alpha", Priority::Interactive, 1)));
+    let e = g.admit(ask("alpha", Priority::Interactive, 1)).err().unwrap();
+    assert_eq!(e.reason, Reason::TenantRequests);
+    assert!(e.message.contains("2 requests per second (burst 2)"), "{}", e.message);
+    assert_eq!(e.retry_after, Some(Duration::from_millis(500)));
+    let e = g.admit(ask("alpha", Priority::Interactive, 101)).err().unwrap();
+    assert_eq!(e.reason, Reason::TenantRequests, "the request bucket is checked first");
+    g.patch(
+        Some("alpha"),
+        &LimitsPatch {
+            requests_per_second: Some(0.0),
+            ..LimitsPatch::default()
+        },
+    )
+    .unwrap();
+    let e = g.admit(ask("alpha", Priority::Interactive, 101)).err().unwrap();
+    assert_eq!(e.reason, Reason::TooLarge);
+    assert!(
+        e.retry_after.is_none() && e.message.contains("lower max_tokens"),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn invalid_or_unknown_changes_leave_the_limits_as_they_were() {
+    let g = gate(2, 2, &[("alpha", TenantLimits::default())]);
+    let before = g.snapshot();
+    let e = g
+        .patch(
+            Some("nobody"),
+            &LimitsPatch {
+                max_in_flight: Some(1),
+                ..LimitsPatch::default()
+            },
+        )
+        .unwrap_err();
+    assert!(matches!(&e, PatchError::UnknownTenant(m) if m.contains("alpha")), "{e}");
+    let e = g
+        .patch(
+            Some("alpha"),
+            &LimitsPatch {
+                requests_per_second: Some(f64::NAN),
+                ..LimitsPatch::default()
+            },
+        )
+        .unwrap_err();
+    assert!(matches!(e, PatchError::Invalid(_)));
+    let e = g
+        .patch(
+            None,
+            &LimitsPatch {
+                max_in_flight: Some(0),
+                ..LimitsPatch::default()
+            },
+        )
+        .unwrap_err();
+    assert!(matches!(e, PatchError::Invalid(_)));
+    assert_eq!(g.snapshot(), before);
+}
+
+#[test]
+fn a_deadline_that_cannot_be_met_is_shed_once_the_service_time_is_known() {
+    let g = gate(1, 8, &[]);
+    let mut deadline_ask = ask("d", Priority::Interactive, 100);
+    deadline_ask.deadline = Some(Duration::from_millis(50));
+    // Nothing measured yet: no guessing, the request runs.
+    drop(now(&g, deadline_ask.clone()));
+    for _ in 0..3 {
+        let mut p = now(&g, ask("d", Priority::Interactive, 100));
+        // 10 ms per token, measured.
+        p.settle(100, Some((Duration::from_millis(990), 100)));
+    }
+    let e = g.admit(deadline_ask.clone()).err().unwrap();
+    assert_eq!(e.reason, Reason::Deadline);
+    assert!(e.message.contains("deadline (50 ms)"), "{}", e.message);
+    deadline_ask.max_tokens = 2;
+    assert!(matches!(g.admit(deadline_ask), Ok(Admitted::Now(_))));
+}
