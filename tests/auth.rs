@@ -27,7 +27,7 @@ async fn keys_open_the_data_plane_and_only_the_admin_credential_opens_admin() {
     file.auth.keys = vec![KeySection {
         tenant: "alpha".into(),
         key_sha256: sha256_hex("test-key-alpha"),
-        priority: None,
+        ..KeySection::default()
     }];
     let settings = file.validate().unwrap();
     let server = ferroserve::commands::servers::start_serve(settings, model_path())

@@ -1,10 +1,11 @@
 //! Command-line arguments. Flags override the config file; most also read a `FERROSERVE_*` variable.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{ConfigError, FileConfig, Settings};
+use crate::config::{ConfigError, FileConfig, ReloadSource, Settings};
 
 /// Ferroserve: LLM inference serving over gRPC.
 #[derive(Debug, Parser)]
@@ -31,7 +32,7 @@ pub enum Command {
 }
 
 /// Options shared by the server commands.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct ServerArgs {
     /// Config file [default: configs/ferroserve.toml, skipped if absent].
     #[arg(long, env = "FERROSERVE_CONFIG")]
@@ -128,5 +129,13 @@ impl ServerArgs {
             file.router.workers = workers.to_vec();
         }
         file.validate()
+    }
+
+    /// Like [`ServerArgs::settings`], with a way to read the same file and flags again for live reloads.
+    pub fn reloadable_settings(&self, role: Role, workers: &[String]) -> Result<Settings, ConfigError> {
+        let mut settings = self.settings(role, workers)?;
+        let (args, workers) = (self.clone(), workers.to_vec());
+        settings.reload = Some(ReloadSource(Arc::new(move || args.settings(role, &workers))));
+        Ok(settings)
     }
 }

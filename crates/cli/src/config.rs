@@ -2,11 +2,15 @@
 //! command-line overrides, validated into typed settings before any port is bound. Every error names the
 //! key to fix.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
-use ferroserve_admission::{KeyStore, Priority, Tenant, TenantKey, parse_sha256};
+use ferroserve_admission::{
+    AdmissionLimits, KeyStore, Priority, ServerLimits, Tenant, TenantKey, TenantLimits, parse_sha256, rate,
+};
 use ferroserve_engine::EngineConfig;
 use ferroserve_model::device::DeviceSpec;
 use ferroserve_model::fetch;
@@ -32,6 +36,92 @@ pub struct FileConfig {
     pub cost: CostSection,
     /// `[auth]`: API keys and the admin credential.
     pub auth: AuthSection,
+    /// `[admission]`: server-wide limits, the waiting queue.
+    pub admission: AdmissionSection,
+}
+
+/// Rate and concurrency limits, as written in `[admission]` and in each `[[auth.keys]]` entry.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct LimitFields {
+    /// Requests per second (token bucket).
+    pub requests_per_second: Option<f64>,
+    /// Requests that may arrive at once; default one second's worth.
+    pub request_burst: Option<u32>,
+    /// Tokens per minute: prompt + max_tokens reserved at admission, reconciled with real usage.
+    pub tokens_per_minute: Option<f64>,
+    /// Tokens that may be reserved at once; default one minute's worth.
+    pub token_burst: Option<u32>,
+    /// Requests running or waiting at once.
+    pub max_in_flight: Option<u32>,
+}
+
+/// `[admission]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdmissionSection {
+    /// Requests per second over all tenants.
+    pub requests_per_second: Option<f64>,
+    /// Burst of the above.
+    pub request_burst: Option<u32>,
+    /// Tokens per minute over all tenants.
+    pub tokens_per_minute: Option<f64>,
+    /// Burst of the above.
+    pub token_burst: Option<u32>,
+    /// Requests sent to workers at once; more wait in the queue.
+    pub max_in_flight: u32,
+    /// Requests that may wait for a slot.
+    pub max_queued_requests: u32,
+    /// Tokens the waiting requests may reserve together.
+    pub max_queued_tokens: u64,
+}
+
+impl Default for AdmissionSection {
+    fn default() -> Self {
+        let d = ServerLimits::default();
+        AdmissionSection {
+            requests_per_second: None,
+            request_burst: None,
+            tokens_per_minute: None,
+            token_burst: None,
+            max_in_flight: d.shared.max_in_flight.unwrap_or(1),
+            max_queued_requests: d.max_queued_requests,
+            max_queued_tokens: d.max_queued_tokens,
+        }
+    }
+}
+
+impl LimitFields {
+    /// The typed limits; `key` prefixes the name of a bad field.
+    fn validate(&self, key: &str) -> Result<TenantLimits, ConfigError> {
+        let field = |f: &str| format!("{key}{f}");
+        if self.request_burst.is_some() && self.requests_per_second.is_none() {
+            return Err(err(&field("request_burst"), "set requests_per_second as well"));
+        }
+        if self.token_burst.is_some() && self.tokens_per_minute.is_none() {
+            return Err(err(&field("token_burst"), "set tokens_per_minute as well"));
+        }
+        let requests = self
+            .requests_per_second
+            .map(|r| rate(r, Duration::from_secs(1), self.request_burst, "requests_per_second"))
+            .transpose()
+            .map_err(|m| err(&field("requests_per_second"), m))?;
+        let tokens = self
+            .tokens_per_minute
+            .map(|r| rate(r, Duration::from_secs(60), self.token_burst, "tokens_per_minute"))
+            .transpose()
+            .map_err(|m| err(&field("tokens_per_minute"), m))?;
+        if self.max_in_flight == Some(0) {
+            return Err(err(
+                &field("max_in_flight"),
+                "must be at least 1, or left out for no limit",
+            ));
+        }
+        Ok(TenantLimits {
+            requests,
+            tokens,
+            max_in_flight: self.max_in_flight,
+        })
+    }
 }
 
 /// `[auth]`.
@@ -47,7 +137,7 @@ pub struct AuthSection {
 }
 
 /// `[[auth.keys]]`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeySection {
     /// Tenant name, used in metric labels and logs.
@@ -57,6 +147,29 @@ pub struct KeySection {
     /// `interactive` (default) or `batch`.
     #[serde(default)]
     pub priority: Option<String>,
+    /// The tenant's requests per second. Several keys of one tenant (during a rotation) share one set of
+    /// buckets, so they must give the same limits.
+    pub requests_per_second: Option<f64>,
+    /// Burst of the above; default one second's worth.
+    pub request_burst: Option<u32>,
+    /// The tenant's tokens per minute.
+    pub tokens_per_minute: Option<f64>,
+    /// Burst of the above; default one minute's worth.
+    pub token_burst: Option<u32>,
+    /// The tenant's requests running or waiting at once.
+    pub max_in_flight: Option<u32>,
+}
+
+impl KeySection {
+    fn limits(&self) -> LimitFields {
+        LimitFields {
+            requests_per_second: self.requests_per_second,
+            request_burst: self.request_burst,
+            tokens_per_minute: self.tokens_per_minute,
+            token_burst: self.token_burst,
+            max_in_flight: self.max_in_flight,
+        }
+    }
 }
 
 /// `[server]`.
@@ -249,15 +362,43 @@ pub struct Settings {
     pub workers: Vec<String>,
     /// Credentials.
     pub keys: KeyStore,
+    /// Admission limits, per tenant and for the server.
+    pub admission: AdmissionLimits,
+    /// How to read these settings again (SIGHUP, `Admin.ReloadConfig`); set by the command line.
+    pub reload: Option<ReloadSource>,
+}
+
+/// Produces fresh settings from the same file and flags, for a live reload.
+#[derive(Clone)]
+pub struct ReloadSource(pub Arc<dyn Fn() -> Result<Settings, ConfigError> + Send + Sync>);
+
+impl std::fmt::Debug for ReloadSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReloadSource")
+    }
 }
 
 impl AuthSection {
-    /// Builds the key store, refusing an open server on a non-loopback address unless allowed.
-    fn validate(self, listen: SocketAddr) -> Result<KeyStore, ConfigError> {
-        let mut keys = Vec::new();
+    /// Builds the key store and the tenants' limits, refusing an open server on a non-loopback address
+    /// unless allowed.
+    fn validate(self, listen: SocketAddr) -> Result<(KeyStore, BTreeMap<String, TenantLimits>), ConfigError> {
+        let mut keys: Vec<TenantKey> = Vec::new();
+        let mut tenants = BTreeMap::new();
         for (i, k) in self.keys.into_iter().enumerate() {
             if k.tenant.is_empty() {
                 return Err(err(&format!("auth.keys[{i}].tenant"), "must be non-empty"));
+            }
+            let limits = k.limits().validate(&format!("auth.keys[{i}]."))?;
+            if let Some(earlier) = tenants.insert(k.tenant.clone(), limits.clone())
+                && earlier != limits
+            {
+                return Err(err(
+                    &format!("auth.keys[{i}]"),
+                    format!(
+                        "tenant `{}` has another key with different limits; a tenant's keys share its limits",
+                        k.tenant
+                    ),
+                ));
             }
             let key_sha256 = parse_sha256(&k.key_sha256).map_err(|m| err(&format!("auth.keys[{i}].key_sha256"), m))?;
             let priority = match k.priority {
@@ -287,7 +428,16 @@ impl AuthSection {
                 ),
             ));
         }
-        Ok(KeyStore::new(keys, admin))
+        if let Some((i, k)) = keys.iter().enumerate().find(|(_, k)| {
+            keys.iter()
+                .any(|o| o.tenant.name == k.tenant.name && o.tenant.priority != k.tenant.priority)
+        }) {
+            return Err(err(
+                &format!("auth.keys[{i}].priority"),
+                format!("tenant `{}` has keys with different priorities", k.tenant.name),
+            ));
+        }
+        Ok((KeyStore::new(keys, admin), tenants))
     }
 }
 
@@ -373,7 +523,24 @@ impl FileConfig {
                 ));
             }
         }
-        let keys = self.auth.validate(listen)?;
+        let (keys, tenants) = self.auth.validate(listen)?;
+        let a = &self.admission;
+        let shared = LimitFields {
+            requests_per_second: a.requests_per_second,
+            request_burst: a.request_burst,
+            tokens_per_minute: a.tokens_per_minute,
+            token_burst: a.token_burst,
+            max_in_flight: Some(a.max_in_flight),
+        }
+        .validate("admission.")?;
+        let admission = AdmissionLimits {
+            server: ServerLimits {
+                shared,
+                max_queued_requests: self.admission.max_queued_requests,
+                max_queued_tokens: self.admission.max_queued_tokens,
+            },
+            tenants,
+        };
         let drain_timeout = Duration::from_secs_f64(d);
         Ok(Settings {
             listen,
@@ -405,6 +572,8 @@ impl FileConfig {
             },
             workers: self.router.workers,
             keys,
+            admission,
+            reload: None,
         })
     }
 }
@@ -487,6 +656,51 @@ mod tests {
         );
         assert_eq!(s.keys.authenticate(Some("Bearer demo-key-beta")).unwrap().name, "beta");
         assert_eq!(s.keys.authorize_admin(Some("Bearer demo-admin-token")), Ok(()));
+        let alpha = s.admission.tenants["alpha"].requests.unwrap();
+        assert_eq!(
+            (alpha.amount, alpha.burst),
+            (2.0, 2),
+            "alpha: 2 requests per second, burst 2"
+        );
+        let beta = s.admission.tenants["beta"].requests.unwrap();
+        assert!(beta.amount >= 50.0, "beta is generous");
+    }
+
+    #[test]
+    fn limits_are_checked_and_a_tenants_keys_must_agree() {
+        let key = |tenant: &str, extra: &str| {
+            format!(
+                "[[auth.keys]]\ntenant = \"{tenant}\"\nkey_sha256 = \"{}\"\n{extra}\n",
+                ferroserve_admission::sha256_hex(extra)
+            )
+        };
+        let e = parse(&key("a", "requests_per_second = -1.0")).unwrap_err();
+        assert_eq!(e.key, "auth.keys[0].requests_per_second");
+        let e = parse(&key("a", "request_burst = 3")).unwrap_err();
+        assert_eq!(e.key, "auth.keys[0].request_burst");
+        let e = parse(&format!(
+            "{}{}",
+            key("a", "max_in_flight = 2"),
+            key("a", "max_in_flight = 3")
+        ))
+        .unwrap_err();
+        assert_eq!(e.key, "auth.keys[1]");
+        assert!(
+            parse(&format!(
+                "{}{}",
+                key("a", "max_in_flight = 2"),
+                key("a", "max_in_flight =  2")
+            ))
+            .is_ok()
+        );
+        let e = parse("[admission]\nmax_in_flight = 0").unwrap_err();
+        assert_eq!(e.key, "admission.max_in_flight");
+        let s = parse(&key("a", "tokens_per_minute = 600.0")).unwrap();
+        assert_eq!(
+            s.admission.tenants["a"].tokens.unwrap().burst,
+            600,
+            "default burst: a minute's worth"
+        );
     }
 
     #[test]

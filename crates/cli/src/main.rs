@@ -26,7 +26,7 @@ async fn main() -> anyhow::Result<()> {
     ferroserve_telemetry::init_logging();
     match cli.command {
         Command::Serve(a) => {
-            let settings = a.settings(Role::Router, &[])?;
+            let settings = a.reloadable_settings(Role::Router, &[])?;
             let model = commands::resolve_model(&settings, &ferroserve::Bars::default())?;
             announce_and_run("serve", servers::start_serve(settings, model).await?).await
         }
@@ -36,7 +36,7 @@ async fn main() -> anyhow::Result<()> {
             announce_and_run("worker", servers::start_worker(settings, model).await?).await
         }
         Command::Router(a) => {
-            let settings = a.server.settings(Role::Router, &a.workers)?;
+            let settings = a.server.reloadable_settings(Role::Router, &a.workers)?;
             announce_and_run("router", servers::start_router(settings).await?).await
         }
         Command::Generate(a) => commands::generate::run(a).await,

@@ -1,4 +1,5 @@
-//! `ferroserve.v1.Admin`: the operator's view. Later issues add model, filter and limit control here.
+//! `ferroserve.v1.Admin`: the operator's view and controls: workers, drift baselines, admission limits and
+//! config reloads. Every call needs the admin credential.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -9,9 +10,10 @@ use futures::{Stream, StreamExt};
 use tokio_stream::wrappers::WatchStream;
 use tonic::{Request, Response, Status};
 
-use ferroserve_admission::KeyStore;
+use ferroserve_admission::{LimitsPatch, LimitsView};
 
 use crate::inference::authorization;
+use crate::live::Live;
 use crate::pool::Pool;
 use crate::{ModelSelector, RouterError};
 
@@ -19,13 +21,14 @@ use crate::{ModelSelector, RouterError};
 pub(crate) struct AdminService {
     /// The workers to report on.
     pub pool: Arc<Pool>,
-    /// Who may call it: only the admin credential.
-    pub keys: Arc<KeyStore>,
+    /// Credentials (only the admin one opens this service) and the limits it changes.
+    pub live: Arc<Live>,
 }
 
 impl AdminService {
     fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        self.keys
+        self.live
+            .keys()
             .authorize_admin(authorization(request.metadata()))
             .map_err(|e| RouterError::from(e).into())
     }
@@ -49,6 +52,38 @@ fn report(pool: &Pool) -> pb::ListWorkersResponse {
         })
         .collect();
     pb::ListWorkersResponse { workers }
+}
+
+fn limits_to_wire(v: LimitsView) -> pb::LimitsState {
+    let l = &v.limits;
+    pb::LimitsState {
+        tenant: v.name,
+        limits: Some(pb::Limits {
+            requests_per_second: l.requests.map(|r| r.amount),
+            request_burst: l.requests.map(|r| r.burst),
+            tokens_per_minute: l.tokens.map(|r| r.amount),
+            token_burst: l.tokens.map(|r| r.burst),
+            max_in_flight: l.max_in_flight,
+            max_queued_requests: None,
+            max_queued_tokens: None,
+        }),
+        remaining_requests: v.remaining_requests,
+        remaining_tokens: v.remaining_tokens,
+        running: v.running,
+        queued: v.queued,
+    }
+}
+
+fn patch_from_wire(l: pb::Limits) -> LimitsPatch {
+    LimitsPatch {
+        requests_per_second: l.requests_per_second,
+        request_burst: l.request_burst,
+        tokens_per_minute: l.tokens_per_minute,
+        token_burst: l.token_burst,
+        max_in_flight: l.max_in_flight,
+        max_queued_requests: l.max_queued_requests,
+        max_queued_tokens: l.max_queued_tokens,
+    }
 }
 
 #[tonic::async_trait]
@@ -87,5 +122,47 @@ impl Admin for AdminService {
         let pool = Arc::clone(&self.pool);
         let changes = WatchStream::new(self.pool.watch_healthy());
         Ok(Response::new(changes.map(move |_| Ok(report(&pool))).boxed()))
+    }
+
+    async fn get_limits(
+        &self,
+        request: Request<pb::GetLimitsRequest>,
+    ) -> Result<Response<pb::GetLimitsResponse>, Status> {
+        self.authorize(&request)?;
+        let snapshot = self.live.admission().snapshot();
+        let mut server = limits_to_wire(snapshot.server);
+        if let Some(l) = server.limits.as_mut() {
+            let queue = self.live.admission().queue_limits();
+            l.max_queued_requests = Some(queue.0);
+            l.max_queued_tokens = Some(queue.1);
+        }
+        Ok(Response::new(pb::GetLimitsResponse {
+            server: Some(server),
+            tenants: snapshot.tenants.into_iter().map(limits_to_wire).collect(),
+        }))
+    }
+
+    async fn set_limits(
+        &self,
+        request: Request<pb::SetLimitsRequest>,
+    ) -> Result<Response<pb::SetLimitsResponse>, Status> {
+        self.authorize(&request)?;
+        let request = request.into_inner();
+        let patch = patch_from_wire(request.limits.unwrap_or_default());
+        let tenant = Some(request.tenant.as_str()).filter(|t| !t.is_empty());
+        let applied = self.live.admission().patch(tenant, &patch).map_err(RouterError::from)?;
+        tracing::info!(tenant = tenant.unwrap_or("(server)"), ?patch, "limits changed");
+        Ok(Response::new(pb::SetLimitsResponse {
+            applied: Some(limits_to_wire(applied)),
+        }))
+    }
+
+    async fn reload_config(
+        &self,
+        request: Request<pb::ReloadConfigRequest>,
+    ) -> Result<Response<pb::ReloadConfigResponse>, Status> {
+        self.authorize(&request)?;
+        let summary = self.live.reload().map_err(RouterError::Reload)?;
+        Ok(Response::new(pb::ReloadConfigResponse { summary }))
     }
 }

@@ -1,8 +1,16 @@
 //! Every way the router can refuse or fail a request, and the one place each becomes a gRPC status.
 
-use ferroserve_admission::AuthError;
+use ferroserve_admission::{AuthError, PatchError, Rejection};
 use ferroserve_core::BackendError;
-use tonic::Status;
+use tonic::metadata::{MetadataMap, MetadataValue};
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// Trailer with the milliseconds to wait before retrying a refused request (also sent as
+/// `google.rpc.RetryInfo` in the status details).
+pub const RETRY_AFTER_MS: &str = "retry-after-ms";
+/// Trailer naming the admission limit that refused a request, e.g. `tenant_requests` or `queue_full`.
+pub const LIMIT_METADATA: &str = "ferroserve-limit";
 
 /// Why a request failed at the router. Messages say what was wrong and what to do.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +53,39 @@ pub enum RouterError {
     /// The caller's credentials were missing, unknown, or not valid for this service.
     #[error(transparent)]
     Auth(#[from] AuthError),
+    /// Admission refused the request: a rate limit, a concurrency cap, a full queue or a deadline that
+    /// cannot be met.
+    #[error(transparent)]
+    Rejected(#[from] Rejection),
+    /// An operator's limit change was refused; nothing changed.
+    #[error(transparent)]
+    LimitChange(#[from] PatchError),
+    /// A config reload was refused; the running settings stay.
+    #[error("configuration not reloaded, the running settings stay: {0}")]
+    Reload(String),
+}
+
+/// A refused request's status. Quotas (the caller's own limits, or the server's rate limits) are
+/// RESOURCE_EXHAUSTED. A full queue or a deadline this server cannot meet is UNAVAILABLE: that is a
+/// condition of this replica, and UNAVAILABLE is what load balancers and gRPC retry policies retry
+/// elsewhere. Both carry the limit's name and, when waiting helps, when to retry.
+fn rejected(r: &Rejection, message: String) -> Status {
+    let code = if r.reason.is_quota() {
+        Code::ResourceExhausted
+    } else {
+        Code::Unavailable
+    };
+    let mut metadata = MetadataMap::new();
+    metadata.insert(LIMIT_METADATA, MetadataValue::from_static(r.reason.label()));
+    let details = match r.retry_after {
+        Some(wait) => {
+            let ms = wait.as_millis().max(1) as u64;
+            metadata.insert(RETRY_AFTER_MS, MetadataValue::from(ms));
+            ErrorDetails::with_retry_info(Some(std::time::Duration::from_millis(ms)))
+        }
+        None => ErrorDetails::new(),
+    };
+    Status::with_error_details_and_metadata(code, message, details, metadata)
 }
 
 impl From<RouterError> for Status {
@@ -57,6 +98,11 @@ impl From<RouterError> for Status {
             RouterError::DeadlineExceeded { .. } => Status::deadline_exceeded(message),
             RouterError::Auth(AuthError::Unauthenticated(_)) => Status::unauthenticated(message),
             RouterError::Auth(AuthError::PermissionDenied(_)) => Status::permission_denied(message),
+            RouterError::Rejected(r) => rejected(&r, message),
+            RouterError::LimitChange(PatchError::UnknownTenant(_)) => Status::not_found(message),
+            RouterError::LimitChange(PatchError::Invalid(_)) | RouterError::Reload(_) => {
+                Status::invalid_argument(message)
+            }
             RouterError::Backend(b) => match b {
                 BackendError::InvalidRequest { field, message } => {
                     Status::invalid_argument(format!("{field}: {message}"))

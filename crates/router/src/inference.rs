@@ -3,8 +3,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use ferroserve_admission::KeyStore;
-use ferroserve_core::{BackendError, Completion, Event, EventStream, FinishReason, ModelInfo};
+use ferroserve_admission::{Admitted, Ask, Permit};
+use ferroserve_core::{BackendError, Completion, Event, EventStream, FinishReason, Input, ModelInfo, Usage};
 use ferroserve_proto::v1 as pb;
 use ferroserve_proto::v1::inference_server::Inference;
 use ferroserve_telemetry::names;
@@ -15,6 +15,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::error::code_label;
+use crate::live::Live;
 use crate::pool::{Lease, Pool};
 use crate::validate::{Limits, validate};
 use crate::{RouterError, deadline};
@@ -22,20 +23,44 @@ use crate::{RouterError, deadline};
 /// How many workers a request may be offered to before it fails as unavailable.
 const MAX_DISPATCH_ATTEMPTS: usize = 3;
 
-/// The inference service: stateless apart from the shared pool and credentials.
+/// Bytes per token assumed when reserving a prompt's tokens before the worker has tokenized it. English
+/// averages about four bytes a token under byte-level BPE; three errs toward reserving too much, and the
+/// reservation is reconciled with the worker's exact count when the request ends.
+const BYTES_PER_TOKEN_ESTIMATE: usize = 3;
+/// Tokens assumed per chat message for the template's role markers, and for a default system message.
+const TEMPLATE_TOKENS_PER_MESSAGE: usize = 8;
+
+/// The inference service: stateless apart from the shared pool and live settings.
 pub(crate) struct InferenceService {
     /// Where requests go.
     pub pool: Arc<Pool>,
-    /// Who may send them.
-    pub keys: Arc<KeyStore>,
+    /// Who may send them, and how much (keys and admission limits, changeable live).
+    pub live: Arc<Live>,
     /// Request shape limits.
     pub limits: Limits,
+}
+
+/// An upper-leaning estimate of a prompt's tokens, for the admission reservation.
+fn estimate_prompt_tokens(input: &Input) -> u32 {
+    let tokens = match input {
+        Input::Prompt(text) => text.len().div_ceil(BYTES_PER_TOKEN_ESTIMATE),
+        Input::Chat(messages) => messages
+            .iter()
+            .map(|m| m.content.len().div_ceil(BYTES_PER_TOKEN_ESTIMATE) + TEMPLATE_TOKENS_PER_MESSAGE)
+            .sum::<usize>()
+            .saturating_add(TEMPLATE_TOKENS_PER_MESSAGE),
+    };
+    u32::try_from(tokens).unwrap_or(u32::MAX)
 }
 
 /// A request in progress: its worker lease, its event stream and what the client will be told.
 struct Dispatched {
     /// Keeps the worker's load count while the request runs.
     _lease: Lease,
+    /// Its admission slot and token reservation; settled with real usage at the end.
+    permit: Permit,
+    /// The prompt tokens reserved, used when the request ends without the worker's exact count.
+    prompt_estimate: u32,
     /// Events from the worker; dropping it cancels the generation.
     events: EventStream,
     /// The model that serves it.
@@ -87,16 +112,35 @@ impl InferenceService {
     /// Validates the request and hands it to a worker, trying another if one is full or unreachable.
     async fn dispatch(&self, request: Request<pb::GenerateRequest>) -> Result<Dispatched, RouterError> {
         let arrived = Instant::now();
-        // Admission first: an unknown caller costs nothing further.
-        let tenant = self.keys.authenticate(authorization(request.metadata()))?;
-        let deadline = deadline::from_metadata(request.metadata()).map(|d| arrived + d);
+        // Authentication first: an unknown caller costs nothing further.
+        let tenant = self.live.keys().authenticate(authorization(request.metadata()))?;
+        let budget = deadline::from_metadata(request.metadata());
+        let deadline = budget.map(|d| arrived + d);
         let request = request.into_inner();
         let request_id = if request.request_id.is_empty() {
             new_request_id()
         } else {
             request.request_id.clone()
         };
+        // Validation before rate limits, so that a malformed request never spends a tenant's budget.
         let (selector, valid) = validate(request, request_id.clone(), &self.limits)?;
+        let prompt_estimate = estimate_prompt_tokens(&valid.input);
+        let ask = Ask {
+            tenant: tenant.clone(),
+            tokens: prompt_estimate.saturating_add(valid.max_tokens),
+            max_tokens: valid.max_tokens,
+            deadline: budget,
+        };
+        let permit = match self.live.admission().admit(ask)? {
+            Admitted::Now(permit) => permit,
+            Admitted::Queued(waiting) => tokio::select! {
+                granted = waiting.granted() => granted?,
+                () = until(deadline) => return Err(RouterError::DeadlineExceeded {
+                    elapsed_ms: arrived.elapsed().as_millis() as u64,
+                    completion_tokens: 0,
+                }),
+            },
+        };
         let mut tried = Vec::new();
         loop {
             let lease = self.pool.pick(&selector, &tried)?;
@@ -106,6 +150,8 @@ impl InferenceService {
                     tracing::debug!(request_id = %request_id, tenant = %tenant.name, worker = backend.location(), "dispatched");
                     return Ok(Dispatched {
                         _lease: lease,
+                        permit,
+                        prompt_estimate,
                         events,
                         model: backend.model().clone(),
                         request_id,
@@ -174,6 +220,11 @@ impl Clock {
         self.tokens += n as u32;
     }
 
+    /// Time from the first token to the last, and the tokens generated, once there were any.
+    fn decode(&self) -> Option<(std::time::Duration, u32)> {
+        Some((self.last?.duration_since(self.first?), self.tokens))
+    }
+
     fn complete(&self) {
         let e2e = self.arrived.elapsed();
         self.e2e.record(e2e.as_secs_f64());
@@ -217,6 +268,18 @@ fn deadline_error(arrived: Instant, completion_tokens: u32) -> Status {
     .into()
 }
 
+impl Dispatched {
+    /// Tells admission what the request used: the worker's exact usage when it completed, else the
+    /// reserved prompt estimate plus the tokens streamed so far.
+    fn settle(&mut self, clock: &Clock, usage: Option<&Usage>) {
+        let used = match usage {
+            Some(u) => u.prompt_tokens.saturating_add(u.completion_tokens),
+            None => self.prompt_estimate.saturating_add(clock.tokens),
+        };
+        self.permit.settle(used, clock.decode());
+    }
+}
+
 type ResponseStream = std::pin::Pin<Box<dyn Stream<Item = Result<pb::GenerateStreamResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -250,6 +313,7 @@ impl Inference for InferenceService {
             }
         };
         record_outcome(&complete.as_ref().map(|_| ()).map_err(Clone::clone), Some(&d.model));
+        d.settle(&clock, complete.as_ref().ok().map(|c| &c.usage));
         let complete = complete?;
         clock.complete();
         let c = complete_to_wire(complete, &d.model, &d.request_id);
@@ -283,7 +347,8 @@ impl Inference for InferenceService {
         &self,
         request: Request<pb::ListModelsRequest>,
     ) -> Result<Response<pb::ListModelsResponse>, Status> {
-        self.keys
+        self.live
+            .keys()
             .authenticate(authorization(request.metadata()))
             .map_err(RouterError::from)?;
         let default = self.pool.default_name();
@@ -305,6 +370,7 @@ impl Inference for InferenceService {
 async fn forward(mut d: Dispatched, tx: mpsc::Sender<Result<pb::GenerateStreamResponse, Status>>) {
     use pb::generate_stream_response::Event as Out;
     let mut clock = Clock::new(d.arrived, &d.model);
+    let mut usage = None;
     let outcome: Result<(), Status> = loop {
         let next = tokio::select! {
             () = tx.closed() => {
@@ -328,6 +394,7 @@ async fn forward(mut d: Dispatched, tx: mpsc::Sender<Result<pb::GenerateStreamRe
             }
             Some(Ok(Event::Complete(c))) => {
                 clock.complete();
+                usage = Some(c.usage);
                 let _ = tx
                     .send(Ok(pb::GenerateStreamResponse {
                         event: Some(Out::Complete(complete_to_wire(c, &d.model, &d.request_id))),
@@ -355,6 +422,7 @@ async fn forward(mut d: Dispatched, tx: mpsc::Sender<Result<pb::GenerateStreamRe
         }
     };
     record_outcome(&outcome, Some(&d.model));
+    d.settle(&clock, usage.as_ref());
 }
 
 #[cfg(test)]

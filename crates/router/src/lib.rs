@@ -1,7 +1,8 @@
 //! The public face of Ferroserve: the `ferroserve.v1` gRPC services. A request reads top to bottom:
 //!
 //! ```text
-//! validate (validate.rs) -> choose model and worker (pool.rs) -> stream events back (inference.rs)
+//! authenticate, validate, admit (inference.rs, validate.rs, ferroserve-admission)
+//!   -> choose model and worker (pool.rs) -> stream events back (inference.rs)
 //! ```
 //!
 //! Errors from every stage are one enum ([`RouterError`]) mapped to a gRPC status in one place
@@ -13,11 +14,13 @@ mod admin;
 mod deadline;
 mod error;
 mod inference;
+mod live;
 mod pool;
 mod server;
 mod validate;
 
-pub use error::RouterError;
+pub use error::{LIMIT_METADATA, RETRY_AFTER_MS, RouterError};
+pub use live::{Live, LiveSettings, Reloader};
 pub use pool::{Pool, WorkerView};
 pub use server::{RouterConfig, RouterParts, serve};
 pub use validate::{Limits, ModelSelector};

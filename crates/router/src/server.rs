@@ -12,8 +12,11 @@ use tonic_health::ServingStatus;
 
 use crate::admin::AdminService;
 use crate::inference::InferenceService;
+use crate::live::Live;
 use crate::{Limits, Pool};
-use ferroserve_admission::KeyStore;
+
+/// How often the remaining-budget gauges are refreshed: buckets refill between requests.
+const BUDGET_GAUGE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Router settings from the `[router]` and `[server]` config sections.
 #[derive(Debug, Clone, Copy)]
@@ -28,8 +31,8 @@ pub struct RouterConfig {
 pub struct RouterParts {
     /// The workers.
     pub pool: Arc<Pool>,
-    /// Credentials: data-plane keys and the admin credential.
-    pub keys: Arc<KeyStore>,
+    /// Credentials and admission limits, changeable live.
+    pub live: Arc<Live>,
     /// Limits and drain.
     pub config: RouterConfig,
 }
@@ -42,7 +45,17 @@ pub async fn serve(
     parts: RouterParts,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
-    let RouterParts { pool, keys, config } = parts;
+    let RouterParts { pool, live, config } = parts;
+    let budgets = tokio::spawn({
+        let admission = Arc::clone(live.admission());
+        async move {
+            let mut tick = tokio::time::interval(BUDGET_GAUGE_INTERVAL);
+            loop {
+                tick.tick().await;
+                admission.publish();
+            }
+        }
+    });
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_service_status("", ServingStatus::NotServing).await;
     reporter.set_not_serving::<InferenceServer<InferenceService>>().await;
@@ -72,10 +85,10 @@ pub async fn serve(
     let reflection = ferroserve_worker::reflection_service();
     let inference = InferenceServer::new(InferenceService {
         pool: Arc::clone(&pool),
-        keys: Arc::clone(&keys),
+        live: Arc::clone(&live),
         limits: config.limits,
     });
-    let admin = AdminServer::new(AdminService { pool, keys });
+    let admin = AdminServer::new(AdminService { pool, live });
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
         .add_service(health)
@@ -86,6 +99,7 @@ pub async fn serve(
             shutdown.await;
             tracing::info!(drain_timeout = ?config.drain_timeout, "shutting down: no new connections, draining streams");
             health_task.abort();
+            budgets.abort();
             reporter.set_service_status("", ServingStatus::NotServing).await;
             let _ = drain_tx.send(());
         });

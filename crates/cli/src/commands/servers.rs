@@ -7,10 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use ferroserve_admission::Admission;
 use ferroserve_core::Backend;
 use ferroserve_engine::EngineHandle;
 use ferroserve_model::{LoadedModel, ModelSpec};
-use ferroserve_router::{Pool, RouterParts};
+use ferroserve_router::{Live, LiveSettings, Pool, Reloader, RouterParts};
 use ferroserve_worker::{BackendSlot, RemoteWorker, WorkerServerConfig};
 use tokio::net::TcpListener;
 
@@ -67,18 +68,63 @@ async fn serve_while_loading(
     server.await.with_context(|| format!("{what} server failed"))
 }
 
-/// The router's parts, warning when it runs without credentials.
-fn router_parts(settings: &Settings, pool: Arc<Pool>) -> RouterParts {
+/// The router's parts, warning when it runs without credentials. When the settings came from a file, a
+/// SIGHUP re-reads it (until `stopped`) and applies its keys and limits live.
+fn router_parts(settings: &Settings, pool: Arc<Pool>, stopped: &Stop) -> RouterParts {
     if settings.keys.is_open() {
         tracing::warn!(
             listen = %settings.listen,
             "no API keys configured: the server is open to anyone who can reach it (see [auth] in the config)"
         );
     }
+    let reload: Option<Reloader> = settings.reload.clone().map(|source| {
+        Box::new(move || {
+            let s = (source.0)().map_err(|e| e.to_string())?;
+            Ok(LiveSettings {
+                keys: s.keys,
+                limits: s.admission,
+            })
+        }) as Reloader
+    });
+    let has_reload = reload.is_some();
+    let live = Live::new(
+        settings.keys.clone(),
+        Admission::new(settings.admission.clone()),
+        reload,
+    );
+    if has_reload {
+        tokio::spawn(reload_on_sighup(Arc::clone(&live), stopped.wait()));
+    }
     RouterParts {
         pool,
-        keys: Arc::new(settings.keys.clone()),
+        live,
         config: settings.router,
+    }
+}
+
+/// Applies the config file again on each SIGHUP, until `stopped`.
+async fn reload_on_sighup(live: Arc<Live>, stopped: impl Future<Output = ()>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP; reload with Admin.ReloadConfig instead");
+            return;
+        };
+        tokio::pin!(stopped);
+        loop {
+            tokio::select! {
+                () = &mut stopped => return,
+                Some(()) = hangups.recv() => match live.reload() {
+                    Ok(summary) => tracing::info!(%summary, "SIGHUP: configuration reloaded"),
+                    Err(e) => tracing::error!(error = %e, "SIGHUP: configuration not reloaded; the running settings stay"),
+                },
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (live, stopped);
     }
 }
 
@@ -100,7 +146,7 @@ pub async fn start_serve(settings: Settings, model_path: PathBuf) -> anyhow::Res
                 pool.add(engine);
                 anyhow::Ok(())
             };
-            let parts = router_parts(&settings, Arc::clone(&pool));
+            let parts = router_parts(&settings, Arc::clone(&pool), &stopped);
             let server = ferroserve_router::serve(listener, parts, stopped.wait());
             serve_while_loading(server, load, "router").await
         }
@@ -174,7 +220,7 @@ pub async fn start_router(settings: Settings) -> anyhow::Result<Running> {
             }
         });
     }
-    let parts = router_parts(&settings, pool);
+    let parts = router_parts(&settings, pool, &stopped);
     let task = tokio::spawn(async move {
         ferroserve_router::serve(listener, parts, stopped.wait())
             .await
