@@ -12,6 +12,13 @@ use ferroserve_telemetry::names;
 use governor::clock::{Clock, DefaultClock};
 use tokio::sync::oneshot;
 
+mod ticket;
+mod view;
+
+pub use ticket::{Generated, Permit, Waiting};
+pub use view::{LimitsView, PatchError, Snapshot};
+use view::{server_view, tenant_view};
+
 use crate::bucket::{Bucket, Rate, Refusal};
 use crate::estimate::ServiceEstimate;
 use crate::keys::{Priority, Tenant};
@@ -36,6 +43,8 @@ pub enum Reason {
     QueueFull,
     /// The expected wait plus generation time would overrun the request's deadline.
     Deadline,
+    /// A waiting request's deadline could no longer be met; it left the queue without running.
+    QueueDeadline,
 }
 
 impl Reason {
@@ -50,13 +59,14 @@ impl Reason {
             Reason::TooLarge => "too_large",
             Reason::QueueFull => "queue_full",
             Reason::Deadline => "deadline",
+            Reason::QueueDeadline => "queue_deadline",
         }
     }
 
     /// True for a quota (the caller's to respect); false for a capacity condition of this server, which
     /// another replica might not share.
     pub fn is_quota(self) -> bool {
-        !matches!(self, Reason::QueueFull | Reason::Deadline)
+        !matches!(self, Reason::QueueFull | Reason::Deadline | Reason::QueueDeadline)
     }
 }
 
@@ -138,8 +148,15 @@ struct TenantState<C: Clock> {
 struct Waiter<C: Clock + Clone> {
     tenant: String,
     reserved: u32,
-    /// Where the permit goes when a slot frees.
-    grant: oneshot::Sender<Permit<C>>,
+    max_tokens: u32,
+    /// Priority rank and place in line when it arrived, for learning queue waits.
+    rank: u8,
+    place: u32,
+    enqueued: Instant,
+    /// When its client's deadline passes.
+    deadline: Option<Instant>,
+    /// Where the permit (or a late refusal) goes when a slot frees.
+    grant: oneshot::Sender<Result<Permit<C>, Rejection>>,
 }
 
 struct State<C: Clock + Clone> {
@@ -273,7 +290,7 @@ impl<C: Clock + Clone> Admission<C> {
             0
         };
         let wait = if must_wait {
-            st.estimate.slot_free_in(slots).mul_f64(f64::from(ahead + 1))
+            st.estimate.wait(rank(ask.tenant.priority), ahead + 1, slots)
         } else {
             Duration::ZERO
         };
@@ -325,11 +342,17 @@ impl<C: Clock + Clone> Admission<C> {
         let key = (rank(ask.tenant.priority), st.next_seq);
         st.next_seq += 1;
         let (grant, rx) = oneshot::channel();
+        let now = Instant::now();
         st.queue.insert(
             key,
             Waiter {
                 tenant: name.to_string(),
                 reserved: ask.tokens,
+                max_tokens: ask.max_tokens,
+                rank: key.0,
+                place: ahead + 1,
+                enqueued: now,
+                deadline: ask.deadline.map(|d| now + d),
                 grant,
             },
         );
@@ -342,7 +365,9 @@ impl<C: Clock + Clone> Admission<C> {
             admission: Arc::clone(self),
             key,
             rx: Some(rx),
-            since: Instant::now(),
+            since: now,
+            deadline: ask.deadline.map(|d| now + d),
+            max_tokens: ask.max_tokens,
         }))
     }
 
@@ -359,7 +384,7 @@ impl<C: Clock + Clone> Admission<C> {
             tenant: tenant.to_string(),
             reserved,
             used: None,
-            decode: None,
+            timing: None,
             started: Instant::now(),
         }
     }
@@ -367,6 +392,7 @@ impl<C: Clock + Clone> Admission<C> {
     /// Ends a running request: reconciles its tokens, frees its slot and starts whoever waits next.
     fn finish(self: &Arc<Self>, permit: &Permit<C>) {
         let mut grants = Vec::new();
+        let mut refusals = Vec::new();
         {
             let mut guard = self.lock();
             let st = &mut *guard;
@@ -381,7 +407,7 @@ impl<C: Clock + Clone> Admission<C> {
             reconcile(&st.server_buckets, permit.reserved, used);
             st.running = st.running.saturating_sub(1);
             if permit.used.is_some() {
-                st.estimate.observe(permit.started.elapsed(), permit.decode);
+                st.estimate.observe(permit.started.elapsed(), permit.timing);
             }
             let slots = st.server.shared.max_in_flight.unwrap_or(u32::MAX);
             while st.running < slots {
@@ -390,6 +416,35 @@ impl<C: Clock + Clone> Admission<C> {
                 if let Some(t) = st.tenants.get_mut(&w.tenant) {
                     t.queued = t.queued.saturating_sub(1);
                 }
+                let now = Instant::now();
+                st.estimate.observe_wait(w.rank, w.place, now - w.enqueued);
+                // A waiter whose deadline can no longer be met is refused now, not run to fail later:
+                // its slot goes to one that can still make it.
+                let left = w.deadline.map(|d| d.saturating_duration_since(now));
+                if let (Some(left), Some(generate)) = (left, st.estimate.generation(w.max_tokens))
+                    && generate > left
+                {
+                    if let Some(t) = st.tenants.get(&w.tenant) {
+                        t.buckets.refund(1, w.reserved);
+                    }
+                    st.server_buckets.refund(1, w.reserved);
+                    metrics::counter!(names::RATE_LIMITED_TOTAL, names::LABEL_TENANT => w.tenant.clone(), names::LABEL_REASON => Reason::QueueDeadline.label())
+                        .increment(1);
+                    let rejection = Rejection {
+                        reason: Reason::QueueDeadline,
+                        message: format!(
+                            "waited {} ms for a slot; the {} ms left before the deadline cannot cover generation of \
+                             up to {} tokens ({} ms); retry with a longer deadline or on a less loaded replica",
+                            (now - w.enqueued).as_millis(),
+                            left.as_millis(),
+                            w.max_tokens,
+                            generate.as_millis()
+                        ),
+                        retry_after: None,
+                    };
+                    refusals.push((w.grant, rejection));
+                    continue;
+                }
                 let next = self.start(st, &w.tenant, w.reserved);
                 grants.push((w.grant, next));
             }
@@ -397,7 +452,10 @@ impl<C: Clock + Clone> Admission<C> {
         }
         // Outside the lock: a permit whose waiter has gone is dropped here, which frees its slot in turn.
         for (grant, next) in grants {
-            drop(grant.send(next));
+            drop(grant.send(Ok(next)));
+        }
+        for (grant, rejection) in refusals {
+            drop(grant.send(Err(rejection)));
         }
     }
 
@@ -580,142 +638,5 @@ fn publish_remaining<C: Clock + Clone>(name: &str, t: &TenantState<C>) {
     }
     if let Some(b) = &t.buckets.tokens {
         metrics::gauge!(names::TENANT_REMAINING_TOKENS, names::LABEL_TENANT => name.to_string()).set(b.available());
-    }
-}
-
-/// Why a limit change was refused.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum PatchError {
-    /// No such tenant.
-    #[error("{0}")]
-    UnknownTenant(String),
-    /// The new value is not valid; the old limits stay.
-    #[error("{0}")]
-    Invalid(String),
-}
-
-/// One set of limits and its state now.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LimitsView {
-    /// Tenant name, or empty for the server.
-    pub name: String,
-    /// The limits.
-    pub limits: TenantLimits,
-    /// Requests that could be admitted now by rate, if limited.
-    pub remaining_requests: Option<f64>,
-    /// Tokens that could be reserved now, if limited.
-    pub remaining_tokens: Option<f64>,
-    /// Requests running.
-    pub running: u32,
-    /// Requests waiting.
-    pub queued: u32,
-}
-
-/// All limits and queue state at one moment.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Snapshot {
-    /// The server's limits and budgets.
-    pub server: LimitsView,
-    /// Each tenant's, by name.
-    pub tenants: Vec<LimitsView>,
-    /// Requests waiting for a slot.
-    pub queued_requests: u32,
-    /// Tokens those requests reserved.
-    pub queued_tokens: u64,
-}
-
-fn view<C: Clock + Clone>(name: &str, limits: &TenantLimits, b: &Buckets<C>, running: u32, queued: u32) -> LimitsView {
-    LimitsView {
-        name: name.to_string(),
-        limits: limits.clone(),
-        remaining_requests: b.requests.as_ref().map(Bucket::available),
-        remaining_tokens: b.tokens.as_ref().map(Bucket::available),
-        running,
-        queued,
-    }
-}
-
-fn tenant_view<C: Clock + Clone>(name: &str, t: &TenantState<C>) -> LimitsView {
-    view(name, &t.limits, &t.buckets, t.running, t.queued)
-}
-
-fn server_view<C: Clock + Clone>(st: &State<C>) -> LimitsView {
-    view(
-        "",
-        &st.server.shared,
-        &st.server_buckets,
-        st.running,
-        st.queue.len() as u32,
-    )
-}
-
-/// The right to run one request. Dropping it frees the slot and reconciles the token reservation with
-/// what [`Permit::settle`] reported (nothing settled: nothing used, everything refunded).
-pub struct Permit<C: Clock + Clone = DefaultClock> {
-    admission: Arc<Admission<C>>,
-    tenant: String,
-    reserved: u32,
-    used: Option<u32>,
-    decode: Option<(Duration, u32)>,
-    started: Instant,
-}
-
-impl<C: Clock + Clone> Permit<C> {
-    /// Records what the request really used (prompt plus generated tokens), and, when it generated, the
-    /// time from its first token to its last with the number of tokens generated.
-    pub fn settle(&mut self, used_tokens: u32, decode: Option<(Duration, u32)>) {
-        self.used = Some(used_tokens);
-        self.decode = decode;
-    }
-
-    /// Tokens reserved at admission.
-    pub fn reserved(&self) -> u32 {
-        self.reserved
-    }
-}
-
-impl<C: Clock + Clone> Drop for Permit<C> {
-    fn drop(&mut self) {
-        let admission = Arc::clone(&self.admission);
-        admission.finish(self);
-    }
-}
-
-/// A place in the waiting queue. Dropping it (the client left, or its deadline passed) gives the place up
-/// and refunds the reserved tokens.
-pub struct Waiting<C: Clock + Clone = DefaultClock> {
-    admission: Arc<Admission<C>>,
-    key: (u8, u64),
-    rx: Option<oneshot::Receiver<Permit<C>>>,
-    since: Instant,
-}
-
-impl<C: Clock + Clone> Waiting<C> {
-    /// Waits for a slot.
-    pub async fn granted(mut self) -> Result<Permit<C>, Rejection> {
-        let rx = self.rx.take().expect("granted once");
-        let result = rx.await;
-        metrics::histogram!(names::ADMISSION_WAIT_SECONDS).record(self.since.elapsed().as_secs_f64());
-        result.map_err(|_| Rejection {
-            reason: Reason::QueueFull,
-            message: "the server dropped the waiting queue (shutting down); retry on another replica".into(),
-            retry_after: None,
-        })
-    }
-}
-
-impl<C: Clock + Clone> Drop for Waiting<C> {
-    fn drop(&mut self) {
-        let mut guard = self.admission.lock();
-        let st = &mut *guard;
-        if let Some(w) = st.queue.remove(&self.key) {
-            st.queued_tokens -= u64::from(w.reserved);
-            if let Some(t) = st.tenants.get_mut(&w.tenant) {
-                t.queued = t.queued.saturating_sub(1);
-                t.buckets.refund(0, w.reserved);
-            }
-            st.server_buckets.refund(0, w.reserved);
-            publish_queue(st);
-        }
     }
 }

@@ -20,6 +20,8 @@ mod keys;
 mod limits;
 
 pub use bucket::Rate;
-pub use gate::{Admission, Admitted, Ask, LimitsView, PatchError, Permit, Reason, Rejection, Snapshot, Waiting};
+pub use gate::{
+    Admission, Admitted, Ask, Generated, LimitsView, PatchError, Permit, Reason, Rejection, Snapshot, Waiting,
+};
 pub use keys::{AdminAccess, AuthError, KeyStore, Priority, Tenant, TenantKey, parse_sha256, sha256_hex};
 pub use limits::{AdmissionLimits, LimitsPatch, ServerLimits, TenantLimits, rate};

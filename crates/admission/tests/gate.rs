@@ -2,11 +2,11 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ferroserve_admission::{
-    Admission, AdmissionLimits, Admitted, Ask, LimitsPatch, PatchError, Permit, Priority, Reason, ServerLimits, Tenant,
-    TenantLimits, rate,
+    Admission, AdmissionLimits, Admitted, Ask, Generated, LimitsPatch, PatchError, Permit, Priority, Reason,
+    ServerLimits, Tenant, TenantLimits, rate,
 };
 use governor::clock::FakeRelativeClock;
 
@@ -48,6 +48,42 @@ fn now(g: &Gate, a: Ask) -> Permit<FakeRelativeClock> {
         Ok(Admitted::Queued(_)) => panic!("queued"),
         Err(e) => panic!("rejected: {e}"),
     }
+}
+
+/// Tokens that came `ms_per_token` apart, starting now.
+fn generated(ms_per_token: u64, tokens: u32) -> Generated {
+    let first = Instant::now();
+    Generated {
+        first,
+        last: first + Duration::from_millis(ms_per_token * u64::from(tokens - 1)),
+        tokens,
+    }
+}
+
+#[tokio::test]
+async fn a_waiter_whose_deadline_can_no_longer_be_met_is_refused_when_its_turn_comes() {
+    let g = gate(1, 8, &[]);
+    for _ in 0..3 {
+        now(&g, ask("w", Priority::Interactive, 10)).settle(10, Some(generated(10, 10)));
+    }
+    let mut running = now(&g, ask("w", Priority::Interactive, 10));
+    let mut waiting = ask("w", Priority::Interactive, 100);
+    waiting.deadline = Some(Duration::from_secs(2));
+    let Ok(Admitted::Queued(waiting)) = g.admit(waiting) else {
+        panic!("fits at 10 ms a token")
+    };
+    // The running request shows the model has slowed down a hundredfold.
+    running.settle(10, Some(generated(1000, 10)));
+    drop(running);
+    let refused = waiting.granted().await.err().expect("refused at its turn");
+    assert_eq!(refused.reason, Reason::QueueDeadline);
+    assert!(
+        refused.message.contains("cannot cover generation"),
+        "{}",
+        refused.message
+    );
+    let s = g.snapshot();
+    assert_eq!((s.server.running, s.queued_requests), (0, 0), "its slot is free again");
 }
 
 #[tokio::test]
@@ -192,7 +228,7 @@ fn a_deadline_that_cannot_be_met_is_shed_once_the_service_time_is_known() {
     for _ in 0..3 {
         let mut p = now(&g, ask("d", Priority::Interactive, 100));
         // 10 ms per token, measured.
-        p.settle(100, Some((Duration::from_millis(990), 100)));
+        p.settle(100, Some(generated(10, 100)));
     }
     let e = g.admit(deadline_ask.clone()).err().unwrap();
     assert_eq!(e.reason, Reason::Deadline);

@@ -29,6 +29,11 @@ pub enum Command {
     Generate(crate::commands::generate::GenerateArgs),
     /// Downloads the default model into the cache and verifies its checksum.
     FetchModel(FetchArgs),
+    /// Shows the admission limits with what is left of each budget, or changes them live when a limit
+    /// flag is given (admin credential).
+    Limits(crate::commands::admin::LimitsArgs),
+    /// Makes a running server re-read its config file and apply its keys and limits (as SIGHUP does).
+    Reload(crate::commands::admin::AdminConn),
 }
 
 /// Options shared by the server commands.

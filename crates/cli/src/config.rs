@@ -67,8 +67,8 @@ pub struct AdmissionSection {
     pub tokens_per_minute: Option<f64>,
     /// Burst of the above.
     pub token_burst: Option<u32>,
-    /// Requests sent to workers at once; more wait in the queue.
-    pub max_in_flight: u32,
+    /// Requests sent to workers at once; more wait in the queue. Unset: one per worker.
+    pub max_in_flight: Option<u32>,
     /// Requests that may wait for a slot.
     pub max_queued_requests: u32,
     /// Tokens the waiting requests may reserve together.
@@ -83,7 +83,7 @@ impl Default for AdmissionSection {
             request_burst: None,
             tokens_per_minute: None,
             token_burst: None,
-            max_in_flight: d.shared.max_in_flight.unwrap_or(1),
+            max_in_flight: None,
             max_queued_requests: d.max_queued_requests,
             max_queued_tokens: d.max_queued_tokens,
         }
@@ -530,7 +530,7 @@ impl FileConfig {
             request_burst: a.request_burst,
             tokens_per_minute: a.tokens_per_minute,
             token_burst: a.token_burst,
-            max_in_flight: Some(a.max_in_flight),
+            max_in_flight: Some(a.max_in_flight.unwrap_or(self.router.workers.len().max(1) as u32)),
         }
         .validate("admission.")?;
         let admission = AdmissionLimits {

@@ -41,5 +41,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Generate(a) => commands::generate::run(a).await,
         Command::FetchModel(a) => commands::fetch_model(a.cache_dir),
+        Command::Limits(a) => commands::admin::limits(a).await,
+        Command::Reload(a) => commands::admin::reload(a).await,
     }
 }

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use ferroserve_admission::{Admitted, Ask, Permit};
+use ferroserve_admission::{Admitted, Ask, Generated, Permit};
 use ferroserve_core::{BackendError, Completion, Event, EventStream, FinishReason, Input, ModelInfo, Usage};
 use ferroserve_proto::v1 as pb;
 use ferroserve_proto::v1::inference_server::Inference;
@@ -220,9 +220,13 @@ impl Clock {
         self.tokens += n as u32;
     }
 
-    /// Time from the first token to the last, and the tokens generated, once there were any.
-    fn decode(&self) -> Option<(std::time::Duration, u32)> {
-        Some((self.last?.duration_since(self.first?), self.tokens))
+    /// When the tokens came, once there were any.
+    fn generated(&self) -> Option<Generated> {
+        Some(Generated {
+            first: self.first?,
+            last: self.last?,
+            tokens: self.tokens,
+        })
     }
 
     fn complete(&self) {
@@ -276,7 +280,7 @@ impl Dispatched {
             Some(u) => u.prompt_tokens.saturating_add(u.completion_tokens),
             None => self.prompt_estimate.saturating_add(clock.tokens),
         };
-        self.permit.settle(used, clock.decode());
+        self.permit.settle(used, clock.generated());
     }
 }
 

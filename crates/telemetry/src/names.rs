@@ -45,7 +45,8 @@ pub const CANCELLED_REQUESTS_TOTAL: &str = "ferroserve_cancelled_requests_total"
 // --- Admission and filter ---
 
 /// Requests refused by admission, by `tenant` and `reason` (`tenant_requests`, `tenant_tokens`,
-/// `tenant_concurrency`, `server_requests`, `server_tokens`, `too_large`, `queue_full`, `deadline`).
+/// `tenant_concurrency`, `server_requests`, `server_tokens`, `too_large`, `queue_full`, `deadline`,
+/// `queue_deadline`).
 pub const RATE_LIMITED_TOTAL: &str = "ferroserve_rate_limited_total";
 /// Time the admission gate took to decide (admit, queue or reject).
 pub const ADMISSION_DECISION_SECONDS: &str = "ferroserve_admission_decision_seconds";

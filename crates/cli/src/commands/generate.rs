@@ -181,7 +181,15 @@ pub async fn run(args: GenerateArgs) -> anyhow::Result<()> {
         request.metadata_mut().insert("authorization", value);
     }
     let started = Instant::now();
-    let status_err = |s: tonic::Status| anyhow::anyhow!("{:?}: {}", s.code(), s.message());
+    let status_err = |s: tonic::Status| {
+        let retry = s
+            .metadata()
+            .get(ferroserve_router::RETRY_AFTER_MS)
+            .and_then(|v| v.to_str().ok())
+            .map(|ms| format!(" (retry after {ms} ms)"))
+            .unwrap_or_default();
+        anyhow::anyhow!("{:?}: {}{retry}", s.code(), s.message())
+    };
     let mut out = std::io::stdout().lock();
     if args.unary {
         let r = client.generate(request).await.map_err(status_err)?.into_inner();

@@ -1,5 +1,6 @@
 //! One module per subcommand. Each parses its settings, builds the parts and wires them; nothing more.
 
+pub mod admin;
 pub mod generate;
 pub mod servers;
 
