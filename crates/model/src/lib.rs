@@ -6,6 +6,7 @@
 pub mod chat;
 pub mod detok;
 pub mod device;
+pub mod embed;
 pub mod fetch;
 pub mod gguf;
 pub mod llama;

@@ -62,8 +62,18 @@ pub const ADMISSION_QUEUE_TOKENS: &str = "ferroserve_admission_queue_tokens";
 pub const TENANT_REMAINING_REQUESTS: &str = "ferroserve_tenant_remaining_requests";
 /// Tokens a tenant could reserve now under its tokens-per-minute limit, by `tenant`.
 pub const TENANT_REMAINING_TOKENS: &str = "ferroserve_tenant_remaining_tokens";
-/// Content-filter verdicts, by `filter`, `stage`, `category` and `action`.
+/// Content-filter verdicts, by `filter`, `stage`, `category` and `action`: one per request and stage.
 pub const FILTER_VERDICTS_TOTAL: &str = "ferroserve_filter_verdicts_total";
+/// Time one filter check took, by `filter` and `stage`.
+pub const FILTER_DURATION_SECONDS: &str = "ferroserve_filter_duration_seconds";
+/// Shadow comparisons, by `active`, `shadow`, `stage` and `outcome` (`agree_block`, `agree_allow`,
+/// `shadow_only_block`, `active_only_block`).
+pub const FILTER_SHADOW_TOTAL: &str = "ferroserve_filter_shadow_total";
+/// Texts the shadow filter skipped because its queue was full.
+pub const FILTER_SHADOW_SKIPPED_TOTAL: &str = "ferroserve_filter_shadow_skipped_total";
+/// Reviewer feedback on past verdicts, by `filter` (name@version) and `kind` (`false_positive`,
+/// `false_negative`).
+pub const FILTER_FEEDBACK_TOTAL: &str = "ferroserve_filter_feedback_total";
 
 // --- Workers ---
 
@@ -114,6 +124,10 @@ pub const ALL: &[&str] = &[
     TENANT_REMAINING_REQUESTS,
     TENANT_REMAINING_TOKENS,
     FILTER_VERDICTS_TOTAL,
+    FILTER_DURATION_SECONDS,
+    FILTER_SHADOW_TOTAL,
+    FILTER_SHADOW_SKIPPED_TOTAL,
+    FILTER_FEEDBACK_TOTAL,
     WORKER_HEALTHY,
     TOKEN_LOGPROB,
     TOKEN_ENTROPY,
@@ -137,6 +151,22 @@ pub const LABEL_WORKER: &str = "worker";
 pub const LABEL_REASON: &str = "reason";
 /// Tenant name (never a key).
 pub const LABEL_TENANT: &str = "tenant";
+/// Content filter id (`name@version`).
+pub const LABEL_FILTER: &str = "filter";
+/// Where a text was filtered: `input` or `output`.
+pub const LABEL_STAGE: &str = "stage";
+/// A filter category, e.g. `weapons`; empty when nothing matched.
+pub const LABEL_CATEGORY: &str = "category";
+/// What a filter decided: `allow`, `flag` or `block`.
+pub const LABEL_ACTION: &str = "action";
+/// The enforcing filter in a shadow comparison.
+pub const LABEL_ACTIVE: &str = "active";
+/// The shadow filter in a shadow comparison.
+pub const LABEL_SHADOW: &str = "shadow";
+/// How a shadow comparison came out.
+pub const LABEL_OUTCOME: &str = "outcome";
+/// Kind of feedback.
+pub const LABEL_KIND: &str = "kind";
 /// Which price applies (`cpu`, `h200`, ...).
 pub const LABEL_WORKER_KIND: &str = "worker_kind";
 
@@ -168,6 +198,10 @@ pub const DECISION_BUCKETS: &[f64] = &[
     0.001,
     0.01,
 ];
+/// Filter check buckets in seconds, 1 µs to 100 ms (rules take microseconds, embeddings milliseconds).
+pub const FILTER_BUCKETS: &[f64] = &[
+    0.000_001, 0.000_005, 0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_5, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1,
+];
 /// Log-probability buckets (nats, negative), from very unlikely to certain.
 pub const LOGPROB_BUCKETS: &[f64] = &[
     -20.0, -10.0, -7.0, -5.0, -4.0, -3.0, -2.0, -1.5, -1.0, -0.5, -0.25, -0.1, -0.01, 0.0,
@@ -184,6 +218,7 @@ pub const HISTOGRAM_BUCKETS: &[(&str, &[f64])] = &[
     (QUEUE_DURATION_SECONDS, LATENCY_BUCKETS),
     (ADMISSION_WAIT_SECONDS, LATENCY_BUCKETS),
     (ADMISSION_DECISION_SECONDS, DECISION_BUCKETS),
+    (FILTER_DURATION_SECONDS, FILTER_BUCKETS),
     (INTER_TOKEN_LATENCY_SECONDS, INTER_TOKEN_BUCKETS),
     (TIME_PER_OUTPUT_TOKEN_SECONDS, INTER_TOKEN_BUCKETS),
     (REQUEST_PROMPT_TOKENS, TOKEN_COUNT_BUCKETS),
@@ -266,7 +301,27 @@ pub fn describe() {
         Unit::Count,
         "Tokens a tenant may reserve now under its token limit."
     );
-    describe_counter!(FILTER_VERDICTS_TOTAL, Unit::Count, "Content-filter verdicts.");
+    describe_counter!(
+        FILTER_VERDICTS_TOTAL,
+        Unit::Count,
+        "Content-filter verdicts, one per request and stage."
+    );
+    describe_histogram!(FILTER_DURATION_SECONDS, Unit::Seconds, "Time one filter check took.");
+    describe_counter!(
+        FILTER_SHADOW_TOTAL,
+        Unit::Count,
+        "Shadow filter agreement with the active filter."
+    );
+    describe_counter!(
+        FILTER_SHADOW_SKIPPED_TOTAL,
+        Unit::Count,
+        "Texts the shadow filter skipped (queue full)."
+    );
+    describe_counter!(
+        FILTER_FEEDBACK_TOTAL,
+        Unit::Count,
+        "Reviewer feedback on verdicts, by filter version."
+    );
     describe_gauge!(WORKER_HEALTHY, "1 while the router can reach the worker, else 0.");
     describe_histogram!(TOKEN_LOGPROB, "Log-probability (nats) of each sampled token.");
     describe_histogram!(TOKEN_ENTROPY, "Entropy (nats) of each next-token distribution.");

