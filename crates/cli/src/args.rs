@@ -32,6 +32,8 @@ pub enum Command {
     /// Shows the admission limits with what is left of each budget, or changes them live when a limit
     /// flag is given (admin credential).
     Limits(crate::commands::admin::LimitsArgs),
+    /// Content filters: `ferroserve filter eval --config X --data labeled.jsonl`.
+    Filter(crate::commands::filter::FilterArgs),
     /// Makes a running server re-read its config file and apply its keys and limits (as SIGHUP does).
     Reload(crate::commands::admin::AdminConn),
 }

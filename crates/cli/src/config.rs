@@ -38,6 +38,56 @@ pub struct FileConfig {
     pub auth: AuthSection,
     /// `[admission]`: server-wide limits, the waiting queue.
     pub admission: AdmissionSection,
+    /// `[filter]`: the content filter.
+    pub filter: FilterSection,
+}
+
+/// `[filter]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FilterSection {
+    /// Directory of filter configs (`*.toml`), watched for changes.
+    pub dir: PathBuf,
+    /// The config (by name) that enforces at startup; empty for none.
+    pub active: String,
+    /// Whether filtering starts switched on.
+    pub enabled: bool,
+    /// A config (by name) to run in shadow from startup; empty for none.
+    pub shadow: String,
+    /// Recent verdicts kept for `Admin.ReportFilterFeedback`.
+    pub recent_verdicts: usize,
+    /// Seconds between checks of `dir` for changed files; 0 disables the watcher.
+    pub watch_interval_secs: f64,
+}
+
+impl Default for FilterSection {
+    fn default() -> Self {
+        FilterSection {
+            dir: PathBuf::from("configs/filters"),
+            active: "default".into(),
+            enabled: true,
+            shadow: String::new(),
+            recent_verdicts: 10_000,
+            watch_interval_secs: 1.0,
+        }
+    }
+}
+
+/// Validated `[filter]` settings.
+#[derive(Debug, Clone)]
+pub struct FilterSettings {
+    /// Directory of configs.
+    pub dir: PathBuf,
+    /// Enforcing config name, if any.
+    pub active: Option<String>,
+    /// Starts switched on.
+    pub enabled: bool,
+    /// Shadow config name, if any.
+    pub shadow: Option<String>,
+    /// Verdicts kept for feedback.
+    pub recent_verdicts: usize,
+    /// Watcher period, if watching.
+    pub watch_interval: Option<Duration>,
 }
 
 /// Rate and concurrency limits, as written in `[admission]` and in each `[[auth.keys]]` entry.
@@ -364,6 +414,8 @@ pub struct Settings {
     pub keys: KeyStore,
     /// Admission limits, per tenant and for the server.
     pub admission: AdmissionLimits,
+    /// The content filter.
+    pub filter: FilterSettings,
     /// How to read these settings again (SIGHUP, `Admin.ReloadConfig`); set by the command line.
     pub reload: Option<ReloadSource>,
 }
@@ -523,6 +575,24 @@ impl FileConfig {
                 ));
             }
         }
+        let f = &self.filter;
+        if f.recent_verdicts == 0 {
+            return Err(err("filter.recent_verdicts", "must be at least 1"));
+        }
+        if !(f.watch_interval_secs.is_finite() && f.watch_interval_secs >= 0.0) {
+            return Err(err(
+                "filter.watch_interval_secs",
+                "must be a number >= 0 (0 disables the watcher)",
+            ));
+        }
+        let filter = FilterSettings {
+            dir: f.dir.clone(),
+            active: Some(f.active.clone()).filter(|a| !a.is_empty()),
+            enabled: f.enabled,
+            shadow: Some(f.shadow.clone()).filter(|a| !a.is_empty()),
+            recent_verdicts: f.recent_verdicts,
+            watch_interval: (f.watch_interval_secs > 0.0).then(|| Duration::from_secs_f64(f.watch_interval_secs)),
+        };
         let (keys, tenants) = self.auth.validate(listen)?;
         let a = &self.admission;
         let shared = LimitFields {
@@ -573,6 +643,7 @@ impl FileConfig {
             workers: self.router.workers,
             keys,
             admission,
+            filter,
             reload: None,
         })
     }

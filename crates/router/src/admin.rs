@@ -11,6 +11,7 @@ use tokio_stream::wrappers::WatchStream;
 use tonic::{Request, Response, Status};
 
 use ferroserve_admission::{LimitsPatch, LimitsView};
+use ferroserve_filter::{Feedback, FilterHub};
 
 use crate::inference::authorization;
 use crate::live::Live;
@@ -23,6 +24,35 @@ pub(crate) struct AdminService {
     pub pool: Arc<Pool>,
     /// Credentials (only the admin one opens this service) and the limits it changes.
     pub live: Arc<Live>,
+    /// The content filter it controls.
+    pub filters: Arc<FilterHub>,
+}
+
+fn filters_to_wire(hub: &FilterHub) -> pb::ListFiltersResponse {
+    let selection = hub.selection();
+    pb::ListFiltersResponse {
+        loaded: hub
+            .library()
+            .iter()
+            .map(|l| pb::FilterInfo {
+                id: l.id.clone(),
+                description: l.description.clone(),
+                path: l.path.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+            })
+            .collect(),
+        active: selection.active.as_ref().map(|a| a.id.clone()).unwrap_or_default(),
+        enabled: selection.enabled,
+        shadow: selection.shadow.as_ref().map(|a| a.id.clone()).unwrap_or_default(),
+        shadow_agreement: selection.shadow.as_ref().map(|_| {
+            let [agree_block, agree_allow, shadow_only_block, active_only_block] = hub.shadow_stats().counts();
+            pb::ShadowAgreement {
+                agree_block,
+                agree_allow,
+                shadow_only_block,
+                active_only_block,
+            }
+        }),
+    }
 }
 
 impl AdminService {
@@ -164,5 +194,97 @@ impl Admin for AdminService {
         self.authorize(&request)?;
         let summary = self.live.reload().map_err(RouterError::Reload)?;
         Ok(Response::new(pb::ReloadConfigResponse { summary }))
+    }
+
+    async fn list_filters(
+        &self,
+        request: Request<pb::ListFiltersRequest>,
+    ) -> Result<Response<pb::ListFiltersResponse>, Status> {
+        self.authorize(&request)?;
+        Ok(Response::new(filters_to_wire(&self.filters)))
+    }
+
+    async fn swap_filter(
+        &self,
+        request: Request<pb::SwapFilterRequest>,
+    ) -> Result<Response<pb::ListFiltersResponse>, Status> {
+        self.authorize(&request)?;
+        self.filters
+            .swap_checked(&request.into_inner().name)
+            .map_err(RouterError::from)?;
+        Ok(Response::new(filters_to_wire(&self.filters)))
+    }
+
+    async fn enable_filter(
+        &self,
+        request: Request<pb::EnableFilterRequest>,
+    ) -> Result<Response<pb::ListFiltersResponse>, Status> {
+        self.authorize(&request)?;
+        self.filters.set_enabled(true);
+        Ok(Response::new(filters_to_wire(&self.filters)))
+    }
+
+    async fn disable_filter(
+        &self,
+        request: Request<pb::DisableFilterRequest>,
+    ) -> Result<Response<pb::ListFiltersResponse>, Status> {
+        self.authorize(&request)?;
+        self.filters.set_enabled(false);
+        Ok(Response::new(filters_to_wire(&self.filters)))
+    }
+
+    async fn set_shadow_filter(
+        &self,
+        request: Request<pb::SetShadowFilterRequest>,
+    ) -> Result<Response<pb::ListFiltersResponse>, Status> {
+        self.authorize(&request)?;
+        let name = request.into_inner().name;
+        self.filters
+            .set_shadow(Some(name.as_str()).filter(|n| !n.is_empty()))
+            .map_err(RouterError::from)?;
+        Ok(Response::new(filters_to_wire(&self.filters)))
+    }
+
+    async fn reload_filters(
+        &self,
+        request: Request<pb::ReloadFiltersRequest>,
+    ) -> Result<Response<pb::ReloadFiltersResponse>, Status> {
+        self.authorize(&request)?;
+        let refused = self.filters.reload();
+        Ok(Response::new(pb::ReloadFiltersResponse {
+            refused,
+            filters: Some(filters_to_wire(&self.filters)),
+        }))
+    }
+
+    async fn report_filter_feedback(
+        &self,
+        request: Request<pb::ReportFilterFeedbackRequest>,
+    ) -> Result<Response<pb::ReportFilterFeedbackResponse>, Status> {
+        self.authorize(&request)?;
+        let request = request.into_inner();
+        let kind = match pb::FeedbackKind::try_from(request.kind) {
+            Ok(pb::FeedbackKind::FalsePositive) => Feedback::FalsePositive,
+            Ok(pb::FeedbackKind::FalseNegative) => Feedback::FalseNegative,
+            _ => {
+                return Err(RouterError::Invalid {
+                    field: "kind".into(),
+                    message: "set FEEDBACK_KIND_FALSE_POSITIVE or FEEDBACK_KIND_FALSE_NEGATIVE".into(),
+                }
+                .into());
+            }
+        };
+        let recorded = self
+            .filters
+            .feedback(&request.request_id, kind)
+            .map_err(RouterError::from)?;
+        Ok(Response::new(pb::ReportFilterFeedbackResponse {
+            verdict: Some(crate::relay::verdict_to_wire(
+                &recorded.filter,
+                recorded.stage.label(),
+                &recorded.verdict,
+            )),
+            filter: recorded.filter,
+        }))
     }
 }

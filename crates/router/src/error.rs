@@ -2,6 +2,7 @@
 
 use ferroserve_admission::{AuthError, PatchError, Rejection};
 use ferroserve_core::BackendError;
+use ferroserve_filter::HubError;
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
@@ -60,6 +61,9 @@ pub enum RouterError {
     /// An operator's limit change was refused; nothing changed.
     #[error(transparent)]
     LimitChange(#[from] PatchError),
+    /// A filter change or feedback was refused; nothing changed.
+    #[error(transparent)]
+    Filter(#[from] HubError),
     /// A config reload was refused; the running settings stay.
     #[error("configuration not reloaded, the running settings stay: {0}")]
     Reload(String),
@@ -99,7 +103,10 @@ impl From<RouterError> for Status {
             RouterError::Auth(AuthError::Unauthenticated(_)) => Status::unauthenticated(message),
             RouterError::Auth(AuthError::PermissionDenied(_)) => Status::permission_denied(message),
             RouterError::Rejected(r) => rejected(&r, message),
-            RouterError::LimitChange(PatchError::UnknownTenant(_)) => Status::not_found(message),
+            RouterError::LimitChange(PatchError::UnknownTenant(_)) | RouterError::Filter(HubError::NotFound(_)) => {
+                Status::not_found(message)
+            }
+            RouterError::Filter(HubError::Invalid(_)) => Status::invalid_argument(message),
             RouterError::LimitChange(PatchError::Invalid(_)) | RouterError::Reload(_) => {
                 Status::invalid_argument(message)
             }

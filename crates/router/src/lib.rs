@@ -1,8 +1,9 @@
 //! The public face of Ferroserve: the `ferroserve.v1` gRPC services. A request reads top to bottom:
 //!
 //! ```text
-//! authenticate, validate, admit (inference.rs, validate.rs, ferroserve-admission)
-//!   -> choose model and worker (pool.rs) -> stream events back (inference.rs)
+//! authenticate, validate, admit, filter the input (inference.rs, validate.rs, ferroserve-admission,
+//!   ferroserve-filter) -> choose model and worker (pool.rs)
+//!   -> filter the output and stream it back (relay.rs)
 //! ```
 //!
 //! Errors from every stage are one enum ([`RouterError`]) mapped to a gRPC status in one place
@@ -16,6 +17,7 @@ mod error;
 mod inference;
 mod live;
 mod pool;
+mod relay;
 mod server;
 mod validate;
 

@@ -14,6 +14,7 @@ use crate::admin::AdminService;
 use crate::inference::InferenceService;
 use crate::live::Live;
 use crate::{Limits, Pool};
+use ferroserve_filter::FilterHub;
 
 /// How often the remaining-budget gauges are refreshed: buckets refill between requests.
 const BUDGET_GAUGE_INTERVAL: Duration = Duration::from_secs(1);
@@ -33,6 +34,8 @@ pub struct RouterParts {
     pub pool: Arc<Pool>,
     /// Credentials and admission limits, changeable live.
     pub live: Arc<Live>,
+    /// The content filter, swappable live.
+    pub filters: Arc<FilterHub>,
     /// Limits and drain.
     pub config: RouterConfig,
 }
@@ -45,7 +48,12 @@ pub async fn serve(
     parts: RouterParts,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
-    let RouterParts { pool, live, config } = parts;
+    let RouterParts {
+        pool,
+        live,
+        filters,
+        config,
+    } = parts;
     let budgets = tokio::spawn({
         let admission = Arc::clone(live.admission());
         async move {
@@ -87,8 +95,9 @@ pub async fn serve(
         pool: Arc::clone(&pool),
         live: Arc::clone(&live),
         limits: config.limits,
+        filters: Arc::clone(&filters),
     });
-    let admin = AdminServer::new(AdminService { pool, live });
+    let admin = AdminServer::new(AdminService { pool, live, filters });
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
         .add_service(health)

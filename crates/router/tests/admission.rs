@@ -2,214 +2,19 @@
 //! decides when each generation may finish. Every refusal is checked for its status, its `retry-after-ms`
 //! trailer, its `google.rpc.RetryInfo` detail and the limit it names.
 
+mod mock;
+
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferroserve_admission::{
-    Admission, AdmissionLimits, KeyStore, Priority, ServerLimits, Tenant, TenantKey, TenantLimits, parse_sha256, rate,
-    sha256_hex,
-};
-use ferroserve_core::{
-    Backend, BackendError, Completion, Event, EventStream, FinishReason, ModelInfo, StatsStream, TokenChunk, Usage,
-    ValidRequest, WorkerStats,
+    AdmissionLimits, KeyStore, Priority, ServerLimits, TenantLimits, parse_sha256, rate, sha256_hex,
 };
 use ferroserve_proto::v1 as pb;
-use ferroserve_proto::v1::admin_client::AdminClient;
-use ferroserve_proto::v1::inference_client::InferenceClient;
-use ferroserve_router::{LIMIT_METADATA, Live, LiveSettings, Pool, RETRY_AFTER_MS, RouterConfig, RouterParts};
-use futures::future::BoxFuture;
-use futures::{FutureExt, StreamExt};
-use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
+use ferroserve_router::{LIMIT_METADATA, LiveSettings, RETRY_AFTER_MS};
+use mock::*;
 use tonic::{Code, Status};
 use tonic_types::StatusExt;
-
-/// Bound on every wait.
-const WAIT: Duration = Duration::from_secs(30);
-/// Tokens the mock reports for any prompt.
-const MOCK_PROMPT_TOKENS: u32 = 3;
-/// The mock stops after this many tokens, as a model stops at EOS.
-const MOCK_MAX_OUTPUT: u32 = 4;
-
-/// A mock backend: no model. Each generation waits until the test opens `release`, records its request id,
-/// then streams up to [`MOCK_MAX_OUTPUT`] tokens, `token_delay` apart.
-struct MockBackend {
-    info: ModelInfo,
-    release: watch::Receiver<bool>,
-    started: Arc<Mutex<Vec<String>>>,
-    token_delay: Duration,
-}
-
-impl Backend for MockBackend {
-    fn model(&self) -> &ModelInfo {
-        &self.info
-    }
-
-    fn location(&self) -> &str {
-        "mock"
-    }
-
-    fn generate(&self, request: ValidRequest) -> BoxFuture<'_, Result<EventStream, BackendError>> {
-        let (tx, rx) = mpsc::channel(8);
-        let mut release = self.release.clone();
-        let started = Arc::clone(&self.started);
-        let delay = self.token_delay;
-        tokio::spawn(async move {
-            if release.wait_for(|open| *open).await.is_err() {
-                return;
-            }
-            started.lock().unwrap().push(request.request_id.clone());
-            let n = request.max_tokens.min(MOCK_MAX_OUTPUT);
-            for i in 0..n {
-                if !delay.is_zero() {
-                    tokio::time::sleep(delay).await;
-                }
-                let chunk = TokenChunk {
-                    text: "x".into(),
-                    token_ids: vec![i],
-                    logprobs: vec![-0.5],
-                };
-                if tx.send(Ok(Event::Token(chunk))).await.is_err() {
-                    return;
-                }
-            }
-            let complete = Completion {
-                finish: FinishReason::Eos,
-                usage: Usage {
-                    prompt_tokens: MOCK_PROMPT_TOKENS,
-                    completion_tokens: n,
-                },
-                timings: Default::default(),
-            };
-            let _ = tx.send(Ok(Event::Complete(complete))).await;
-        });
-        async move { Ok(ReceiverStream::new(rx).boxed()) }.boxed()
-    }
-
-    fn watch_stats(&self) -> StatsStream {
-        futures::stream::once(async { WorkerStats::default() })
-            .chain(futures::stream::pending())
-            .boxed()
-    }
-
-    fn snapshot_drift_baseline(&self) -> BoxFuture<'_, Result<u64, BackendError>> {
-        async { Ok(0) }.boxed()
-    }
-}
-
-fn key(tenant: &str, priority: Priority) -> TenantKey {
-    TenantKey {
-        tenant: Tenant {
-            name: tenant.into(),
-            priority,
-        },
-        key_sha256: parse_sha256(&sha256_hex(&format!("key-{tenant}"))).unwrap(),
-    }
-}
-
-struct Harness {
-    url: String,
-    release: watch::Sender<bool>,
-    started: Arc<Mutex<Vec<String>>>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    server: tokio::task::JoinHandle<()>,
-}
-
-impl Harness {
-    async fn start(
-        limits: AdmissionLimits,
-        token_delay: Duration,
-        reload: Option<ferroserve_router::Reloader>,
-    ) -> Self {
-        let keys = KeyStore::new(
-            vec![
-                key("alpha", Priority::Interactive),
-                key("beta", Priority::Interactive),
-                key("gamma", Priority::Interactive),
-                key("batch", Priority::Batch),
-            ],
-            Some(parse_sha256(&sha256_hex("admin")).unwrap()),
-        );
-        let (release, release_rx) = watch::channel(false);
-        let started = Arc::new(Mutex::new(Vec::new()));
-        let pool = Pool::new(Some("mock".into()));
-        pool.add(Arc::new(MockBackend {
-            info: ModelInfo {
-                name: "mock".into(),
-                version: "v1".into(),
-                context_length: 4096,
-            },
-            release: release_rx,
-            started: Arc::clone(&started),
-            token_delay,
-        }));
-        let mut healthy = pool.watch_healthy();
-        tokio::time::timeout(WAIT, healthy.wait_for(|n| *n > 0))
-            .await
-            .unwrap()
-            .unwrap();
-        let parts = RouterParts {
-            pool,
-            live: Live::new(keys, Admission::new(limits), reload),
-            config: RouterConfig {
-                limits: Default::default(),
-                drain_timeout: Duration::from_secs(5),
-            },
-        };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(async move {
-            ferroserve_router::serve(listener, parts, async {
-                let _ = stopped.await;
-            })
-            .await
-            .unwrap();
-        });
-        Harness {
-            url,
-            release,
-            started,
-            stop: Some(stop),
-            server,
-        }
-    }
-
-    async fn client(&self) -> InferenceClient<Channel> {
-        InferenceClient::connect(self.url.clone()).await.unwrap()
-    }
-
-    async fn admin(&self) -> AdminClient<Channel> {
-        AdminClient::connect(self.url.clone()).await.unwrap()
-    }
-
-    async fn stop(mut self) {
-        let _ = self.release.send(true);
-        let _ = self.stop.take().unwrap().send(());
-        tokio::time::timeout(WAIT, self.server).await.unwrap().unwrap();
-    }
-}
-
-fn request(tenant: &str, id: &str, max_tokens: u32) -> tonic::Request<pb::GenerateRequest> {
-    let mut r = tonic::Request::new(pb::GenerateRequest {
-        prompt: "hi".into(),
-        max_tokens,
-        request_id: id.into(),
-        ..Default::default()
-    });
-    r.metadata_mut()
-        .insert("authorization", format!("Bearer key-{tenant}").parse().unwrap());
-    r
-}
-
-fn admin_request<T>(message: T, token: &str) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(message);
-    r.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    r
-}
 
 /// Checks a refusal's code, named limit and retry hint (in the trailer and as RetryInfo, in agreement).
 fn assert_refused(status: &Status, code: Code, limit: &str, retry: bool) {
@@ -275,7 +80,7 @@ async fn rate_limits_refuse_with_resource_exhausted_and_when_to_retry() {
         server: server_limits(8, 8),
         tenants: BTreeMap::from([("alpha".to_string(), alpha), ("gamma".to_string(), gamma)]),
     };
-    let h = Harness::start(limits, Duration::ZERO, None).await;
+    let h = Harness::start(Options::new(limits)).await;
     h.release.send(true).unwrap();
     let mut c = h.client().await;
     c.generate(request("alpha", "a1", 2)).await.unwrap();
@@ -334,7 +139,7 @@ async fn a_full_server_queues_by_priority_then_sheds_with_unavailable_and_loses_
         server: server_limits(1, 2),
         tenants: BTreeMap::new(),
     };
-    let h = Harness::start(limits, Duration::ZERO, None).await;
+    let h = Harness::start(Options::new(limits)).await;
     let c = h.client().await;
     let spawn = |tenant: &'static str, id: &'static str| {
         let mut c = c.clone();
@@ -371,7 +176,11 @@ async fn a_deadline_that_cannot_be_met_is_refused_at_once() {
         tenants: BTreeMap::new(),
     };
     // 20 ms per token, so the gate learns a TPOT to estimate with.
-    let h = Harness::start(limits, Duration::from_millis(20), None).await;
+    let h = Harness::start(Options {
+        token_delay: Duration::from_millis(20),
+        ..Options::new(limits)
+    })
+    .await;
     h.release.send(true).unwrap();
     let mut c = h.client().await;
     for i in 0..3 {
@@ -407,7 +216,11 @@ async fn limits_change_live_without_disturbing_requests_in_flight() {
         tenants: BTreeMap::from([("alpha".to_string(), alpha.clone()), ("beta".to_string(), alpha)]),
     };
     let reload: ferroserve_router::Reloader = Box::new(|| Err("admission.max_in_flight: must be at least 1".into()));
-    let h = Harness::start(limits, Duration::ZERO, Some(reload)).await;
+    let h = Harness::start(Options {
+        reload: Some(reload),
+        ..Options::new(limits)
+    })
+    .await;
     let c = h.client().await;
     let in_flight = {
         let mut c = c.clone();
@@ -525,7 +338,11 @@ async fn a_reload_swaps_keys_and_limits_atomically() {
             },
         })
     });
-    let h = Harness::start(limits, Duration::ZERO, Some(reload)).await;
+    let h = Harness::start(Options {
+        reload: Some(reload),
+        ..Options::new(limits)
+    })
+    .await;
     h.release.send(true).unwrap();
     let mut c = h.client().await;
     let status = c.generate(request("delta", "d0", 2)).await.unwrap_err();

@@ -137,6 +137,7 @@ fn complete_json(c: &pb::GenerationComplete) -> serde_json::Value {
         "model_version": c.model_version,
         "request_id": c.request_id,
         "timings": {"queue_ms": t.queue_ms, "time_to_first_token_ms": t.time_to_first_token_ms, "total_ms": t.total_ms},
+        "filtered": c.filtered.as_ref().map(|f| json!({"filter": f.filter, "stage": f.stage, "category": f.category})),
     })
 }
 
@@ -149,8 +150,13 @@ fn summary(c: &pb::GenerationComplete, elapsed: Duration) -> String {
     } else {
         0.0
     };
+    let filtered = c
+        .filtered
+        .as_ref()
+        .map(|f| format!(" by {} ({} {})", f.filter, f.stage, f.category))
+        .unwrap_or_default();
     format!(
-        "[{}] {} prompt + {} completion tokens | ttft {:.0} ms | total {:.0} ms ({:.0} ms at client) | \
+        "[{}{filtered}] {} prompt + {} completion tokens | ttft {:.0} ms | total {:.0} ms ({:.0} ms at client) | \
          decode {:.1} tok/s | {} | {}",
         finish_name(c.finish_reason),
         usage.prompt_tokens,
@@ -199,6 +205,7 @@ pub async fn run(args: GenerateArgs) -> anyhow::Result<()> {
             model_version: r.model_version,
             request_id: r.request_id,
             timings: r.timings,
+            filtered: r.filtered,
         };
         if args.json {
             let mut v = complete_json(&c);

@@ -1,12 +1,14 @@
 //! One module per subcommand. Each parses its settings, builds the parts and wires them; nothing more.
 
 pub mod admin;
+pub mod filter;
 pub mod generate;
 pub mod servers;
 
 use std::path::PathBuf;
 
 use anyhow::Context;
+use ferroserve_model::embed;
 use ferroserve_model::fetch::{self, Progress};
 
 use crate::config::Settings;
@@ -21,10 +23,26 @@ pub fn resolve_model(settings: &Settings, progress: &dyn Progress) -> anyhow::Re
     }
 }
 
-/// `ferroserve fetch-model`.
+/// `ferroserve fetch-model`: the default LLM and the content filter's embedding model.
 pub fn fetch_model(cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
     let cache = cache_dir.unwrap_or_else(fetch::default_cache_dir);
-    let path = fetch::ensure(&fetch::DEFAULT_MODEL, &cache, &crate::progress::Bars::default())?;
+    let bars = crate::progress::Bars::default();
+    let path = fetch::ensure(&fetch::DEFAULT_MODEL, &cache, &bars)?;
     println!("{}", path.display());
+    for path in fetch::ensure_all(&embed::MINILM, &cache, &bars)? {
+        println!("{}", path.display());
+    }
+    Ok(())
+}
+
+/// Loads the sentence-embedding model (fetching it into `cache_dir` if needed) and installs it for filter
+/// configs with a `[semantic]` section. Once per process.
+pub fn install_embeddings(cache_dir: &std::path::Path, progress: &dyn Progress) -> anyhow::Result<()> {
+    if ferroserve_filter::semantic::service().is_some() {
+        return Ok(());
+    }
+    let files = fetch::ensure_all(&embed::MINILM, cache_dir, progress).context("fetching the embedding model")?;
+    let embedder = embed::Embedder::load(&files[0], &files[1], &files[2]).context("loading the embedding model")?;
+    ferroserve_filter::semantic::install(ferroserve_filter::semantic::EmbedService::start(embedder));
     Ok(())
 }

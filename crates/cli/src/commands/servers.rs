@@ -10,6 +10,7 @@ use anyhow::Context;
 use ferroserve_admission::Admission;
 use ferroserve_core::Backend;
 use ferroserve_engine::EngineHandle;
+use ferroserve_filter::FilterHub;
 use ferroserve_model::{LoadedModel, ModelSpec};
 use ferroserve_router::{Live, LiveSettings, Pool, Reloader, RouterParts};
 use ferroserve_worker::{BackendSlot, RemoteWorker, WorkerServerConfig};
@@ -70,7 +71,7 @@ async fn serve_while_loading(
 
 /// The router's parts, warning when it runs without credentials. When the settings came from a file, a
 /// SIGHUP re-reads it (until `stopped`) and applies its keys and limits live.
-fn router_parts(settings: &Settings, pool: Arc<Pool>, stopped: &Stop) -> RouterParts {
+fn router_parts(settings: &Settings, pool: Arc<Pool>, stopped: &Stop) -> anyhow::Result<RouterParts> {
     if settings.keys.is_open() {
         tracing::warn!(
             listen = %settings.listen,
@@ -95,10 +96,82 @@ fn router_parts(settings: &Settings, pool: Arc<Pool>, stopped: &Stop) -> RouterP
     if has_reload {
         tokio::spawn(reload_on_sighup(Arc::clone(&live), stopped.wait()));
     }
-    RouterParts {
+    let filters = filter_hub(settings)?;
+    if let Some(every) = settings.filter.watch_interval
+        && settings.filter.dir.is_dir()
+    {
+        tokio::spawn(watch_filters(
+            Arc::clone(&filters),
+            settings.filter.dir.clone(),
+            every,
+            stopped.wait(),
+        ));
+    }
+    Ok(RouterParts {
         pool,
         live,
+        filters,
         config: settings.router,
+    })
+}
+
+/// The content filter from `[filter]`. A missing directory means no filtering (with a warning); a config
+/// that does not compile stops the server from starting, naming the file and the problem.
+fn filter_hub(settings: &Settings) -> anyhow::Result<Arc<FilterHub>> {
+    let f = &settings.filter;
+    if f.dir.is_dir() && ferroserve_filter::needs_embeddings(&f.dir) {
+        super::install_embeddings(&settings.cache_dir, &ferroserve_model::fetch::Quiet)?;
+    }
+    let hub = if f.dir.is_dir() {
+        FilterHub::from_dir(&f.dir, f.active.as_deref(), f.recent_verdicts)
+            .map_err(|e| anyhow::anyhow!("[filter]: {e}"))?
+    } else {
+        tracing::warn!(dir = %f.dir.display(), "no filter directory: content filtering is off (see [filter] in the config)");
+        FilterHub::empty(None, f.recent_verdicts)
+    };
+    if let Some(shadow) = &f.shadow {
+        hub.set_shadow(Some(shadow))
+            .map_err(|e| anyhow::anyhow!("filter.shadow: {e}"))?;
+    }
+    hub.set_enabled(f.enabled);
+    Ok(hub)
+}
+
+/// Reloads the filter directory whenever a config file in it changes (checked every `every`), until
+/// `stopped`. A file that does not compile is refused and logged; its previous version stays.
+async fn watch_filters(hub: Arc<FilterHub>, dir: PathBuf, every: Duration, stopped: impl Future<Output = ()>) {
+    let stamp = |dir: &std::path::Path| -> Vec<(PathBuf, Option<std::time::SystemTime>, u64)> {
+        let mut files: Vec<_> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .filter(|e| e.path().extension().is_some_and(|x| x == "toml"))
+            .map(|e| {
+                let meta = e.metadata().ok();
+                (
+                    e.path(),
+                    meta.as_ref().and_then(|m| m.modified().ok()),
+                    meta.map_or(0, |m| m.len()),
+                )
+            })
+            .collect();
+        files.sort();
+        files
+    };
+    let mut seen = stamp(&dir);
+    let mut tick = tokio::time::interval(every);
+    tokio::pin!(stopped);
+    loop {
+        tokio::select! {
+            () = &mut stopped => return,
+            _ = tick.tick() => {}
+        }
+        let now = stamp(&dir);
+        if now != seen {
+            seen = now;
+            let refused = hub.reload();
+            tracing::info!(refused = refused.len(), "filter directory changed; reloaded");
+        }
     }
 }
 
@@ -146,7 +219,7 @@ pub async fn start_serve(settings: Settings, model_path: PathBuf) -> anyhow::Res
                 pool.add(engine);
                 anyhow::Ok(())
             };
-            let parts = router_parts(&settings, Arc::clone(&pool), &stopped);
+            let parts = router_parts(&settings, Arc::clone(&pool), &stopped)?;
             let server = ferroserve_router::serve(listener, parts, stopped.wait());
             serve_while_loading(server, load, "router").await
         }
@@ -220,7 +293,7 @@ pub async fn start_router(settings: Settings) -> anyhow::Result<Running> {
             }
         });
     }
-    let parts = router_parts(&settings, pool, &stopped);
+    let parts = router_parts(&settings, pool, &stopped)?;
     let task = tokio::spawn(async move {
         ferroserve_router::serve(listener, parts, stopped.wait())
             .await

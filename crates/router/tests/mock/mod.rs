@@ -1,0 +1,257 @@
+//! Shared by the router's tests: a mock backend (no model) whose generations wait until the test releases
+//! them, and a harness that serves the real router in front of it on 127.0.0.1.
+#![allow(dead_code)]
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ferroserve_admission::{
+    Admission, AdmissionLimits, KeyStore, Priority, Tenant, TenantKey, parse_sha256, sha256_hex,
+};
+use ferroserve_core::{
+    Backend, BackendError, Completion, Event, EventStream, FinishReason, ModelInfo, StatsStream, TokenChunk, Usage,
+    ValidRequest, WorkerStats,
+};
+use ferroserve_filter::FilterHub;
+use ferroserve_proto::v1 as pb;
+use ferroserve_proto::v1::admin_client::AdminClient;
+use ferroserve_proto::v1::inference_client::InferenceClient;
+use ferroserve_router::{Live, Pool, Reloader, RouterConfig, RouterParts};
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+/// Bound on every wait.
+pub const WAIT: Duration = Duration::from_secs(30);
+/// Tokens the mock reports for any prompt.
+pub const MOCK_PROMPT_TOKENS: u32 = 3;
+/// Without a script, the mock stops after this many tokens, as a model stops at EOS.
+pub const MOCK_MAX_OUTPUT: u32 = 4;
+
+/// A mock backend: no model. Each generation waits until the test opens `release`, records its request id,
+/// then streams its script (or up to [`MOCK_MAX_OUTPUT`] "x" tokens), `token_delay` apart.
+pub struct MockBackend {
+    info: ModelInfo,
+    release: watch::Receiver<bool>,
+    started: Arc<Mutex<Vec<String>>>,
+    token_delay: Duration,
+    script: Option<Vec<String>>,
+    /// Tokens sent to routers, over all generations: shows when a generation was cancelled.
+    sent: Arc<AtomicU32>,
+}
+
+impl Backend for MockBackend {
+    fn model(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn location(&self) -> &str {
+        "mock"
+    }
+
+    fn generate(&self, request: ValidRequest) -> BoxFuture<'_, Result<EventStream, BackendError>> {
+        let (tx, rx) = mpsc::channel(1);
+        let mut release = self.release.clone();
+        let started = Arc::clone(&self.started);
+        let sent = Arc::clone(&self.sent);
+        let delay = self.token_delay;
+        let texts: Vec<String> = match &self.script {
+            Some(s) => s.iter().take(request.max_tokens as usize).cloned().collect(),
+            None => vec!["x".to_string(); request.max_tokens.min(MOCK_MAX_OUTPUT) as usize],
+        };
+        tokio::spawn(async move {
+            if release.wait_for(|open| *open).await.is_err() {
+                return;
+            }
+            started.lock().unwrap().push(request.request_id.clone());
+            let n = texts.len() as u32;
+            for (i, text) in texts.into_iter().enumerate() {
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                let chunk = TokenChunk {
+                    text,
+                    token_ids: vec![i as u32],
+                    logprobs: vec![-0.5],
+                };
+                if tx.send(Ok(Event::Token(chunk))).await.is_err() {
+                    return;
+                }
+                sent.fetch_add(1, Ordering::Relaxed);
+            }
+            let complete = Completion {
+                finish: FinishReason::Eos,
+                usage: Usage {
+                    prompt_tokens: MOCK_PROMPT_TOKENS,
+                    completion_tokens: n,
+                },
+                timings: Default::default(),
+            };
+            let _ = tx.send(Ok(Event::Complete(complete))).await;
+        });
+        async move { Ok(ReceiverStream::new(rx).boxed()) }.boxed()
+    }
+
+    fn watch_stats(&self) -> StatsStream {
+        futures::stream::once(async { WorkerStats::default() })
+            .chain(futures::stream::pending())
+            .boxed()
+    }
+
+    fn snapshot_drift_baseline(&self) -> BoxFuture<'_, Result<u64, BackendError>> {
+        async { Ok(0) }.boxed()
+    }
+}
+
+/// A tenant key whose plaintext is `key-<tenant>`.
+pub fn key(tenant: &str, priority: Priority) -> TenantKey {
+    TenantKey {
+        tenant: Tenant {
+            name: tenant.into(),
+            priority,
+        },
+        key_sha256: parse_sha256(&sha256_hex(&format!("key-{tenant}"))).unwrap(),
+    }
+}
+
+/// How to build a harness.
+pub struct Options {
+    /// Admission limits.
+    pub limits: AdmissionLimits,
+    /// Gap between mock tokens.
+    pub token_delay: Duration,
+    /// What `Admin.ReloadConfig` does.
+    pub reload: Option<Reloader>,
+    /// The content filter.
+    pub filters: Arc<FilterHub>,
+    /// The mock's token texts; `None` for "x" tokens.
+    pub script: Option<Vec<String>>,
+}
+
+impl Options {
+    /// No filter, no script, no delay.
+    pub fn new(limits: AdmissionLimits) -> Options {
+        Options {
+            limits,
+            token_delay: Duration::ZERO,
+            reload: None,
+            filters: FilterHub::empty(None, 100),
+            script: None,
+        }
+    }
+}
+
+/// The real router, serving on 127.0.0.1 in front of one [`MockBackend`].
+pub struct Harness {
+    pub url: String,
+    pub release: watch::Sender<bool>,
+    pub started: Arc<Mutex<Vec<String>>>,
+    pub sent: Arc<AtomicU32>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Harness {
+    pub async fn start(o: Options) -> Self {
+        let keys = KeyStore::new(
+            vec![
+                key("alpha", Priority::Interactive),
+                key("beta", Priority::Interactive),
+                key("gamma", Priority::Interactive),
+                key("batch", Priority::Batch),
+            ],
+            Some(parse_sha256(&sha256_hex("admin")).unwrap()),
+        );
+        let (release, release_rx) = watch::channel(false);
+        let started = Arc::new(Mutex::new(Vec::new()));
+        let sent = Arc::new(AtomicU32::new(0));
+        let pool = Pool::new(Some("mock".into()));
+        pool.add(Arc::new(MockBackend {
+            info: ModelInfo {
+                name: "mock".into(),
+                version: "v1".into(),
+                context_length: 4096,
+            },
+            release: release_rx,
+            started: Arc::clone(&started),
+            token_delay: o.token_delay,
+            script: o.script,
+            sent: Arc::clone(&sent),
+        }));
+        let mut healthy = pool.watch_healthy();
+        tokio::time::timeout(WAIT, healthy.wait_for(|n| *n > 0))
+            .await
+            .unwrap()
+            .unwrap();
+        let parts = RouterParts {
+            pool,
+            live: Live::new(keys, Admission::new(o.limits), o.reload),
+            filters: o.filters,
+            config: RouterConfig {
+                limits: Default::default(),
+                drain_timeout: Duration::from_secs(5),
+            },
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            ferroserve_router::serve(listener, parts, async {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+        });
+        Harness {
+            url,
+            release,
+            started,
+            sent,
+            stop: Some(stop),
+            server,
+        }
+    }
+
+    pub async fn client(&self) -> InferenceClient<Channel> {
+        InferenceClient::connect(self.url.clone()).await.unwrap()
+    }
+
+    pub async fn admin(&self) -> AdminClient<Channel> {
+        AdminClient::connect(self.url.clone()).await.unwrap()
+    }
+
+    pub async fn stop(mut self) {
+        let _ = self.release.send(true);
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(WAIT, self.server).await.unwrap().unwrap();
+    }
+}
+
+/// A prompt request from `tenant` with its key.
+pub fn request(tenant: &str, id: &str, max_tokens: u32) -> tonic::Request<pb::GenerateRequest> {
+    prompt_request(tenant, id, "hi", max_tokens)
+}
+
+/// A request with this prompt from `tenant`.
+pub fn prompt_request(tenant: &str, id: &str, prompt: &str, max_tokens: u32) -> tonic::Request<pb::GenerateRequest> {
+    let mut r = tonic::Request::new(pb::GenerateRequest {
+        prompt: prompt.into(),
+        max_tokens,
+        request_id: id.into(),
+        ..Default::default()
+    });
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer key-{tenant}").parse().unwrap());
+    r
+}
+
+/// An Admin request with this bearer token.
+pub fn admin_request<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(message);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    r
+}
