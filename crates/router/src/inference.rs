@@ -190,6 +190,19 @@ impl InferenceService {
     }
 }
 
+/// The unary response: the whole text and the completion's fields.
+fn unary(text: String, c: pb::GenerationComplete) -> pb::GenerateResponse {
+    pb::GenerateResponse {
+        text,
+        finish_reason: c.finish_reason,
+        usage: c.usage,
+        model_version: c.model_version,
+        request_id: c.request_id,
+        timings: c.timings,
+        filtered: c.filtered,
+    }
+}
+
 type ResponseStream = std::pin::Pin<Box<dyn Stream<Item = Result<pb::GenerateStreamResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -198,35 +211,14 @@ impl Inference for InferenceService {
 
     async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<pb::GenerateResponse>, Status> {
         let mut relay = match self.start(request).await? {
-            Start::Filtered(c) => {
-                return Ok(Response::new(pb::GenerateResponse {
-                    text: String::new(),
-                    finish_reason: c.finish_reason,
-                    usage: c.usage,
-                    model_version: c.model_version,
-                    request_id: c.request_id,
-                    timings: c.timings,
-                    filtered: c.filtered,
-                }));
-            }
+            Start::Filtered(c) => return Ok(Response::new(unary(String::new(), c))),
             Start::Dispatched(d) => Relay::new(*d),
         };
         let mut text = String::new();
         while let Some(item) = relay.next().await {
             match item {
                 Relayed::Token(t) => text.push_str(&t.text),
-                Relayed::Done(done) => {
-                    let c = done?;
-                    return Ok(Response::new(pb::GenerateResponse {
-                        text,
-                        finish_reason: c.finish_reason,
-                        usage: c.usage,
-                        model_version: c.model_version,
-                        request_id: c.request_id,
-                        timings: c.timings,
-                        filtered: c.filtered,
-                    }));
-                }
+                Relayed::Done(done) => return Ok(Response::new(unary(text, done?))),
             }
         }
         Err(Status::internal("the request ended without a completion"))
