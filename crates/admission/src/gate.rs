@@ -249,8 +249,7 @@ impl<C: Clock + Clone> Admission<C> {
         let result = self.decide(ask);
         metrics::histogram!(names::ADMISSION_DECISION_SECONDS).record(started.elapsed().as_secs_f64());
         if let Err(r) = &result {
-            metrics::counter!(names::RATE_LIMITED_TOTAL, names::LABEL_TENANT => name, names::LABEL_REASON => r.reason.label())
-                .increment(1);
+            count_refusal(name, r.reason);
         }
         result
     }
@@ -295,10 +294,7 @@ impl<C: Clock + Clone> Admission<C> {
             Duration::ZERO
         };
         let refuse = |st: &State<C>, rejection: Rejection| {
-            if let Some(t) = st.tenants.get(name) {
-                t.buckets.refund(1, ask.tokens);
-            }
-            st.server_buckets.refund(1, ask.tokens);
+            st.refund(name, 1, ask.tokens);
             Err(rejection)
         };
         if let (Some(deadline), Some(generate)) = (ask.deadline, st.estimate.generation(ask.max_tokens))
@@ -424,12 +420,8 @@ impl<C: Clock + Clone> Admission<C> {
                 if let (Some(left), Some(generate)) = (left, st.estimate.generation(w.max_tokens))
                     && generate > left
                 {
-                    if let Some(t) = st.tenants.get(&w.tenant) {
-                        t.buckets.refund(1, w.reserved);
-                    }
-                    st.server_buckets.refund(1, w.reserved);
-                    metrics::counter!(names::RATE_LIMITED_TOTAL, names::LABEL_TENANT => w.tenant.clone(), names::LABEL_REASON => Reason::QueueDeadline.label())
-                        .increment(1);
+                    st.refund(&w.tenant, 1, w.reserved);
+                    count_refusal(w.tenant.clone(), Reason::QueueDeadline);
                     let rejection = Rejection {
                         reason: Reason::QueueDeadline,
                         message: format!(
@@ -560,6 +552,22 @@ impl<C: Clock + Clone> Admission<C> {
         }
         publish_queue(&guard);
     }
+}
+
+impl<C: Clock + Clone> State<C> {
+    /// Gives request cells and tokens back to a tenant's buckets and the server's.
+    fn refund(&self, tenant: &str, requests: u32, tokens: u32) {
+        if let Some(t) = self.tenants.get(tenant) {
+            t.buckets.refund(requests, tokens);
+        }
+        self.server_buckets.refund(requests, tokens);
+    }
+}
+
+/// Counts a refusal by tenant and the limit that made it.
+fn count_refusal(tenant: String, reason: Reason) {
+    metrics::counter!(names::RATE_LIMITED_TOTAL, names::LABEL_TENANT => tenant, names::LABEL_REASON => reason.label())
+        .increment(1);
 }
 
 /// Takes one request cell and the token reservation from `buckets`, or neither.

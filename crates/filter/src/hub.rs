@@ -351,20 +351,13 @@ impl FilterHub {
 
     /// Judges `text` with the selection a request holds; `None` when filtering is off. Records the
     /// verdict, counts it, and queues the text for the shadow filter.
-    pub fn check(&self, selection: &Selection, stage: Stage, request_id: &str, text: &str) -> Option<Verdict> {
-        self.judge(selection, stage, request_id, text, true)
+    pub fn check(&self, selection: &Selection, stage: Stage, text: &str) -> Option<Verdict> {
+        self.judge(selection, stage, text, true)
     }
 
     /// Like [`FilterHub::check`]; with `full` false (streamed output mid-sentence) the filter may run only
     /// its cheap part.
-    pub fn judge(
-        &self,
-        selection: &Selection,
-        stage: Stage,
-        _request_id: &str,
-        text: &str,
-        full: bool,
-    ) -> Option<Verdict> {
+    pub fn judge(&self, selection: &Selection, stage: Stage, text: &str, full: bool) -> Option<Verdict> {
         let active = selection.active.as_ref().filter(|_| selection.enabled)?;
         let started = Instant::now();
         let verdict = if full {

@@ -92,10 +92,7 @@ impl OutputGuard {
     }
 
     fn judge(&mut self, window: String, full: bool) -> Result<(), Verdict> {
-        let Some(v) = self
-            .hub
-            .judge(&self.selection, Stage::Output, &self.request_id, &window, full)
-        else {
+        let Some(v) = self.hub.judge(&self.selection, Stage::Output, &window, full) else {
             return Ok(());
         };
         match v.action {

@@ -131,12 +131,12 @@ impl InferenceService {
         let text = filter_text(&valid.input);
         let verdict = if selection.active.as_ref().is_some_and(|a| a.filter.is_heavy()) {
             // Embeddings take milliseconds: off the async threads.
-            let (hub, selection, id) = (Arc::clone(&self.filters), Arc::clone(&selection), request_id.clone());
-            tokio::task::spawn_blocking(move || hub.check(&selection, Stage::Input, &id, &text))
+            let (hub, selection) = (Arc::clone(&self.filters), Arc::clone(&selection));
+            tokio::task::spawn_blocking(move || hub.check(&selection, Stage::Input, &text))
                 .await
                 .map_err(|e| RouterError::Backend(ferroserve_core::BackendError::Internal(e.to_string())))?
         } else {
-            self.filters.check(&selection, Stage::Input, &request_id, &text)
+            self.filters.check(&selection, Stage::Input, &text)
         };
         if let Some(v) = verdict {
             let filter = selection.active.as_ref().map(|a| a.id.clone()).unwrap_or_default();

@@ -7,7 +7,7 @@ use ferroserve_telemetry::names;
 use governor::clock::{Clock, DefaultClock};
 use tokio::sync::oneshot;
 
-use super::{Admission, Reason, Rejection, publish_queue};
+use super::{Admission, Reason, Rejection, count_refusal, publish_queue};
 use crate::estimate::Timing;
 
 /// The right to run one request. Dropping it frees the slot and reconciles the token reservation with
@@ -114,8 +114,7 @@ impl<C: Clock + Clone> Waiting<C> {
             .get(&self.key)
             .map(|w| w.tenant.clone())
             .unwrap_or_default();
-        metrics::counter!(names::RATE_LIMITED_TOTAL, names::LABEL_TENANT => tenant, names::LABEL_REASON => Reason::QueueDeadline.label())
-            .increment(1);
+        count_refusal(tenant, Reason::QueueDeadline);
     }
 
     fn too_late(&self) -> Rejection {
@@ -148,9 +147,8 @@ impl<C: Clock + Clone> Drop for Waiting<C> {
             st.queued_tokens -= u64::from(w.reserved);
             if let Some(t) = st.tenants.get_mut(&w.tenant) {
                 t.queued = t.queued.saturating_sub(1);
-                t.buckets.refund(0, w.reserved);
             }
-            st.server_buckets.refund(0, w.reserved);
+            st.refund(&w.tenant, 0, w.reserved);
             publish_queue(st);
         }
     }
