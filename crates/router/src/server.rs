@@ -7,7 +7,7 @@ use std::time::Duration;
 use ferroserve_proto::v1::admin_server::AdminServer;
 use ferroserve_proto::v1::inference_server::InferenceServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use crate::admin::AdminService;
@@ -104,7 +104,9 @@ pub async fn serve(
         .add_service(reflection)
         .add_service(inference)
         .add_service(admin)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+        // TCP_NODELAY: a token is a small write; without it, Nagle holds the next one until the client's
+        // delayed ACK (up to 40 ms on Linux), which shows up in TTFT and inter-token latency.
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), async move {
             shutdown.await;
             tracing::info!(drain_timeout = ?config.drain_timeout, "shutting down: no new connections, draining streams");
             health_task.abort();
