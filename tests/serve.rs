@@ -73,6 +73,7 @@ async fn same_seed_same_text_and_stop_strings_end_generation() {
             top_k: 40,
             seed: Some(seed),
             repetition_penalty: Some(1.1),
+            ignore_eos: false,
         });
         r
     };

@@ -83,6 +83,8 @@ pub struct Sampling {
     pub seed: u64,
     /// 1 means none; values above 1 discourage repeating tokens already in the context.
     pub repetition_penalty: f32,
+    /// Generate past the end-of-sequence token (benchmarks: every server produces `max_tokens`).
+    pub ignore_eos: bool,
 }
 
 impl Sampling {
@@ -93,6 +95,7 @@ impl Sampling {
         top_k: 0,
         seed: 0,
         repetition_penalty: 1.0,
+        ignore_eos: false,
     };
 
     /// True when the next token is simply the most likely one.

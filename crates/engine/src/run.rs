@@ -120,7 +120,7 @@ impl EngineLoop {
             if generated == 0 {
                 ttft_ms = ms_since(request.arrived);
             }
-            if self.text.tokenizer.is_stop(pick.token) {
+            if !request.sampling.ignore_eos && self.text.tokenizer.is_stop(pick.token) {
                 break FinishReason::Eos;
             }
             generated += 1;

@@ -144,6 +144,7 @@ mod tests {
             top_k,
             seed,
             repetition_penalty: 1.0,
+            ignore_eos: false,
         }
     }
 

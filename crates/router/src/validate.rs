@@ -190,6 +190,7 @@ fn sampling(s: pb::SamplingParams) -> Result<Sampling, RouterError> {
         top_k: s.top_k,
         seed: s.seed.unwrap_or_else(rand::random),
         repetition_penalty,
+        ignore_eos: s.ignore_eos,
     })
 }
 

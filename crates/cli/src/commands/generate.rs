@@ -45,6 +45,9 @@ pub struct GenerateArgs {
     /// Penalty for tokens already in the context (1: none).
     #[arg(long)]
     pub repetition_penalty: Option<f32>,
+    /// Keep generating past the end-of-sequence token, up to --max-tokens (for benchmarks).
+    #[arg(long)]
+    pub ignore_eos: bool,
     /// Stop before this string; repeat for more.
     #[arg(long)]
     pub stop: Vec<String>,
@@ -109,6 +112,7 @@ impl GenerateArgs {
                 top_k: self.top_k,
                 seed: self.seed,
                 repetition_penalty: self.repetition_penalty,
+                ignore_eos: self.ignore_eos,
             }),
             stop: self.stop.clone(),
             request_id: self.request_id.clone(),
