@@ -1,0 +1,99 @@
+//! Ferroserve's own API: `GenerateStream`, one token chunk per message, `usage` in the final message.
+
+use ferroserve_proto::v1 as pb;
+use ferroserve_proto::v1::inference_client::InferenceClient;
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+
+use super::{Failed, Generation};
+use crate::BenchError;
+use crate::prompts::{Prompt, PromptBody};
+use crate::sample::{ErrorKind, Recorder};
+
+/// A gRPC client on one HTTP/2 connection (streams are multiplexed; tonic clones share it).
+#[derive(Clone)]
+pub struct GrpcClient {
+    /// The generated client.
+    inner: InferenceClient<Channel>,
+    /// `authorization` header value, when a key is set.
+    auth: Option<MetadataValue<tonic::metadata::Ascii>>,
+}
+
+impl GrpcClient {
+    pub(super) async fn connect(endpoint: &str, api_key: Option<&str>) -> Result<Self, BenchError> {
+        let auth = api_key
+            .map(|k| {
+                format!("Bearer {k}")
+                    .parse()
+                    .map_err(|_| BenchError::Target("the API key has characters a header cannot carry".into()))
+            })
+            .transpose()?;
+        let channel = Channel::from_shared(endpoint.to_string())
+            .map_err(|e| BenchError::Target(format!("{endpoint}: {e}")))?
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .map_err(|e| BenchError::Target(format!("cannot connect to {endpoint}: {e}")))?;
+        Ok(GrpcClient {
+            inner: InferenceClient::new(channel).max_decoding_message_size(64 << 20),
+            auth,
+        })
+    }
+
+    pub(super) async fn send(&self, prompt: &Prompt, g: &Generation, rec: &mut Recorder) -> Result<(), Failed> {
+        let (text, messages) = match &prompt.body {
+            PromptBody::Text(t) => (t.clone(), Vec::new()),
+            PromptBody::Chat(m) => (
+                String::new(),
+                m.iter()
+                    .map(|m| pb::ChatMessage {
+                        role: m.role.clone(),
+                        content: m.content.clone(),
+                    })
+                    .collect(),
+            ),
+        };
+        let mut request = tonic::Request::new(pb::GenerateRequest {
+            model: g.model.clone(),
+            prompt: text,
+            messages,
+            max_tokens: g.max_tokens,
+            sampling: Some(pb::SamplingParams {
+                temperature: g.temperature,
+                ignore_eos: g.ignore_eos,
+                ..Default::default()
+            }),
+            stop: Vec::new(),
+            request_id: String::new(),
+        });
+        if let Some(auth) = &self.auth {
+            request.metadata_mut().insert("authorization", auth.clone());
+        }
+        let status = |s: tonic::Status| {
+            (
+                ErrorKind::from_grpc(s.code()),
+                format!("{:?}: {}", s.code(), s.message()),
+            )
+        };
+        let mut stream = self
+            .inner
+            .clone()
+            .generate_stream(request)
+            .await
+            .map_err(status)?
+            .into_inner();
+        while let Some(message) = stream.message().await.map_err(status)? {
+            match message.event {
+                Some(pb::generate_stream_response::Event::Token(t)) => rec.chunk(t.token_ids.len() as u32),
+                Some(pb::generate_stream_response::Event::Complete(c)) => {
+                    if let Some(u) = c.usage {
+                        rec.usage(Some(u.prompt_tokens), u.completion_tokens);
+                    }
+                    return Ok(());
+                }
+                None => {}
+            }
+        }
+        Err((ErrorKind::Other, "the stream ended without a `complete` message".into()))
+    }
+}
