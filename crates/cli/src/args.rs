@@ -34,6 +34,9 @@ pub enum Command {
     Limits(crate::commands::admin::LimitsArgs),
     /// Content filters: `ferroserve filter eval --config X --data labeled.jsonl`.
     Filter(crate::commands::filter::FilterArgs),
+    /// Load tester: measures Ferroserve or any OpenAI-compatible server (`bench compare`, `bench plot`
+    /// read the result files).
+    Bench(crate::commands::bench::BenchArgs),
     /// Makes a running server re-read its config file and apply its keys and limits (as SIGHUP does).
     Reload(crate::commands::admin::AdminConn),
 }

@@ -1,6 +1,7 @@
 //! One module per subcommand. Each parses its settings, builds the parts and wires them; nothing more.
 
 pub mod admin;
+pub mod bench;
 pub mod filter;
 pub mod generate;
 pub mod servers;
