@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Ferroserve against llama.cpp's llama-server, on the same GGUF, the same prompts and the same machine, in
+# one run. Not run in CI: it is for people and for closing notes.
+#
+#   scripts/compare-llamacpp.sh                 # writes bench-results/compare-<time>/
+#   OUT=/tmp/cmp REQUESTS=16 scripts/compare-llamacpp.sh
+#
+# Steps: build llama-server from the llama-cpp-python==0.3.36 sdist (cached; scripts/build-llama-server.sh),
+# build ferroserve (release), fetch the default model, then for each server in turn: start it on
+# 127.0.0.1, run `ferroserve bench` at concurrency 1,4,8,16 with 128 output tokens and ignore-EOS, stop it.
+# Finally print `bench compare` (ratios ferroserve / llama-server) and draw the plots.
+#
+# Environment: OUT, REQUESTS (measured requests per level, default 32), LEVELS (default 1,4,8,16),
+# INPUT_TOKENS (default 128), MAX_TOKENS (default 128), FILTER (on|off, default off: llama-server has no
+# content filter, so the engine comparison runs without Ferroserve's).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+out="${OUT:-bench-results/compare-$(date +%Y%m%d-%H%M%S)}"
+requests="${REQUESTS:-32}"
+levels="${LEVELS:-1,4,8,16}"
+input_tokens="${INPUT_TOKENS:-128}"
+max_tokens="${MAX_TOKENS:-128}"
+filter="${FILTER:-off}"
+llama_port=18080
+mkdir -p "$out"
+
+llama_server="$(scripts/build-llama-server.sh | tail -n 1)"
+cargo build --release -p ferroserve
+ferroserve="$PWD/target/release/ferroserve"
+model="$("$ferroserve" fetch-model | sed -n 1p)"
+echo "==> model $model"
+
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap cleanup EXIT
+
+# Waits (at most 300 s) until a command succeeds.
+wait_for() {
+  for _ in $(seq 1 300); do
+    if "$@" >/dev/null 2>&1; then return 0; fi
+    sleep 1
+  done
+  echo "timed out waiting for: $*" >&2
+  return 1
+}
+
+bench() {
+  "$ferroserve" bench --concurrency "$levels" --requests "$requests" --warmup 2 \
+    --input-tokens "$input_tokens" --max-tokens "$max_tokens" --ignore-eos --seed 7 --quiet "$@"
+}
+
+echo "==> llama-server ($llama_server), --parallel 16, continuous batching"
+# Each of the 16 slots needs the prompt, the output and the chat-free completion's few extra tokens.
+ctx=$(( 16 * (input_tokens + max_tokens + 64) ))
+"$llama_server" -m "$model" --host 127.0.0.1 --port "$llama_port" --parallel 16 --cont-batching \
+  -c "$ctx" > "$out/llama-server.log" 2>&1 &
+pids+=($!)
+wait_for curl -sf "http://127.0.0.1:$llama_port/health"
+bench --target "http://127.0.0.1:$llama_port/v1/completions" --label llama-server --output "$out/llama-server.json" \
+  | tee "$out/llama-server.txt"
+kill "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null || true; unset 'pids[-1]'
+
+echo "==> ferroserve serve (content filter $filter)"
+config="$out/ferroserve.toml"
+sed -e 's/^listen = "127.0.0.1:50051"/listen = "127.0.0.1:0"/' \
+    -e 's/^metrics_listen = "127.0.0.1:9464"/metrics_listen = "127.0.0.1:0"/' \
+    configs/ferroserve.toml > "$config"
+if [[ "$filter" == off ]]; then sed -i 's/^enabled = true/enabled = false/' "$config"; fi
+"$ferroserve" serve --config "$config" --model-path "$model" > "$out/ferroserve.log" 2>&1 &
+pids+=($!)
+wait_for grep -q "serve listening on" "$out/ferroserve.log"
+addr="$(grep -m1 -o 'serve listening on [0-9.:]*' "$out/ferroserve.log" | awk '{print $4}')"
+# Listening comes before the model has loaded; one short generation says it is ready.
+wait_for "$ferroserve" generate --addr "http://$addr" --max-tokens 1 "ready?"
+bench --target "grpc://$addr" --label ferroserve --output "$out/ferroserve.json" | tee "$out/ferroserve.txt"
+kill "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null || true; unset 'pids[-1]'
+
+echo "==> ratios (b / a): a = llama-server, b = ferroserve"
+"$ferroserve" bench compare "$out/llama-server.json" "$out/ferroserve.json" | tee "$out/compare.txt"
+"$ferroserve" bench plot "$out/llama-server.json" "$out/ferroserve.json" --out "$out/plots"
+echo "==> results in $out"
