@@ -189,6 +189,36 @@ async fn open_loop_sends_at_the_requested_rate() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duration_bound_stops_sending_and_counts_what_was_in_flight() {
+    let server = MockServer::grpc(MockBehaviour {
+        itl: Duration::from_millis(20),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut c = config(vec![Level::Concurrency(2), Level::Rate(20.0)], 1, 10);
+    c.load.bound = Bound::Seconds(0.6);
+    c.load.warmup = 0;
+    let r = measure(&server.url, c).await;
+    server.stop().await;
+    for l in &r.levels {
+        // Each request takes 180 ms, so a 0.6 s level sends a handful and then lets the last ones finish.
+        assert!(l.sent >= 2, "{:?}: sent {}", l.level, l.sent);
+        assert_eq!((l.completed, l.failed), (l.sent, 0));
+        assert!(
+            l.duration_s > 0.6,
+            "in-flight requests finish and count: {} s",
+            l.duration_s
+        );
+        assert!(
+            l.duration_s < 5.0,
+            "no request starts after the bound: {} s",
+            l.duration_s
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn results_round_trip_compare_and_plot() {
     let server = MockServer::grpc(MockBehaviour {
         ttft: Duration::from_millis(5),
