@@ -33,4 +33,7 @@ pub enum ModelError {
     /// Candle failed during a forward pass.
     #[error("model forward failed: {0}")]
     Forward(#[from] candle_core::Error),
+    /// A step asked for more positions than a sequence's KV cache holds.
+    #[error("KV cache: {0}")]
+    Cache(String),
 }

@@ -3,6 +3,7 @@
 //! ([`detok`]) and the forward pass ([`llama`]). Nothing here is async or knows about gRPC.
 #![forbid(unsafe_code)]
 
+pub mod batched;
 pub mod chat;
 pub mod detok;
 pub mod device;

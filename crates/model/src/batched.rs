@@ -1,0 +1,332 @@
+//! A llama-architecture forward over a flattened batch: tokens from many sequences, each at its own
+//! position, in one step. This is what continuous batching runs on.
+//!
+//! - The matmuls (attention projections, MLP, output) run once over every token of the step.
+//! - RoPE uses each token's own position.
+//! - Attention runs per sequence, over that sequence's own KV cache, with a causal mask inside a chunk
+//!   of several tokens (prefill).
+//! - Logits are computed only for each sequence's last token.
+//!
+//! Each sequence's KV cache is preallocated at its capacity ([`SeqCache`]) and written in place, so the
+//! hot path has no `Tensor::cat`. Weights are Candle's quantized tensors from the GGUF (`QMatMul`), so
+//! the numbers match Candle's reference `quantized_llama` run one sequence at a time; tests check it.
+
+use candle_core::quantized::{QMatMul, gguf_file};
+use candle_core::{DType, Device, Module, Tensor};
+use candle_transformers::quantized_nn::RmsNorm;
+
+use crate::ModelError;
+use crate::gguf::GgufFile;
+
+/// Positions precomputed for RoPE; a sequence longer than this is refused.
+const MAX_POSITIONS: usize = 8192;
+
+/// One transformer block.
+struct Block {
+    /// Query, key, value and output projections.
+    wq: QMatMul,
+    wk: QMatMul,
+    wv: QMatMul,
+    wo: QMatMul,
+    /// SwiGLU MLP: down(silu(gate(x)) * up(x)).
+    gate: QMatMul,
+    down: QMatMul,
+    up: QMatMul,
+    /// Norms before attention and before the MLP.
+    attn_norm: RmsNorm,
+    ffn_norm: RmsNorm,
+}
+
+/// The model's shape, read from the GGUF metadata.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    /// Transformer blocks.
+    pub layers: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads (grouped-query attention when fewer than `heads`).
+    pub kv_heads: usize,
+    /// Dimension of one head.
+    pub head_dim: usize,
+    /// Vocabulary size (logits per token).
+    pub vocab: usize,
+}
+
+/// Quantized llama weights, shared by every sequence; the KV caches live in [`SeqCache`]s.
+pub struct BatchedLlama {
+    /// Token embeddings, dequantized (a lookup, not a matmul).
+    embed: Tensor,
+    /// The blocks.
+    blocks: Vec<Block>,
+    /// Final norm.
+    norm: RmsNorm,
+    /// Output projection (the embedding matrix when the GGUF ties them).
+    output: QMatMul,
+    /// RoPE tables, `[MAX_POSITIONS, rope_dim / 2]`.
+    cos: Tensor,
+    sin: Tensor,
+    /// Heads and sizes.
+    shape: Shape,
+    /// Where tensors live.
+    device: Device,
+}
+
+/// One sequence's KV cache: per block, keys and values `[1, kv_heads, capacity, head_dim]`, filled
+/// up to `len`.
+pub struct SeqCache {
+    /// Per block: (keys, values).
+    layers: Vec<(Tensor, Tensor)>,
+    /// Positions filled.
+    len: usize,
+    /// Positions allocated.
+    capacity: usize,
+}
+
+impl SeqCache {
+    /// Tokens already in the cache: the position of the next token.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing has been run yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Positions this cache can hold.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+}
+
+/// One sequence's part of a step: its cache, and the tokens to run at positions `cache.len()..`.
+pub struct Chunk<'a> {
+    /// The sequence's cache; `len` advances by `tokens.len()`.
+    pub cache: &'a mut SeqCache,
+    /// Prompt tokens (prefill, possibly a slice of the prompt) or the one sampled token (decode).
+    pub tokens: &'a [u32],
+}
+
+fn format_err(path: &std::path::Path, e: impl std::fmt::Display) -> ModelError {
+    ModelError::Format {
+        path: path.to_path_buf(),
+        message: format!("cannot load llama weights: {e}"),
+    }
+}
+
+/// RoPE tables for positions `0..MAX_POSITIONS`.
+fn rope_tables(dim: usize, base: f32, device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
+    let inv: Vec<f32> = (0..dim)
+        .step_by(2)
+        .map(|i| 1.0 / base.powf(i as f32 / dim as f32))
+        .collect();
+    let inv = Tensor::new(inv.as_slice(), device)?.reshape((1, dim / 2))?;
+    let pos = Tensor::arange(0, MAX_POSITIONS as u32, device)?
+        .to_dtype(DType::F32)?
+        .reshape((MAX_POSITIONS, 1))?;
+    let angles = pos.matmul(&inv)?;
+    Ok((angles.cos()?, angles.sin()?))
+}
+
+impl BatchedLlama {
+    /// Reads the weights of a llama-architecture GGUF onto `device`.
+    pub fn load(gguf: &mut GgufFile, device: &Device) -> Result<BatchedLlama, ModelError> {
+        let path = gguf.path.clone();
+        let err = |e: candle_core::Error| format_err(&path, e);
+        let md = |key: &str| -> Result<&gguf_file::Value, ModelError> {
+            gguf.content
+                .metadata
+                .get(key)
+                .ok_or_else(|| format_err(&path, format!("missing metadata {key}")))
+        };
+        let num = |key: &str| -> Result<usize, ModelError> {
+            md(key)?.to_u32().map(|v| v as usize).map_err(|e| format_err(&path, e))
+        };
+        let arch = md("general.architecture")?
+            .to_string()
+            .map_err(|e| format_err(&path, e))?;
+        if arch != "llama" {
+            return Err(format_err(&path, format!("architecture {arch:?}, not llama")));
+        }
+        let heads = num("llama.attention.head_count")?;
+        let kv_heads = num("llama.attention.head_count_kv")?;
+        let layers = num("llama.block_count")?;
+        let dim = num("llama.embedding_length")?;
+        let rope_dim = num("llama.rope.dimension_count")?;
+        let eps = md("llama.attention.layer_norm_rms_epsilon")?
+            .to_f32()
+            .map_err(|e| format_err(&path, e))? as f64;
+        let base = md("llama.rope.freq_base").and_then(|v| v.to_f32().map_err(|e| format_err(&path, e)));
+        let (cos, sin) = rope_tables(rope_dim, base.unwrap_or(10_000.0), device).map_err(err)?;
+
+        let GgufFile { content, file, .. } = gguf;
+        let mut tensor = |name: &str| content.tensor(file, name, device).map_err(err);
+        let embed_q = tensor("token_embd.weight")?;
+        let vocab = embed_q.shape().dims()[0];
+        let embed = embed_q.dequantize(device).map_err(err)?;
+        let norm = RmsNorm::from_qtensor(tensor("output_norm.weight")?, eps).map_err(err)?;
+        let output = match tensor("output.weight") {
+            Ok(t) => t,
+            Err(_) => embed_q,
+        };
+        let mut blocks = Vec::with_capacity(layers);
+        for i in 0..layers {
+            let mut q = |name: &str| -> Result<QMatMul, ModelError> {
+                QMatMul::from_qtensor(tensor(&format!("blk.{i}.{name}.weight"))?).map_err(err)
+            };
+            let (wq, wk, wv, wo) = (q("attn_q")?, q("attn_k")?, q("attn_v")?, q("attn_output")?);
+            let (gate, down, up) = (q("ffn_gate")?, q("ffn_down")?, q("ffn_up")?);
+            let attn_norm = RmsNorm::from_qtensor(tensor(&format!("blk.{i}.attn_norm.weight"))?, eps).map_err(err)?;
+            let ffn_norm = RmsNorm::from_qtensor(tensor(&format!("blk.{i}.ffn_norm.weight"))?, eps).map_err(err)?;
+            blocks.push(Block {
+                wq,
+                wk,
+                wv,
+                wo,
+                gate,
+                down,
+                up,
+                attn_norm,
+                ffn_norm,
+            });
+        }
+        Ok(BatchedLlama {
+            embed,
+            blocks,
+            norm,
+            output: QMatMul::from_qtensor(output).map_err(err)?,
+            cos,
+            sin,
+            shape: Shape {
+                layers,
+                heads,
+                kv_heads,
+                head_dim: dim / heads,
+                vocab,
+            },
+            device: device.clone(),
+        })
+    }
+
+    /// The model's shape.
+    pub fn shape(&self) -> Shape {
+        self.shape
+    }
+
+    /// An empty KV cache for one sequence of at most `capacity` tokens.
+    pub fn new_cache(&self, capacity: usize) -> Result<SeqCache, ModelError> {
+        let capacity = capacity.min(MAX_POSITIONS);
+        let s = self.shape;
+        let layers = (0..s.layers)
+            .map(|_| {
+                let kv = || Tensor::zeros((1, s.kv_heads, capacity, s.head_dim), DType::F32, &self.device);
+                Ok((kv()?, kv()?))
+            })
+            .collect::<candle_core::Result<_>>()?;
+        Ok(SeqCache {
+            layers,
+            len: 0,
+            capacity,
+        })
+    }
+
+    /// Runs one step over every chunk and returns, per chunk, the logits that follow its last token.
+    /// Each chunk's cache advances by its token count. A chunk that would overflow its cache, or an
+    /// empty chunk, is refused before anything runs.
+    pub fn forward(&self, chunks: &mut [Chunk<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
+        for c in chunks.iter() {
+            if c.tokens.is_empty() || c.cache.len + c.tokens.len() > c.cache.capacity {
+                return Err(ModelError::Cache(format!(
+                    "a chunk of {} tokens at position {} does not fit a cache of {}",
+                    c.tokens.len(),
+                    c.cache.len,
+                    c.cache.capacity
+                )));
+            }
+        }
+        if chunks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let s = self.shape;
+        let total: usize = chunks.iter().map(|c| c.tokens.len()).sum();
+        let mut ids = Vec::with_capacity(total);
+        let mut positions = Vec::with_capacity(total);
+        let mut last = Vec::with_capacity(chunks.len());
+        for c in chunks.iter() {
+            ids.extend_from_slice(c.tokens);
+            positions.extend((c.cache.len..c.cache.len + c.tokens.len()).map(|p| p as u32));
+            last.push((ids.len() - 1) as u32);
+        }
+        let positions = Tensor::new(positions.as_slice(), &self.device)?;
+        let cos = self.cos.index_select(&positions, 0)?;
+        let sin = self.sin.index_select(&positions, 0)?;
+        let mut x = self
+            .embed
+            .index_select(&Tensor::new(ids.as_slice(), &self.device)?, 0)?;
+        for (layer, block) in self.blocks.iter().enumerate() {
+            let h = block.attn_norm.forward(&x)?;
+            let heads = |t: Tensor, n: usize| -> candle_core::Result<Tensor> {
+                t.reshape((1, total, n, s.head_dim))?.transpose(1, 2)?.contiguous()
+            };
+            let q = candle_nn::rotary_emb::rope_i(&heads(block.wq.forward(&h)?, s.heads)?, &cos, &sin)?;
+            let k = candle_nn::rotary_emb::rope_i(&heads(block.wk.forward(&h)?, s.kv_heads)?, &cos, &sin)?;
+            let v = heads(block.wv.forward(&h)?, s.kv_heads)?;
+            let y = Tensor::zeros((1, s.heads, total, s.head_dim), DType::F32, &self.device)?;
+            let mut offset = 0;
+            for c in chunks.iter_mut() {
+                let n = c.tokens.len();
+                let past = c.cache.len;
+                let (kc, vc) = &c.cache.layers[layer];
+                kc.slice_set(&k.narrow(2, offset, n)?.contiguous()?, 2, past)?;
+                vc.slice_set(&v.narrow(2, offset, n)?.contiguous()?, 2, past)?;
+                let out = self.attend(&q.narrow(2, offset, n)?, kc, vc, past, n)?;
+                y.slice_set(&out, 2, offset)?;
+                offset += n;
+            }
+            let y = y.transpose(1, 2)?.reshape((total, s.heads * s.head_dim))?;
+            x = (x + block.wo.forward(&y)?)?;
+            let h = block.ffn_norm.forward(&x)?;
+            let mlp = block
+                .down
+                .forward(&(candle_nn::ops::silu(&block.gate.forward(&h)?)? * block.up.forward(&h)?)?)?;
+            x = (x + mlp)?;
+        }
+        for c in chunks.iter_mut() {
+            c.cache.len += c.tokens.len();
+        }
+        let x = x.index_select(&Tensor::new(last.as_slice(), &self.device)?, 0)?;
+        let logits = self.output.forward(&self.norm.forward(&x)?)?;
+        Ok(logits.to_dtype(DType::F32)?.to_vec2()?)
+    }
+
+    /// Attention of `n` new queries `[1, heads, n, head_dim]` at positions `past..past + n` over the first
+    /// `past + n` cached keys and values, causal within the chunk.
+    fn attend(&self, q: &Tensor, kc: &Tensor, vc: &Tensor, past: usize, n: usize) -> candle_core::Result<Tensor> {
+        let s = self.shape;
+        let seen = past + n;
+        let group = s.heads / s.kv_heads;
+        let k = candle_transformers::utils::repeat_kv(kc.narrow(2, 0, seen)?.contiguous()?, group)?;
+        let v = candle_transformers::utils::repeat_kv(vc.narrow(2, 0, seen)?.contiguous()?, group)?;
+        let scores = (q.contiguous()?.matmul(&k.t()?)? / (s.head_dim as f64).sqrt())?;
+        let scores = if n > 1 {
+            // Query i sits at position past + i and sees keys 0..=past + i.
+            let mask: Vec<f32> = (0..n)
+                .flat_map(|i| (0..seen).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 }))
+                .collect();
+            scores.broadcast_add(&Tensor::from_vec(mask, (n, seen), &self.device)?)?
+        } else {
+            scores
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        probs.matmul(&v)?.contiguous()
+    }
+}
+
+/// Index of the largest value (greedy pick), for tests and checks.
+pub fn argmax(logits: &[f32]) -> usize {
+    logits
+        .iter()
+        .enumerate()
+        .fold((0, f32::MIN), |best, (i, &v)| if v > best.1 { (i, v) } else { best })
+        .0
+}

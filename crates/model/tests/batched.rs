@@ -1,0 +1,168 @@
+//! The flattened-batch forward against Candle's reference `quantized_llama` (one sequence at a time), and
+//! against itself unbatched, on the real SmolLM2 GGUF.
+
+use std::sync::OnceLock;
+
+use candle_core::Device;
+use ferroserve_model::batched::{BatchedLlama, Chunk, argmax};
+use ferroserve_model::fetch::{self, DEFAULT_MODEL, Quiet};
+use ferroserve_model::gguf::GgufFile;
+use ferroserve_model::llama::Llama;
+use ferroserve_model::tokenizer::TextTokenizer;
+
+struct Fixture {
+    path: std::path::PathBuf,
+    model: BatchedLlama,
+    tokenizer: TextTokenizer,
+}
+
+fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let path = fetch::ensure(&DEFAULT_MODEL, &fetch::default_cache_dir(), &Quiet).expect("default model");
+        let mut gguf = GgufFile::open(&path).expect("gguf opens");
+        let tokenizer = TextTokenizer::from_gguf(&gguf).expect("tokenizer");
+        let model = BatchedLlama::load(&mut gguf, &Device::Cpu).expect("weights load");
+        Fixture { path, model, tokenizer }
+    })
+}
+
+fn tokens(text: &str) -> Vec<u32> {
+    fixture().tokenizer.encode(text).expect("encodes")
+}
+
+/// Largest absolute difference, relative to the largest logit magnitude.
+fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let scale = a.iter().fold(1e-6_f32, |m, v| m.max(v.abs()));
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max) / scale
+}
+
+/// Greedy generation of `steps` tokens for one sequence alone: the logits after the prompt and after
+/// each generated token.
+fn alone(prompt: &[u32], steps: usize) -> Vec<Vec<f32>> {
+    let m = &fixture().model;
+    let mut cache = m.new_cache(256).unwrap();
+    let mut out = m
+        .forward(&mut [Chunk {
+            cache: &mut cache,
+            tokens: prompt,
+        }])
+        .unwrap();
+    for _ in 0..steps {
+        let next = argmax(out.last().unwrap()) as u32;
+        let step = m
+            .forward(&mut [Chunk {
+                cache: &mut cache,
+                tokens: &[next],
+            }])
+            .unwrap();
+        out.extend(step);
+    }
+    out
+}
+
+#[test]
+fn matches_candle_reference_one_sequence_at_a_time() {
+    let f = fixture();
+    let mut reference = Llama::load(GgufFile::open(&f.path).unwrap(), &Device::Cpu).unwrap();
+    let prompt = tokens("The capital of France is Paris, and the capital of Italy is");
+    let ours = alone(&prompt, 4);
+    let mut logits = reference.forward(&prompt, 0).unwrap();
+    let mut position = prompt.len();
+    for (step, mine) in ours.iter().enumerate() {
+        assert!(
+            rel_diff(mine, &logits) < 1e-3,
+            "step {step}: relative difference {}",
+            rel_diff(mine, &logits)
+        );
+        assert_eq!(argmax(mine), argmax(&logits), "step {step}: same greedy token");
+        let next = argmax(&logits) as u32;
+        logits = reference.forward(&[next], position).unwrap();
+        position += 1;
+    }
+    assert_eq!(f.model.shape().vocab, ours[0].len());
+}
+
+#[test]
+fn a_batch_gives_each_sequence_what_it_gets_alone() {
+    let m = &fixture().model;
+    let prompts = [
+        tokens("Once upon a time, in a land far away,"),
+        tokens("def fibonacci(n):"),
+        tokens("Water boils at"),
+    ];
+    let expected: Vec<Vec<Vec<f32>>> = prompts.iter().map(|p| alone(p, 3)).collect();
+
+    // Step 0: all three prompts prefilled in one step. Steps 1-3: one decode token each, and at step 2 a
+    // fourth sequence joins with its prompt split over two steps (chunked prefill mixed with decode).
+    let mut caches: Vec<_> = (0..4).map(|_| m.new_cache(256).unwrap()).collect();
+    let late = tokens("Water boils at one hundred degrees Celsius at sea level, and");
+    let late_expected = alone(&late, 0);
+    let (late_a, late_b) = late.split_at(5);
+    let mut got: Vec<Vec<Vec<f32>>> = vec![Vec::new(); 4];
+    let mut next: Vec<Vec<u32>> = prompts.to_vec();
+    for step in 0..4 {
+        let (first3, rest) = caches.split_at_mut(3);
+        let mut chunks: Vec<Chunk> = first3
+            .iter_mut()
+            .zip(&next)
+            .map(|(cache, t)| Chunk { cache, tokens: t })
+            .collect();
+        let late_part = match step {
+            2 => Some(late_a),
+            3 => Some(late_b),
+            _ => None,
+        };
+        if let Some(part) = late_part {
+            chunks.push(Chunk {
+                cache: &mut rest[0],
+                tokens: part,
+            });
+        }
+        let logits = m.forward(&mut chunks).unwrap();
+        for (i, l) in logits.into_iter().enumerate() {
+            got[i].push(l);
+        }
+        next = (0..3).map(|i| vec![argmax(got[i].last().unwrap()) as u32]).collect();
+    }
+    for i in 0..3 {
+        for (step, (a, b)) in got[i].iter().zip(&expected[i]).enumerate() {
+            assert!(rel_diff(a, b) < 1e-4, "sequence {i} step {step}: {}", rel_diff(a, b));
+        }
+    }
+    // The late sequence's first chunk ends mid-prompt; after the second, it matches the whole prompt.
+    assert_eq!(caches[3].len(), late.len());
+    assert!(
+        rel_diff(&got[3][1], &late_expected[0]) < 1e-4,
+        "{}",
+        rel_diff(&got[3][1], &late_expected[0])
+    );
+}
+
+#[test]
+fn a_chunk_that_does_not_fit_is_refused_and_changes_nothing() {
+    let m = &fixture().model;
+    let mut cache = m.new_cache(4).unwrap();
+    let err = m
+        .forward(&mut [Chunk {
+            cache: &mut cache,
+            tokens: &[1, 2, 3, 4, 5],
+        }])
+        .unwrap_err();
+    assert!(err.to_string().contains("does not fit"), "{err}");
+    assert_eq!(cache.len(), 0);
+    assert!(
+        m.forward(&mut [Chunk {
+            cache: &mut cache,
+            tokens: &[]
+        }])
+        .is_err()
+    );
+    m.forward(&mut [Chunk {
+        cache: &mut cache,
+        tokens: &[1, 2, 3, 4],
+    }])
+    .unwrap();
+    assert_eq!(cache.len(), 4);
+}
