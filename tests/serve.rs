@@ -124,6 +124,49 @@ async fn wait_stats(server: &ferroserve::running::Running, pred: impl Fn(&Worker
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seeded_request_gives_the_same_text_alone_and_in_a_batch() {
+    let server = start_serve().await;
+    let c = client(&server.url()).await;
+    let seeded = || {
+        let mut r = chat("Write a short poem about the sea.", 20);
+        r.sampling = Some(pb::SamplingParams {
+            temperature: 0.9,
+            top_p: Some(0.95),
+            seed: Some(77),
+            ignore_eos: true,
+            ..Default::default()
+        });
+        r
+    };
+    let (alone, _) = stream_all(&mut c.clone(), seeded()).await;
+    // The same request among three others that join the batch with prompts of other lengths.
+    let others = [
+        "Count from one to ten.",
+        "What is the capital of Italy?",
+        "Name three colors of the rainbow.",
+    ];
+    let mut tasks = Vec::new();
+    for text in others {
+        let mut c = c.clone();
+        tasks.push(tokio::spawn(async move { stream_all(&mut c, chat(text, 16)).await }));
+    }
+    let (batched, done) = stream_all(&mut c.clone(), seeded()).await;
+    for t in tasks {
+        let (_, d) = t.await.expect("task");
+        assert!(d.usage.expect("usage").completion_tokens > 0);
+    }
+    assert_eq!(
+        text_of(&alone),
+        text_of(&batched),
+        "the seed fixes the text whatever else runs"
+    );
+    assert_eq!(done.usage.expect("usage").completion_tokens, 20);
+    let stats = wait_stats(&server, |s| s.completed >= 5).await;
+    assert_eq!((stats.running, stats.waiting), (0, 0));
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_disconnect_cancels_generation_on_the_worker() {
     let server = start_serve().await;
     let mut c = client(&server.url()).await;

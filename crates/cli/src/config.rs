@@ -11,7 +11,7 @@ use std::time::Duration;
 use ferroserve_admission::{
     AdmissionLimits, KeyStore, Priority, ServerLimits, Tenant, TenantKey, TenantLimits, parse_sha256, rate,
 };
-use ferroserve_engine::EngineConfig;
+use ferroserve_engine::{BatchLimits, EngineConfig};
 use ferroserve_model::device::DeviceSpec;
 use ferroserve_model::fetch;
 use ferroserve_router::{Limits, RouterConfig};
@@ -288,6 +288,12 @@ pub struct EngineSection {
     pub queue_capacity: usize,
     /// Tokens in the drift monitor's sliding window.
     pub drift_window_tokens: usize,
+    /// Continuous batching: sequences generated together.
+    pub max_batch_seqs: usize,
+    /// Tokens in one step (decode tokens plus prefill chunks); bounds how long one step takes.
+    pub max_batch_tokens: usize,
+    /// KV-cache positions reserved across the batch (each request reserves prompt + max_tokens).
+    pub kv_budget_tokens: usize,
 }
 
 impl Default for EngineSection {
@@ -296,6 +302,9 @@ impl Default for EngineSection {
         EngineSection {
             queue_capacity: e.queue_capacity,
             drift_window_tokens: e.drift_window_tokens,
+            max_batch_seqs: e.batch.max_seqs,
+            max_batch_tokens: e.batch.max_batch_tokens,
+            kv_budget_tokens: e.batch.kv_budget_tokens,
         }
     }
 }
@@ -564,6 +573,15 @@ impl FileConfig {
         if self.engine.queue_capacity == 0 {
             return Err(err("engine.queue_capacity", "must be at least 1"));
         }
+        for (key, value) in [
+            ("engine.max_batch_seqs", self.engine.max_batch_seqs),
+            ("engine.max_batch_tokens", self.engine.max_batch_tokens),
+            ("engine.kv_budget_tokens", self.engine.kv_budget_tokens),
+        ] {
+            if value == 0 {
+                return Err(err(key, "must be at least 1"));
+            }
+        }
         if self.router.max_stop_sequences == 0 || self.router.max_stop_bytes == 0 {
             return Err(err("router.max_stop_sequences", "stop limits must be at least 1"));
         }
@@ -600,7 +618,12 @@ impl FileConfig {
             request_burst: a.request_burst,
             tokens_per_minute: a.tokens_per_minute,
             token_burst: a.token_burst,
-            max_in_flight: Some(a.max_in_flight.unwrap_or(self.router.workers.len().max(1) as u32)),
+            // Default: as many requests in flight as the workers batch (the same [engine] section is
+            // assumed for remote workers); more would only wait in the engines' queues.
+            max_in_flight: Some(
+                a.max_in_flight
+                    .unwrap_or((self.router.workers.len().max(1) * self.engine.max_batch_seqs.max(1)) as u32),
+            ),
         }
         .validate("admission.")?;
         let admission = AdmissionLimits {
@@ -627,6 +650,11 @@ impl FileConfig {
             engine: EngineConfig {
                 queue_capacity: self.engine.queue_capacity,
                 drift_window_tokens: self.engine.drift_window_tokens,
+                batch: BatchLimits {
+                    max_seqs: self.engine.max_batch_seqs,
+                    max_batch_tokens: self.engine.max_batch_tokens,
+                    kv_budget_tokens: self.engine.kv_budget_tokens,
+                },
                 price: Price {
                     worker_kind: self.cost.worker_kind,
                     usd_per_hour: price,
@@ -680,6 +708,8 @@ mod tests {
         assert_eq!(e.key, "model.device");
         let e = parse("[engine]\nqueue_capacity = 0").unwrap_err();
         assert_eq!(e.key, "engine.queue_capacity");
+        let e = parse("[engine]\nmax_batch_seqs = 0").unwrap_err();
+        assert_eq!(e.key, "engine.max_batch_seqs");
         let e = parse("[router]\nworkers = [\"127.0.0.1:1\"]").unwrap_err();
         assert_eq!(e.key, "router.workers[0]");
         let e = parse("[server]\nmetrics_listen = \"x\"").unwrap_err();

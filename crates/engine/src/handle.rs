@@ -15,6 +15,7 @@ use tokio_stream::wrappers::{ReceiverStream, WatchStream};
 
 use crate::instruments::EngineMetrics;
 use crate::run::{EngineLoop, Job};
+use crate::schedule::BatchLimits;
 
 /// Engine settings from the `[engine]` and `[cost]` config sections.
 #[derive(Debug, Clone, PartialEq)]
@@ -25,6 +26,8 @@ pub struct EngineConfig {
     pub drift_window_tokens: usize,
     /// What this worker's busy time costs.
     pub price: Price,
+    /// Continuous batching: sequences, tokens per step, KV budget.
+    pub batch: BatchLimits,
 }
 
 impl Default for EngineConfig {
@@ -36,6 +39,7 @@ impl Default for EngineConfig {
                 worker_kind: "cpu".into(),
                 usd_per_hour: 0.0,
             },
+            batch: BatchLimits::default(),
         }
     }
 }
@@ -78,7 +82,7 @@ impl EngineHandle {
     /// Starts the engine thread for `model`.
     pub fn start(model: LoadedModel, config: EngineConfig) -> EngineHandle {
         let (jobs, queue) = sync_channel(config.queue_capacity);
-        let LoadedModel { info, text, llama } = model;
+        let LoadedModel { info, text, model } = model;
         let shared = Arc::new(Shared {
             stats: watch::Sender::new(WorkerStats::default()),
             metrics: EngineMetrics::new(&info),
@@ -86,9 +90,9 @@ impl EngineHandle {
             cost: cost::meter(&config.price),
         });
         let engine = EngineLoop {
-            llama,
+            model,
             text: Arc::clone(&text),
-            context_length: info.context_length as usize,
+            limits: config.batch,
             shared: Arc::clone(&shared),
         };
         thread::Builder::new()

@@ -2,8 +2,9 @@
 //! It takes validated requests and returns a stream of events; it knows nothing of gRPC.
 //!
 //! Flow: [`EngineHandle::submit`] tokenizes and checks the request on the caller's task, then queues it;
-//! the engine thread prefills, samples ([`sampler`]) and detokenizes one token at a time, applying stop
-//! conditions ([`stop`]), and sends each event into the request's own channel. A closed channel means the
+//! the engine thread batches continuously ([`schedule`]): each step runs one forward over the decode
+//! tokens and prefill chunks of every running sequence, samples per sequence ([`sampler`]), detokenizes,
+//! applies stop conditions ([`stop`]), and sends each event into the request's own channel. A closed channel means the
 //! client left, and the engine stops work on that request at its next step.
 #![forbid(unsafe_code)]
 
@@ -11,6 +12,8 @@ mod handle;
 mod instruments;
 mod run;
 pub mod sampler;
+pub mod schedule;
 pub mod stop;
 
 pub use handle::{EngineConfig, EngineHandle};
+pub use schedule::BatchLimits;

@@ -1,6 +1,9 @@
-//! The engine thread: one sequence at a time, prefill then decode, until a stop condition or the client
-//! leaves. Continuous batching replaces this loop; the contract (jobs in, events out) stays.
+//! The engine thread: continuous batching. Each step admits waiting requests that fit
+//! ([`schedule::admits`]), runs one forward over the planned tokens of every running sequence
+//! ([`schedule::plan`]: decode tokens first, then prefill chunks), samples for the sequences whose prompt
+//! is complete, and lets finished sequences leave, which frees their KV cache at once.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::mpsc::Receiver;
 use std::time::{Instant, SystemTime};
@@ -8,13 +11,14 @@ use std::time::{Instant, SystemTime};
 use ferroserve_core::{
     BackendError, Completion, Event, FinishReason, Timings, TokenChunk, Usage, ValidRequest, WorkerStats,
 };
+use ferroserve_model::batched::{BatchedLlama, Chunk, SeqCache};
 use ferroserve_model::detok::IncrementalDecoder;
-use ferroserve_model::llama::Llama;
 use ferroserve_model::{ModelError, TextCodec};
 use tokio::sync::mpsc;
 
 use crate::handle::Shared;
 use crate::sampler::Sampler;
+use crate::schedule::{self, BatchLimits, SeqView, Take};
 use crate::stop::StopMatcher;
 
 /// One queued request.
@@ -27,21 +31,56 @@ pub(crate) struct Job {
     pub events: mpsc::Sender<Result<Event, BackendError>>,
 }
 
-/// How a job ended, for the counters.
+/// How a sequence ended, for the counters.
+#[derive(Debug, Clone, Copy)]
 enum Outcome {
     Completed(u32),
     Cancelled(u32),
     Failed,
 }
 
+/// A sequence in the running batch.
+struct Seq {
+    /// The request and its channel.
+    job: Job,
+    /// Its own KV cache, freed when the sequence leaves.
+    cache: SeqCache,
+    /// Prompt tokens already in the cache.
+    prefilled: usize,
+    /// The token to feed on its next decode step.
+    next: [u32; 1],
+    /// Per-request sampler, seeded: the same seed gives the same text whatever else is in the batch.
+    sampler: Sampler,
+    /// Stop strings over the streamed text.
+    stops: StopMatcher,
+    /// Token ids to text, one whole character at a time.
+    detok: IncrementalDecoder,
+    /// Tokens generated so far.
+    generated: u32,
+    /// Arrival to admission.
+    queue_ms: f64,
+    /// Arrival to first token.
+    ttft_ms: f64,
+}
+
+impl Seq {
+    fn view(&self) -> SeqView {
+        SeqView {
+            prompt: self.job.prompt.len(),
+            prefilled: self.prefilled,
+            reserved: self.cache.capacity(),
+        }
+    }
+}
+
 /// Everything the engine thread owns.
 pub(crate) struct EngineLoop {
-    /// The model and its KV cache.
-    pub llama: Llama,
+    /// The model weights, shared by every sequence.
+    pub model: BatchedLlama,
     /// Tokenizer, for detokenizing and spotting end-of-sequence.
     pub text: Arc<TextCodec>,
-    /// The model's context length, the KV budget of the one sequence.
-    pub context_length: usize,
+    /// Batch size, step size and KV budget.
+    pub limits: BatchLimits,
     /// Counters, metrics, drift and cost, shared with the handle.
     pub shared: Arc<Shared>,
 }
@@ -51,105 +90,199 @@ fn ms_since(t: SystemTime) -> f64 {
 }
 
 impl EngineLoop {
-    /// Runs jobs until every handle is gone.
+    /// Runs until every handle is gone and the queue and the batch are empty.
     pub fn run(mut self, queue: &Receiver<Job>) {
-        while let Ok(job) = queue.recv() {
-            self.shared.update(|s| {
-                s.waiting -= 1;
-                s.running += 1;
-            });
-            let busy = Instant::now();
-            let outcome = match self.generate(&job) {
-                Ok(outcome) => outcome,
-                Err(e) => {
-                    tracing::error!(request_id = %job.request.request_id, error = %e, "generation failed");
-                    let _ = job.events.try_send(Err(BackendError::Internal(e.to_string())));
-                    Outcome::Failed
+        let mut waiting: VecDeque<Job> = VecDeque::new();
+        let mut running: Vec<Seq> = Vec::new();
+        loop {
+            if running.is_empty() && waiting.is_empty() {
+                match queue.recv() {
+                    Ok(job) => waiting.push_back(job),
+                    Err(_) => break,
                 }
-            };
-            self.llama.clear();
-            self.shared.metrics.kv_usage.set(0.0);
-            let tokens = match outcome {
-                Outcome::Completed(n) | Outcome::Cancelled(n) => n,
-                Outcome::Failed => 0,
-            };
-            self.shared.cost.charge(busy.elapsed().as_secs_f64(), u64::from(tokens));
-            self.shared.update(|s: &mut WorkerStats| {
-                s.running -= 1;
-                s.generated_tokens += u64::from(tokens);
-                match outcome {
-                    Outcome::Completed(_) => s.completed += 1,
-                    Outcome::Cancelled(_) => s.cancelled += 1,
-                    Outcome::Failed => {}
-                }
-            });
+            }
+            while let Ok(job) = queue.try_recv() {
+                waiting.push_back(job);
+            }
+            self.admit(&mut waiting, &mut running);
+            if !running.is_empty() {
+                self.step(&mut running);
+            }
         }
         tracing::debug!("engine thread exiting: all handles dropped");
     }
 
-    fn generate(&mut self, job: &Job) -> Result<Outcome, ModelError> {
+    /// Moves waiting requests into the batch while they fit, first come first served.
+    fn admit(&mut self, waiting: &mut VecDeque<Job>, running: &mut Vec<Seq>) {
+        let m = &self.shared.metrics;
+        while let Some(job) = waiting.front() {
+            if job.events.is_closed() {
+                waiting.pop_front();
+                m.cancelled.increment(1);
+                m.finished(FinishReason::Cancelled);
+                self.shared.update(|s| {
+                    s.waiting -= 1;
+                    s.cancelled += 1;
+                });
+                continue;
+            }
+            let need = job.prompt.len() + job.request.max_tokens as usize;
+            let views: Vec<SeqView> = running.iter().map(Seq::view).collect();
+            if !schedule::admits(&self.limits, &views, need) {
+                break;
+            }
+            let job = waiting.pop_front().expect("front exists");
+            self.shared.update(|s| {
+                s.waiting -= 1;
+                s.running += 1;
+            });
+            let queue_ms = ms_since(job.request.arrived);
+            m.queue_duration.record(queue_ms / 1e3);
+            match self.model.new_cache(need) {
+                Ok(cache) => running.push(Seq {
+                    sampler: Sampler::new(job.request.sampling, &job.prompt),
+                    stops: StopMatcher::new(&job.request.stop),
+                    detok: IncrementalDecoder::default(),
+                    job,
+                    cache,
+                    prefilled: 0,
+                    next: [0],
+                    generated: 0,
+                    queue_ms,
+                    ttft_ms: 0.0,
+                }),
+                Err(e) => self.fail(&job, &e),
+            }
+        }
+        self.publish_kv(running);
+    }
+
+    /// One forward over the planned tokens, then sampling and streaming for each sequence.
+    fn step(&mut self, running: &mut Vec<Seq>) {
+        // A client that left frees its place before the step, not after.
+        let mut ended: Vec<(usize, Outcome)> = Vec::new();
+        for (i, seq) in running.iter().enumerate() {
+            if seq.job.events.is_closed() {
+                self.shared.metrics.cancelled.increment(1);
+                self.shared.metrics.finished(FinishReason::Cancelled);
+                ended.push((i, Outcome::Cancelled(seq.generated)));
+            }
+        }
+        self.retire(running, ended);
+        if running.is_empty() {
+            return;
+        }
+        let views: Vec<SeqView> = running.iter().map(Seq::view).collect();
+        let mut takes: Vec<Option<Take>> = vec![None; running.len()];
+        for (i, take) in schedule::plan(&self.limits, &views) {
+            takes[i] = Some(take);
+        }
+        let started = Instant::now();
+        let mut order = Vec::with_capacity(running.len());
+        let mut chunks: Vec<Chunk<'_>> = Vec::with_capacity(running.len());
+        for (i, (seq, take)) in running.iter_mut().zip(&takes).enumerate() {
+            let tokens: &[u32] = match take {
+                None => continue,
+                Some(Take::Decode) => &seq.next,
+                Some(Take::Prefill(r)) => &seq.job.prompt[r.clone()],
+            };
+            order.push(i);
+            chunks.push(Chunk {
+                cache: &mut seq.cache,
+                tokens,
+            });
+        }
+        let step_tokens: usize = chunks.iter().map(|c| c.tokens.len()).sum();
+        let result = self.model.forward(&mut chunks);
+        drop(chunks);
+        self.shared.metrics.batch_tokens.record(step_tokens as f64);
+        let mut ended = Vec::new();
+        let mut produced = 0u64;
+        match result {
+            Err(e) => {
+                tracing::error!(error = %e, sequences = order.len(), "batch step failed");
+                for &i in &order {
+                    self.fail(&running[i].job, &e);
+                    ended.push((i, Outcome::Failed));
+                }
+            }
+            Ok(all) => {
+                for (&i, mut logits) in order.iter().zip(all) {
+                    let seq = &mut running[i];
+                    if let Some(Take::Prefill(r)) = &takes[i] {
+                        seq.prefilled = r.end;
+                        if seq.prefilled < seq.job.prompt.len() {
+                            continue;
+                        }
+                    }
+                    produced += 1;
+                    match self.advance(seq, &mut logits) {
+                        Ok(None) => {}
+                        Ok(Some(outcome)) => ended.push((i, outcome)),
+                        Err(e) => {
+                            self.fail(&seq.job, &e);
+                            ended.push((i, Outcome::Failed));
+                        }
+                    }
+                }
+            }
+        }
+        self.shared.cost.charge(started.elapsed().as_secs_f64(), produced);
+        self.retire(running, ended);
+    }
+
+    /// Samples the next token of `seq` and streams it; `Some` when the sequence has ended.
+    fn advance(&self, seq: &mut Seq, logits: &mut [f32]) -> Result<Option<Outcome>, ModelError> {
+        let m = &self.shared.metrics;
+        let request = &seq.job.request;
+        let pick = seq.sampler.sample(logits);
+        m.token_logprob.record(f64::from(pick.logprob));
+        m.token_entropy.record(f64::from(pick.entropy));
+        self.shared
+            .drift
+            .lock()
+            .expect("drift lock")
+            .observe(f64::from(pick.logprob), f64::from(pick.entropy));
+        if seq.generated == 0 {
+            seq.ttft_ms = ms_since(request.arrived);
+        }
+        if !request.sampling.ignore_eos && self.text.tokenizer.is_stop(pick.token) {
+            return Ok(Some(self.complete(seq, FinishReason::Eos)));
+        }
+        seq.generated += 1;
+        let piece = seq.detok.push(&self.text.tokenizer, pick.token)?;
+        let check = seq.stops.push(&piece);
+        let chunk = TokenChunk {
+            text: check.release,
+            token_ids: vec![pick.token],
+            logprobs: vec![pick.logprob],
+        };
+        if seq.job.events.try_send(Ok(Event::Token(chunk))).is_err() {
+            tracing::info!(request_id = %request.request_id, generated = seq.generated, "client gone; generation cancelled");
+            m.cancelled.increment(1);
+            m.finished(FinishReason::Cancelled);
+            m.generation_tokens_total.increment(u64::from(seq.generated));
+            return Ok(Some(Outcome::Cancelled(seq.generated)));
+        }
+        if check.stopped {
+            return Ok(Some(self.complete(seq, FinishReason::Stop)));
+        }
+        if seq.generated >= request.max_tokens || seq.cache.len() + 1 > seq.cache.capacity() {
+            return Ok(Some(self.complete(seq, FinishReason::Length)));
+        }
+        seq.next = [pick.token];
+        Ok(None)
+    }
+
+    /// Flushes held text and sends the completion.
+    fn complete(&self, seq: &mut Seq, finish: FinishReason) -> Outcome {
+        let m = &self.shared.metrics;
         let Job {
             request,
             prompt,
             events,
-        } = job;
-        let m = &self.shared.metrics;
-        let queue_ms = ms_since(request.arrived);
-        m.queue_duration.record(queue_ms / 1e3);
-        if events.is_closed() {
-            m.cancelled.increment(1);
-            m.finished(FinishReason::Cancelled);
-            return Ok(Outcome::Cancelled(0));
-        }
-        let mut sampler = Sampler::new(request.sampling, prompt);
-        let mut stops = StopMatcher::new(&request.stop);
-        let mut detok = IncrementalDecoder::default();
-        let mut ttft_ms = 0.0;
-        let mut generated: u32 = 0;
-        let mut logits = self.llama.forward(prompt, 0)?;
-        m.batch_tokens.record(prompt.len() as f64);
-        let finish = loop {
-            let pick = sampler.sample(&mut logits);
-            m.token_logprob.record(f64::from(pick.logprob));
-            m.token_entropy.record(f64::from(pick.entropy));
-            self.shared
-                .drift
-                .lock()
-                .expect("drift lock")
-                .observe(f64::from(pick.logprob), f64::from(pick.entropy));
-            if generated == 0 {
-                ttft_ms = ms_since(request.arrived);
-            }
-            if !request.sampling.ignore_eos && self.text.tokenizer.is_stop(pick.token) {
-                break FinishReason::Eos;
-            }
-            generated += 1;
-            let piece = detok.push(&self.text.tokenizer, pick.token)?;
-            let check = stops.push(&piece);
-            let chunk = TokenChunk {
-                text: check.release,
-                token_ids: vec![pick.token],
-                logprobs: vec![pick.logprob],
-            };
-            if events.try_send(Ok(Event::Token(chunk))).is_err() {
-                tracing::info!(request_id = %request.request_id, generated, "client gone; generation cancelled");
-                m.cancelled.increment(1);
-                m.finished(FinishReason::Cancelled);
-                m.generation_tokens_total.increment(u64::from(generated));
-                return Ok(Outcome::Cancelled(generated));
-            }
-            if check.stopped {
-                break FinishReason::Stop;
-            }
-            let position = prompt.len() + generated as usize;
-            m.kv_usage.set(position as f64 / self.context_length as f64);
-            if generated >= request.max_tokens || position >= self.context_length {
-                break FinishReason::Length;
-            }
-            logits = self.llama.forward(&[pick.token], position - 1)?;
-            m.batch_tokens.record(1.0);
-        };
-        let tail = stops.finish();
+        } = &seq.job;
+        let tail = seq.stops.finish();
         if !tail.is_empty() {
             let _ = events.try_send(Ok(Event::Token(TokenChunk {
                 text: tail,
@@ -160,28 +293,63 @@ impl EngineLoop {
             finish,
             usage: Usage {
                 prompt_tokens: prompt.len() as u32,
-                completion_tokens: generated,
+                completion_tokens: seq.generated,
             },
             timings: Timings {
-                queue_ms,
-                time_to_first_token_ms: ttft_ms,
+                queue_ms: seq.queue_ms,
+                time_to_first_token_ms: seq.ttft_ms,
                 total_ms: ms_since(request.arrived),
             },
         };
         m.prompt_tokens_total.increment(prompt.len() as u64);
-        m.generation_tokens_total.increment(u64::from(generated));
+        m.generation_tokens_total.increment(u64::from(seq.generated));
         m.request_prompt_tokens.record(prompt.len() as f64);
-        m.request_generation_tokens.record(f64::from(generated));
+        m.request_generation_tokens.record(f64::from(seq.generated));
         m.finished(finish);
-        self.publish_drift();
-        tracing::debug!(request_id = %request.request_id, generated, finish = finish.as_str(), "request complete");
+        let score = self.shared.drift.lock().expect("drift lock").score();
+        m.drift_score.set(score);
+        tracing::debug!(request_id = %request.request_id, generated = seq.generated, finish = finish.as_str(), "request complete");
         let _ = events.try_send(Ok(Event::Complete(completion)));
-        Ok(Outcome::Completed(generated))
+        Outcome::Completed(seq.generated)
     }
 
-    /// Updates the drift gauge; once per request is often enough for a windowed score.
-    fn publish_drift(&self) {
-        let score = self.shared.drift.lock().expect("drift lock").score();
-        self.shared.metrics.drift_score.set(score);
+    /// Tells the client its request failed.
+    fn fail(&self, job: &Job, e: &ModelError) {
+        tracing::error!(request_id = %job.request.request_id, error = %e, "generation failed");
+        let _ = job.events.try_send(Err(BackendError::Internal(e.to_string())));
+    }
+
+    /// Removes ended sequences (dropping their caches) and updates the counters.
+    fn retire(&self, running: &mut Vec<Seq>, mut ended: Vec<(usize, Outcome)>) {
+        if ended.is_empty() {
+            return;
+        }
+        // Highest index first, so earlier indices stay valid; `remove` keeps arrival order for the planner.
+        ended.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
+        for (i, outcome) in ended {
+            running.remove(i);
+            let tokens = match outcome {
+                Outcome::Completed(n) | Outcome::Cancelled(n) => n,
+                Outcome::Failed => 0,
+            };
+            self.shared.update(|s: &mut WorkerStats| {
+                s.running -= 1;
+                s.generated_tokens += u64::from(tokens);
+                match outcome {
+                    Outcome::Completed(_) => s.completed += 1,
+                    Outcome::Cancelled(_) => s.cancelled += 1,
+                    Outcome::Failed => {}
+                }
+            });
+        }
+        self.publish_kv(running);
+    }
+
+    fn publish_kv(&self, running: &[Seq]) {
+        let views: Vec<SeqView> = running.iter().map(Seq::view).collect();
+        self.shared
+            .metrics
+            .kv_usage
+            .set(schedule::kv_usage(&self.limits, &views));
     }
 }

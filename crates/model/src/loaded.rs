@@ -6,10 +6,10 @@ use std::sync::Arc;
 use ferroserve_core::{ChatMessage, Input, ModelInfo, Role};
 
 use crate::ModelError;
+use crate::batched::BatchedLlama;
 use crate::chat::{CHATML, ChatTemplate};
 use crate::device::DeviceSpec;
 use crate::gguf::GgufFile;
-use crate::llama::Llama;
 use crate::tokenizer::TextTokenizer;
 
 /// What to load.
@@ -69,19 +69,19 @@ pub struct LoadedModel {
     /// Tokenizer and chat template.
     pub text: Arc<TextCodec>,
     /// The forward pass.
-    pub llama: Llama,
+    pub model: BatchedLlama,
 }
 
 impl LoadedModel {
     /// Loads `spec`; fails with a message naming the file and the problem.
     pub fn load(spec: &ModelSpec) -> Result<LoadedModel, ModelError> {
         let device = spec.device.open()?;
-        let gguf = GgufFile::open(&spec.path)?;
+        let mut gguf = GgufFile::open(&spec.path)?;
         let tokenizer = TextTokenizer::from_gguf(&gguf)?;
         let template = gguf.string("tokenizer.chat_template").unwrap_or(CHATML);
         let chat = ChatTemplate::new(template, tokenizer.bos_token(), tokenizer.eos_token())?;
         let context_length = gguf.u32("llama.context_length")?;
-        let llama = Llama::load(gguf, &device)?;
+        let model = BatchedLlama::load(&mut gguf, &device)?;
         tracing::info!(path = %spec.path.display(), %spec.device, context_length, "model loaded");
         Ok(LoadedModel {
             info: ModelInfo {
@@ -94,7 +94,7 @@ impl LoadedModel {
                 chat,
                 system_prompt: spec.system_prompt.clone(),
             }),
-            llama,
+            model,
         })
     }
 }

@@ -69,8 +69,7 @@ fn matches_candle_reference_one_sequence_at_a_time() {
     let prompt = tokens("The capital of France is Paris, and the capital of Italy is");
     let ours = alone(&prompt, 4);
     let mut logits = reference.forward(&prompt, 0).unwrap();
-    let mut position = prompt.len();
-    for (step, mine) in ours.iter().enumerate() {
+    for (position, (step, mine)) in (prompt.len()..).zip(ours.iter().enumerate()) {
         assert!(
             rel_diff(mine, &logits) < 1e-3,
             "step {step}: relative difference {}",
@@ -79,7 +78,6 @@ fn matches_candle_reference_one_sequence_at_a_time() {
         assert_eq!(argmax(mine), argmax(&logits), "step {step}: same greedy token");
         let next = argmax(&logits) as u32;
         logits = reference.forward(&[next], position).unwrap();
-        position += 1;
     }
     assert_eq!(f.model.shape().vocab, ours[0].len());
 }
