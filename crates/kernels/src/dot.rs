@@ -1,0 +1,79 @@
+//! The Q4_1 · Q8 block dot product: portable, and AVX2+FMA chosen at run time.
+
+use crate::{BlockQ8, BlockQ41};
+
+/// A row of weight blocks against a row of activation blocks.
+pub type DotFn = fn(&[BlockQ41], &[BlockQ8]) -> f32;
+
+/// Σ over blocks of `d_w * d_x * Σ q4·q8 + m_w * s_x`.
+pub fn portable(w: &[BlockQ41], x: &[BlockQ8]) -> f32 {
+    w.iter()
+        .zip(x)
+        .map(|(w, x)| {
+            let mut sum = 0i32;
+            for j in 0..16 {
+                sum += i32::from(w.qs[j] & 0x0F) * i32::from(x.qs[j]);
+                sum += i32::from(w.qs[j] >> 4) * i32::from(x.qs[j + 16]);
+            }
+            w.d * x.d * sum as f32 + w.m * x.s
+        })
+        .sum()
+}
+
+/// Whether this CPU runs the AVX2 kernel.
+pub fn avx2_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The fastest dot product this CPU supports.
+pub fn select() -> DotFn {
+    #[cfg(target_arch = "x86_64")]
+    if avx2_available() {
+        return avx2_entry;
+    }
+    portable
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx2_entry(w: &[BlockQ41], x: &[BlockQ8]) -> f32 {
+    // SAFETY: `select` returns this function only after `is_x86_feature_detected!` confirmed AVX2 and FMA.
+    unsafe { avx2(w, x) }
+}
+
+/// AVX2: the 16 nibble bytes become 32 unsigned bytes (low nibbles, then high nibbles, the same order
+/// as the activations), `maddubs` multiplies them with the signed activations into i16 pairs (at most
+/// 2 * 15 * 127 = 3810, no overflow), `madd` widens to i32, and one FMA per block applies the scales.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn avx2(w: &[BlockQ41], x: &[BlockQ8]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = w.len().min(x.len());
+    let mut acc = _mm256_setzero_ps();
+    let mut mins = 0.0f32;
+    let nibbles = _mm256_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    for i in 0..n {
+        let (wb, xb) = (&w[i], &x[i]);
+        // SAFETY: `qs` is 16 bytes and `loadu` has no alignment requirement.
+        let packed = unsafe { _mm_loadu_si128(wb.qs.as_ptr().cast()) };
+        let high = _mm_srli_epi16(packed, 4);
+        let q4 = _mm256_and_si256(_mm256_set_m128i(high, packed), nibbles);
+        // SAFETY: `qs` is 32 bytes and `loadu` has no alignment requirement.
+        let q8 = unsafe { _mm256_loadu_si256(xb.qs.as_ptr().cast()) };
+        let pairs = _mm256_maddubs_epi16(q4, q8);
+        let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(wb.d * xb.d), sums, acc);
+        mins += wb.m * xb.s;
+    }
+    let half = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    let half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    let one = _mm_add_ss(half, _mm_shuffle_ps(half, half, 1));
+    _mm_cvtss_f32(one) + mins
+}
