@@ -11,9 +11,10 @@
 //! hot path has no `Tensor::cat`. Weights are Candle's quantized tensors from the GGUF (`QMatMul`), so
 //! the numbers match Candle's reference `quantized_llama` run one sequence at a time; tests check it.
 
-use candle_core::quantized::{QMatMul, gguf_file};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_transformers::quantized_nn::RmsNorm;
+use ferroserve_kernels::Q41Matrix;
 
 use crate::ModelError;
 use crate::gguf::GgufFile;
@@ -21,17 +22,51 @@ use crate::gguf::GgufFile;
 /// Positions precomputed for RoPE; a sequence longer than this is refused.
 const MAX_POSITIONS: usize = 8192;
 
+/// A weight matrix applied to every token of a step.
+enum Linear {
+    /// Q4_1 on the CPU: our kernel (`ferroserve-kernels`), since Candle has no SIMD path for Q4_1 and
+    /// its cost would grow with every row of a batch.
+    Q41(Q41Matrix),
+    /// Any other format or device: Candle's quantized matmul.
+    Candle(QMatMul),
+}
+
+impl Linear {
+    fn new(q: QTensor, device: &Device) -> candle_core::Result<Linear> {
+        if q.dtype() == GgmlDType::Q4_1 && device.is_cpu() {
+            let (rows, cols) = q.shape().dims2()?;
+            let bytes = q.data()?;
+            return Q41Matrix::from_gguf_bytes(rows, cols, &bytes)
+                .map(Linear::Q41)
+                .map_err(candle_core::Error::msg);
+        }
+        Ok(Linear::Candle(QMatMul::from_qtensor(q)?))
+    }
+
+    /// `x` is `[tokens, in]`; returns `[tokens, out]`.
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Linear::Candle(q) => q.forward(x),
+            Linear::Q41(w) => {
+                let (m, _) = x.dims2()?;
+                let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                Tensor::from_vec(w.matmul(&xs, m), (m, w.rows()), x.device())
+            }
+        }
+    }
+}
+
 /// One transformer block.
 struct Block {
     /// Query, key, value and output projections.
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
-    wo: QMatMul,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    wo: Linear,
     /// SwiGLU MLP: down(silu(gate(x)) * up(x)).
-    gate: QMatMul,
-    down: QMatMul,
-    up: QMatMul,
+    gate: Linear,
+    down: Linear,
+    up: Linear,
     /// Norms before attention and before the MLP.
     attn_norm: RmsNorm,
     ffn_norm: RmsNorm,
@@ -171,8 +206,8 @@ impl BatchedLlama {
         };
         let mut blocks = Vec::with_capacity(layers);
         for i in 0..layers {
-            let mut q = |name: &str| -> Result<QMatMul, ModelError> {
-                QMatMul::from_qtensor(tensor(&format!("blk.{i}.{name}.weight"))?).map_err(err)
+            let mut q = |name: &str| -> Result<Linear, ModelError> {
+                Linear::new(tensor(&format!("blk.{i}.{name}.weight"))?, device).map_err(err)
             };
             let (wq, wk, wv, wo) = (q("attn_q")?, q("attn_k")?, q("attn_v")?, q("attn_output")?);
             let (gate, down, up) = (q("ffn_gate")?, q("ffn_down")?, q("ffn_up")?);
