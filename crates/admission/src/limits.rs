@@ -18,11 +18,10 @@ pub struct TenantLimits {
 
 /// The whole server's limits.
 ///
-/// The default admits 1 request at once: the CPU engine generates one sequence at a time. Requests admitted
-/// beyond what the workers run at once would wait inside them, where the gate cannot see, estimate or shed
-/// them; raise `max_in_flight` with the workers' concurrency (more workers, continuous batching). The
-/// overload benchmark measured the difference: with 2 slots in front of one sequential engine, 10 of 26
-/// admitted requests missed a 3 s deadline; with 1, none did.
+/// The default here admits 1 request at once; the binary's config sets workers x the engine's batch size.
+/// Requests admitted beyond what the workers run at once would wait inside them, where the gate cannot
+/// see, estimate or shed them. The overload benchmark measured the difference on the sequential engine:
+/// with 2 slots in front of it, 10 of 26 admitted requests missed a 3 s deadline; with 1, none did.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServerLimits {
     /// Rates and concurrency over all tenants together.
