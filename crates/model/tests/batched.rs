@@ -171,41 +171,33 @@ fn a_chunk_that_does_not_fit_is_refused_and_changes_nothing() {
 #[test]
 fn our_q4_1_blocks_decode_to_candles_weights() {
     // The kernel reads the GGUF's Q4_1 bytes itself; its weights must be exactly Candle's.
-    let f = fixture();
-    let mut gguf = GgufFile::open(&f.path).unwrap();
-    let GgufFile { content, file, .. } = &mut gguf;
-    let q = content.tensor(file, "blk.0.attn_q.weight", &Device::Cpu).unwrap();
+    let (q, ours, theirs) = q4_1_weight("blk.0.attn_q.weight");
     assert_eq!(q.dtype(), candle_core::quantized::GgmlDType::Q4_1);
+    assert_eq!(ours.dequantize(), theirs);
+}
+
+/// A Q4_1 weight of the real model: Candle's tensor, our kernel's matrix, and Candle's dequantized values.
+fn q4_1_weight(name: &str) -> (candle_core::quantized::QTensor, ferroserve_kernels::Q41Matrix, Vec<f32>) {
+    let mut gguf = GgufFile::open(&fixture().path).unwrap();
+    let GgufFile { content, file, .. } = &mut gguf;
+    let q = content.tensor(file, name, &Device::Cpu).unwrap();
     let (rows, cols) = q.shape().dims2().unwrap();
     let ours = ferroserve_kernels::Q41Matrix::from_gguf_bytes(rows, cols, &q.data().unwrap()).unwrap();
-    let theirs: Vec<f32> = q
+    let dense = q
         .dequantize(&Device::Cpu)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1())
         .unwrap();
-    assert_eq!(ours.dequantize(), theirs);
+    (q, ours, dense)
 }
 
 #[test]
 fn our_q4_1_matmul_is_as_accurate_as_candles() {
     // Both quantize the activations to 8 bits; against the exact f32 product of the same weights, our
     // kernel must err no more than Candle's own Q4_1 path.
-    let f = fixture();
-    let mut gguf = GgufFile::open(&f.path).unwrap();
-    let GgufFile { content, file, .. } = &mut gguf;
     for name in ["blk.0.ffn_down.weight", "blk.7.attn_q.weight", "blk.29.ffn_up.weight"] {
-        let q = content.tensor(file, name, &Device::Cpu).unwrap();
-        let (rows, cols) = q.shape().dims2().unwrap();
-        let ours = ferroserve_kernels::Q41Matrix::from_gguf_bytes(rows, cols, &q.data().unwrap()).unwrap();
-        let dense: Vec<f32> = q
-            .dequantize(&Device::Cpu)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let (q, ours, dense) = q4_1_weight(name);
+        let (rows, cols) = (ours.rows(), ours.cols());
         let m = 3;
         let x: Vec<f32> = (0..m * cols).map(|i| (i * 37 % 101) as f32 / 50.0 - 1.0).collect();
         let exact: Vec<f32> = (0..m * rows)
