@@ -151,7 +151,10 @@ impl EngineLoop {
                     queue_ms,
                     ttft_ms: 0.0,
                 }),
-                Err(e) => self.fail(&job, &e),
+                Err(e) => {
+                    self.fail(&job, &e);
+                    self.shared.update(|s| s.running -= 1);
+                }
             }
         }
         self.publish_kv(running);
