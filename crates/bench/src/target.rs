@@ -123,7 +123,8 @@ pub enum Client {
 }
 
 impl Client {
-    /// Connects (gRPC) or prepares a connection pool (HTTP). `api_key` is sent as `Bearer`.
+    /// Connects (gRPC) or prepares the HTTP client (a new connection per request). `api_key` is sent as
+    /// `Bearer`.
     pub async fn connect(spec: &TargetSpec, api_key: Option<&str>) -> Result<Self, BenchError> {
         let endpoint = spec.endpoint();
         match spec.api {

@@ -25,7 +25,7 @@ const ERROR_BODY_CHARS: usize = 300;
 /// An HTTP/1.1 client: one connection per request.
 #[derive(Clone)]
 pub struct OpenAiClient {
-    /// hyper's pooled client.
+    /// hyper's client, with idle connections never kept (see `new`).
     http: HyperClient<HttpConnector, Full<Bytes>>,
     /// The full endpoint URL.
     uri: hyper::Uri,
