@@ -7,9 +7,15 @@
 //!   of several tokens (prefill).
 //! - Logits are computed only for each sequence's last token.
 //!
-//! Each sequence's KV cache is preallocated at its capacity ([`SeqCache`]) and written in place, so the
-//! hot path has no `Tensor::cat`. Weights are Candle's quantized tensors from the GGUF (`QMatMul`), so
-//! the numbers match Candle's reference `quantized_llama` run one sequence at a time; tests check it.
+//! Each sequence's KV cache ([`SeqCache`]) is written in place, so the hot path has no `Tensor::cat`:
+//! - on the CPU it is paged, in f16 blocks allocated as the sequence grows, and attention runs in plain
+//!   Rust over the whole step ([`crate::kv`]);
+//! - on other devices it is preallocated at its capacity as Candle tensors, and attention uses Candle's
+//!   kernels, one sequence at a time.
+//!
+//! Weights are the GGUF's quantized tensors: Q4_1 on the CPU through our kernel, anything else through
+//! Candle's `QMatMul`. The logits match Candle's reference `quantized_llama` run one sequence at a time;
+//! tests check it.
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
 use candle_core::{DType, Device, Module, Tensor};
@@ -18,9 +24,10 @@ use ferroserve_kernels::Q41Matrix;
 
 use crate::ModelError;
 use crate::gguf::GgufFile;
+use crate::kv::{self, AttendJob, KvLayout, PagedKv};
 
 /// Positions precomputed for RoPE; a sequence longer than this is refused.
-const MAX_POSITIONS: usize = 8192;
+pub(crate) const MAX_POSITIONS: usize = 8192;
 
 /// A weight matrix applied to every token of a step.
 enum Linear {
@@ -49,11 +56,23 @@ impl Linear {
             Linear::Candle(q) => q.forward(x),
             Linear::Q41(w) => {
                 let (m, _) = x.dims2()?;
-                let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                Tensor::from_vec(w.matmul(&xs, m), (m, w.rows()), x.device())
+                Tensor::from_vec(w.matmul(&rows_of(x)?, m), (m, w.rows()), x.device())
             }
         }
     }
+
+    /// As [`Linear::forward`], but the result as a row-major vector (for the CPU attention).
+    fn forward_rows(&self, x: &Tensor) -> candle_core::Result<Vec<f32>> {
+        match self {
+            Linear::Candle(q) => rows_of(&q.forward(x)?),
+            Linear::Q41(w) => Ok(w.matmul(&rows_of(x)?, x.dims2()?.0)),
+        }
+    }
+}
+
+/// A tensor's values as a row-major f32 vector.
+fn rows_of(x: &Tensor) -> candle_core::Result<Vec<f32>> {
+    x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
 }
 
 /// One transformer block.
@@ -97,24 +116,34 @@ pub struct BatchedLlama {
     norm: RmsNorm,
     /// Output projection (the embedding matrix when the GGUF ties them).
     output: QMatMul,
-    /// RoPE tables, `[MAX_POSITIONS, rope_dim / 2]`.
+    /// RoPE tables, `[MAX_POSITIONS, rope_dim / 2]`, as tensors and (for the CPU path) as vectors.
     cos: Tensor,
     sin: Tensor,
+    cos_rows: Vec<f32>,
+    sin_rows: Vec<f32>,
     /// Heads and sizes.
     shape: Shape,
     /// Where tensors live.
     device: Device,
+    /// Paged f16 caches and the plain-Rust attention (the CPU default), or Candle slot caches.
+    paged: bool,
 }
 
-/// One sequence's KV cache: per block, keys and values `[1, kv_heads, capacity, head_dim]`, filled
-/// up to `len`.
+/// One sequence's KV cache, filled up to `len`, never beyond `capacity`.
 pub struct SeqCache {
-    /// Per block: (keys, values).
-    layers: Vec<(Tensor, Tensor)>,
+    /// Where the keys and values are.
+    store: Store,
     /// Positions filled.
     len: usize,
-    /// Positions allocated.
+    /// Positions this sequence may reach (its reservation).
     capacity: usize,
+}
+
+enum Store {
+    /// CPU: f16 blocks allocated as the sequence grows.
+    Paged(PagedKv),
+    /// Other devices: per block, keys and values `[1, kv_heads, capacity, head_dim]`, allocated up front.
+    Slots(Vec<(Tensor, Tensor)>),
 }
 
 impl SeqCache {
@@ -131,6 +160,14 @@ impl SeqCache {
     /// Positions this cache can hold.
     pub fn capacity(&self) -> usize {
         self.capacity
+    }
+
+    /// Paged KV blocks held now (0 for a cache of preallocated slots).
+    pub fn blocks(&self) -> usize {
+        match &self.store {
+            Store::Paged(kv) => kv.blocks(),
+            Store::Slots(_) => 0,
+        }
     }
 }
 
@@ -225,6 +262,7 @@ impl BatchedLlama {
                 ffn_norm,
             });
         }
+        let (cos_rows, sin_rows) = (rows_of(&cos).map_err(err)?, rows_of(&sin).map_err(err)?);
         Ok(BatchedLlama {
             embed,
             blocks,
@@ -232,6 +270,8 @@ impl BatchedLlama {
             output: QMatMul::from_qtensor(output).map_err(err)?,
             cos,
             sin,
+            cos_rows,
+            sin_rows,
             shape: Shape {
                 layers,
                 heads,
@@ -240,7 +280,15 @@ impl BatchedLlama {
                 vocab,
             },
             device: device.clone(),
+            paged: device.is_cpu(),
         })
+    }
+
+    /// Uses Candle's attention over preallocated slot caches even on the CPU: the path other devices
+    /// take, so that tests on a machine without a GPU cover it.
+    pub fn with_candle_attention(mut self) -> BatchedLlama {
+        self.paged = false;
+        self
     }
 
     /// The model's shape.
@@ -248,9 +296,26 @@ impl BatchedLlama {
         self.shape
     }
 
-    /// An empty KV cache for one sequence of at most `capacity` tokens.
+    /// Where each value of a paged KV cache sits.
+    pub fn kv_layout(&self) -> KvLayout {
+        KvLayout {
+            layers: self.shape.layers,
+            kv_heads: self.shape.kv_heads,
+            head_dim: self.shape.head_dim,
+        }
+    }
+
+    /// An empty KV cache for one sequence of at most `capacity` tokens. On the CPU nothing is allocated
+    /// until tokens arrive.
     pub fn new_cache(&self, capacity: usize) -> Result<SeqCache, ModelError> {
         let capacity = capacity.min(MAX_POSITIONS);
+        if self.paged {
+            return Ok(SeqCache {
+                store: Store::Paged(PagedKv::new(self.kv_layout())),
+                len: 0,
+                capacity,
+            });
+        }
         let s = self.shape;
         let layers = (0..s.layers)
             .map(|_| {
@@ -259,7 +324,7 @@ impl BatchedLlama {
             })
             .collect::<candle_core::Result<_>>()?;
         Ok(SeqCache {
-            layers,
+            store: Store::Slots(layers),
             len: 0,
             capacity,
         })
@@ -282,7 +347,6 @@ impl BatchedLlama {
         if chunks.is_empty() {
             return Ok(Vec::new());
         }
-        let s = self.shape;
         let total: usize = chunks.iter().map(|c| c.tokens.len()).sum();
         let mut ids = Vec::with_capacity(total);
         let mut positions = Vec::with_capacity(total);
@@ -292,33 +356,31 @@ impl BatchedLlama {
             positions.extend((c.cache.len..c.cache.len + c.tokens.len()).map(|p| p as u32));
             last.push((ids.len() - 1) as u32);
         }
-        let positions = Tensor::new(positions.as_slice(), &self.device)?;
-        let cos = self.cos.index_select(&positions, 0)?;
-        let sin = self.sin.index_select(&positions, 0)?;
+        let rope = if self.paged {
+            for c in chunks.iter_mut() {
+                match &mut c.cache.store {
+                    Store::Paged(kv) => kv.reserve(c.cache.len + c.tokens.len()),
+                    Store::Slots(_) => return Err(ModelError::Cache("a slot cache on the CPU path".into())),
+                }
+            }
+            None
+        } else {
+            let positions = Tensor::new(positions.as_slice(), &self.device)?;
+            Some((
+                self.cos.index_select(&positions, 0)?,
+                self.sin.index_select(&positions, 0)?,
+            ))
+        };
+        let positions: Vec<usize> = positions.iter().map(|&p| p as usize).collect();
         let mut x = self
             .embed
             .index_select(&Tensor::new(ids.as_slice(), &self.device)?, 0)?;
         for (layer, block) in self.blocks.iter().enumerate() {
             let h = block.attn_norm.forward(&x)?;
-            let heads = |t: Tensor, n: usize| -> candle_core::Result<Tensor> {
-                t.reshape((1, total, n, s.head_dim))?.transpose(1, 2)?.contiguous()
+            let y = match &rope {
+                None => self.attention_paged(layer, block, &h, chunks, &positions)?,
+                Some((cos, sin)) => self.attention_slots(layer, block, &h, chunks, cos, sin)?,
             };
-            let q = candle_nn::rotary_emb::rope_i(&heads(block.wq.forward(&h)?, s.heads)?, &cos, &sin)?;
-            let k = candle_nn::rotary_emb::rope_i(&heads(block.wk.forward(&h)?, s.kv_heads)?, &cos, &sin)?;
-            let v = heads(block.wv.forward(&h)?, s.kv_heads)?;
-            let y = Tensor::zeros((1, s.heads, total, s.head_dim), DType::F32, &self.device)?;
-            let mut offset = 0;
-            for c in chunks.iter_mut() {
-                let n = c.tokens.len();
-                let past = c.cache.len;
-                let (kc, vc) = &c.cache.layers[layer];
-                kc.slice_set(&k.narrow(2, offset, n)?.contiguous()?, 2, past)?;
-                vc.slice_set(&v.narrow(2, offset, n)?.contiguous()?, 2, past)?;
-                let out = self.attend(&q.narrow(2, offset, n)?, kc, vc, past, n)?;
-                y.slice_set(&out, 2, offset)?;
-                offset += n;
-            }
-            let y = y.transpose(1, 2)?.reshape((total, s.heads * s.head_dim))?;
             x = (x + block.wo.forward(&y)?)?;
             let h = block.ffn_norm.forward(&x)?;
             let mlp = block
@@ -332,6 +394,84 @@ impl BatchedLlama {
         let x = x.index_select(&Tensor::new(last.as_slice(), &self.device)?, 0)?;
         let logits = self.output.forward(&self.norm.forward(&x)?)?;
         Ok(logits.to_dtype(DType::F32)?.to_vec2()?)
+    }
+
+    /// Attention on the CPU over paged caches: projections, RoPE by position, cache writes, then
+    /// [`kv::attend`] over the whole step. Returns `[tokens, heads * head_dim]`.
+    fn attention_paged(
+        &self,
+        layer: usize,
+        block: &Block,
+        h: &Tensor,
+        chunks: &mut [Chunk<'_>],
+        positions: &[usize],
+    ) -> Result<Tensor, ModelError> {
+        let s = self.shape;
+        let (hd, kvw) = (s.head_dim, s.kv_heads * s.head_dim);
+        let mut q = block.wq.forward_rows(h)?;
+        let mut k = block.wk.forward_rows(h)?;
+        let v = block.wv.forward_rows(h)?;
+        kv::rope(&mut q, s.heads, hd, positions, &self.cos_rows, &self.sin_rows);
+        kv::rope(&mut k, s.kv_heads, hd, positions, &self.cos_rows, &self.sin_rows);
+        let mut offset = 0;
+        let mut spans = Vec::with_capacity(chunks.len());
+        for c in chunks.iter_mut() {
+            let (past, n) = (c.cache.len, c.tokens.len());
+            if let Store::Paged(cache) = &mut c.cache.store {
+                for i in 0..n {
+                    let row = (offset + i) * kvw..(offset + i + 1) * kvw;
+                    cache.write(layer, past + i, &k[row.clone()], &v[row]);
+                }
+            }
+            spans.push((past, n, offset));
+            offset += n;
+        }
+        let jobs: Vec<AttendJob<'_>> = chunks
+            .iter()
+            .zip(spans)
+            .filter_map(|(c, (past, n, offset))| match &c.cache.store {
+                Store::Paged(kv) => Some(AttendJob { kv, past, n, offset }),
+                Store::Slots(_) => None,
+            })
+            .collect();
+        let y = kv::attend(self.kv_layout(), s.heads, layer, &jobs, &q);
+        Ok(Tensor::from_vec(y, (offset, s.heads * hd), &self.device)?)
+    }
+
+    /// Attention with Candle's kernels over preallocated slot caches, one sequence at a time.
+    fn attention_slots(
+        &self,
+        layer: usize,
+        block: &Block,
+        h: &Tensor,
+        chunks: &mut [Chunk<'_>],
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<Tensor, ModelError> {
+        let s = self.shape;
+        let total = h.dims2()?.0;
+        let heads = |t: Tensor, n: usize| -> candle_core::Result<Tensor> {
+            t.reshape((1, total, n, s.head_dim))?.transpose(1, 2)?.contiguous()
+        };
+        let q = candle_nn::rotary_emb::rope_i(&heads(block.wq.forward(h)?, s.heads)?, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope_i(&heads(block.wk.forward(h)?, s.kv_heads)?, cos, sin)?;
+        let v = heads(block.wv.forward(h)?, s.kv_heads)?;
+        let y = Tensor::zeros((1, s.heads, total, s.head_dim), DType::F32, &self.device)?;
+        let mut offset = 0;
+        for c in chunks.iter_mut() {
+            let n = c.tokens.len();
+            let past = c.cache.len;
+            let Store::Slots(layers) = &c.cache.store else {
+                return Err(ModelError::Cache("a paged cache on the slot path".into()));
+            };
+            let (kc, vc) = &layers[layer];
+            kc.slice_set(&k.narrow(2, offset, n)?.contiguous()?, 2, past)?;
+            vc.slice_set(&v.narrow(2, offset, n)?.contiguous()?, 2, past)?;
+            let out = self.attend(&q.narrow(2, offset, n)?, kc, vc, past, n)?;
+            y.slice_set(&out, 2, offset)?;
+            offset += n;
+        }
+        Ok(y.transpose(1, 2)?.reshape((total, s.heads * s.head_dim))?)
     }
 
     /// Attention of `n` new queries `[1, heads, n, head_dim]` at positions `past..past + n` over the first

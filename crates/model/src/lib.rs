@@ -10,6 +10,7 @@ pub mod device;
 pub mod embed;
 pub mod fetch;
 pub mod gguf;
+pub mod kv;
 pub mod llama;
 pub mod tokenizer;
 

@@ -1,0 +1,94 @@
+//! Times the batched forward on the real default model: one prefill chunk, then decode steps for 1, 4
+//! and 16 sequences that each hold `CONTEXT` tokens. Milliseconds per step, best and median of a few.
+//!
+//! `cargo run --release -p ferroserve-model --example step_profile [prefill|decode [BATCH...]]`
+
+use std::time::Instant;
+
+use candle_core::Device;
+use ferroserve_model::batched::{BatchedLlama, Chunk, SeqCache};
+use ferroserve_model::fetch::{self, DEFAULT_MODEL, Quiet};
+use ferroserve_model::gguf::GgufFile;
+
+/// Tokens already in each sequence's cache when decode is timed.
+const CONTEXT: usize = 128;
+/// Timed repetitions per figure.
+const REPEATS: usize = 7;
+
+fn summary(mut ms: Vec<f64>) -> String {
+    ms.sort_by(f64::total_cmp);
+    format!("best {:7.1} ms  median {:7.1} ms", ms[0], ms[ms.len() / 2])
+}
+
+fn prompt(n: usize, salt: u32) -> Vec<u32> {
+    (0..n as u32).map(|i| 100 + (i * 7 + salt * 13) % 5000).collect()
+}
+
+fn main() {
+    let path = fetch::ensure(&DEFAULT_MODEL, &fetch::default_cache_dir(), &Quiet).expect("default model");
+    let mut gguf = GgufFile::open(&path).expect("gguf");
+    let model = BatchedLlama::load(&mut gguf, &Device::Cpu).expect("weights");
+
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let part = args.first().map(String::as_str).unwrap_or("all");
+    let batches: Vec<usize> = match args.get(1..) {
+        Some(rest) if !rest.is_empty() => rest.iter().map(|b| b.parse().expect("a batch size")).collect(),
+        _ => vec![1, 4, 8, 16],
+    };
+    let prefills: &[usize] = if part == "decode" { &[] } else { &[64, 256] };
+    for &n in prefills {
+        let tokens = prompt(n, 0);
+        let ms: Vec<f64> = (0..REPEATS.min(4))
+            .map(|_| {
+                let mut cache = model.new_cache(n).expect("cache");
+                let t = Instant::now();
+                model
+                    .forward(&mut [Chunk {
+                        cache: &mut cache,
+                        tokens: &tokens,
+                    }])
+                    .expect("prefill");
+                t.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        let best = ms.iter().copied().fold(f64::MAX, f64::min);
+        println!(
+            "prefill {n:4} tokens: {}  ({:.0} tok/s best)",
+            summary(ms),
+            n as f64 / best * 1e3
+        );
+    }
+
+    let batches = if part == "prefill" { Vec::new() } else { batches };
+    for &batch in &batches {
+        let mut caches: Vec<SeqCache> = (0..batch)
+            .map(|s| {
+                let mut cache = model.new_cache(CONTEXT + REPEATS + 1).expect("cache");
+                let tokens = prompt(CONTEXT, s as u32);
+                model
+                    .forward(&mut [Chunk {
+                        cache: &mut cache,
+                        tokens: &tokens,
+                    }])
+                    .expect("prefill");
+                cache
+            })
+            .collect();
+        let ms: Vec<f64> = (0..REPEATS)
+            .map(|r| {
+                let next = [(200 + r) as u32];
+                let mut chunks: Vec<Chunk<'_>> =
+                    caches.iter_mut().map(|cache| Chunk { cache, tokens: &next }).collect();
+                let t = Instant::now();
+                model.forward(&mut chunks).expect("decode");
+                t.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        let best = ms.iter().copied().fold(f64::MAX, f64::min);
+        println!(
+            "decode batch {batch:2} at {CONTEXT} ctx: {}  ({:.0} tok/s best)",
+            summary(ms),
+            batch as f64 / best * 1e3
+        );
+    }
+}
