@@ -12,8 +12,10 @@ use ferroserve_model::gguf::GgufFile;
 
 /// Tokens already in each sequence's cache when decode is timed.
 const CONTEXT: usize = 128;
-/// Timed repetitions per figure.
-const REPEATS: usize = 7;
+/// Timed repetitions per figure, unless `STEP_PROFILE_REPEATS` says otherwise (more, for a profiler).
+fn repeats() -> usize {
+    std::env::var("STEP_PROFILE_REPEATS").ok().and_then(|r| r.parse().ok()).unwrap_or(7)
+}
 
 fn summary(mut ms: Vec<f64>) -> String {
     ms.sort_by(f64::total_cmp);
@@ -38,7 +40,7 @@ fn main() {
     let prefills: &[usize] = if part == "decode" { &[] } else { &[64, 256] };
     for &n in prefills {
         let tokens = prompt(n, 0);
-        let ms: Vec<f64> = (0..REPEATS.min(4))
+        let ms: Vec<f64> = (0..repeats().min(4))
             .map(|_| {
                 let mut cache = model.new_cache(n).expect("cache");
                 let t = Instant::now();
@@ -63,7 +65,7 @@ fn main() {
     for &batch in &batches {
         let mut caches: Vec<SeqCache> = (0..batch)
             .map(|s| {
-                let mut cache = model.new_cache(CONTEXT + REPEATS + 1).expect("cache");
+                let mut cache = model.new_cache(CONTEXT + repeats() + 1).expect("cache");
                 let tokens = prompt(CONTEXT, s as u32);
                 model
                     .forward(&mut [Chunk {
@@ -74,7 +76,7 @@ fn main() {
                 cache
             })
             .collect();
-        let ms: Vec<f64> = (0..REPEATS)
+        let ms: Vec<f64> = (0..repeats())
             .map(|r| {
                 let next = [(200 + r) as u32];
                 let mut chunks: Vec<Chunk<'_>> =
