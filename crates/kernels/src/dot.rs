@@ -5,6 +5,14 @@ use crate::{BlockQ8, BlockQ41};
 /// A row of weight blocks against a row of activation blocks.
 pub type DotFn = fn(&[BlockQ41], &[BlockQ8]) -> f32;
 
+/// A row of weight blocks against four rows of activation blocks: each weight block is unpacked once.
+pub type Dot4Fn = fn(&[BlockQ41], [&[BlockQ8]; 4]) -> [f32; 4];
+
+/// Four portable dot products.
+pub fn portable4(w: &[BlockQ41], x: [&[BlockQ8]; 4]) -> [f32; 4] {
+    x.map(|x| portable(w, x))
+}
+
 /// Σ over blocks of `d_w * d_x * Σ q4·q8 + m_w * s_x`.
 pub fn portable(w: &[BlockQ41], x: &[BlockQ8]) -> f32 {
     w.iter()
@@ -39,6 +47,21 @@ pub fn select() -> DotFn {
         return avx2_entry;
     }
     portable
+}
+
+/// The fastest four-row dot product this CPU supports.
+pub fn select4() -> Dot4Fn {
+    #[cfg(target_arch = "x86_64")]
+    if avx2_available() {
+        return avx2_x4_entry;
+    }
+    portable4
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx2_x4_entry(w: &[BlockQ41], x: [&[BlockQ8]; 4]) -> [f32; 4] {
+    // SAFETY: `select4` returns this function only after `is_x86_feature_detected!` confirmed AVX2 and FMA.
+    unsafe { avx2_x4(w, x) }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -76,4 +99,39 @@ unsafe fn avx2(w: &[BlockQ41], x: &[BlockQ8]) -> f32 {
     let half = _mm_add_ps(half, _mm_movehl_ps(half, half));
     let one = _mm_add_ss(half, _mm_shuffle_ps(half, half, 1));
     _mm_cvtss_f32(one) + mins
+}
+
+/// AVX2, four activation rows at once: as [`avx2`], but each weight block's nibbles are unpacked once and
+/// multiplied with all four rows, and the four accumulators stay in registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn avx2_x4(w: &[BlockQ41], x: [&[BlockQ8]; 4]) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    let n = x.iter().fold(w.len(), |n, r| n.min(r.len()));
+    let (w, x) = (&w[..n], x.map(|r| &r[..n]));
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut mins = [0.0f32; 4];
+    let nibbles = _mm256_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    for i in 0..n {
+        let wb = &w[i];
+        // SAFETY: `qs` is 16 bytes and `loadu` has no alignment requirement.
+        let packed = unsafe { _mm_loadu_si128(wb.qs.as_ptr().cast()) };
+        let q4 = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), nibbles);
+        for r in 0..4 {
+            let xb = &x[r][i];
+            // SAFETY: `qs` is 32 bytes and `loadu` has no alignment requirement.
+            let q8 = unsafe { _mm256_loadu_si256(xb.qs.as_ptr().cast()) };
+            let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(q4, q8), ones));
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(wb.d * xb.d), sums, acc[r]);
+            mins[r] += wb.m * xb.s;
+        }
+    }
+    let mut out = [0.0f32; 4];
+    for r in 0..4 {
+        let half = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
+        let half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+        out[r] = _mm_cvtss_f32(_mm_add_ss(half, _mm_shuffle_ps(half, half, 1))) + mins[r];
+    }
+    out
 }

@@ -1,7 +1,7 @@
 //! The Q4_1 kernels against a dequantize-then-multiply reference in f32, and the AVX2 dot product
 //! against the portable one.
 
-use ferroserve_kernels::{BLOCK, Q4_1_BYTES, Q41Matrix, dot_fast, dot_portable, quantize_block, uses_avx2};
+use ferroserve_kernels::{BLOCK, Q4_1_BYTES, Q41Matrix, dot_fast, dot_portable, dot4_fast, quantize_block, uses_avx2};
 use proptest::prelude::*;
 
 /// GGUF Q4_1 bytes for `rows x cols` weights from seeds: scales and minimums as f16, random nibbles.
@@ -35,7 +35,7 @@ proptest! {
     fn matmul_matches_dequantize_then_multiply(
         rows in 1usize..40,
         blocks in 1usize..5,
-        m in 1usize..6,
+        m in 1usize..11,
         scales in proptest::collection::vec(0.001f32..0.05, 1..8),
         nibbles in proptest::collection::vec(any::<u8>(), 1..64),
         x in proptest::collection::vec(-4.0f32..4.0, 1..64),
@@ -78,6 +78,25 @@ proptest! {
         let b = dot_fast(&blocks_of(&w), &xq);
         prop_assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "{a} vs {b}");
         prop_assert!((row - b).abs() <= 1e-4 * b.abs().max(1.0), "{row} vs {b}");
+    }
+
+    #[test]
+    fn four_row_and_one_row_dot_products_agree(
+        blocks in 1usize..9,
+        nibbles in proptest::collection::vec(any::<u8>(), 16..64),
+        x in proptest::collection::vec(-10.0f32..10.0, 32..96),
+    ) {
+        let cols = blocks * BLOCK;
+        let w = Q41Matrix::from_gguf_bytes(1, cols, &gguf_bytes(1, cols, &[0.02, 0.01], &nibbles)).unwrap();
+        let rows: Vec<Vec<_>> = (0..4)
+            .map(|r| (0..cols).map(|i| x[(i * (r + 1)) % x.len()] * (r as f32 - 1.5)).collect::<Vec<f32>>())
+            .map(|xs| xs.chunks_exact(BLOCK).map(quantize_block).collect())
+            .collect();
+        let four = dot4_fast(&blocks_of(&w), [&rows[0], &rows[1], &rows[2], &rows[3]]);
+        for (r, got) in four.iter().enumerate() {
+            let one = dot_portable(&blocks_of(&w), &rows[r]);
+            prop_assert!((got - one).abs() <= 1e-4 * one.abs().max(1.0), "row {r}: {got} vs {one}");
+        }
     }
 }
 

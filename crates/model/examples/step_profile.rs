@@ -14,7 +14,10 @@ use ferroserve_model::gguf::GgufFile;
 const CONTEXT: usize = 128;
 /// Timed repetitions per figure, unless `STEP_PROFILE_REPEATS` says otherwise (more, for a profiler).
 fn repeats() -> usize {
-    std::env::var("STEP_PROFILE_REPEATS").ok().and_then(|r| r.parse().ok()).unwrap_or(7)
+    std::env::var("STEP_PROFILE_REPEATS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(7)
 }
 
 fn summary(mut ms: Vec<f64>) -> String {
