@@ -1,12 +1,13 @@
-//! The Q4_1 · Q8 block dot product: portable, and AVX2+FMA chosen at run time.
+//! The Q4_1 · Q8 block dot product (Q4_0 runs here too, read as Q4_1): portable, and AVX2+FMA chosen at
+//! run time.
 
 use crate::{BlockQ8, BlockQ41};
 
 /// A row of weight blocks against a row of activation blocks.
-pub type DotFn = fn(&[BlockQ41], &[BlockQ8]) -> f32;
+pub type DotFn<B> = fn(&[B], &[BlockQ8]) -> f32;
 
 /// A row of weight blocks against four rows of activation blocks: each weight block is unpacked once.
-pub type Dot4Fn = fn(&[BlockQ41], [&[BlockQ8]; 4]) -> [f32; 4];
+pub type Dot4Fn<B> = fn(&[B], [&[BlockQ8]; 4]) -> [f32; 4];
 
 /// Four portable dot products.
 pub fn portable4(w: &[BlockQ41], x: [&[BlockQ8]; 4]) -> [f32; 4] {
@@ -41,7 +42,7 @@ pub fn avx2_available() -> bool {
 }
 
 /// The fastest dot product this CPU supports.
-pub fn select() -> DotFn {
+pub fn select() -> DotFn<BlockQ41> {
     #[cfg(target_arch = "x86_64")]
     if avx2_available() {
         return avx2_entry;
@@ -50,7 +51,7 @@ pub fn select() -> DotFn {
 }
 
 /// The fastest four-row dot product this CPU supports.
-pub fn select4() -> Dot4Fn {
+pub fn select4() -> Dot4Fn<BlockQ41> {
     #[cfg(target_arch = "x86_64")]
     if avx2_available() {
         return avx2_x4_entry;

@@ -1,85 +1,97 @@
-//! Quantized matmul for steps with many tokens: `out[m, n] = x[m, k] · W[n, k]ᵀ` where `W` is a GGUF
-//! Q4_1 matrix (blocks of 32 weights: a scale, a minimum and 4-bit values) and `x` is quantized per row
-//! to 8 bits in blocks of 32 (llama.cpp's Q8_1 scheme: a scale and the scaled sum).
+//! Quantized matmul for the CPU hot path: `out[m, n] = x[m, k] · W[n, k]ᵀ` where `W` is a GGUF matrix in
+//! Q4_1, Q4_0 or Q8_0 (blocks of 32 weights with a scale, and for Q4_1 a minimum) and `x` is quantized
+//! per row to 8 bits in blocks of 32 (llama.cpp's Q8_1 scheme: a scale and the scaled sum).
 //!
-//! Why our own: Candle 0.11 has no SIMD dot product for Q4_1, so its cost grows with every row of a
-//! batch; here each block is one AVX2 multiply-add chain, and each weight tile is read once for all rows.
+//! Why our own: Candle 0.11 has no SIMD dot product for Q4_1, and its quantized matmul reads the whole
+//! weight matrix once per activation row. Here each weight tile is read once for all rows, and each
+//! weight block once for four rows.
 //!
-//! - [`Q41Matrix::from_gguf_bytes`] reads the GGUF block layout once (scales widened to f32).
-//! - [`Q41Matrix::matmul`] quantizes `x`, then splits the output columns over the rayon pool.
-//! - The dot product uses AVX2+FMA when the CPU has them (`is_x86_feature_detected!`), else portable code;
-//!   tests check both against a dequantize-then-multiply reference.
+//! - [`QMatrix::from_gguf_bytes`] reads the GGUF block layout once (scales widened to f32). Q4_0 is read
+//!   as Q4_1 ([`BlockQ41::from_gguf_q4_0`]), so it shares that kernel.
+//! - [`QMatrix::matmul`] quantizes `x`, then splits the output columns over the rayon pool.
+//! - The dot products use AVX2+FMA when the CPU has them (`is_x86_feature_detected!`), else portable
+//!   code; tests check both against a dequantize-then-multiply reference.
 
+mod blocks;
 mod dot;
+mod dot_q8;
 
 use rayon::prelude::*;
 
-/// Weights per block, in Q4_1 and in the activation blocks.
-pub const BLOCK: usize = 32;
-/// Bytes of one GGUF Q4_1 block: f16 scale, f16 minimum, 16 bytes of nibbles.
-pub const Q4_1_BYTES: usize = 20;
+pub use blocks::{BLOCK, BlockQ8, BlockQ41, BlockQ80, Q4_0_BYTES, Q4_1_BYTES, Q8_0_BYTES, WeightBlock, quantize_block};
+pub use dot::{Dot4Fn, DotFn};
+
 /// Output columns per work item: each item's weight rows stay in cache across all activation rows.
 const COLUMN_TILE: usize = 16;
 
-/// One Q4_1 block with its scale and minimum widened to f32. Weight `j < 16` is the low nibble of
-/// `qs[j]`, weight `j + 16` its high nibble; each is `d * q + m`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-#[repr(C)]
-pub struct BlockQ41 {
-    /// Scale.
-    pub d: f32,
-    /// Minimum.
-    pub m: f32,
-    /// 32 four-bit values.
-    pub qs: [u8; 16],
+/// A block format with dot-product kernels.
+pub trait Kernel: WeightBlock {
+    /// The one-row and four-row dot products this CPU runs best.
+    fn kernels() -> (DotFn<Self>, Dot4Fn<Self>);
+    /// The portable one-row dot product (for tests).
+    fn portable() -> DotFn<Self>;
 }
 
-/// One block of 32 activations quantized to i8: `x ≈ d * q`; `s = d * Σq`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-#[repr(C)]
-pub struct BlockQ8 {
-    /// Scale.
-    pub d: f32,
-    /// Scale times the sum of `qs` (the minimum's share of the dot product).
-    pub s: f32,
-    /// 32 quantized values.
-    pub qs: [i8; 32],
+impl Kernel for BlockQ41 {
+    fn kernels() -> (DotFn<Self>, Dot4Fn<Self>) {
+        (dot::select(), dot::select4())
+    }
+    fn portable() -> DotFn<Self> {
+        dot::portable
+    }
 }
 
-/// A Q4_1 weight matrix, `rows` outputs by `cols` inputs.
+impl Kernel for BlockQ80 {
+    fn kernels() -> (DotFn<Self>, Dot4Fn<Self>) {
+        (dot_q8::select(), dot_q8::select4())
+    }
+    fn portable() -> DotFn<Self> {
+        dot_q8::portable
+    }
+}
+
+/// A quantized weight matrix, `rows` outputs by `cols` inputs.
 #[derive(Debug, Clone)]
-pub struct Q41Matrix {
+pub struct QMatrix<B> {
     /// Output features.
     rows: usize,
     /// Input features, a multiple of [`BLOCK`].
     cols: usize,
     /// Row-major blocks, `cols / BLOCK` per row.
-    blocks: Vec<BlockQ41>,
+    blocks: Vec<B>,
 }
 
-impl Q41Matrix {
-    /// Reads `rows x cols` weights from GGUF Q4_1 bytes (row-major blocks of [`Q4_1_BYTES`]).
-    pub fn from_gguf_bytes(rows: usize, cols: usize, bytes: &[u8]) -> Result<Q41Matrix, String> {
+/// Q4_1 weights (and Q4_0, read as Q4_1).
+pub type Q41Matrix = QMatrix<BlockQ41>;
+/// Q8_0 weights.
+pub type Q80Matrix = QMatrix<BlockQ80>;
+
+impl<B: Kernel> QMatrix<B> {
+    /// Reads `rows x cols` weights from GGUF bytes of this block format (row-major blocks).
+    pub fn from_gguf_bytes(rows: usize, cols: usize, bytes: &[u8]) -> Result<QMatrix<B>, String> {
+        QMatrix::read(rows, cols, bytes, B::NAME, B::GGUF_BYTES, B::from_gguf)
+    }
+
+    fn read(
+        rows: usize,
+        cols: usize,
+        bytes: &[u8],
+        name: &str,
+        block_bytes: usize,
+        block: fn(&[u8]) -> B,
+    ) -> Result<QMatrix<B>, String> {
         if !cols.is_multiple_of(BLOCK) {
             return Err(format!("{cols} columns is not a multiple of {BLOCK}"));
         }
-        let expected = rows * cols / BLOCK * Q4_1_BYTES;
+        let expected = rows * cols / BLOCK * block_bytes;
         if bytes.len() != expected {
             return Err(format!(
-                "{} bytes for a {rows}x{cols} Q4_1 matrix, expected {expected}",
+                "{} bytes for a {rows}x{cols} {name} matrix, expected {expected}",
                 bytes.len()
             ));
         }
-        let f16 = |b: &[u8]| half::f16::from_le_bytes([b[0], b[1]]).to_f32();
-        let blocks = bytes
-            .chunks_exact(Q4_1_BYTES)
-            .map(|b| BlockQ41 {
-                d: f16(&b[0..2]),
-                m: f16(&b[2..4]),
-                qs: b[4..20].try_into().expect("16 bytes"),
-            })
-            .collect();
-        Ok(Q41Matrix { rows, cols, blocks })
+        let blocks = bytes.chunks_exact(block_bytes).map(block).collect();
+        Ok(QMatrix { rows, cols, blocks })
     }
 
     /// Output features.
@@ -93,21 +105,19 @@ impl Q41Matrix {
     }
 
     /// The blocks of output row `r`.
-    pub fn row_blocks(&self, r: usize) -> &[BlockQ41] {
+    pub fn row_blocks(&self, r: usize) -> &[B] {
         let per_row = self.cols / BLOCK;
         &self.blocks[r * per_row..(r + 1) * per_row]
     }
 
+    /// Row `r`'s weights as f32 (an embedding lookup).
+    pub fn dequantize_row(&self, r: usize) -> Vec<f32> {
+        self.row_blocks(r).iter().flat_map(|b| b.values()).collect()
+    }
+
     /// The weights as f32, row-major (for tests and references).
     pub fn dequantize(&self) -> Vec<f32> {
-        self.blocks
-            .iter()
-            .flat_map(|b| {
-                let lo = b.qs.map(|q| b.d * f32::from(q & 0x0F) + b.m);
-                let hi = b.qs.map(|q| b.d * f32::from(q >> 4) + b.m);
-                lo.into_iter().chain(hi)
-            })
-            .collect()
+        self.blocks.iter().flat_map(|b| b.values()).collect()
     }
 
     /// `x` is `m x cols`, row-major; returns `m x rows`, row-major.
@@ -115,7 +125,7 @@ impl Q41Matrix {
         assert_eq!(x.len(), m * self.cols, "x must be m x cols");
         let per_row = self.cols / BLOCK;
         let xq: Vec<BlockQ8> = x.chunks_exact(BLOCK).map(quantize_block).collect();
-        let (dot, dot4) = (dot::select(), dot::select4());
+        let (dot, dot4) = B::kernels();
         let x_row = |r: usize| &xq[r * per_row..(r + 1) * per_row];
         let tiles: Vec<Vec<f32>> = (0..self.rows.div_ceil(COLUMN_TILE))
             .into_par_iter()
@@ -155,40 +165,29 @@ impl Q41Matrix {
     }
 }
 
-/// Quantizes 32 activations: the scale maps the largest magnitude to 127.
-pub fn quantize_block(x: &[f32]) -> BlockQ8 {
-    let amax = x.iter().fold(0.0_f32, |a, v| a.max(v.abs()));
-    let d = amax / 127.0;
-    let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-    let mut qs = [0i8; 32];
-    let mut sum = 0i32;
-    for (q, v) in qs.iter_mut().zip(x) {
-        *q = (v * inv).round() as i8;
-        sum += i32::from(*q);
-    }
-    BlockQ8 {
-        d,
-        s: d * sum as f32,
-        qs,
+impl Q41Matrix {
+    /// Reads `rows x cols` weights from GGUF Q4_0 bytes, as Q4_1 with `m = -8 d` (the same values).
+    pub fn from_gguf_q4_0(rows: usize, cols: usize, bytes: &[u8]) -> Result<Q41Matrix, String> {
+        QMatrix::read(rows, cols, bytes, "Q4_0", Q4_0_BYTES, BlockQ41::from_gguf_q4_0)
     }
 }
 
-/// Whether the AVX2 kernel is in use on this CPU.
+/// Whether the AVX2 kernels are in use on this CPU.
 pub fn uses_avx2() -> bool {
     dot::avx2_available()
 }
 
 /// The portable dot product, exposed so tests can compare it with the SIMD one.
-pub fn dot_portable(w: &[BlockQ41], x: &[BlockQ8]) -> f32 {
-    dot::portable(w, x)
+pub fn dot_portable<B: Kernel>(w: &[B], x: &[BlockQ8]) -> f32 {
+    B::portable()(w, x)
 }
 
 /// The dot product this CPU uses.
-pub fn dot_fast(w: &[BlockQ41], x: &[BlockQ8]) -> f32 {
-    dot::select()(w, x)
+pub fn dot_fast<B: Kernel>(w: &[B], x: &[BlockQ8]) -> f32 {
+    B::kernels().0(w, x)
 }
 
 /// The four-row dot product this CPU uses.
-pub fn dot4_fast(w: &[BlockQ41], x: [&[BlockQ8]; 4]) -> [f32; 4] {
-    dot::select4()(w, x)
+pub fn dot4_fast<B: Kernel>(w: &[B], x: [&[BlockQ8]; 4]) -> [f32; 4] {
+    B::kernels().1(w, x)
 }

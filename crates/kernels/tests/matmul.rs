@@ -1,7 +1,10 @@
-//! The Q4_1 kernels against a dequantize-then-multiply reference in f32, and the AVX2 dot product
-//! against the portable one.
+//! The Q4_1, Q4_0 and Q8_0 kernels against a dequantize-then-multiply reference in f32, and the AVX2 dot
+//! products against the portable ones.
 
-use ferroserve_kernels::{BLOCK, Q4_1_BYTES, Q41Matrix, dot_fast, dot_portable, dot4_fast, quantize_block, uses_avx2};
+use ferroserve_kernels::{
+    BLOCK, BlockQ8, Kernel, Q4_0_BYTES, Q4_1_BYTES, Q8_0_BYTES, Q41Matrix, Q80Matrix, QMatrix, dot_fast, dot_portable,
+    dot4_fast, quantize_block, uses_avx2,
+};
 use proptest::prelude::*;
 
 /// GGUF Q4_1 bytes for `rows x cols` weights from seeds: scales and minimums as f16, random nibbles.
@@ -16,6 +19,91 @@ fn gguf_bytes(rows: usize, cols: usize, scales: &[f32], nibbles: &[u8]) -> Vec<u
         out.extend((0..16).map(|j| nibbles[(b * 16 + j) % nibbles.len()]));
     }
     out
+}
+
+/// GGUF Q8_0 bytes: an f16 scale and 32 signed bytes per block.
+fn gguf_q8_0(rows: usize, cols: usize, scales: &[f32], values: &[u8]) -> Vec<u8> {
+    let blocks = rows * cols / BLOCK;
+    let mut out = Vec::with_capacity(blocks * Q8_0_BYTES);
+    for b in 0..blocks {
+        out.extend(half::f16::from_f32(scales[b % scales.len()]).to_le_bytes());
+        out.extend((0..32).map(|j| values[(b * 32 + j) % values.len()]));
+    }
+    out
+}
+
+/// GGUF Q4_0 bytes: an f16 scale and 16 bytes of nibbles per block.
+fn gguf_q4_0(rows: usize, cols: usize, scales: &[f32], nibbles: &[u8]) -> Vec<u8> {
+    let blocks = rows * cols / BLOCK;
+    let mut out = Vec::with_capacity(blocks * Q4_0_BYTES);
+    for b in 0..blocks {
+        out.extend(half::f16::from_f32(scales[b % scales.len()]).to_le_bytes());
+        out.extend((0..16).map(|j| nibbles[(b * 16 + j) % nibbles.len()]));
+    }
+    out
+}
+
+/// Checks `w.matmul(x)` against the f32 product of its dequantized weights. The only error is the
+/// activations' 8-bit rounding: at most half a step per value, weighted by the weights.
+fn assert_matmul_within_rounding<B: Kernel>(w: &QMatrix<B>, xs: &[f32], m: usize) -> Result<(), TestCaseError> {
+    let (rows, cols) = (w.rows(), w.cols());
+    let got = w.matmul(xs, m);
+    let dense = w.dequantize();
+    let want = reference(&dense, xs, m, rows, cols);
+    for r in 0..m {
+        let row = &xs[r * cols..(r + 1) * cols];
+        for c in 0..rows {
+            let step: f32 = (0..cols / BLOCK)
+                .map(|b| {
+                    let amax = row[b * BLOCK..(b + 1) * BLOCK]
+                        .iter()
+                        .fold(0.0f32, |a, v| a.max(v.abs()));
+                    let wsum: f32 = dense[c * cols + b * BLOCK..c * cols + (b + 1) * BLOCK]
+                        .iter()
+                        .map(|v| v.abs())
+                        .sum();
+                    wsum * amax / 127.0 / 2.0
+                })
+                .sum();
+            let (g, e) = (got[r * rows + c], want[r * rows + c]);
+            prop_assert!(
+                (g - e).abs() <= step * 1.01 + 1e-4,
+                "row {r} col {c}: {g} vs {e} (bound {step})"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The one-row SIMD, four-row SIMD and portable dot products of one weight row against four activation
+/// rows agree.
+fn assert_dots_agree<B: Kernel>(w: &[B], rows: &[Vec<BlockQ8>]) -> Result<(), TestCaseError> {
+    let four = dot4_fast(w, [&rows[0], &rows[1], &rows[2], &rows[3]]);
+    for (r, got) in four.iter().enumerate() {
+        let portable = dot_portable(w, &rows[r]);
+        let fast = dot_fast(w, &rows[r]);
+        prop_assert!(
+            (got - portable).abs() <= 1e-4 * portable.abs().max(1.0),
+            "row {r}: {got} vs {portable}"
+        );
+        prop_assert!(
+            (fast - portable).abs() <= 1e-4 * portable.abs().max(1.0),
+            "row {r}: {fast} vs {portable}"
+        );
+    }
+    Ok(())
+}
+
+/// Four activation rows of `cols` values, quantized.
+fn activation_rows(x: &[f32], cols: usize) -> Vec<Vec<BlockQ8>> {
+    (0..4)
+        .map(|r| {
+            (0..cols)
+                .map(|i| x[(i * (r + 1)) % x.len()] * (r as f32 - 1.5))
+                .collect::<Vec<f32>>()
+        })
+        .map(|xs| xs.chunks_exact(BLOCK).map(quantize_block).collect())
+        .collect()
 }
 
 fn reference(w: &[f32], x: &[f32], m: usize, rows: usize, cols: usize) -> Vec<f32> {
@@ -43,24 +131,7 @@ proptest! {
         let cols = blocks * BLOCK;
         let w = Q41Matrix::from_gguf_bytes(rows, cols, &gguf_bytes(rows, cols, &scales, &nibbles)).unwrap();
         let xs: Vec<f32> = (0..m * cols).map(|i| x[i % x.len()] * (1.0 + (i % 7) as f32 * 0.1)).collect();
-        let got = w.matmul(&xs, m);
-        let dense = w.dequantize();
-        let want = reference(&dense, &xs, m, rows, cols);
-        // The only error is the activations' 8-bit rounding: at most half a step per value.
-        for r in 0..m {
-            let row = &xs[r * cols..(r + 1) * cols];
-            for c in 0..rows {
-                let step: f32 = (0..blocks)
-                    .map(|b| {
-                        let amax = row[b * BLOCK..(b + 1) * BLOCK].iter().fold(0.0f32, |a, v| a.max(v.abs()));
-                        let wsum: f32 = dense[c * cols + b * BLOCK..c * cols + (b + 1) * BLOCK].iter().map(|v| v.abs()).sum();
-                        wsum * amax / 127.0 / 2.0
-                    })
-                    .sum();
-                let (g, e) = (got[r * rows + c], want[r * rows + c]);
-                prop_assert!((g - e).abs() <= step * 1.01 + 1e-4, "row {r} col {c}: {g} vs {e} (bound {step})");
-            }
-        }
+        assert_matmul_within_rounding(&w, &xs, m)?;
     }
 
     #[test]
@@ -88,15 +159,47 @@ proptest! {
     ) {
         let cols = blocks * BLOCK;
         let w = Q41Matrix::from_gguf_bytes(1, cols, &gguf_bytes(1, cols, &[0.02, 0.01], &nibbles)).unwrap();
-        let rows: Vec<Vec<_>> = (0..4)
-            .map(|r| (0..cols).map(|i| x[(i * (r + 1)) % x.len()] * (r as f32 - 1.5)).collect::<Vec<f32>>())
-            .map(|xs| xs.chunks_exact(BLOCK).map(quantize_block).collect())
-            .collect();
-        let four = dot4_fast(&blocks_of(&w), [&rows[0], &rows[1], &rows[2], &rows[3]]);
-        for (r, got) in four.iter().enumerate() {
-            let one = dot_portable(&blocks_of(&w), &rows[r]);
-            prop_assert!((got - one).abs() <= 1e-4 * one.abs().max(1.0), "row {r}: {got} vs {one}");
+        assert_dots_agree(&blocks_of(&w), &activation_rows(&x, cols))?;
+    }
+
+    #[test]
+    fn q8_0_matmul_matches_dequantize_then_multiply(
+        rows in 1usize..40,
+        blocks in 1usize..5,
+        m in 1usize..11,
+        scales in proptest::collection::vec(0.001f32..0.05, 1..8),
+        values in proptest::collection::vec(any::<u8>(), 1..64),
+        x in proptest::collection::vec(-4.0f32..4.0, 1..64),
+    ) {
+        let cols = blocks * BLOCK;
+        let w = Q80Matrix::from_gguf_bytes(rows, cols, &gguf_q8_0(rows, cols, &scales, &values)).unwrap();
+        let xs: Vec<f32> = (0..m * cols).map(|i| x[i % x.len()] * (1.0 + (i % 7) as f32 * 0.1)).collect();
+        assert_matmul_within_rounding(&w, &xs, m)?;
+        assert_dots_agree(w.row_blocks(0), &activation_rows(&x, cols))?;
+    }
+
+    #[test]
+    fn q4_0_reads_as_q4_1_and_multiplies_alike(
+        rows in 1usize..20,
+        blocks in 1usize..4,
+        m in 1usize..7,
+        scales in proptest::collection::vec(0.001f32..0.05, 1..8),
+        nibbles in proptest::collection::vec(any::<u8>(), 1..64),
+        x in proptest::collection::vec(-4.0f32..4.0, 1..64),
+    ) {
+        let cols = blocks * BLOCK;
+        let w = Q41Matrix::from_gguf_q4_0(rows, cols, &gguf_q4_0(rows, cols, &scales, &nibbles)).unwrap();
+        // Q4_0's value is d * (q - 8).
+        let dense = w.dequantize();
+        for (i, v) in dense.iter().enumerate() {
+            let (block, j) = (i / BLOCK, i % BLOCK);
+            let byte = nibbles[(block * 16 + j % 16) % nibbles.len()];
+            let q = if j < 16 { byte & 0x0F } else { byte >> 4 };
+            let d = half::f16::from_f32(scales[block % scales.len()]).to_f32();
+            prop_assert_eq!(*v, d * (f32::from(q) - 8.0));
         }
+        let xs: Vec<f32> = (0..m * cols).map(|i| x[i % x.len()]).collect();
+        assert_matmul_within_rounding(&w, &xs, m)?;
     }
 }
 

@@ -20,7 +20,9 @@
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_transformers::quantized_nn::RmsNorm;
-use ferroserve_kernels::Q41Matrix;
+use std::sync::Arc;
+
+use ferroserve_kernels::{Q41Matrix, Q80Matrix};
 
 use crate::ModelError;
 use crate::gguf::GgufFile;
@@ -31,21 +33,31 @@ pub(crate) const MAX_POSITIONS: usize = 8192;
 
 /// A weight matrix applied to every token of a step.
 enum Linear {
-    /// Q4_1 on the CPU: our kernel (`ferroserve-kernels`), since Candle has no SIMD path for Q4_1 and
-    /// its cost would grow with every row of a batch.
+    /// Q4_1 or Q4_0 on the CPU: our kernel (`ferroserve-kernels`), since Candle has no SIMD path for
+    /// Q4_1 and its cost would grow with every row of a batch.
     Q41(Q41Matrix),
+    /// Q8_0 on the CPU (SmolLM2's embedding and output): our kernel, which reads the matrix once per
+    /// four rows where Candle reads it once per row. Shared with the embedding lookup when tied.
+    Q80(Arc<Q80Matrix>),
     /// Any other format or device: Candle's quantized matmul.
     Candle(QMatMul),
 }
 
 impl Linear {
     fn new(q: QTensor, device: &Device) -> candle_core::Result<Linear> {
-        if q.dtype() == GgmlDType::Q4_1 && device.is_cpu() {
+        if device.is_cpu() {
             let (rows, cols) = q.shape().dims2()?;
-            let bytes = q.data()?;
-            return Q41Matrix::from_gguf_bytes(rows, cols, &bytes)
-                .map(Linear::Q41)
-                .map_err(candle_core::Error::msg);
+            let ours = match q.dtype() {
+                GgmlDType::Q4_1 => Some(Q41Matrix::from_gguf_bytes(rows, cols, &q.data()?).map(Linear::Q41)),
+                GgmlDType::Q4_0 => Some(Q41Matrix::from_gguf_q4_0(rows, cols, &q.data()?).map(Linear::Q41)),
+                GgmlDType::Q8_0 => {
+                    Some(Q80Matrix::from_gguf_bytes(rows, cols, &q.data()?).map(|w| Linear::Q80(Arc::new(w))))
+                }
+                _ => None,
+            };
+            if let Some(linear) = ours {
+                return linear.map_err(candle_core::Error::msg);
+            }
         }
         Ok(Linear::Candle(QMatMul::from_qtensor(q)?))
     }
@@ -58,6 +70,10 @@ impl Linear {
                 let (m, _) = x.dims2()?;
                 Tensor::from_vec(w.matmul(&rows_of(x)?, m), (m, w.rows()), x.device())
             }
+            Linear::Q80(w) => {
+                let (m, _) = x.dims2()?;
+                Tensor::from_vec(w.matmul(&rows_of(x)?, m), (m, w.rows()), x.device())
+            }
         }
     }
 
@@ -66,6 +82,7 @@ impl Linear {
         match self {
             Linear::Candle(q) => rows_of(&q.forward(x)?),
             Linear::Q41(w) => Ok(w.matmul(&rows_of(x)?, x.dims2()?.0)),
+            Linear::Q80(w) => Ok(w.matmul(&rows_of(x)?, x.dims2()?.0)),
         }
     }
 }
@@ -108,14 +125,14 @@ pub struct Shape {
 
 /// Quantized llama weights, shared by every sequence; the KV caches live in [`SeqCache`]s.
 pub struct BatchedLlama {
-    /// Token embeddings, dequantized (a lookup, not a matmul).
-    embed: Tensor,
+    /// Token embeddings (a lookup, not a matmul).
+    embed: Embedding,
     /// The blocks.
     blocks: Vec<Block>,
     /// Final norm.
     norm: RmsNorm,
     /// Output projection (the embedding matrix when the GGUF ties them).
-    output: QMatMul,
+    output: Linear,
     /// RoPE tables, `[MAX_POSITIONS, rope_dim / 2]`, as tensors and (for the CPU path) as vectors.
     cos: Tensor,
     sin: Tensor,
@@ -127,6 +144,31 @@ pub struct BatchedLlama {
     device: Device,
     /// Paged f16 caches and the plain-Rust attention (the CPU default), or Candle slot caches.
     paged: bool,
+}
+
+/// The token embedding table.
+enum Embedding {
+    /// Q8_0 on the CPU: rows dequantized as they are looked up (30 MB for SmolLM2 instead of 113 MB).
+    Q80(Arc<Q80Matrix>),
+    /// Dequantized to f32 on the device.
+    Dense(Tensor),
+}
+
+impl Embedding {
+    fn dense(q: &QTensor, device: &Device) -> Result<Embedding, ModelError> {
+        Ok(Embedding::Dense(q.dequantize(device)?))
+    }
+
+    /// `[ids.len(), dim]`.
+    fn lookup(&self, ids: &[u32], device: &Device) -> Result<Tensor, ModelError> {
+        Ok(match self {
+            Embedding::Q80(w) => {
+                let rows: Vec<f32> = ids.iter().flat_map(|&id| w.dequantize_row(id as usize)).collect();
+                Tensor::from_vec(rows, (ids.len(), w.cols()), device)?
+            }
+            Embedding::Dense(t) => t.index_select(&Tensor::new(ids, device)?, 0)?,
+        })
+    }
 }
 
 /// One sequence's KV cache, filled up to `len`, never beyond `capacity`.
@@ -235,11 +277,25 @@ impl BatchedLlama {
         let mut tensor = |name: &str| content.tensor(file, name, device).map_err(err);
         let embed_q = tensor("token_embd.weight")?;
         let vocab = embed_q.shape().dims()[0];
-        let embed = embed_q.dequantize(device).map_err(err)?;
         let norm = RmsNorm::from_qtensor(tensor("output_norm.weight")?, eps).map_err(err)?;
-        let output = match tensor("output.weight") {
-            Ok(t) => t,
-            Err(_) => embed_q,
+        let (embed, output) = match tensor("output.weight") {
+            Ok(out) => (
+                Embedding::dense(&embed_q, device)?,
+                Linear::new(out, device).map_err(err)?,
+            ),
+            // Tied: one matrix serves both. Our Q8_0 matrix is kept once, quantized, for both.
+            Err(_) => {
+                let dense = match (device.is_cpu(), embed_q.dtype()) {
+                    (true, GgmlDType::Q8_0) => None,
+                    _ => Some(Embedding::dense(&embed_q, device)?),
+                };
+                let output = Linear::new(embed_q, device).map_err(err)?;
+                match (dense, &output) {
+                    (Some(embed), _) => (embed, output),
+                    (None, Linear::Q80(w)) => (Embedding::Q80(w.clone()), output),
+                    (None, _) => return Err(format_err(&path, "a Q8_0 embedding not read as Q8_0")),
+                }
+            }
         };
         let mut blocks = Vec::with_capacity(layers);
         for i in 0..layers {
@@ -267,7 +323,7 @@ impl BatchedLlama {
             embed,
             blocks,
             norm,
-            output: QMatMul::from_qtensor(output).map_err(err)?,
+            output,
             cos,
             sin,
             cos_rows,
@@ -372,9 +428,7 @@ impl BatchedLlama {
             ))
         };
         let positions: Vec<usize> = positions.iter().map(|&p| p as usize).collect();
-        let mut x = self
-            .embed
-            .index_select(&Tensor::new(ids.as_slice(), &self.device)?, 0)?;
+        let mut x = self.embed.lookup(&ids, &self.device)?;
         for (layer, block) in self.blocks.iter().enumerate() {
             let h = block.attn_norm.forward(&x)?;
             let y = match &rope {
