@@ -7,8 +7,10 @@
 #
 # Steps: build llama-server from the llama-cpp-python==0.3.36 sdist (cached; scripts/build-llama-server.sh),
 # build ferroserve (release), fetch the default model, then for each server in turn: start it on
-# 127.0.0.1, run `ferroserve bench` at concurrency 1,4,8,16 with 128 output tokens and ignore-EOS, stop it.
-# Finally print `bench compare` (ratios ferroserve / llama-server) and draw the plots.
+# 127.0.0.1, run `ferroserve bench` at concurrency 1,4,8,16 with 128 output tokens and ignore-EOS, note its
+# peak RSS, stop it. Finally print `bench compare` (ratios ferroserve / llama-server), the peak RSS of both,
+# and draw the plots. For the memory figure at 16 streams of 512 tokens:
+#   LEVELS=16 INPUT_TOKENS=256 MAX_TOKENS=256 scripts/compare-llamacpp.sh
 #
 # Environment: OUT, REQUESTS (measured requests per level, default 32), LEVELS (default 1,4,8,16),
 # INPUT_TOKENS (default 128), MAX_TOKENS (default 128), FILTER (on|off, default off: llama-server has no
@@ -48,6 +50,13 @@ wait_for() {
   return 1
 }
 
+# Peak resident memory (VmHWM) of a running process, appended to $out/rss.txt.
+peak_rss() {
+  local kb
+  kb="$(awk '/^VmHWM/ {print $2}' "/proc/$2/status")"
+  echo "peak RSS $1: $(( kb / 1024 )) MiB" | tee -a "$out/rss.txt"
+}
+
 bench() {
   "$ferroserve" bench --concurrency "$levels" --requests "$requests" --warmup 2 \
     --input-tokens "$input_tokens" --max-tokens "$max_tokens" --ignore-eos --seed 7 --quiet "$@"
@@ -62,6 +71,7 @@ pids+=($!)
 wait_for curl -sf "http://127.0.0.1:$llama_port/health"
 bench --target "http://127.0.0.1:$llama_port/v1/completions" --label llama-server --output "$out/llama-server.json" \
   | tee "$out/llama-server.txt"
+peak_rss llama-server "${pids[-1]}"
 kill "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null || true; unset 'pids[-1]'
 
 echo "==> ferroserve serve (content filter $filter)"
@@ -77,9 +87,11 @@ addr="$(grep -m1 -o 'serve listening on [0-9.:]*' "$out/ferroserve.log" | awk '{
 # Listening comes before the model has loaded; one short generation says it is ready.
 wait_for "$ferroserve" generate --addr "http://$addr" --max-tokens 1 "ready?"
 bench --target "grpc://$addr" --label ferroserve --output "$out/ferroserve.json" | tee "$out/ferroserve.txt"
+peak_rss "ferroserve serve (router and worker in one process)" "${pids[-1]}"
 kill "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null || true; unset 'pids[-1]'
 
 echo "==> ratios (b / a): a = llama-server, b = ferroserve"
 "$ferroserve" bench compare "$out/llama-server.json" "$out/ferroserve.json" | tee "$out/compare.txt"
 "$ferroserve" bench plot "$out/llama-server.json" "$out/ferroserve.json" --out "$out/plots"
+cat "$out/rss.txt"
 echo "==> results in $out"

@@ -29,10 +29,24 @@ fn prompt(n: usize, salt: u32) -> Vec<u32> {
     (0..n as u32).map(|i| 100 + (i * 7 + salt * 13) % 5000).collect()
 }
 
+/// This process's resident memory now, in MiB (Linux; 0 elsewhere).
+fn rss_mib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
+    kb.unwrap_or(0) / 1024
+}
+
 fn main() {
+    println!("RSS at start: {} MiB", rss_mib());
     let path = fetch::ensure(&DEFAULT_MODEL, &fetch::default_cache_dir(), &Quiet).expect("default model");
     let mut gguf = GgufFile::open(&path).expect("gguf");
+    println!("RSS with the GGUF header read: {} MiB", rss_mib());
     let model = BatchedLlama::load(&mut gguf, &Device::Cpu).expect("weights");
+    drop(gguf);
+    println!("RSS with the weights loaded: {} MiB", rss_mib());
 
     let args: Vec<String> = std::env::args().skip(1).collect();
     let part = args.first().map(String::as_str).unwrap_or("all");
@@ -79,6 +93,12 @@ fn main() {
                 cache
             })
             .collect();
+        let blocks: usize = caches.iter().map(SeqCache::blocks).sum();
+        println!(
+            "RSS with {batch} sequences of {CONTEXT} tokens cached ({blocks} KV blocks, {} KiB each): {} MiB",
+            model.kv_layout().bytes_per_token() * ferroserve_model::kv::BLOCK_TOKENS / 1024,
+            rss_mib()
+        );
         let ms: Vec<f64> = (0..repeats())
             .map(|r| {
                 let next = [(200 + r) as u32];

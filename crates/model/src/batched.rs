@@ -278,13 +278,18 @@ impl BatchedLlama {
         let embed_q = tensor("token_embd.weight")?;
         let vocab = embed_q.shape().dims()[0];
         let norm = RmsNorm::from_qtensor(tensor("output_norm.weight")?, eps).map_err(err)?;
-        let (embed, output) = match tensor("output.weight") {
-            Ok(out) => (
-                Embedding::dense(&embed_q, device)?,
-                Linear::new(out, device).map_err(err)?,
-            ),
+        // Ask before reading: Candle's error for a missing tensor captures a backtrace, and symbolizing it
+        // loads the binary's debug info, which then stays resident (127 MB) for the life of the process.
+        let (embed, output) = match content.tensor_infos.contains_key("output.weight") {
+            true => {
+                let out = tensor("output.weight")?;
+                (
+                    Embedding::dense(&embed_q, device)?,
+                    Linear::new(out, device).map_err(err)?,
+                )
+            }
             // Tied: one matrix serves both. Our Q8_0 matrix is kept once, quantized, for both.
-            Err(_) => {
+            false => {
                 let dense = match (device.is_cpu(), embed_q.dtype()) {
                     (true, GgmlDType::Q8_0) => None,
                     _ => Some(Embedding::dense(&embed_q, device)?),
