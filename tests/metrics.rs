@@ -29,11 +29,23 @@ async fn metrics_follow_traffic_with_bounded_labels() {
         format!("ferroserve_token_logprob_count{{{mv}}}"),
         format!("ferroserve_token_entropy_count{{{mv}}}"),
         format!("ferroserve_batch_tokens_count{{{mv}}}"),
+        format!("ferroserve_engine_step_seconds_count{{{mv},phase=\"prefill\"}}"),
+        format!("ferroserve_engine_step_seconds_count{{{mv},phase=\"decode\"}}"),
+        format!("ferroserve_kv_cache_blocks_total{{{mv}}}"),
         format!("ferroserve_request_generation_tokens_sum{{{mv}}}"),
         "ferroserve_worker_healthy{worker=\"in-process\"}".to_string(),
     ] {
         assert!(sample(&text, &series).is_some(), "missing {series} in:\n{text}");
     }
+    // 8192 budget tokens in blocks of 16; the finished request returned its blocks.
+    assert_eq!(
+        sample(&text, &format!("ferroserve_kv_cache_blocks_total{{{mv}}}")),
+        Some(512.0)
+    );
+    assert_eq!(
+        sample(&text, &format!("ferroserve_kv_cache_blocks_used{{{mv}}}")),
+        Some(0.0)
+    );
     let generated = |text: &str| sample(text, &format!("ferroserve_generation_tokens_total{{{mv}}}")).unwrap_or(0.0);
     assert!(generated(&text) >= 6.0);
     assert_eq!(

@@ -16,6 +16,10 @@ pub(crate) struct EngineMetrics {
     pub waiting: Gauge,
     pub batch_tokens: Histogram,
     pub kv_usage: Gauge,
+    pub kv_blocks_used: Gauge,
+    pub kv_blocks_total: Gauge,
+    /// Step time, by phase: prefill, decode, mixed.
+    pub step_seconds: [Histogram; 3],
     pub cancelled: Counter,
     pub token_logprob: Histogram,
     pub token_entropy: Histogram,
@@ -42,6 +46,12 @@ impl EngineMetrics {
             waiting: metrics::gauge!(names::WAITING_REQUESTS, &mv),
             batch_tokens: metrics::histogram!(names::BATCH_TOKENS, &mv),
             kv_usage: metrics::gauge!(names::KV_CACHE_USAGE_RATIO, &mv),
+            kv_blocks_used: metrics::gauge!(names::KV_CACHE_BLOCKS_USED, &mv),
+            kv_blocks_total: metrics::gauge!(names::KV_CACHE_BLOCKS_TOTAL, &mv),
+            step_seconds: ["prefill", "decode", "mixed"].map(|phase| {
+                let labels = [mv[0].clone(), mv[1].clone(), (names::LABEL_PHASE, phase.to_string())];
+                metrics::histogram!(names::ENGINE_STEP_SECONDS, &labels)
+            }),
             cancelled: metrics::counter!(names::CANCELLED_REQUESTS_TOTAL, &mv),
             token_logprob: metrics::histogram!(names::TOKEN_LOGPROB, &mv),
             token_entropy: metrics::histogram!(names::TOKEN_ENTROPY, &mv),

@@ -230,7 +230,15 @@ impl EngineLoop {
                 }
             }
         }
-        self.shared.cost.charge(started.elapsed().as_secs_f64(), produced);
+        let elapsed = started.elapsed().as_secs_f64();
+        self.shared.cost.charge(elapsed, produced);
+        let prefills = takes.iter().filter(|t| matches!(t, Some(Take::Prefill(_)))).count();
+        let phase = match (prefills, order.len() - prefills) {
+            (_, 0) => 0,
+            (0, _) => 1,
+            _ => 2,
+        };
+        self.shared.metrics.step_seconds[phase].record(elapsed);
         self.retire(running, ended);
     }
 
@@ -350,9 +358,14 @@ impl EngineLoop {
 
     fn publish_kv(&self, running: &[Seq]) {
         let views: Vec<SeqView> = running.iter().map(Seq::view).collect();
-        self.shared
-            .metrics
-            .kv_usage
-            .set(schedule::kv_usage(&self.limits, &views));
+        let m = &self.shared.metrics;
+        m.kv_usage.set(schedule::kv_usage(&self.limits, &views));
+        m.kv_blocks_used
+            .set(running.iter().map(|s| s.cache.blocks()).sum::<usize>() as f64);
+        m.kv_blocks_total.set(
+            self.limits
+                .kv_budget_tokens
+                .div_ceil(ferroserve_model::kv::BLOCK_TOKENS) as f64,
+        );
     }
 }

@@ -39,6 +39,13 @@ pub const WAITING_REQUESTS: &str = "ferroserve_waiting_requests";
 pub const BATCH_TOKENS: &str = "ferroserve_batch_tokens";
 /// Fraction of the KV-cache budget in use, 0 to 1.
 pub const KV_CACHE_USAGE_RATIO: &str = "ferroserve_kv_cache_usage_ratio";
+/// Paged KV blocks held by running sequences (CPU engine; a block is 16 positions of every layer).
+pub const KV_CACHE_BLOCKS_USED: &str = "ferroserve_kv_cache_blocks_used";
+/// Paged KV blocks the budget allows (`kv_budget_tokens` / 16).
+pub const KV_CACHE_BLOCKS_TOTAL: &str = "ferroserve_kv_cache_blocks_total";
+/// Wall time of one engine step (one batched forward and its sampling), by `phase`: `prefill` (only
+/// prompt chunks), `decode` (only generated tokens) or `mixed`.
+pub const ENGINE_STEP_SECONDS: &str = "ferroserve_engine_step_seconds";
 /// Generations stopped because the client left or its deadline passed.
 pub const CANCELLED_REQUESTS_TOTAL: &str = "ferroserve_cancelled_requests_total";
 
@@ -114,6 +121,9 @@ pub const ALL: &[&str] = &[
     WAITING_REQUESTS,
     BATCH_TOKENS,
     KV_CACHE_USAGE_RATIO,
+    KV_CACHE_BLOCKS_USED,
+    KV_CACHE_BLOCKS_TOTAL,
+    ENGINE_STEP_SECONDS,
     CANCELLED_REQUESTS_TOTAL,
     RATE_LIMITED_TOTAL,
     ADMISSION_DECISION_SECONDS,
@@ -169,6 +179,8 @@ pub const LABEL_OUTCOME: &str = "outcome";
 pub const LABEL_KIND: &str = "kind";
 /// Which price applies (`cpu`, `h200`, ...).
 pub const LABEL_WORKER_KIND: &str = "worker_kind";
+/// What an engine step ran: `prefill`, `decode` or `mixed`.
+pub const LABEL_PHASE: &str = "phase";
 
 // --- Buckets ---
 
@@ -224,6 +236,7 @@ pub const HISTOGRAM_BUCKETS: &[(&str, &[f64])] = &[
     (REQUEST_PROMPT_TOKENS, TOKEN_COUNT_BUCKETS),
     (REQUEST_GENERATION_TOKENS, TOKEN_COUNT_BUCKETS),
     (BATCH_TOKENS, TOKEN_COUNT_BUCKETS),
+    (ENGINE_STEP_SECONDS, INTER_TOKEN_BUCKETS),
     (TOKEN_LOGPROB, LOGPROB_BUCKETS),
     (TOKEN_ENTROPY, ENTROPY_BUCKETS),
 ];
@@ -256,6 +269,13 @@ pub fn describe() {
     describe_gauge!(WAITING_REQUESTS, Unit::Count, "Requests queued for the engine.");
     describe_histogram!(BATCH_TOKENS, Unit::Count, "Tokens processed per engine step.");
     describe_gauge!(KV_CACHE_USAGE_RATIO, "Fraction of the KV-cache budget in use (0 to 1).");
+    describe_gauge!(KV_CACHE_BLOCKS_USED, "Paged KV blocks held by running sequences.");
+    describe_gauge!(KV_CACHE_BLOCKS_TOTAL, "Paged KV blocks the budget allows.");
+    describe_histogram!(
+        ENGINE_STEP_SECONDS,
+        Unit::Seconds,
+        "Wall time of one engine step, by phase (prefill, decode, mixed)."
+    );
     describe_counter!(
         CANCELLED_REQUESTS_TOTAL,
         Unit::Count,
