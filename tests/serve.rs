@@ -132,23 +132,41 @@ async fn a_seeded_request_gives_the_same_text_alone_and_in_a_batch() {
         r.sampling = Some(pb::SamplingParams {
             temperature: 0.9,
             top_p: Some(0.95),
+            top_k: 40,
+            repetition_penalty: Some(1.1),
             seed: Some(77),
             ignore_eos: true,
-            ..Default::default()
         });
         r
     };
     let (alone, _) = stream_all(&mut c.clone(), seeded()).await;
-    // The same request among three others that join the batch with prompts of other lengths.
+    // The same request among three others that join the batch with prompts of other lengths and their own
+    // sampling: greedy, greedy with a repetition penalty, and hot unseeded top-k. Each sequence samples
+    // with its own settings and random stream.
     let others = [
-        "Count from one to ten.",
-        "What is the capital of Italy?",
-        "Name three colors of the rainbow.",
+        ("Count from one to ten.", None),
+        (
+            "What is the capital of Italy?",
+            Some(pb::SamplingParams {
+                repetition_penalty: Some(1.3),
+                ..Default::default()
+            }),
+        ),
+        (
+            "Name three colors of the rainbow.",
+            Some(pb::SamplingParams {
+                temperature: 1.5,
+                top_k: 5,
+                ..Default::default()
+            }),
+        ),
     ];
     let mut tasks = Vec::new();
-    for text in others {
+    for (text, sampling) in others {
         let mut c = c.clone();
-        tasks.push(tokio::spawn(async move { stream_all(&mut c, chat(text, 16)).await }));
+        let mut req = chat(text, 16);
+        req.sampling = sampling;
+        tasks.push(tokio::spawn(async move { stream_all(&mut c, req).await }));
     }
     let (batched, done) = stream_all(&mut c.clone(), seeded()).await;
     for t in tasks {
