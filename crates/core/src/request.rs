@@ -18,6 +18,8 @@ pub struct ValidRequest {
     pub stop: Vec<String>,
     /// When the router accepted the request; queue time and TTFT count from here.
     pub arrived: SystemTime,
+    /// Engine admission order: higher first; equal priorities are first come, first served.
+    pub priority: i32,
 }
 
 /// The two ways to give a model its input.
@@ -114,6 +116,7 @@ impl ValidRequest {
             sampling: Sampling::GREEDY,
             stop: Vec::new(),
             arrived: SystemTime::now(),
+            priority: 0,
         }
     }
 }

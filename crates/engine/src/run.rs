@@ -89,6 +89,12 @@ fn ms_since(t: SystemTime) -> f64 {
     t.elapsed().map_or(0.0, |d| d.as_secs_f64() * 1e3)
 }
 
+/// Puts a job in the waiting queue by priority, behind every job of the same or a higher one.
+fn enqueue(waiting: &mut VecDeque<Job>, job: Job) {
+    let at = schedule::queue_position(waiting.iter().map(|j| j.request.priority), job.request.priority);
+    waiting.insert(at, job);
+}
+
 impl EngineLoop {
     /// Runs until every handle is gone and the queue and the batch are empty.
     pub fn run(mut self, queue: &Receiver<Job>) {
@@ -97,12 +103,12 @@ impl EngineLoop {
         loop {
             if running.is_empty() && waiting.is_empty() {
                 match queue.recv() {
-                    Ok(job) => waiting.push_back(job),
+                    Ok(job) => enqueue(&mut waiting, job),
                     Err(_) => break,
                 }
             }
             while let Ok(job) = queue.try_recv() {
-                waiting.push_back(job);
+                enqueue(&mut waiting, job);
             }
             self.admit(&mut waiting, &mut running);
             if !running.is_empty() {
@@ -112,7 +118,7 @@ impl EngineLoop {
         tracing::debug!("engine thread exiting: all handles dropped");
     }
 
-    /// Moves waiting requests into the batch while they fit, first come first served.
+    /// Moves waiting requests into the batch while they fit, in queue order (priority, then arrival).
     fn admit(&mut self, waiting: &mut VecDeque<Job>, running: &mut Vec<Seq>) {
         let m = &self.shared.metrics;
         while let Some(job) = waiting.front() {

@@ -55,6 +55,19 @@ pub enum Take {
     Prefill(Range<usize>),
 }
 
+/// Where a request of priority `new` joins a waiting queue whose priorities, front to back, are `queue`:
+/// behind every request of the same or a higher priority, ahead of every lower one. The queue stays
+/// sorted by priority, and first come, first served within one.
+pub fn queue_position(queue: impl Iterator<Item = i32>, new: i32) -> usize {
+    let mut at = 0;
+    for (i, p) in queue.enumerate() {
+        if p >= new {
+            at = i + 1;
+        }
+    }
+    at
+}
+
 /// Whether a request reserving `need` positions may join `running`.
 pub fn admits(limits: &BatchLimits, running: &[SeqView], need: usize) -> bool {
     if running.is_empty() {
@@ -98,6 +111,20 @@ pub fn kv_usage(limits: &BatchLimits, running: &[SeqView]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_queue_orders_by_priority_then_arrival() {
+        // Build a queue by arrival, each (priority, arrival) placed where queue_position says.
+        let arrivals = [(0, 'a'), (0, 'b'), (5, 'c'), (-1, 'd'), (5, 'e'), (0, 'f')];
+        let mut queue: Vec<(i32, char)> = Vec::new();
+        for job in arrivals {
+            let at = queue_position(queue.iter().map(|j| j.0), job.0);
+            queue.insert(at, job);
+        }
+        let order: String = queue.iter().map(|j| j.1).collect();
+        assert_eq!(order, "ceabfd", "higher first, then first come first served");
+        assert_eq!(queue_position(std::iter::empty(), 3), 0);
+    }
 
     fn seq(prompt: usize, prefilled: usize, reserved: usize) -> SeqView {
         SeqView {

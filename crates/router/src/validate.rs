@@ -159,6 +159,7 @@ pub fn validate(
             sampling,
             stop: request.stop,
             arrived: SystemTime::now(),
+            priority: request.priority,
         },
     ))
 }

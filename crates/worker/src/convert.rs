@@ -40,6 +40,7 @@ pub(crate) fn request_to_wire(r: &ValidRequest) -> pb::WorkRequest {
         }),
         stop: r.stop.clone(),
         arrived_unix_ms: r.arrived.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+        priority: r.priority,
     }
 }
 
@@ -79,6 +80,7 @@ pub(crate) fn request_from_wire(r: pb::WorkRequest) -> Result<ValidRequest, Stat
         },
         stop: r.stop,
         arrived: UNIX_EPOCH + Duration::from_millis(r.arrived_unix_ms),
+        priority: r.priority,
     })
 }
 
@@ -235,6 +237,7 @@ mod tests {
         r.stop = vec!["\n".into()];
         r.sampling.seed = 42;
         r.arrived = UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+        r.priority = -3;
         assert_eq!(request_from_wire(request_to_wire(&r)).unwrap(), r);
     }
 

@@ -65,6 +65,7 @@ impl GrpcClient {
             }),
             stop: Vec::new(),
             request_id: String::new(),
+            priority: 0,
         });
         if let Some(auth) = &self.auth {
             request.metadata_mut().insert("authorization", auth.clone());

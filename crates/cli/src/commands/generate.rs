@@ -54,6 +54,9 @@ pub struct GenerateArgs {
     /// Request id to send (the server makes one if omitted).
     #[arg(long, default_value = "")]
     pub request_id: String,
+    /// Admission priority in the worker's queue: higher goes first, ties first come first served.
+    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+    pub priority: i32,
     /// API key, sent as `authorization: Bearer <key>`.
     #[arg(long, env = "FERROSERVE_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
@@ -116,6 +119,7 @@ impl GenerateArgs {
             }),
             stop: self.stop.clone(),
             request_id: self.request_id.clone(),
+            priority: self.priority,
         })
     }
 }
