@@ -33,22 +33,7 @@ ferroserve="$PWD/target/release/ferroserve"
 model="$("$ferroserve" fetch-model | sed -n 1p)"
 echo "==> model $model"
 
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-}
-trap cleanup EXIT
-
-# Waits (at most 300 s) until a command succeeds.
-wait_for() {
-  for _ in $(seq 1 300); do
-    if "$@" >/dev/null 2>&1; then return 0; fi
-    sleep 1
-  done
-  echo "timed out waiting for: $*" >&2
-  return 1
-}
+source scripts/lib.sh
 
 # Peak resident memory (VmHWM) of a running process, appended to $out/rss.txt.
 peak_rss() {

@@ -14,22 +14,7 @@ out="$(mktemp -d)"
 cargo build --release -p ferroserve
 ferroserve="$PWD/target/release/ferroserve"
 
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-}
-trap cleanup EXIT
-
-# Waits (at most 300 s) until a command succeeds.
-wait_for() {
-  for _ in $(seq 1 300); do
-    if "$@" >/dev/null 2>&1; then return 0; fi
-    sleep 1
-  done
-  echo "timed out waiting for: $*" >&2
-  return 1
-}
+source scripts/lib.sh
 kib() { awk "/^$1/ {print \$2}" "/proc/$2/status"; }
 
 "$ferroserve" worker --listen 127.0.0.1:0 --metrics-listen "" > "$out/worker.log" 2>&1 &

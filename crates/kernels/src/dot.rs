@@ -96,10 +96,7 @@ unsafe fn avx2(w: &[BlockQ41], x: &[BlockQ8]) -> f32 {
         acc = _mm256_fmadd_ps(_mm256_set1_ps(wb.d * xb.d), sums, acc);
         mins += wb.m * xb.s;
     }
-    let half = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    let half = _mm_add_ps(half, _mm_movehl_ps(half, half));
-    let one = _mm_add_ss(half, _mm_shuffle_ps(half, half, 1));
-    _mm_cvtss_f32(one) + mins
+    hsum(acc) + mins
 }
 
 /// AVX2, four activation rows at once: as [`avx2`], but each weight block's nibbles are unpacked once and
@@ -130,9 +127,18 @@ unsafe fn avx2_x4(w: &[BlockQ41], x: [&[BlockQ8]; 4]) -> [f32; 4] {
     }
     let mut out = [0.0f32; 4];
     for r in 0..4 {
-        let half = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
-        let half = _mm_add_ps(half, _mm_movehl_ps(half, half));
-        out[r] = _mm_cvtss_f32(_mm_add_ss(half, _mm_shuffle_ps(half, half, 1))) + mins[r];
+        out[r] = hsum(acc[r]) + mins[r];
     }
     out
+}
+
+/// The sum of eight lanes, in one fixed order, so that the one-row and four-row kernels give the same
+/// bits for the same row (a sequence's logits do not depend on its place in a batch).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) fn hsum(a: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let half = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    let half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    _mm_cvtss_f32(_mm_add_ss(half, _mm_shuffle_ps(half, half, 1)))
 }

@@ -1,5 +1,7 @@
 //! The Q8_0 · Q8 block dot product: portable, and AVX2+FMA chosen at run time.
 
+#[cfg(target_arch = "x86_64")]
+use crate::dot::hsum;
 use crate::dot::{Dot4Fn, DotFn, avx2_available};
 use crate::{BlockQ8, BlockQ80};
 
@@ -102,14 +104,4 @@ unsafe fn avx2(w: &[BlockQ80], x: &[BlockQ8]) -> f32 {
         acc = _mm256_fmadd_ps(_mm256_set1_ps(wb.d * xb.d), sums, acc);
     }
     hsum(acc)
-}
-
-/// The sum of eight lanes.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn hsum(a: std::arch::x86_64::__m256) -> f32 {
-    use std::arch::x86_64::*;
-    let half = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    let half = _mm_add_ps(half, _mm_movehl_ps(half, half));
-    _mm_cvtss_f32(_mm_add_ss(half, _mm_shuffle_ps(half, half, 1)))
 }

@@ -90,6 +90,16 @@ fn assert_dots_agree<B: Kernel>(w: &[B], rows: &[Vec<BlockQ8>]) -> Result<(), Te
             (fast - portable).abs() <= 1e-4 * portable.abs().max(1.0),
             "row {r}: {fast} vs {portable}"
         );
+        // Bit for bit: a row's result must not depend on whether it shares a four-row pass, or a sequence's
+        // logits would change with its place in the batch.
+        prop_assert_eq!(
+            got.to_bits(),
+            fast.to_bits(),
+            "row {}: four-row {} vs one-row {}",
+            r,
+            got,
+            fast
+        );
     }
     Ok(())
 }
