@@ -31,7 +31,7 @@ async fn metrics_follow_traffic_with_bounded_labels() {
         format!("ferroserve_batch_tokens_count{{{mv}}}"),
         format!("ferroserve_engine_step_seconds_count{{{mv},phase=\"prefill\"}}"),
         format!("ferroserve_engine_step_seconds_count{{{mv},phase=\"decode\"}}"),
-        format!("ferroserve_kv_cache_blocks_total{{{mv}}}"),
+        format!("ferroserve_kv_cache_blocks_capacity{{{mv}}}"),
         format!("ferroserve_request_generation_tokens_sum{{{mv}}}"),
         "ferroserve_worker_healthy{worker=\"in-process\"}".to_string(),
     ] {
@@ -39,7 +39,7 @@ async fn metrics_follow_traffic_with_bounded_labels() {
     }
     // 8192 budget tokens in blocks of 16; the finished request returned its blocks.
     assert_eq!(
-        sample(&text, &format!("ferroserve_kv_cache_blocks_total{{{mv}}}")),
+        sample(&text, &format!("ferroserve_kv_cache_blocks_capacity{{{mv}}}")),
         Some(512.0)
     );
     assert_eq!(

@@ -17,7 +17,7 @@ pub(crate) struct EngineMetrics {
     pub batch_tokens: Histogram,
     pub kv_usage: Gauge,
     pub kv_blocks_used: Gauge,
-    pub kv_blocks_total: Gauge,
+    pub kv_blocks_capacity: Gauge,
     /// Step time, by phase: prefill, decode, mixed.
     pub step_seconds: [Histogram; 3],
     pub cancelled: Counter,
@@ -47,7 +47,7 @@ impl EngineMetrics {
             batch_tokens: metrics::histogram!(names::BATCH_TOKENS, &mv),
             kv_usage: metrics::gauge!(names::KV_CACHE_USAGE_RATIO, &mv),
             kv_blocks_used: metrics::gauge!(names::KV_CACHE_BLOCKS_USED, &mv),
-            kv_blocks_total: metrics::gauge!(names::KV_CACHE_BLOCKS_TOTAL, &mv),
+            kv_blocks_capacity: metrics::gauge!(names::KV_CACHE_BLOCKS_CAPACITY, &mv),
             step_seconds: ["prefill", "decode", "mixed"].map(|phase| {
                 let labels = [mv[0].clone(), mv[1].clone(), (names::LABEL_PHASE, phase.to_string())];
                 metrics::histogram!(names::ENGINE_STEP_SECONDS, &labels)

@@ -368,7 +368,7 @@ impl EngineLoop {
         m.kv_usage.set(schedule::kv_usage(&self.limits, &views));
         m.kv_blocks_used
             .set(running.iter().map(|s| s.cache.blocks()).sum::<usize>() as f64);
-        m.kv_blocks_total.set(
+        m.kv_blocks_capacity.set(
             self.limits
                 .kv_budget_tokens
                 .div_ceil(ferroserve_model::kv::BLOCK_TOKENS) as f64,

@@ -42,7 +42,7 @@ pub const KV_CACHE_USAGE_RATIO: &str = "ferroserve_kv_cache_usage_ratio";
 /// Paged KV blocks held by running sequences (CPU engine; a block is 16 positions of every layer).
 pub const KV_CACHE_BLOCKS_USED: &str = "ferroserve_kv_cache_blocks_used";
 /// Paged KV blocks the budget allows (`kv_budget_tokens` / 16).
-pub const KV_CACHE_BLOCKS_TOTAL: &str = "ferroserve_kv_cache_blocks_total";
+pub const KV_CACHE_BLOCKS_CAPACITY: &str = "ferroserve_kv_cache_blocks_capacity";
 /// Wall time of one engine step (one batched forward and its sampling), by `phase`: `prefill` (only
 /// prompt chunks), `decode` (only generated tokens) or `mixed`.
 pub const ENGINE_STEP_SECONDS: &str = "ferroserve_engine_step_seconds";
@@ -122,7 +122,7 @@ pub const ALL: &[&str] = &[
     BATCH_TOKENS,
     KV_CACHE_USAGE_RATIO,
     KV_CACHE_BLOCKS_USED,
-    KV_CACHE_BLOCKS_TOTAL,
+    KV_CACHE_BLOCKS_CAPACITY,
     ENGINE_STEP_SECONDS,
     CANCELLED_REQUESTS_TOTAL,
     RATE_LIMITED_TOTAL,
@@ -270,7 +270,7 @@ pub fn describe() {
     describe_histogram!(BATCH_TOKENS, Unit::Count, "Tokens processed per engine step.");
     describe_gauge!(KV_CACHE_USAGE_RATIO, "Fraction of the KV-cache budget in use (0 to 1).");
     describe_gauge!(KV_CACHE_BLOCKS_USED, "Paged KV blocks held by running sequences.");
-    describe_gauge!(KV_CACHE_BLOCKS_TOTAL, "Paged KV blocks the budget allows.");
+    describe_gauge!(KV_CACHE_BLOCKS_CAPACITY, "Paged KV blocks the budget allows.");
     describe_histogram!(
         ENGINE_STEP_SECONDS,
         Unit::Seconds,
