@@ -13,8 +13,8 @@
 //! - on other devices it is preallocated at its capacity as Candle tensors, and attention uses Candle's
 //!   kernels, one sequence at a time.
 //!
-//! Weights are the GGUF's quantized tensors: Q4_1 on the CPU through our kernel, anything else through
-//! Candle's `QMatMul`. The logits match Candle's reference `quantized_llama` run one sequence at a time;
+//! Weights are the GGUF's quantized tensors: Q4_1, Q4_0 and Q8_0 on the CPU through our kernels
+//! (`ferroserve-kernels`), anything else through Candle's `QMatMul`. The logits match Candle's reference `quantized_llama` run one sequence at a time;
 //! tests check it.
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
