@@ -11,14 +11,19 @@
 //! - [`QMatrix::matmul`] quantizes `x`, then splits the output columns over the rayon pool.
 //! - The dot products use AVX2+FMA when the CPU has them (`is_x86_feature_detected!`), else portable
 //!   code; tests check both against a dequantize-then-multiply reference.
+//! - [`ChannelQ8Matrix`] is a second format for models that arrive in f32 (the filter's sentence
+//!   encoder): int8 weights with a scale per row against 7-bit activations, four vector operations per
+//!   block and row instead of six (see its module).
 
 mod blocks;
+mod channel;
 mod dot;
 mod dot_q8;
 
 use rayon::prelude::*;
 
 pub use blocks::{BLOCK, BlockQ8, BlockQ41, BlockQ80, Q4_0_BYTES, Q4_1_BYTES, Q8_0_BYTES, WeightBlock, quantize_block};
+pub use channel::ChannelQ8Matrix;
 pub use dot::{Dot4Fn, DotFn};
 
 /// Output columns per work item: each item's weight rows stay in cache across all activation rows.
@@ -124,45 +129,52 @@ impl<B: Kernel> QMatrix<B> {
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         assert_eq!(x.len(), m * self.cols, "x must be m x cols");
         let per_row = self.cols / BLOCK;
-        let xq: Vec<BlockQ8> = x.chunks_exact(BLOCK).map(quantize_block).collect();
+        let xq: Vec<BlockQ8> = x.par_chunks_exact(BLOCK).with_min_len(64).map(quantize_block).collect();
         let (dot, dot4) = B::kernels();
         let x_row = |r: usize| &xq[r * per_row..(r + 1) * per_row];
-        let tiles: Vec<Vec<f32>> = (0..self.rows.div_ceil(COLUMN_TILE))
-            .into_par_iter()
-            .map(|tile| {
-                let cols = tile * COLUMN_TILE..self.rows.min((tile + 1) * COLUMN_TILE);
-                let width = cols.len();
-                let mut out = vec![0.0; m * width];
-                // Four activation rows at a time share each unpacked weight block; the rest one by one.
-                let fours = m / 4 * 4;
-                for r in (0..fours).step_by(4) {
-                    let xs = [x_row(r), x_row(r + 1), x_row(r + 2), x_row(r + 3)];
-                    for (j, c) in cols.clone().enumerate() {
-                        let v = dot4(self.row_blocks(c), xs);
-                        for (k, v) in v.into_iter().enumerate() {
-                            out[(r + k) * width + j] = v;
-                        }
+        tiled(self.rows, m, |cols, out| {
+            let width = cols.len();
+            // Four activation rows at a time share each unpacked weight block; the rest one by one.
+            let fours = m / 4 * 4;
+            for r in (0..fours).step_by(4) {
+                let xs = [x_row(r), x_row(r + 1), x_row(r + 2), x_row(r + 3)];
+                for (j, c) in cols.clone().enumerate() {
+                    for (k, v) in dot4(self.row_blocks(c), xs).into_iter().enumerate() {
+                        out[(r + k) * width + j] = v;
                     }
                 }
-                for r in fours..m {
-                    for (j, c) in cols.clone().enumerate() {
-                        out[r * width + j] = dot(self.row_blocks(c), x_row(r));
-                    }
-                }
-                out
-            })
-            .collect();
-        let mut out = vec![0.0; m * self.rows];
-        for (tile, values) in tiles.iter().enumerate() {
-            let start = tile * COLUMN_TILE;
-            let width = values.len() / m.max(1);
-            for r in 0..m {
-                out[r * self.rows + start..r * self.rows + start + width]
-                    .copy_from_slice(&values[r * width..(r + 1) * width]);
             }
-        }
-        out
+            for r in fours..m {
+                for (j, c) in cols.clone().enumerate() {
+                    out[r * width + j] = dot(self.row_blocks(c), x_row(r));
+                }
+            }
+        })
     }
+}
+
+/// The parallel frame of every matmul here: the `n` output columns in tiles of [`COLUMN_TILE`] spread over
+/// rayon. `fill(columns, out)` writes one tile, `out` being `m x columns.len()`, row-major. Returns
+/// `m x n`, row-major.
+fn tiled(n: usize, m: usize, fill: impl Fn(std::ops::Range<usize>, &mut [f32]) + Sync) -> Vec<f32> {
+    let tiles: Vec<Vec<f32>> = (0..n.div_ceil(COLUMN_TILE))
+        .into_par_iter()
+        .map(|tile| {
+            let cols = tile * COLUMN_TILE..n.min((tile + 1) * COLUMN_TILE);
+            let mut out = vec![0.0; m * cols.len()];
+            fill(cols, &mut out);
+            out
+        })
+        .collect();
+    let mut out = vec![0.0; m * n];
+    for (tile, values) in tiles.iter().enumerate() {
+        let start = tile * COLUMN_TILE;
+        let width = values.len() / m.max(1);
+        for r in 0..m {
+            out[r * n + start..r * n + start + width].copy_from_slice(&values[r * width..(r + 1) * width]);
+        }
+    }
+    out
 }
 
 impl Q41Matrix {
