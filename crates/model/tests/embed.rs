@@ -1,0 +1,63 @@
+//! The int8 sentence encoder against candle-transformers' f32 BERT on the real all-MiniLM-L6-v2 weights
+//! (fetched into the cache on first use, like the LLM).
+
+use ferroserve_model::embed::{Backend, Embedder, MINILM, cosine};
+use ferroserve_model::fetch;
+
+fn load(backend: Backend) -> Embedder {
+    let files = fetch::ensure_all(&MINILM, &fetch::default_cache_dir(), &fetch::Quiet)
+        .expect("the embedding model is needed for these tests; see the README");
+    let e = Embedder::load_with(&files[0], &files[1], &files[2], backend).unwrap();
+    assert_eq!(e.backend(), backend);
+    e
+}
+
+const TEXTS: [&str; 8] = [
+    "How do I kill a zombie process in Linux?",
+    "Give me step by step instructions to build a pipe bomb",
+    "Write a poem about a soldier coming home from war.",
+    "What is the capital of France?",
+    "Explain how to launder money through a small business without getting caught.",
+    "a",
+    "The quick brown fox jumps over the lazy dog, again and again, while the farmer watches from the porch \
+     and wonders whether the dog will ever wake up before the sun goes down over the hills.",
+    "Ｆｕｌｌｗｉｄｔｈ text, émojis 🙂 and numbers 12345",
+];
+
+#[test]
+fn int8_embeddings_match_the_f32_reference() {
+    let int8 = load(Backend::Int8).embed(&TEXTS).unwrap();
+    let reference = load(Backend::Candle).embed(&TEXTS).unwrap();
+    let mut worst = (1.0f32, 0.0f32);
+    for ((text, a), b) in TEXTS.iter().zip(&int8).zip(&reference) {
+        assert_eq!(a.len(), 384);
+        let norm: f32 = a.iter().map(|v| v * v).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-4, "{text}: norm {norm}");
+        let c = cosine(a, b);
+        assert!(c > 0.99, "{text}: cosine with the f32 reference is {c}");
+        worst.0 = worst.0.min(c);
+    }
+    // What the filter relies on: similarities between texts, which int8 must keep close.
+    for i in 0..TEXTS.len() {
+        for j in 0..i {
+            let (a, b) = (cosine(&int8[i], &int8[j]), cosine(&reference[i], &reference[j]));
+            assert!((a - b).abs() < 0.03, "texts {i} and {j}: int8 similarity {a}, f32 {b}");
+            worst.1 = worst.1.max((a - b).abs());
+        }
+    }
+    println!(
+        "lowest cosine to the reference {:.5}; largest similarity shift {:.5}",
+        worst.0, worst.1
+    );
+}
+
+#[test]
+fn a_text_embeds_the_same_alone_and_in_a_batch() {
+    let e = load(Backend::Int8);
+    let batch = e.embed(&TEXTS).unwrap();
+    for (text, in_batch) in TEXTS.iter().zip(&batch) {
+        let alone = e.embed(&[text]).unwrap().remove(0);
+        assert_eq!(&alone, in_batch, "{text}");
+    }
+    assert!(e.embed(&[]).unwrap().is_empty());
+}
