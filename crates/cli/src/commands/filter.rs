@@ -6,6 +6,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use ferroserve_filter::FilterConfig;
 use ferroserve_filter::eval::{evaluate, read_examples};
+use ferroserve_model::embed::Backend;
 
 /// `ferroserve filter ...`.
 #[derive(Debug, Args)]
@@ -37,6 +38,9 @@ pub struct EvalArgs {
     /// Times each prompt is judged, for steadier latency figures.
     #[arg(long, default_value_t = 20)]
     pub repeats: usize,
+    /// Embed with Candle's f32 BERT (the reference) instead of the int8 encoder the server runs.
+    #[arg(long)]
+    pub reference_embedder: bool,
 }
 
 /// Runs a filter subcommand.
@@ -49,9 +53,15 @@ pub fn run(args: FilterArgs) -> anyhow::Result<()> {
 fn eval(a: EvalArgs) -> anyhow::Result<()> {
     let config = FilterConfig::load(&a.config)?;
     if config.semantic.is_some() {
+        let backend = if a.reference_embedder {
+            Backend::Candle
+        } else {
+            Backend::Int8
+        };
         super::install_embeddings(
             &ferroserve_model::fetch::default_cache_dir(),
             &crate::progress::Bars::default(),
+            backend,
         )?;
     }
     let filter = config

@@ -36,14 +36,19 @@ pub fn fetch_model(cache_dir: Option<PathBuf>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Loads the sentence-embedding model (fetching it into `cache_dir` if needed) and installs it for filter
-/// configs with a `[semantic]` section. Once per process.
-pub fn install_embeddings(cache_dir: &std::path::Path, progress: &dyn Progress) -> anyhow::Result<()> {
+/// Loads the sentence-embedding model (fetching it into `cache_dir` if needed) with the chosen forward
+/// pass and installs it for filter configs with a `[semantic]` section. Once per process.
+pub fn install_embeddings(
+    cache_dir: &std::path::Path,
+    progress: &dyn Progress,
+    backend: embed::Backend,
+) -> anyhow::Result<()> {
     if ferroserve_filter::semantic::service().is_some() {
         return Ok(());
     }
     let files = fetch::ensure_all(&embed::MINILM, cache_dir, progress).context("fetching the embedding model")?;
-    let embedder = embed::Embedder::load(&files[0], &files[1], &files[2]).context("loading the embedding model")?;
+    let embedder =
+        embed::Embedder::load_with(&files[0], &files[1], &files[2], backend).context("loading the embedding model")?;
     ferroserve_filter::semantic::install(ferroserve_filter::semantic::EmbedService::start(embedder));
     Ok(())
 }

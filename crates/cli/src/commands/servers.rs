@@ -120,7 +120,11 @@ fn router_parts(settings: &Settings, pool: Arc<Pool>, stopped: &Stop) -> anyhow:
 fn filter_hub(settings: &Settings) -> anyhow::Result<Arc<FilterHub>> {
     let f = &settings.filter;
     if f.dir.is_dir() && ferroserve_filter::needs_embeddings(&f.dir) {
-        super::install_embeddings(&settings.cache_dir, &ferroserve_model::fetch::Quiet)?;
+        super::install_embeddings(
+            &settings.cache_dir,
+            &ferroserve_model::fetch::Quiet,
+            ferroserve_model::embed::Backend::Int8,
+        )?;
     }
     let hub = if f.dir.is_dir() {
         FilterHub::from_dir(&f.dir, f.active.as_deref(), f.recent_verdicts)
