@@ -136,3 +136,49 @@ fn filter_eval_prints_rates_as_json() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("/nonexistent.toml"));
 }
+
+/// `filter eval --only semantic` with our int8 encoder and with Candle's f32 BERT: the same decisions on
+/// every dev prompt (the int8 encoder is a speed-up, not a different filter).
+#[test]
+fn the_int8_and_reference_encoders_make_the_same_semantic_decisions() {
+    let eval = |extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferroserve"))
+            .args([
+                "filter",
+                "eval",
+                "--json",
+                "--repeats",
+                "1",
+                "--only",
+                "semantic",
+                "--config",
+            ])
+            .arg(repo("configs/filters/default.toml"))
+            .arg("--data")
+            .arg(repo("tests/data/filter-eval-dev.jsonl"))
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let (int8, reference) = (eval(&[]), eval(&["--reference-embedder"]));
+    for key in ["overall", "categories", "matrix", "mistakes"] {
+        assert_eq!(int8[key], reference[key], "{key}");
+    }
+    // The rules are out of this run: the semantic filter alone misses some prompts the rules catch.
+    assert!(int8["overall"]["recall"].as_f64().unwrap() < 1.0);
+
+    let rules_only = std::env::temp_dir().join(format!("ferroserve-rules-only-{}.toml", std::process::id()));
+    std::fs::write(&rules_only, "name = \"r\"\nversion = \"1\"\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferroserve"))
+        .args(["filter", "eval", "--only", "semantic", "--config"])
+        .arg(&rules_only)
+        .arg("--data")
+        .arg(repo("tests/data/filter-eval-dev.jsonl"))
+        .output()
+        .unwrap();
+    std::fs::remove_file(&rules_only).unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("has no [semantic] section"));
+}

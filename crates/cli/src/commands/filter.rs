@@ -41,6 +41,18 @@ pub struct EvalArgs {
     /// Embed with Candle's f32 BERT (the reference) instead of the int8 encoder the server runs.
     #[arg(long)]
     pub reference_embedder: bool,
+    /// Judge one part of the config alone.
+    #[arg(long, value_enum)]
+    pub only: Option<Part>,
+}
+
+/// A part of a filter config.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum Part {
+    /// The `[rules]` section.
+    Rules,
+    /// The `[semantic]` section.
+    Semantic,
 }
 
 /// Runs a filter subcommand.
@@ -51,7 +63,15 @@ pub fn run(args: FilterArgs) -> anyhow::Result<()> {
 }
 
 fn eval(a: EvalArgs) -> anyhow::Result<()> {
-    let config = FilterConfig::load(&a.config)?;
+    let mut config = FilterConfig::load(&a.config)?;
+    match a.only {
+        Some(Part::Rules) => config.semantic = None,
+        Some(Part::Semantic) if config.semantic.is_none() => {
+            anyhow::bail!("{} has no [semantic] section to judge alone", a.config.display())
+        }
+        Some(Part::Semantic) => config.rules.categories.clear(),
+        None => {}
+    }
     if config.semantic.is_some() {
         let backend = if a.reference_embedder {
             Backend::Candle
