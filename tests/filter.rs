@@ -1,6 +1,7 @@
 //! The content filter through `ferroserve serve` with the real model on 127.0.0.1: the shipped default
 //! config refuses a harmful prompt, the directory watcher swaps in an edited config and refuses a broken
-//! one, and `ferroserve filter eval` prints the figures operators judge a config by.
+//! one, the operator's `ferroserve filter` commands change it live, and `ferroserve filter eval` prints
+//! the figures operators judge a config by.
 
 mod support;
 
@@ -35,6 +36,20 @@ async fn until_filters(
     })
     .await
     .expect("the filter state changed in time");
+}
+
+/// Runs `ferroserve filter ARGS --addr URL`: (success, stdout, stderr).
+async fn filter_cli(url: &str, args: &[&str]) -> (bool, String, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ferroserve"));
+    cmd.arg("filter").args(args).args(["--addr", url]);
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -107,6 +122,28 @@ async fn serve_filters_prompts_and_the_watcher_swaps_edited_configs() {
         .into_inner();
     assert_eq!(now_refused.finish_reason, pb::FinishReason::Filtered as i32);
     assert_eq!(now_refused.filtered.unwrap().filter, "default@2");
+
+    // The operator's CLI: off, on, list, a shadow, and a name that is not loaded.
+    let url = server.url();
+    let (ok, out, _) = filter_cli(&url, &["disable"]).await;
+    assert!(ok && out.contains("filtering off"), "{out}");
+    let passes = c
+        .generate(chat("What is the capital of France?", 8))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(passes.finish_reason, pb::FinishReason::Filtered as i32);
+    let (ok, out, _) = filter_cli(&url, &["enable"]).await;
+    assert!(ok && out.contains("active default@2  filtering on"), "{out}");
+    let (ok, out, _) = filter_cli(&url, &["shadow", "default@2"]).await;
+    assert!(ok && out.contains("shadow default@2"), "{out}");
+    let (ok, out, _) = filter_cli(&url, &["list"]).await;
+    assert!(
+        ok && out.contains("shadow agreement") && out.contains("default@2"),
+        "{out}"
+    );
+    let (ok, _, err) = filter_cli(&url, &["swap", "nonexistent"]).await;
+    assert!(!ok && err.contains("NotFound") && err.contains("nonexistent"), "{err}");
 
     server.shutdown().await.unwrap();
     std::fs::remove_dir_all(&dir).unwrap();

@@ -43,7 +43,7 @@ async fn main() -> anyhow::Result<()> {
         Command::FetchModel(a) => commands::fetch_model(a.cache_dir),
         Command::Limits(a) => commands::admin::limits(a).await,
         Command::Reload(a) => commands::admin::reload(a).await,
-        Command::Filter(a) => commands::filter::run(a),
+        Command::Filter(a) => commands::filter::run(a).await,
         Command::Bench(a) => commands::bench::run(a).await,
     }
 }

@@ -52,7 +52,7 @@ pub struct LimitsArgs {
     pub json: bool,
 }
 
-fn with_token<T>(message: T, token: &Option<String>) -> anyhow::Result<tonic::Request<T>> {
+pub(crate) fn with_token<T>(message: T, token: &Option<String>) -> anyhow::Result<tonic::Request<T>> {
     let mut r = tonic::Request::new(message);
     if let Some(t) = token {
         let value = format!("Bearer {t}")
@@ -63,13 +63,13 @@ fn with_token<T>(message: T, token: &Option<String>) -> anyhow::Result<tonic::Re
     Ok(r)
 }
 
-async fn connect(conn: &AdminConn) -> anyhow::Result<AdminClient<tonic::transport::Channel>> {
+pub(crate) async fn connect(conn: &AdminConn) -> anyhow::Result<AdminClient<tonic::transport::Channel>> {
     AdminClient::connect(conn.addr.clone())
         .await
         .with_context(|| format!("cannot reach {}; is the server running?", conn.addr))
 }
 
-fn status_error(status: tonic::Status) -> anyhow::Error {
+pub(crate) fn status_error(status: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", status.code(), status.message())
 }
 

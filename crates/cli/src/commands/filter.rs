@@ -1,4 +1,6 @@
-//! `ferroserve filter eval`: a filter config's mistakes on labeled prompts.
+//! `ferroserve filter eval`: a filter config's mistakes on labeled prompts. `ferroserve filter list|swap|
+//! enable|disable|shadow|reload|feedback`: the operator's side of live filter changes, through the `Admin`
+//! service (admin credential required).
 
 use std::path::PathBuf;
 
@@ -7,6 +9,9 @@ use clap::{Args, Subcommand};
 use ferroserve_filter::FilterConfig;
 use ferroserve_filter::eval::{evaluate, read_examples};
 use ferroserve_model::embed::Backend;
+use ferroserve_proto::v1 as pb;
+
+use super::admin::{AdminConn, connect, status_error, with_token};
 
 /// `ferroserve filter ...`.
 #[derive(Debug, Args)]
@@ -21,6 +26,62 @@ pub struct FilterArgs {
 pub enum FilterCommand {
     /// Precision, recall, FPR and FNR per category and overall, the confusion matrix and latency.
     Eval(EvalArgs),
+    /// A running server's loaded filter configs, the enforcing one, on/off, and the shadow's agreement.
+    List(AdminConn),
+    /// Makes a loaded config (`name` or `name@version`) enforce; requests in flight keep theirs.
+    Swap(NamedArgs),
+    /// Switches filtering on.
+    Enable(AdminConn),
+    /// Switches filtering off: requests pass unjudged until enabled again.
+    Disable(AdminConn),
+    /// Runs a loaded config in shadow beside the active one (no name: stop the shadow).
+    Shadow(ShadowArgs),
+    /// Re-reads the filter directory now; invalid files are refused by name.
+    Reload(AdminConn),
+    /// Marks a recent request's verdict as a false positive or a false negative.
+    Feedback(FeedbackArgs),
+}
+
+/// A command that names a loaded filter config.
+#[derive(Debug, Args)]
+pub struct NamedArgs {
+    /// Connection.
+    #[command(flatten)]
+    pub conn: AdminConn,
+    /// The config's name, or `name@version`.
+    pub name: String,
+}
+
+/// `ferroserve filter shadow`.
+#[derive(Debug, Args)]
+pub struct ShadowArgs {
+    /// Connection.
+    #[command(flatten)]
+    pub conn: AdminConn,
+    /// The config to run in shadow; leave out to stop the shadow.
+    pub name: Option<String>,
+}
+
+/// `ferroserve filter feedback`.
+#[derive(Debug, Args)]
+pub struct FeedbackArgs {
+    /// Connection.
+    #[command(flatten)]
+    pub conn: AdminConn,
+    /// The request id, as the client sent it or the server assigned it.
+    pub request_id: String,
+    /// What the reviewer found.
+    #[arg(long, value_enum)]
+    pub kind: Feedback,
+}
+
+/// A reviewer's finding.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum Feedback {
+    /// Blocked or flagged, but harmless.
+    FalsePositive,
+    /// Allowed, but harmful.
+    FalseNegative,
 }
 
 /// `ferroserve filter eval`.
@@ -56,9 +117,117 @@ pub enum Part {
 }
 
 /// Runs a filter subcommand.
-pub fn run(args: FilterArgs) -> anyhow::Result<()> {
-    match args.command {
-        FilterCommand::Eval(a) => eval(a),
+pub async fn run(args: FilterArgs) -> anyhow::Result<()> {
+    let (conn, call) = match args.command {
+        FilterCommand::Eval(a) => return eval(a),
+        FilterCommand::List(conn) => (conn, Call::List),
+        FilterCommand::Swap(a) => (a.conn, Call::Swap(a.name)),
+        FilterCommand::Enable(conn) => (conn, Call::Enable),
+        FilterCommand::Disable(conn) => (conn, Call::Disable),
+        FilterCommand::Shadow(a) => (a.conn, Call::Shadow(a.name.unwrap_or_default())),
+        FilterCommand::Reload(conn) => (conn, Call::Reload),
+        FilterCommand::Feedback(a) => (a.conn, Call::Feedback(a.request_id, a.kind)),
+    };
+    admin(&conn, call).await
+}
+
+/// One Admin filter RPC.
+enum Call {
+    List,
+    Swap(String),
+    Enable,
+    Disable,
+    Shadow(String),
+    Reload,
+    Feedback(String, Feedback),
+}
+
+async fn admin(conn: &AdminConn, call: Call) -> anyhow::Result<()> {
+    let mut client = connect(conn).await?;
+    let token = &conn.admin_token;
+    let state = match call {
+        Call::List => client.list_filters(with_token(pb::ListFiltersRequest {}, token)?).await,
+        Call::Swap(name) => {
+            client
+                .swap_filter(with_token(pb::SwapFilterRequest { name }, token)?)
+                .await
+        }
+        Call::Enable => {
+            client
+                .enable_filter(with_token(pb::EnableFilterRequest {}, token)?)
+                .await
+        }
+        Call::Disable => {
+            client
+                .disable_filter(with_token(pb::DisableFilterRequest {}, token)?)
+                .await
+        }
+        Call::Shadow(name) => {
+            client
+                .set_shadow_filter(with_token(pb::SetShadowFilterRequest { name }, token)?)
+                .await
+        }
+        Call::Reload => {
+            let r = client
+                .reload_filters(with_token(pb::ReloadFiltersRequest {}, token)?)
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            for refused in &r.refused {
+                println!("refused: {refused}");
+            }
+            Ok(tonic::Response::new(r.filters.unwrap_or_default()))
+        }
+        Call::Feedback(request_id, kind) => {
+            let kind = match kind {
+                Feedback::FalsePositive => pb::FeedbackKind::FalsePositive,
+                Feedback::FalseNegative => pb::FeedbackKind::FalseNegative,
+            };
+            let r = client
+                .report_filter_feedback(with_token(
+                    pb::ReportFilterFeedbackRequest {
+                        request_id,
+                        kind: kind as i32,
+                    },
+                    token,
+                )?)
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let v = r.verdict.unwrap_or_default();
+            println!(
+                "counted against {} (verdict: {} stage, category {:?})",
+                r.filter, v.stage, v.category
+            );
+            return Ok(());
+        }
+    };
+    print_state(&state.map_err(status_error)?.into_inner());
+    Ok(())
+}
+
+fn print_state(s: &pb::ListFiltersResponse) {
+    let or_none = |v: &str| {
+        if v.is_empty() {
+            "(none)".to_string()
+        } else {
+            v.to_string()
+        }
+    };
+    println!(
+        "active {}  filtering {}  shadow {}",
+        or_none(&s.active),
+        if s.enabled { "on" } else { "off" },
+        or_none(&s.shadow)
+    );
+    if let Some(a) = s.shadow_agreement.filter(|_| !s.shadow.is_empty()) {
+        println!(
+            "shadow agreement: both block {}, both allow {}, only shadow blocks {}, only active blocks {}",
+            a.agree_block, a.agree_allow, a.shadow_only_block, a.active_only_block
+        );
+    }
+    for f in &s.loaded {
+        println!("  {:<24} {}  ({})", f.id, f.description, f.path);
     }
 }
 
