@@ -1,18 +1,11 @@
 //! The per-row int8 matrix ([`ChannelQ8Matrix`]) against an f32 product of its dequantized weights, the
 //! SIMD path against the portable one, and a row's result alone against the same row in a batch.
 
+mod support;
+
 use ferroserve_kernels::{BLOCK, ChannelQ8Matrix};
 use proptest::prelude::*;
-
-fn reference(w: &[f32], x: &[f32], m: usize, rows: usize, cols: usize) -> Vec<f32> {
-    let mut out = vec![0.0; m * rows];
-    for r in 0..m {
-        for c in 0..rows {
-            out[r * rows + c] = (0..cols).map(|i| w[c * cols + i] * x[r * cols + i]).sum();
-        }
-    }
-    out
-}
+use support::reference;
 
 /// Weights and activations from seeds, with magnitudes that vary by row and column.
 fn case(rows: usize, cols: usize, m: usize, w: &[f32], x: &[f32]) -> (Vec<f32>, Vec<f32>) {

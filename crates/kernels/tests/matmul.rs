@@ -1,11 +1,14 @@
 //! The Q4_1, Q4_0 and Q8_0 kernels against a dequantize-then-multiply reference in f32, and the AVX2 dot
 //! products against the portable ones.
 
+mod support;
+
 use ferroserve_kernels::{
     BLOCK, BlockQ8, Kernel, Q4_0_BYTES, Q4_1_BYTES, Q8_0_BYTES, Q41Matrix, Q80Matrix, QMatrix, dot_fast, dot_portable,
     dot4_fast, quantize_block, uses_avx2,
 };
 use proptest::prelude::*;
+use support::reference;
 
 /// GGUF Q4_1 bytes for `rows x cols` weights from seeds: scales and minimums as f16, random nibbles.
 fn gguf_bytes(rows: usize, cols: usize, scales: &[f32], nibbles: &[u8]) -> Vec<u8> {
@@ -114,16 +117,6 @@ fn activation_rows(x: &[f32], cols: usize) -> Vec<Vec<BlockQ8>> {
         })
         .map(|xs| xs.chunks_exact(BLOCK).map(quantize_block).collect())
         .collect()
-}
-
-fn reference(w: &[f32], x: &[f32], m: usize, rows: usize, cols: usize) -> Vec<f32> {
-    let mut out = vec![0.0; m * rows];
-    for r in 0..m {
-        for c in 0..rows {
-            out[r * rows + c] = (0..cols).map(|i| w[c * cols + i] * x[r * cols + i]).sum();
-        }
-    }
-    out
 }
 
 proptest! {

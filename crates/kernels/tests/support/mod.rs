@@ -1,0 +1,12 @@
+//! What the kernel tests share.
+
+/// `x · wᵀ` in f32: `w` is `rows x cols`, `x` is `m x cols`; returns `m x rows`.
+pub fn reference(w: &[f32], x: &[f32], m: usize, rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0; m * rows];
+    for r in 0..m {
+        for c in 0..rows {
+            out[r * rows + c] = (0..cols).map(|i| w[c * cols + i] * x[r * cols + i]).sum();
+        }
+    }
+    out
+}
