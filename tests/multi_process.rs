@@ -205,3 +205,69 @@ async fn invalid_configuration_exits_before_binding_and_names_the_key() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Two versions of one model behind a router: the default Q4_1 file and a Q8_0 file written by
+/// `ferroserve model derive`, each worker labelled with `--model-version`. A pinned request lands on its
+/// version and every completion names the version that served it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_derived_version_serves_beside_the_original_and_pins_reach_it() {
+    let dir = std::env::temp_dir().join(format!("ferroserve-versions-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let derived = dir.join("smollm2.Q8_0.gguf");
+    let model = model_path();
+    let (status, stderr) = run_to_end(&[
+        "model",
+        "derive",
+        "--to",
+        "q8_0",
+        "--source",
+        model.to_str().unwrap(),
+        "--output",
+        derived.to_str().unwrap(),
+    ])
+    .await;
+    assert!(status.success(), "{stderr}");
+    let loopback = ["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"];
+    let v1 = spawn(&[&["worker", "--model-path", model.to_str().unwrap()][..], &loopback].concat()).await;
+    let v2 = spawn(
+        &[
+            &[
+                "worker",
+                "--model-path",
+                derived.to_str().unwrap(),
+                "--model-version",
+                "q8_0",
+            ][..],
+            &loopback,
+        ]
+        .concat(),
+    )
+    .await;
+    let router = spawn(&[&["router", "--worker", &v1.url, "--worker", &v2.url][..], &loopback].concat()).await;
+    wait_serving(&router.url).await;
+    wait_workers_healthy(&router.url, 2).await;
+
+    let mut c = client(&router.url).await;
+    for version in ["q8_0", "q4_1", "q8_0"] {
+        let mut request = chat("What is the capital of France?", 8);
+        request.model = format!("smollm2-135m-instruct@{version}");
+        let (tokens, done) = stream_all(&mut c, request).await;
+        assert!(!tokens.is_empty());
+        assert_eq!(done.model_version, format!("smollm2-135m-instruct@{version}"));
+    }
+    let (on_v1, on_v2) = (completed_on(&v1.url).await, completed_on(&v2.url).await);
+    assert_eq!((on_v1, on_v2), (1, 2), "each pin reached its own worker");
+    let mut request = chat("Hi", 4);
+    request.model = "smollm2-135m-instruct@q5_k".into();
+    let status = c.generate(request).await.unwrap_err();
+    assert!(
+        matches!(status.code(), tonic::Code::NotFound | tonic::Code::Unavailable),
+        "{status:?}"
+    );
+    assert!(status.message().contains("q5_k"), "{}", status.message());
+
+    router.stop().await;
+    v1.stop().await;
+    v2.stop().await;
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -32,6 +32,8 @@ pub enum Command {
     /// Shows the admission limits with what is left of each budget, or changes them live when a limit
     /// flag is given (admin credential).
     Limits(crate::commands::admin::LimitsArgs),
+    /// Model files: `ferroserve model derive --to q8_0` writes a re-quantized version of the default model.
+    Model(crate::commands::model::ModelArgs),
     /// Content filters: `ferroserve filter eval --config X --data labeled.jsonl`.
     Filter(crate::commands::filter::FilterArgs),
     /// Load tester: measures Ferroserve or any OpenAI-compatible server (`bench compare`, `bench plot`
@@ -53,6 +55,10 @@ pub struct ServerArgs {
     /// Serve this GGUF instead of the fetched default (overrides model.path).
     #[arg(long, env = "FERROSERVE_MODEL_PATH")]
     pub model_path: Option<PathBuf>,
+    /// The version label this model is served under, e.g. `q8_0` for a derived file (overrides
+    /// model.version); requests pin it as `name@version`.
+    #[arg(long, env = "FERROSERVE_MODEL_VERSION")]
+    pub model_version: Option<String>,
     /// Cache directory for fetched models (overrides model.cache_dir).
     #[arg(long, env = "FERROSERVE_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
@@ -122,6 +128,9 @@ impl ServerArgs {
         }
         if let Some(p) = &self.model_path {
             file.model.path = Some(p.clone());
+        }
+        if let Some(v) = &self.model_version {
+            file.model.version = v.clone();
         }
         if let Some(c) = &self.cache_dir {
             file.model.cache_dir = Some(c.clone());

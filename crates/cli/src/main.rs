@@ -44,6 +44,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Limits(a) => commands::admin::limits(a).await,
         Command::Reload(a) => commands::admin::reload(a).await,
         Command::Filter(a) => commands::filter::run(a).await,
+        Command::Model(a) => commands::model::run(a),
         Command::Bench(a) => commands::bench::run(a).await,
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod batched;
 pub mod chat;
+pub mod derive;
 pub mod detok;
 pub mod device;
 pub mod embed;

@@ -4,6 +4,7 @@ pub mod admin;
 pub mod bench;
 pub mod filter;
 pub mod generate;
+pub mod model;
 pub mod servers;
 
 use std::path::PathBuf;

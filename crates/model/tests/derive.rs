@@ -1,0 +1,116 @@
+//! `model derive` on the real SmolLM2 Q4_1 GGUF: the derived Q8_0 and Q4_0 files load, keep the tokenizer
+//! and template, carry the new tensor formats, and predict like the source.
+
+use candle_core::Device;
+use candle_core::quantized::GgmlDType;
+use ferroserve_model::batched::{BatchedLlama, Chunk, argmax};
+use ferroserve_model::derive::{Target, derive};
+use ferroserve_model::fetch::{self, DEFAULT_MODEL, Quiet};
+use ferroserve_model::gguf::GgufFile;
+use ferroserve_model::tokenizer::TextTokenizer;
+
+/// The logits after `prompt` (last position) from the model at `path`.
+fn next_logits(path: &std::path::Path, prompt: &[u32]) -> Vec<f32> {
+    let m = BatchedLlama::load(&mut GgufFile::open(path).unwrap(), &Device::Cpu).unwrap();
+    let mut cache = m.new_cache(64).unwrap();
+    m.forward(&mut [Chunk {
+        cache: &mut cache,
+        tokens: prompt,
+    }])
+    .unwrap()
+    .pop()
+    .unwrap()
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    dot / (norm(a) * norm(b))
+}
+
+fn dtypes(path: &std::path::Path) -> Vec<GgmlDType> {
+    GgufFile::open(path)
+        .unwrap()
+        .content
+        .tensor_infos
+        .values()
+        .map(|t| t.ggml_dtype)
+        .collect()
+}
+
+#[test]
+fn derived_versions_load_and_predict_like_the_source() {
+    let source = fetch::ensure(&DEFAULT_MODEL, &fetch::default_cache_dir(), &Quiet).expect("default model");
+    let dir = std::env::temp_dir().join(format!("ferroserve-derive-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = GgufFile::open(&source).unwrap();
+    let tokenizer = TextTokenizer::from_gguf(&src).unwrap();
+    let prompts: Vec<Vec<u32>> = [
+        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\nThe capital",
+        "The primary colors are red, yellow and",
+        "One, two, three, four,",
+    ]
+    .iter()
+    .map(|p| tokenizer.encode(p).unwrap())
+    .collect();
+    let want: Vec<Vec<f32>> = prompts.iter().map(|p| next_logits(&source, p)).collect();
+    let source_q41 = dtypes(&source).iter().filter(|d| **d == GgmlDType::Q4_1).count();
+    assert!(source_q41 > 0);
+
+    for (target, dtype) in [(Target::Q8_0, GgmlDType::Q8_0), (Target::Q4_0, GgmlDType::Q4_0)] {
+        let out = dir.join(format!("derived-{target:?}.gguf"));
+        let d = derive(&source, &out, target, &Quiet).unwrap();
+        assert_eq!(d.converted, source_q41, "{target:?}");
+        assert_eq!(d.converted + d.copied, src.content.tensor_infos.len());
+        assert_eq!(d.bytes, std::fs::metadata(&out).unwrap().len());
+        assert!(!dir.join(format!("derived-{target:?}.gguf.partial")).exists());
+
+        let types = dtypes(&out);
+        assert!(!types.contains(&GgmlDType::Q4_1), "{target:?}: no Q4_1 tensor is left");
+        assert_eq!(types.iter().filter(|t| **t == dtype).count() >= source_q41, true);
+        let derived = GgufFile::open(&out).unwrap();
+        assert_eq!(
+            derived.string("tokenizer.chat_template").unwrap(),
+            src.string("tokenizer.chat_template").unwrap()
+        );
+        assert_eq!(
+            TextTokenizer::from_gguf(&derived)
+                .unwrap()
+                .encode("Hello world")
+                .unwrap()
+                .len(),
+            2
+        );
+
+        // Different weights, same model. Q8_0 holds Q4_1's values almost exactly: the same greedy token
+        // and close logits. Q4_0 (no minimum) is coarser: the source's greedy token stays in its top 5.
+        for (prompt, want) in prompts.iter().zip(&want) {
+            let got = next_logits(&out, prompt);
+            let c = cosine(&got, want);
+            let rank = got.iter().filter(|v| **v > got[argmax(want)]).count();
+            println!(
+                "{target:?}: {} bytes, logits cosine {c:.4}, source's token ranked {rank}",
+                d.bytes
+            );
+            assert!(c < 1.0, "{target:?}: the weights changed");
+            match target {
+                Target::Q8_0 => {
+                    assert_eq!(argmax(&got), argmax(want));
+                    assert!(c > 0.99, "Q8_0: cosine of the logits with the source's {c}");
+                }
+                Target::Q4_0 => assert!(rank < 5, "Q4_0: the source's token ranks {rank}"),
+            }
+        }
+    }
+
+    // Refusals: the source as its own output, and a file with nothing to re-quantize.
+    let err = derive(&source, &source, Target::Q8_0, &Quiet).unwrap_err().to_string();
+    assert!(err.contains("overwrite the source"), "{err}");
+    let q8 = dir.join("derived-Q8_0.gguf");
+    let err = derive(&q8, &dir.join("again.gguf"), Target::Q4_0, &Quiet)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no Q4_1 tensors"), "{err}");
+    assert!(!dir.join("again.gguf").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
