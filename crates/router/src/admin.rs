@@ -16,6 +16,8 @@ use ferroserve_filter::{Feedback, FilterHub};
 use crate::inference::authorization;
 use crate::live::Live;
 use crate::pool::Pool;
+use crate::traffic::Traffic;
+use crate::versions;
 use crate::{ModelSelector, RouterError};
 
 /// The admin service.
@@ -26,6 +28,8 @@ pub(crate) struct AdminService {
     pub live: Arc<Live>,
     /// The content filter it controls.
     pub filters: Arc<FilterHub>,
+    /// The traffic policy between model versions.
+    pub traffic: Arc<Traffic>,
 }
 
 fn filters_to_wire(hub: &FilterHub) -> pb::ListFiltersResponse {
@@ -286,5 +290,66 @@ impl Admin for AdminService {
             )),
             filter: recorded.filter,
         }))
+    }
+
+    async fn get_traffic(&self, request: Request<pb::GetTrafficRequest>) -> Result<Response<pb::TrafficState>, Status> {
+        self.authorize(&request)?;
+        Ok(Response::new(versions::get(
+            &self.traffic,
+            &self.pool,
+            request.get_ref(),
+        )?))
+    }
+
+    async fn set_traffic(&self, request: Request<pb::SetTrafficRequest>) -> Result<Response<pb::TrafficState>, Status> {
+        self.authorize(&request)?;
+        let who = versions::operator(request.metadata());
+        Ok(Response::new(versions::set(
+            &self.traffic,
+            &self.pool,
+            &who,
+            request.into_inner(),
+        )?))
+    }
+
+    async fn disable_version(
+        &self,
+        request: Request<pb::VersionRequest>,
+    ) -> Result<Response<pb::TrafficState>, Status> {
+        self.authorize(&request)?;
+        let who = versions::operator(request.metadata());
+        Ok(Response::new(versions::switch(
+            &self.traffic,
+            &self.pool,
+            &who,
+            request.into_inner(),
+            true,
+        )?))
+    }
+
+    async fn enable_version(&self, request: Request<pb::VersionRequest>) -> Result<Response<pb::TrafficState>, Status> {
+        self.authorize(&request)?;
+        let who = versions::operator(request.metadata());
+        Ok(Response::new(versions::switch(
+            &self.traffic,
+            &self.pool,
+            &who,
+            request.into_inner(),
+            false,
+        )?))
+    }
+
+    async fn rollback_traffic(
+        &self,
+        request: Request<pb::RollbackTrafficRequest>,
+    ) -> Result<Response<pb::TrafficState>, Status> {
+        self.authorize(&request)?;
+        let who = versions::operator(request.metadata());
+        Ok(Response::new(versions::rollback(
+            &self.traffic,
+            &self.pool,
+            &who,
+            request.into_inner(),
+        )?))
     }
 }

@@ -16,8 +16,9 @@ use tonic::{Request, Response, Status};
 use crate::live::Live;
 use crate::pool::Pool;
 use crate::relay::{Dispatched, Relay, Relayed, record_outcome, until, verdict_to_wire};
+use crate::traffic::{Traffic, VersionAsk};
 use crate::validate::{Limits, validate};
-use crate::{RouterError, deadline};
+use crate::{ModelSelector, RouterError, deadline};
 
 /// How many workers a request may be offered to before it fails as unavailable.
 const MAX_DISPATCH_ATTEMPTS: usize = 3;
@@ -39,7 +40,12 @@ pub(crate) struct InferenceService {
     pub limits: Limits,
     /// The content filter, swappable live.
     pub filters: Arc<FilterHub>,
+    /// Which version takes a request, changeable live.
+    pub traffic: Arc<Traffic>,
 }
+
+/// The request header that puts a request in an A/B cohort of the traffic policy.
+pub(crate) const COHORT_HEADER: &str = "x-ferroserve-cohort";
 
 /// How a request begins: handed to a worker, or refused by the input filter before any model work.
 enum Start {
@@ -84,6 +90,29 @@ fn new_request_id() -> String {
 }
 
 impl InferenceService {
+    /// The version the traffic policy sends this request to, as a pin; the request's own selector when
+    /// the model has no policy.
+    fn route(&self, selector: ModelSelector, session: &str, cohort: Option<&str>, request_id: &str) -> ModelSelector {
+        let (name, pinned) = match &selector {
+            ModelSelector::Default => match self.pool.default_name() {
+                Some(name) => (name, None),
+                None => return selector,
+            },
+            ModelSelector::Name(name) => (name.clone(), None),
+            ModelSelector::Pinned { name, version } => (name.clone(), Some(version.as_str())),
+        };
+        let ask = VersionAsk {
+            pinned,
+            session: Some(session).filter(|s| !s.is_empty()),
+            cohort,
+            request_id,
+        };
+        match self.traffic.choose(&name, ask, &self.pool.healthy_versions(&name)) {
+            Some(version) => ModelSelector::Pinned { name, version },
+            None => selector,
+        }
+    }
+
     /// [`InferenceService::dispatch`], counting a failure by its status.
     async fn start(&self, request: Request<pb::GenerateRequest>) -> Result<Start, Status> {
         self.dispatch(request).await.map_err(|e| {
@@ -101,7 +130,13 @@ impl InferenceService {
         let tenant = self.live.keys().authenticate(authorization(request.metadata()))?;
         let budget = deadline::from_metadata(request.metadata());
         let deadline = budget.map(|d| arrived + d);
+        let cohort = request
+            .metadata()
+            .get(COHORT_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let request = request.into_inner();
+        let session = request.session.clone();
         let request_id = if request.request_id.is_empty() {
             new_request_id()
         } else {
@@ -158,6 +193,7 @@ impl InferenceService {
                 }));
             }
         }
+        let selector = self.route(selector, &session, cohort.as_deref(), &request_id);
         let mut guard = OutputGuard::new(Arc::clone(&self.filters), selection, &request_id);
         let mut tried = Vec::new();
         loop {

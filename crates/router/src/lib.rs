@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! authenticate, validate, admit, filter the input (inference.rs, validate.rs, ferroserve-admission,
-//!   ferroserve-filter) -> choose model and worker (pool.rs)
+//!   ferroserve-filter) -> choose the version (traffic.rs) and the worker (pool.rs)
 //!   -> filter the output and stream it back (relay.rs)
 //! ```
 //!
@@ -19,10 +19,13 @@ mod live;
 mod pool;
 mod relay;
 mod server;
+mod traffic;
 mod validate;
+mod versions;
 
 pub use error::{LIMIT_METADATA, RETRY_AFTER_MS, RouterError};
 pub use live::{Live, LiveSettings, Reloader};
 pub use pool::{Pool, WorkerView};
 pub use server::{RouterConfig, RouterParts, serve};
+pub use traffic::{Change, Policy, Traffic, VersionAsk};
 pub use validate::{Limits, ModelSelector};

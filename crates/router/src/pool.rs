@@ -153,6 +153,18 @@ impl Pool {
             .or_else(|| self.members().first().map(|m| m.backend.model().name.clone()))
     }
 
+    /// The versions of `name` that have a healthy worker, in join order.
+    pub fn healthy_versions(&self, name: &str) -> Vec<String> {
+        let mut versions: Vec<String> = Vec::new();
+        for m in self.members() {
+            let info = m.backend.model();
+            if info.name == name && m.healthy.load(Ordering::Relaxed) && !versions.contains(&info.version) {
+                versions.push(info.version.clone());
+            }
+        }
+        versions
+    }
+
     /// Snapshots of every worker.
     pub fn workers(&self) -> Vec<WorkerView> {
         self.members()

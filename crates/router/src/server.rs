@@ -13,6 +13,7 @@ use tonic_health::ServingStatus;
 use crate::admin::AdminService;
 use crate::inference::InferenceService;
 use crate::live::Live;
+use crate::traffic::Traffic;
 use crate::{Limits, Pool};
 use ferroserve_filter::FilterHub;
 
@@ -91,13 +92,20 @@ pub async fn serve(
         }
     });
     let reflection = ferroserve_worker::reflection_service();
+    let traffic = Arc::new(Traffic::default());
     let inference = InferenceServer::new(InferenceService {
         pool: Arc::clone(&pool),
         live: Arc::clone(&live),
         limits: config.limits,
         filters: Arc::clone(&filters),
+        traffic: Arc::clone(&traffic),
     });
-    let admin = AdminServer::new(AdminService { pool, live, filters });
+    let admin = AdminServer::new(AdminService {
+        pool,
+        live,
+        filters,
+        traffic,
+    });
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
         .add_service(health)

@@ -66,6 +66,7 @@ impl GrpcClient {
             stop: Vec::new(),
             request_id: String::new(),
             priority: 0,
+            session: String::new(),
         });
         if let Some(auth) = &self.auth {
             request.metadata_mut().insert("authorization", auth.clone());

@@ -57,6 +57,9 @@ pub struct GenerateArgs {
     /// Admission priority in the worker's queue: higher goes first, ties first come first served.
     #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
     pub priority: i32,
+    /// Sticky key (user or session id): the same key gets the same model version of a split.
+    #[arg(long)]
+    pub session: Option<String>,
     /// API key, sent as `authorization: Bearer <key>`.
     #[arg(long, env = "FERROSERVE_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
@@ -120,6 +123,7 @@ impl GenerateArgs {
             stop: self.stop.clone(),
             request_id: self.request_id.clone(),
             priority: self.priority,
+            session: self.session.clone().unwrap_or_default(),
         })
     }
 }

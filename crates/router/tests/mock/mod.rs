@@ -35,6 +35,7 @@ pub const MOCK_MAX_OUTPUT: u32 = 4;
 /// then streams its script (or up to [`MOCK_MAX_OUTPUT`] "x" tokens), `token_delay` apart.
 pub struct MockBackend {
     info: ModelInfo,
+    location: String,
     release: watch::Receiver<bool>,
     started: Arc<Mutex<Vec<String>>>,
     token_delay: Duration,
@@ -49,7 +50,7 @@ impl Backend for MockBackend {
     }
 
     fn location(&self) -> &str {
-        "mock"
+        &self.location
     }
 
     fn generate(&self, request: ValidRequest) -> BoxFuture<'_, Result<EventStream, BackendError>> {
@@ -129,6 +130,8 @@ pub struct Options {
     pub filters: Arc<FilterHub>,
     /// The mock's token texts; `None` for "x" tokens.
     pub script: Option<Vec<String>>,
+    /// Versions of the `mock` model, one mock worker each (located at `mock` alone, else `mock-<version>`).
+    pub versions: Vec<String>,
 }
 
 impl Options {
@@ -140,6 +143,7 @@ impl Options {
             reload: None,
             filters: FilterHub::empty(None, 100),
             script: None,
+            versions: vec!["v1".into()],
         }
     }
 }
@@ -169,20 +173,29 @@ impl Harness {
         let started = Arc::new(Mutex::new(Vec::new()));
         let sent = Arc::new(AtomicU32::new(0));
         let pool = Pool::new(Some("mock".into()));
-        pool.add(Arc::new(MockBackend {
-            info: ModelInfo {
-                name: "mock".into(),
-                version: "v1".into(),
-                context_length: 4096,
-            },
-            release: release_rx,
-            started: Arc::clone(&started),
-            token_delay: o.token_delay,
-            script: o.script,
-            sent: Arc::clone(&sent),
-        }));
+        let single = o.versions.len() == 1;
+        for version in &o.versions {
+            pool.add(Arc::new(MockBackend {
+                info: ModelInfo {
+                    name: "mock".into(),
+                    version: version.clone(),
+                    context_length: 4096,
+                },
+                location: if single {
+                    "mock".into()
+                } else {
+                    format!("mock-{version}")
+                },
+                release: release_rx.clone(),
+                started: Arc::clone(&started),
+                token_delay: o.token_delay,
+                script: o.script.clone(),
+                sent: Arc::clone(&sent),
+            }));
+        }
         let mut healthy = pool.watch_healthy();
-        tokio::time::timeout(WAIT, healthy.wait_for(|n| *n > 0))
+        let workers = o.versions.len();
+        tokio::time::timeout(WAIT, healthy.wait_for(|n| *n >= workers))
             .await
             .unwrap()
             .unwrap();

@@ -1,0 +1,313 @@
+//! Which version of a model takes an unpinned request: the traffic policy, changed live through `Admin`.
+//!
+//! Per model name, a policy holds weights per version (a canary at 5 % is `{stable: 95, canary: 5}`),
+//! cohorts (the `x-ferroserve-cohort` header's value -> a version) and the disabled versions (the kill
+//! switch). A choice is:
+//! 1. a cohort's version, if the request names a cohort that maps to an enabled version;
+//! 2. otherwise a weighted draw over the enabled versions with weight, keyed by a hash of the request's
+//!    `session` (sticky: the same session lands on the same version while the split stays) or else of its
+//!    request id;
+//! 3. a pin (`name@version`) to a disabled version is moved by the same draw.
+//!
+//! A choice only names a version among those that have a healthy worker, so a disabled or unreachable
+//! version never fails a request while another can serve it. Every change is recorded with who made it
+//! and when; a rollback restores the policy before the last change.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::RwLock;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Changes kept in the history.
+const HISTORY: usize = 256;
+/// Earlier policies kept for rollback, per model.
+const UNDO: usize = 64;
+
+/// One model's policy.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Policy {
+    /// Version -> relative weight of unpinned traffic. Empty: no split (any version, least loaded).
+    pub weights: BTreeMap<String, u32>,
+    /// Cohort name -> version.
+    pub cohorts: BTreeMap<String, String>,
+    /// Versions taken out of traffic.
+    pub disabled: BTreeSet<String>,
+}
+
+impl Policy {
+    fn summary(&self) -> String {
+        let weights: Vec<String> = self.weights.iter().map(|(v, w)| format!("{v}={w}")).collect();
+        let mut s = if weights.is_empty() {
+            "no split".to_string()
+        } else {
+            format!("split {}", weights.join(" "))
+        };
+        if !self.cohorts.is_empty() {
+            let c: Vec<String> = self.cohorts.iter().map(|(k, v)| format!("{k}->{v}")).collect();
+            s.push_str(&format!("; cohorts {}", c.join(" ")));
+        }
+        if !self.disabled.is_empty() {
+            let d: Vec<&str> = self.disabled.iter().map(String::as_str).collect();
+            s.push_str(&format!("; disabled {}", d.join(" ")));
+        }
+        s
+    }
+}
+
+/// One recorded change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// Milliseconds since the Unix epoch.
+    pub at_unix_ms: u64,
+    /// The operator.
+    pub who: String,
+    /// `set`, `disable`, `enable` or `rollback`.
+    pub action: String,
+    /// The model's policy after the change, and the reason.
+    pub summary: String,
+}
+
+/// What a request brings to the choice.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct VersionAsk<'a> {
+    /// A version the request pinned.
+    pub pinned: Option<&'a str>,
+    /// Its sticky key.
+    pub session: Option<&'a str>,
+    /// Its cohort header.
+    pub cohort: Option<&'a str>,
+    /// Its request id (the draw's key without a session).
+    pub request_id: &'a str,
+}
+
+#[derive(Default)]
+struct State {
+    policies: HashMap<String, Policy>,
+    undo: HashMap<String, Vec<Policy>>,
+    history: VecDeque<Change>,
+}
+
+/// Every model's policy, its undo stack and the change history.
+#[derive(Default)]
+pub struct Traffic {
+    state: RwLock<State>,
+}
+
+/// FNV-1a: a stable hash, so a session keeps its version across router restarts and replicas.
+fn stable_hash(key: &str) -> u64 {
+    key.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+impl Traffic {
+    /// The policy of `model` (empty when never set).
+    pub fn policy(&self, model: &str) -> Policy {
+        self.state
+            .read()
+            .expect("traffic lock")
+            .policies
+            .get(model)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The change history, oldest first.
+    pub fn history(&self) -> Vec<Change> {
+        self.state
+            .read()
+            .expect("traffic lock")
+            .history
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// Replaces `model`'s policy with `edit` applied to it, recording the change.
+    pub fn change(&self, model: &str, who: &str, action: &str, reason: &str, edit: impl FnOnce(&mut Policy)) -> Policy {
+        let mut state = self.state.write().expect("traffic lock");
+        let before = state.policies.get(model).cloned().unwrap_or_default();
+        let mut after = before.clone();
+        edit(&mut after);
+        let undo = state.undo.entry(model.to_string()).or_default();
+        undo.push(before);
+        if undo.len() > UNDO {
+            undo.remove(0);
+        }
+        state.policies.insert(model.to_string(), after.clone());
+        record(&mut state, model, who, action, &after, reason);
+        after
+    }
+
+    /// Restores the policy before the last change; `None` when there is nothing to undo.
+    pub fn rollback(&self, model: &str, who: &str, reason: &str) -> Option<Policy> {
+        let mut state = self.state.write().expect("traffic lock");
+        let previous = state.undo.get_mut(model)?.pop()?;
+        state.policies.insert(model.to_string(), previous.clone());
+        record(&mut state, model, who, "rollback", &previous, reason);
+        Some(previous)
+    }
+
+    /// The version to send a request to, among `serving` (versions with a healthy worker). `None`: the
+    /// policy has no say (no split, or nothing it allows is serving) and any serving version will do.
+    pub fn choose(&self, model: &str, ask: VersionAsk<'_>, serving: &[String]) -> Option<String> {
+        let state = self.state.read().expect("traffic lock");
+        let policy = state.policies.get(model)?;
+        let usable = |v: &str| !policy.disabled.contains(v) && serving.iter().any(|s| s == v);
+        if let Some(pinned) = ask.pinned {
+            if !policy.disabled.contains(pinned) {
+                return Some(pinned.to_string());
+            }
+        }
+        if let Some(version) = ask.cohort.and_then(|c| policy.cohorts.get(c)).filter(|v| usable(v)) {
+            return Some(version.clone());
+        }
+        let weighted: Vec<(&String, u64)> = policy
+            .weights
+            .iter()
+            .filter(|(v, w)| **w > 0 && usable(v))
+            .map(|(v, w)| (v, u64::from(*w)))
+            .collect();
+        let total: u64 = weighted.iter().map(|(_, w)| w).sum();
+        if total == 0 {
+            // Nothing the split names can serve: any enabled serving version, else let the pool choose.
+            return serving.iter().find(|v| !policy.disabled.contains(*v)).cloned();
+        }
+        let mut point = stable_hash(ask.session.unwrap_or(ask.request_id)) % total;
+        for (version, weight) in weighted {
+            if point < weight {
+                return Some(version.clone());
+            }
+            point -= weight;
+        }
+        unreachable!("the draw falls inside the total weight")
+    }
+}
+
+fn record(state: &mut State, model: &str, who: &str, action: &str, policy: &Policy, reason: &str) {
+    let at_unix_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let mut summary = format!("{model}: {}", policy.summary());
+    if !reason.is_empty() {
+        summary.push_str(&format!(" ({reason})"));
+    }
+    tracing::info!(%who, %action, %summary, "traffic policy changed");
+    state.history.push_back(Change {
+        at_unix_ms,
+        who: who.to_string(),
+        action: action.to_string(),
+        summary,
+    });
+    if state.history.len() > HISTORY {
+        state.history.pop_front();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn versions() -> Vec<String> {
+        vec!["stable".into(), "canary".into()]
+    }
+
+    fn split(t: &Traffic, stable: u32, canary: u32) {
+        t.change("m", "test", "set", "", |p| {
+            p.weights = [("stable".to_string(), stable), ("canary".to_string(), canary)].into();
+        });
+    }
+
+    fn ask(id: &str) -> VersionAsk<'_> {
+        VersionAsk {
+            request_id: id,
+            ..VersionAsk::default()
+        }
+    }
+
+    #[test]
+    fn the_observed_split_follows_the_weights() {
+        let t = Traffic::default();
+        split(&t, 95, 5);
+        let n = 20_000;
+        let canary = (0..n)
+            .filter(|i| t.choose("m", ask(&format!("req-{i}")), &versions()).as_deref() == Some("canary"))
+            .count();
+        // Binomial(20000, 0.05): sd = 30.8; 5 sd either side.
+        assert!((846..=1154).contains(&canary), "canary got {canary} of {n}");
+    }
+
+    #[test]
+    fn a_session_keeps_its_version_and_sessions_spread() {
+        let t = Traffic::default();
+        split(&t, 50, 50);
+        let pick = |s: &str, id: &str| {
+            t.choose(
+                "m",
+                VersionAsk {
+                    session: Some(s),
+                    ..ask(id)
+                },
+                &versions(),
+            )
+        };
+        let mut seen = BTreeSet::new();
+        for user in 0..200 {
+            let session = format!("user-{user}");
+            let first = pick(&session, "a").unwrap();
+            for i in 0..20 {
+                assert_eq!(pick(&session, &format!("r{i}")).unwrap(), first, "{session}");
+            }
+            seen.insert(first);
+        }
+        assert_eq!(seen.len(), 2, "sessions land on both versions");
+    }
+
+    #[test]
+    fn disable_moves_every_request_and_rollback_restores_the_split() {
+        let t = Traffic::default();
+        split(&t, 50, 50);
+        t.change("m", "ops", "disable", "bad canary", |p| {
+            p.disabled.insert("canary".into());
+        });
+        for i in 0..500 {
+            let id = format!("r{i}");
+            assert_eq!(t.choose("m", ask(&id), &versions()).unwrap(), "stable");
+            // A pin to the disabled version moves too.
+            let pinned = VersionAsk {
+                pinned: Some("canary"),
+                ..ask(&id)
+            };
+            assert_eq!(t.choose("m", pinned, &versions()).unwrap(), "stable");
+        }
+        let restored = t.rollback("m", "ops", "fixed").unwrap();
+        assert!(restored.disabled.is_empty());
+        assert_eq!(restored.weights["canary"], 50);
+        let history = t.history();
+        let actions: Vec<&str> = history.iter().map(|c| c.action.as_str()).collect();
+        assert_eq!(actions, ["set", "disable", "rollback"]);
+        assert_eq!(history[1].who, "ops");
+        assert!(history[1].summary.contains("disabled canary") && history[1].summary.contains("bad canary"));
+        assert!(t.rollback("m", "ops", "").is_some());
+        assert!(t.rollback("m", "ops", "").is_none(), "nothing left to undo");
+    }
+
+    #[test]
+    fn cohorts_and_unavailable_versions() {
+        let t = Traffic::default();
+        split(&t, 100, 0);
+        t.change("m", "ops", "set", "", |p| {
+            p.cohorts.insert("beta".into(), "canary".into());
+        });
+        let beta = VersionAsk {
+            cohort: Some("beta"),
+            ..ask("x")
+        };
+        assert_eq!(t.choose("m", beta, &versions()).unwrap(), "canary");
+        // The cohort's version has no healthy worker: the split decides.
+        assert_eq!(t.choose("m", beta, &["stable".to_string()]).unwrap(), "stable");
+        // Nothing the split names is serving: another enabled version that is.
+        assert_eq!(t.choose("m", ask("y"), &["canary".to_string()]).unwrap(), "canary");
+        // No policy for a model: the pool decides.
+        assert_eq!(t.choose("other", ask("z"), &versions()), None);
+    }
+}

@@ -1,0 +1,194 @@
+//! The `Admin` traffic RPCs: checking an operator's change against the versions the workers serve, applying
+//! it to the [`Traffic`] policy, and reporting the state back.
+
+use std::collections::BTreeMap;
+
+use ferroserve_proto::v1 as pb;
+
+use crate::RouterError;
+use crate::pool::Pool;
+use crate::traffic::{Policy, Traffic};
+
+/// The admin call's header naming the operator, for the history.
+pub(crate) const OPERATOR_HEADER: &str = "x-ferroserve-operator";
+
+/// The operator named by an admin call, or `admin`.
+pub(crate) fn operator(metadata: &tonic::metadata::MetadataMap) -> String {
+    metadata
+        .get(OPERATOR_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+        .unwrap_or("admin")
+        .to_string()
+}
+
+/// The model a call names: its `model` field, or the default model.
+fn model(pool: &Pool, requested: &str) -> Result<String, RouterError> {
+    let name = if requested.is_empty() {
+        pool.default_name().ok_or_else(|| RouterError::NoWorker {
+            model: "the default model".into(),
+            reason: "no worker has joined yet".into(),
+        })?
+    } else {
+        requested.to_string()
+    };
+    if pool.models().iter().any(|m| m.name == name) {
+        Ok(name)
+    } else {
+        Err(RouterError::ModelNotFound {
+            requested: name,
+            available: pool.models().iter().map(|m| m.name.clone()).collect(),
+        })
+    }
+}
+
+/// Every version of `name` some worker serves, healthy or not.
+fn served(pool: &Pool, name: &str) -> Vec<String> {
+    let mut versions: Vec<String> = Vec::new();
+    for m in pool.models() {
+        if m.name == name && !versions.contains(&m.version) {
+            versions.push(m.version);
+        }
+    }
+    versions
+}
+
+fn check_version(pool: &Pool, name: &str, version: &str, field: &str) -> Result<(), RouterError> {
+    let served = served(pool, name);
+    if served.iter().any(|v| v == version) {
+        return Ok(());
+    }
+    Err(RouterError::Invalid {
+        field: field.into(),
+        message: format!(
+            "no worker serves {name}@{version}; versions served: {}",
+            served.join(", ")
+        ),
+    })
+}
+
+/// The traffic state of `name`: its policy, each served version's share and workers, and the history.
+pub(crate) fn state(traffic: &Traffic, pool: &Pool, name: &str) -> pb::TrafficState {
+    let policy = traffic.policy(name);
+    let workers = pool.workers();
+    let mut versions = served(pool, name);
+    for v in policy.weights.keys() {
+        if !versions.contains(v) {
+            versions.push(v.clone());
+        }
+    }
+    let enabled_weight = |v: &str| {
+        if policy.disabled.contains(v) {
+            0
+        } else {
+            u64::from(policy.weights.get(v).copied().unwrap_or(0))
+        }
+    };
+    let total: u64 = versions.iter().map(|v| enabled_weight(v)).sum();
+    let version_states = versions
+        .iter()
+        .map(|v| {
+            let of_version = workers.iter().filter(|w| w.model.name == name && w.model.version == *v);
+            pb::VersionState {
+                version: v.clone(),
+                share: if total == 0 {
+                    0.0
+                } else {
+                    enabled_weight(v) as f64 / total as f64
+                },
+                disabled: policy.disabled.contains(v),
+                healthy_workers: of_version.clone().filter(|w| w.healthy).count() as u32,
+                workers: of_version.count() as u32,
+            }
+        })
+        .collect();
+    pb::TrafficState {
+        model: name.to_string(),
+        weights: policy.weights.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+        cohorts: policy.cohorts.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        versions: version_states,
+        history: traffic
+            .history()
+            .into_iter()
+            .map(|c| pb::PolicyChange {
+                at_unix_ms: c.at_unix_ms,
+                who: c.who,
+                action: c.action,
+                summary: c.summary,
+            })
+            .collect(),
+    }
+}
+
+/// `GetTraffic`.
+pub(crate) fn get(traffic: &Traffic, pool: &Pool, r: &pb::GetTrafficRequest) -> Result<pb::TrafficState, RouterError> {
+    let name = model(pool, &r.model)?;
+    Ok(state(traffic, pool, &name))
+}
+
+/// `SetTraffic`: every version named must be served, and some weight must be above zero.
+pub(crate) fn set(
+    traffic: &Traffic,
+    pool: &Pool,
+    who: &str,
+    r: pb::SetTrafficRequest,
+) -> Result<pb::TrafficState, RouterError> {
+    let name = model(pool, &r.model)?;
+    for version in r.weights.keys() {
+        check_version(pool, &name, version, &format!("weights[{version}]"))?;
+    }
+    for (cohort, version) in &r.cohorts {
+        check_version(pool, &name, version, &format!("cohorts[{cohort}]"))?;
+    }
+    if !r.weights.is_empty() && r.weights.values().all(|w| *w == 0) {
+        return Err(RouterError::Invalid {
+            field: "weights".into(),
+            message: "at least one version needs a weight above 0".into(),
+        });
+    }
+    let weights: BTreeMap<String, u32> = r.weights.into_iter().collect();
+    let cohorts: BTreeMap<String, String> = r.cohorts.into_iter().collect();
+    traffic.change(&name, who, "set", &r.reason, |p: &mut Policy| {
+        p.weights = weights;
+        p.cohorts = cohorts;
+    });
+    Ok(state(traffic, pool, &name))
+}
+
+/// `DisableVersion` and `EnableVersion`.
+pub(crate) fn switch(
+    traffic: &Traffic,
+    pool: &Pool,
+    who: &str,
+    r: pb::VersionRequest,
+    disable: bool,
+) -> Result<pb::TrafficState, RouterError> {
+    let name = model(pool, &r.model)?;
+    check_version(pool, &name, &r.version, "version")?;
+    let action = if disable { "disable" } else { "enable" };
+    traffic.change(&name, who, action, &r.reason, |p| {
+        if disable {
+            p.disabled.insert(r.version.clone());
+        } else {
+            p.disabled.remove(&r.version);
+        }
+    });
+    Ok(state(traffic, pool, &name))
+}
+
+/// `RollbackTraffic`.
+pub(crate) fn rollback(
+    traffic: &Traffic,
+    pool: &Pool,
+    who: &str,
+    r: pb::RollbackTrafficRequest,
+) -> Result<pb::TrafficState, RouterError> {
+    let name = model(pool, &r.model)?;
+    traffic
+        .rollback(&name, who, &r.reason)
+        .ok_or_else(|| RouterError::Invalid {
+            field: "model".into(),
+            message: format!("{name} has no earlier traffic policy to roll back to"),
+        })?;
+    Ok(state(traffic, pool, &name))
+}

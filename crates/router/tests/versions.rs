@@ -1,0 +1,285 @@
+//! Model versions behind the real router (two mock workers, `mock@stable` and `mock@canary`, on
+//! 127.0.0.1): weighted splits within statistical tolerance, sticky sessions, cohorts, the kill switch and
+//! rollback, all changed through `Admin` while requests stream, with no request failing.
+
+mod mock;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use ferroserve_admission::{AdmissionLimits, ServerLimits, TenantLimits};
+use ferroserve_proto::v1 as pb;
+use mock::*;
+use tonic::transport::Channel;
+
+type Admin = ferroserve_proto::v1::admin_client::AdminClient<Channel>;
+type Client = ferroserve_proto::v1::inference_client::InferenceClient<Channel>;
+
+async fn harness() -> Harness {
+    let limits = AdmissionLimits {
+        server: ServerLimits {
+            shared: TenantLimits::default(),
+            max_queued_requests: 256,
+            max_queued_tokens: 1_000_000,
+        },
+        tenants: Default::default(),
+    };
+    let h = Harness::start(Options {
+        versions: vec!["stable".into(), "canary".into()],
+        token_delay: Duration::from_millis(1),
+        ..Options::new(limits)
+    })
+    .await;
+    h.release.send(true).unwrap();
+    h
+}
+
+fn operator<T>(message: T, who: &str) -> tonic::Request<T> {
+    let mut r = admin_request(message, "admin");
+    r.metadata_mut().insert("x-ferroserve-operator", who.parse().unwrap());
+    r
+}
+
+async fn split(admin: &mut Admin, stable: u32, canary: u32) -> pb::TrafficState {
+    let weights = HashMap::from([("stable".to_string(), stable), ("canary".to_string(), canary)]);
+    admin
+        .set_traffic(operator(
+            pb::SetTrafficRequest {
+                weights,
+                reason: format!("{canary} % canary"),
+                ..Default::default()
+            },
+            "ana",
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// The version that served one unary request.
+async fn served(c: &mut Client, id: &str, session: &str, cohort: Option<&str>) -> String {
+    let mut r = request("alpha", id, 2);
+    r.get_mut().session = session.into();
+    if let Some(cohort) = cohort {
+        r.metadata_mut().insert("x-ferroserve-cohort", cohort.parse().unwrap());
+    }
+    let done = c.generate(r).await.expect("no request fails").into_inner();
+    done.model_version
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn splits_follow_the_weights_and_sessions_stick() {
+    let h = harness().await;
+    let (mut c, mut admin) = (h.client().await, h.admin().await);
+    let state = split(&mut admin, 80, 20).await;
+    let shares: HashMap<String, f64> = state.versions.iter().map(|v| (v.version.clone(), v.share)).collect();
+    assert_eq!((shares["stable"], shares["canary"]), (0.8, 0.2));
+    assert!(state.versions.iter().all(|v| v.healthy_workers == 1));
+
+    let n = 400;
+    let mut canary = 0;
+    for i in 0..n {
+        if served(&mut c, &format!("split-{i}"), "", None).await == "mock@canary" {
+            canary += 1;
+        }
+    }
+    // Binomial(400, 0.2): mean 80, sd 8; 5 sd either side.
+    assert!((40..=120).contains(&canary), "canary served {canary} of {n}");
+
+    for user in 0..20 {
+        let session = format!("user-{user}");
+        let first = served(&mut c, &format!("{session}-0"), &session, None).await;
+        for i in 1..10 {
+            assert_eq!(served(&mut c, &format!("{session}-{i}"), &session, None).await, first);
+        }
+    }
+
+    // A cohort header overrides the draw; a pin reaches its version.
+    admin
+        .set_traffic(operator(
+            pb::SetTrafficRequest {
+                weights: HashMap::from([("stable".to_string(), 100)]),
+                cohorts: HashMap::from([("beta".to_string(), "canary".to_string())]),
+                ..Default::default()
+            },
+            "ana",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(served(&mut c, "c1", "", Some("beta")).await, "mock@canary");
+    assert_eq!(served(&mut c, "c2", "", None).await, "mock@stable");
+    let mut pinned = request("alpha", "p1", 2);
+    pinned.get_mut().model = "mock@canary".into();
+    assert_eq!(
+        c.generate(pinned).await.unwrap().into_inner().model_version,
+        "mock@canary"
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disable_and_rollback_under_streaming_load_fail_no_request() {
+    let h = harness().await;
+    let (c, mut admin) = (h.client().await, h.admin().await);
+    split(&mut admin, 50, 50).await;
+
+    const CLIENTS: usize = 8;
+    const PER_CLIENT: usize = 25;
+    let load: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let mut c = c.clone();
+            tokio::spawn(async move {
+                let mut failed = 0;
+                for j in 0..PER_CLIENT {
+                    let mut r = request("alpha", &format!("load-{i}-{j}"), 8);
+                    // Half the clients pin the canary: disabling it must move them, not fail them.
+                    if i % 2 == 0 {
+                        r.get_mut().model = "mock@canary".into();
+                    }
+                    let mut stream = match c.generate_stream(r).await {
+                        Ok(s) => s.into_inner(),
+                        Err(_) => {
+                            failed += 1;
+                            continue;
+                        }
+                    };
+                    loop {
+                        match stream.message().await {
+                            Ok(Some(_)) => {}
+                            Ok(None) => break,
+                            Err(_) => {
+                                failed += 1;
+                                break;
+                            }
+                        }
+                    }
+                }
+                failed
+            })
+        })
+        .collect();
+
+    // Repeatedly: disable the canary and check that the very next requests avoid it, then roll back.
+    let mut c2 = c.clone();
+    let mut rounds = 0;
+    let mut slowest = Duration::ZERO;
+    while !load.iter().all(|t| t.is_finished()) && rounds < 1000 {
+        let state = admin
+            .disable_version(operator(
+                pb::VersionRequest {
+                    version: "canary".into(),
+                    reason: "error rate".into(),
+                    ..Default::default()
+                },
+                "bob",
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        let took_effect = Instant::now();
+        assert!(
+            state
+                .versions
+                .iter()
+                .any(|v| v.version == "canary" && v.disabled && v.share == 0.0)
+        );
+        for k in 0..4 {
+            let v = served(&mut c2, &format!("after-disable-{rounds}-{k}"), "", None).await;
+            assert_eq!(
+                v, "mock@stable",
+                "round {rounds}: a new request reached the disabled version"
+            );
+        }
+        slowest = slowest.max(took_effect.elapsed());
+        admin
+            .rollback_traffic(operator(pb::RollbackTrafficRequest::default(), "bob"))
+            .await
+            .unwrap();
+        rounds += 1;
+    }
+    let mut failed = 0;
+    for task in load {
+        failed += task.await.unwrap();
+    }
+    assert_eq!(failed, 0, "no request failed across {rounds} disable/rollback rounds");
+    assert!(rounds >= 1);
+    println!(
+        "{rounds} disable/rollback rounds under load, 0 failed; 4 requests right after each disable, all on stable (slowest round trip {slowest:?})"
+    );
+
+    let state = admin
+        .get_traffic(admin_request(pb::GetTrafficRequest::default(), "admin"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        state.versions.iter().all(|v| !v.disabled),
+        "the last rollback re-enabled the canary"
+    );
+    let last = state.history.last().unwrap();
+    assert_eq!((last.who.as_str(), last.action.as_str()), ("bob", "rollback"));
+    assert!(
+        state
+            .history
+            .iter()
+            .any(|c| c.action == "disable" && c.summary.contains("error rate"))
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_traffic_changes_are_refused_with_what_to_fix() {
+    let h = harness().await;
+    let mut admin = h.admin().await;
+    let unknown = admin
+        .set_traffic(admin_request(
+            pb::SetTrafficRequest {
+                weights: HashMap::from([("nightly".to_string(), 10)]),
+                ..Default::default()
+            },
+            "admin",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::InvalidArgument);
+    assert!(
+        unknown.message().contains("mock@nightly") && unknown.message().contains("stable"),
+        "{}",
+        unknown.message()
+    );
+    let zero = admin
+        .set_traffic(admin_request(
+            pb::SetTrafficRequest {
+                weights: HashMap::from([("stable".to_string(), 0)]),
+                ..Default::default()
+            },
+            "admin",
+        ))
+        .await
+        .unwrap_err();
+    assert!(zero.message().contains("above 0"), "{}", zero.message());
+    let nothing = admin
+        .rollback_traffic(admin_request(pb::RollbackTrafficRequest::default(), "admin"))
+        .await
+        .unwrap_err();
+    assert!(
+        nothing.message().contains("no earlier traffic policy"),
+        "{}",
+        nothing.message()
+    );
+    let model = admin
+        .disable_version(admin_request(
+            pb::VersionRequest {
+                model: "llama".into(),
+                version: "v1".into(),
+                ..Default::default()
+            },
+            "admin",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(model.code(), tonic::Code::NotFound);
+    let unauthorized = admin.get_traffic(pb::GetTrafficRequest::default()).await.unwrap_err();
+    assert_eq!(unauthorized.code(), tonic::Code::Unauthenticated);
+    h.stop().await;
+}
