@@ -257,6 +257,49 @@ async fn a_derived_version_serves_beside_the_original_and_pins_reach_it() {
     }
     let (on_v1, on_v2) = (completed_on(&v1.url).await, completed_on(&v2.url).await);
     assert_eq!((on_v1, on_v2), (1, 2), "each pin reached its own worker");
+    // The traffic policy through the operator's CLI: a split, the kill switch, a rollback, the history.
+    let models = |args: &[&str]| {
+        let mut all = vec!["models", "--addr", &router.url, "--operator", "ops-test"];
+        all.extend_from_slice(args);
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferroserve"))
+            .args(&all)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (ok, out) = models(&["split", "q4_1=1", "q8_0=1", "--reason", "a/b"]);
+    assert!(ok && out.contains("50.0%"), "{out}");
+    let (ok, out) = models(&["disable", "q8_0"]);
+    assert!(ok && out.contains("disabled"), "{out}");
+    for pin in ["", "smollm2-135m-instruct@q8_0"] {
+        let mut request = chat("Hi", 2);
+        request.model = pin.into();
+        let (_, done) = stream_all(&mut c, request).await;
+        assert_eq!(
+            done.model_version, "smollm2-135m-instruct@q4_1",
+            "pin `{pin}` moved off the disabled version"
+        );
+    }
+    let (ok, out) = models(&["rollback"]);
+    let q8 = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("q8_0"))
+        .unwrap_or_default();
+    assert!(ok && q8.contains("enabled"), "{out}");
+    let (ok, out) = models(&["list"]);
+    assert!(
+        ok && out.contains("ops-test") && out.contains("rollback") && out.contains("(a/b)"),
+        "{out}"
+    );
+    let (ok, out) = models(&["split", "nightly=1"]);
+    assert!(
+        !ok && out.contains("no worker serves smollm2-135m-instruct@nightly"),
+        "{out}"
+    );
+
     let mut request = chat("Hi", 4);
     request.model = "smollm2-135m-instruct@q5_k".into();
     let status = c.generate(request).await.unwrap_err();

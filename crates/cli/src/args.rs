@@ -34,6 +34,9 @@ pub enum Command {
     Limits(crate::commands::admin::LimitsArgs),
     /// Model files: `ferroserve model derive --to q8_0` writes a re-quantized version of the default model.
     Model(crate::commands::model::ModelArgs),
+    /// Live traffic between model versions: `ferroserve models list|split|disable|enable|rollback`
+    /// (admin credential).
+    Models(crate::commands::models::ModelsArgs),
     /// Content filters: `ferroserve filter eval --config X --data labeled.jsonl`.
     Filter(crate::commands::filter::FilterArgs),
     /// Load tester: measures Ferroserve or any OpenAI-compatible server (`bench compare`, `bench plot`
@@ -156,5 +159,14 @@ impl ServerArgs {
         let (args, workers) = (self.clone(), workers.to_vec());
         settings.reload = Some(ReloadSource(Arc::new(move || args.settings(role, &workers))));
         Ok(settings)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_subcommand_parses_consistently() {
+        // clap's own checks (unique names, valid defaults) over every subcommand, not only those a test runs.
+        <super::Cli as clap::CommandFactory>::command().debug_assert();
     }
 }

@@ -45,6 +45,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Reload(a) => commands::admin::reload(a).await,
         Command::Filter(a) => commands::filter::run(a).await,
         Command::Model(a) => commands::model::run(a),
+        Command::Models(a) => commands::models::run(a).await,
         Command::Bench(a) => commands::bench::run(a).await,
     }
 }

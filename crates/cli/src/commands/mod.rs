@@ -5,6 +5,7 @@ pub mod bench;
 pub mod filter;
 pub mod generate;
 pub mod model;
+pub mod models;
 pub mod servers;
 
 use std::path::PathBuf;
