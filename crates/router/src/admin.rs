@@ -15,7 +15,9 @@ use ferroserve_filter::{Feedback, FilterHub};
 
 use crate::inference::authorization;
 use crate::live::Live;
+use crate::observe::Observations;
 use crate::pool::Pool;
+use crate::rollout::Rollouts;
 use crate::traffic::Traffic;
 use crate::versions;
 use crate::{ModelSelector, RouterError};
@@ -30,6 +32,10 @@ pub(crate) struct AdminService {
     pub filters: Arc<FilterHub>,
     /// The traffic policy between model versions.
     pub traffic: Arc<Traffic>,
+    /// Each version's recent outcomes.
+    pub observations: Arc<Observations>,
+    /// The automatic canary analyses.
+    pub rollouts: Arc<Rollouts>,
 }
 
 fn filters_to_wire(hub: &FilterHub) -> pb::ListFiltersResponse {
@@ -351,5 +357,21 @@ impl Admin for AdminService {
             &who,
             request.into_inner(),
         )?))
+    }
+
+    async fn start_rollout(
+        &self,
+        request: Request<pb::StartRolloutRequest>,
+    ) -> Result<Response<pb::RolloutState>, Status> {
+        self.authorize(&request)?;
+        let plan = versions::rollout_plan(&self.pool, request.into_inner())?;
+        let (traffic, observations) = (Arc::clone(&self.traffic), Arc::clone(&self.observations));
+        Ok(Response::new(self.rollouts.start(plan, traffic, observations)))
+    }
+
+    async fn get_rollout(&self, request: Request<pb::GetRolloutRequest>) -> Result<Response<pb::RolloutState>, Status> {
+        self.authorize(&request)?;
+        let model = versions::model(&self.pool, &request.get_ref().model)?;
+        Ok(Response::new(self.rollouts.state(&model)))
     }
 }

@@ -14,6 +14,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::live::Live;
+use crate::observe::Observations;
 use crate::pool::Pool;
 use crate::relay::{Dispatched, Relay, Relayed, record_outcome, until, verdict_to_wire};
 use crate::traffic::{Traffic, VersionAsk};
@@ -42,6 +43,8 @@ pub(crate) struct InferenceService {
     pub filters: Arc<FilterHub>,
     /// Which version takes a request, changeable live.
     pub traffic: Arc<Traffic>,
+    /// Each version's recent outcomes, for the canary analysis.
+    pub observations: Arc<Observations>,
 }
 
 /// The request header that puts a request in an A/B cohort of the traffic policy.
@@ -212,6 +215,7 @@ impl InferenceService {
                         arrived,
                         deadline,
                         guard: guard.take(),
+                        observations: Arc::clone(&self.observations),
                     })));
                 }
                 Err(e @ (BackendError::Overloaded(_) | BackendError::Unavailable(_)))

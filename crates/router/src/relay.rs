@@ -2,6 +2,7 @@
 //! bookkeeping, and the final accounting with admission. Both `Generate` and `GenerateStream` read a
 //! request through a [`Relay`], so the two behave the same.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferroserve_admission::{Generated, Permit};
@@ -15,6 +16,7 @@ use tonic::Status;
 
 use crate::RouterError;
 use crate::error::code_label;
+use crate::observe::{Observations, Sample};
 use crate::pool::Lease;
 
 /// A request handed to a worker: its lease, its event stream and what the client will be told.
@@ -37,6 +39,8 @@ pub(crate) struct Dispatched {
     pub deadline: Option<Instant>,
     /// The output filter this request started with, if filtering is on.
     pub guard: Option<OutputGuard>,
+    /// Where the request's outcome goes for the canary analysis.
+    pub observations: Arc<Observations>,
 }
 
 /// What the client gets next.
@@ -100,6 +104,8 @@ pub(crate) struct Clock {
     first: Option<Instant>,
     last: Option<Instant>,
     pub tokens: u32,
+    /// Sum and count of the sampled tokens' logprobs.
+    logprob: (f64, u32),
     ttft: Histogram,
     itl: Histogram,
     e2e: Histogram,
@@ -117,6 +123,7 @@ impl Clock {
             first: None,
             last: None,
             tokens: 0,
+            logprob: (0.0, 0),
             ttft: metrics::histogram!(names::TIME_TO_FIRST_TOKEN_SECONDS, &labels),
             itl: metrics::histogram!(names::INTER_TOKEN_LATENCY_SECONDS, &labels),
             e2e: metrics::histogram!(names::REQUEST_DURATION_SECONDS, &labels),
@@ -141,6 +148,28 @@ impl Clock {
         }
         self.last = Some(now);
         self.tokens += n as u32;
+    }
+
+    /// Adds the sampled tokens' logprobs.
+    pub(crate) fn logprobs(&mut self, logprobs: &[f32]) {
+        self.logprob.0 += logprobs.iter().map(|l| f64::from(*l)).sum::<f64>();
+        self.logprob.1 += logprobs.len() as u32;
+    }
+
+    /// This request as a sample for the canary analysis.
+    fn sample(&self, failed: bool, filtered: bool) -> Sample {
+        Sample {
+            at: Instant::now(),
+            failed,
+            ttft: self.first.map(|f| f - self.arrived),
+            itl: match (self.first, self.last) {
+                (Some(first), Some(last)) if self.tokens > 1 => Some((last - first) / (self.tokens - 1)),
+                _ => None,
+            },
+            filtered,
+            mean_logprob: (self.logprob.1 > 0).then(|| self.logprob.0 / f64::from(self.logprob.1)),
+            tokens: self.tokens,
+        }
     }
 
     /// When the tokens came, once there were any.
@@ -204,6 +233,7 @@ impl Relay {
         Some(match next {
             Some(Ok(Event::Token(t))) => {
                 self.clock.tokens(t.token_ids.len());
+                self.clock.logprobs(&t.logprobs);
                 let text = match self.d.guard.as_mut().map(|g| g.push(&t.text)) {
                     None => t.text,
                     Some(Ok(released)) => released,
@@ -234,7 +264,10 @@ impl Relay {
     pub(crate) fn abandon(&mut self, status: Status) {
         if !self.finished {
             tracing::info!(request_id = %self.d.request_id, "client disconnected; cancelling");
-            self.fail(status);
+            // The client's leaving says nothing about the version: not a sample.
+            self.finished = true;
+            record_outcome(&Err(status), Some(&self.d.model));
+            self.settle(None);
         }
     }
 
@@ -250,6 +283,7 @@ impl Relay {
         self.finished = true;
         self.clock.complete();
         record_outcome(&Ok(()), Some(&self.d.model));
+        self.observe(false, false);
         self.settle(Some(&c.usage));
         Relayed::Done(Ok(pb::GenerationComplete {
             finish_reason: finish_to_wire(c.finish) as i32,
@@ -275,6 +309,7 @@ impl Relay {
         self.d.events = futures::stream::empty().boxed();
         self.clock.complete();
         record_outcome(&Ok(()), Some(&self.d.model));
+        self.observe(false, true);
         self.settle(None);
         let filter = self
             .d
@@ -301,9 +336,15 @@ impl Relay {
         }))
     }
 
+    fn observe(&self, failed: bool, filtered: bool) {
+        let sample = self.clock.sample(failed, filtered);
+        self.d.observations.record(&self.d.model.qualified(), sample);
+    }
+
     fn fail(&mut self, status: Status) -> Relayed {
         self.finished = true;
         record_outcome(&Err(status.clone()), Some(&self.d.model));
+        self.observe(true, false);
         self.settle(None);
         Relayed::Done(Err(status))
     }

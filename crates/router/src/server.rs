@@ -13,6 +13,7 @@ use tonic_health::ServingStatus;
 use crate::admin::AdminService;
 use crate::inference::InferenceService;
 use crate::live::Live;
+use crate::observe::Observations;
 use crate::traffic::Traffic;
 use crate::{Limits, Pool};
 use ferroserve_filter::FilterHub;
@@ -93,18 +94,22 @@ pub async fn serve(
     });
     let reflection = ferroserve_worker::reflection_service();
     let traffic = Arc::new(Traffic::default());
+    let observations = Arc::new(Observations::default());
     let inference = InferenceServer::new(InferenceService {
         pool: Arc::clone(&pool),
         live: Arc::clone(&live),
         limits: config.limits,
         filters: Arc::clone(&filters),
         traffic: Arc::clone(&traffic),
+        observations: Arc::clone(&observations),
     });
     let admin = AdminServer::new(AdminService {
         pool,
         live,
         filters,
         traffic,
+        observations,
+        rollouts: Arc::default(),
     });
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()

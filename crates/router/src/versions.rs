@@ -7,6 +7,7 @@ use ferroserve_proto::v1 as pb;
 
 use crate::RouterError;
 use crate::pool::Pool;
+use crate::rollout::Plan;
 use crate::traffic::{Policy, Traffic};
 
 /// The admin call's header naming the operator, for the history.
@@ -23,7 +24,7 @@ pub(crate) fn operator(metadata: &tonic::metadata::MetadataMap) -> String {
 }
 
 /// The model a call names: its `model` field, or the default model.
-fn model(pool: &Pool, requested: &str) -> Result<String, RouterError> {
+pub(crate) fn model(pool: &Pool, requested: &str) -> Result<String, RouterError> {
     let name = if requested.is_empty() {
         pool.default_name().ok_or_else(|| RouterError::NoWorker {
             model: "the default model".into(),
@@ -191,4 +192,40 @@ pub(crate) fn rollback(
             message: format!("{name} has no earlier traffic policy to roll back to"),
         })?;
     Ok(state(traffic, pool, &name))
+}
+
+/// `StartRollout`: both versions served and different, at least one step, weights 1 to 100.
+pub(crate) fn rollout_plan(pool: &Pool, r: pb::StartRolloutRequest) -> Result<Plan, RouterError> {
+    let name = model(pool, &r.model)?;
+    check_version(pool, &name, &r.baseline, "baseline")?;
+    check_version(pool, &name, &r.canary, "canary")?;
+    let invalid = |field: &str, message: String| RouterError::Invalid {
+        field: field.into(),
+        message,
+    };
+    if r.baseline == r.canary {
+        return Err(invalid("canary", "the canary must differ from the baseline".into()));
+    }
+    if r.steps.is_empty() {
+        return Err(invalid("steps", "give at least one step, e.g. 5 % for 60 s".into()));
+    }
+    for (i, s) in r.steps.iter().enumerate() {
+        if !(1..=100).contains(&s.weight) {
+            return Err(invalid(
+                &format!("steps[{i}].weight"),
+                format!("{} is not a percentage from 1 to 100", s.weight),
+            ));
+        }
+    }
+    Ok(Plan {
+        model: name,
+        baseline: r.baseline,
+        canary: r.canary,
+        steps: r
+            .steps
+            .iter()
+            .map(|s| (s.weight, std::time::Duration::from_millis(s.min_duration_ms)))
+            .collect(),
+        thresholds: r.thresholds.unwrap_or_default(),
+    })
 }

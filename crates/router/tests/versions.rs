@@ -283,3 +283,149 @@ async fn bad_traffic_changes_are_refused_with_what_to_fix() {
     assert_eq!(unauthorized.code(), tonic::Code::Unauthenticated);
     h.stop().await;
 }
+
+async fn rollout_harness(drifting: &[&str], failing: &[&str]) -> Harness {
+    let h = Harness::start(Options {
+        versions: vec!["stable".into(), "canary".into()],
+        drifting: drifting.iter().map(|v| v.to_string()).collect(),
+        failing: failing.iter().map(|v| v.to_string()).collect(),
+        ..Options::new(AdmissionLimits {
+            server: ServerLimits {
+                shared: TenantLimits::default(),
+                max_queued_requests: 256,
+                max_queued_tokens: 1_000_000,
+            },
+            tenants: Default::default(),
+        })
+    })
+    .await;
+    h.release.send(true).unwrap();
+    h
+}
+
+async fn start_rollout(admin: &mut Admin) -> pb::RolloutState {
+    let step = |weight, ms| pb::RolloutStep {
+        weight,
+        min_duration_ms: ms,
+    };
+    admin
+        .start_rollout(admin_request(
+            pb::StartRolloutRequest {
+                baseline: "stable".into(),
+                canary: "canary".into(),
+                steps: vec![step(5, 30), step(25, 30), step(100, 0)],
+                thresholds: Some(pb::RolloutThresholds {
+                    min_requests: 5,
+                    max_error_rate_increase: 0.05,
+                    max_logprob_drop: 1.0,
+                    max_length_change: 0.5,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            "admin",
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Sends unpinned requests, four at a time, until the rollout stops running (bounded); returns its state
+/// and how many requests failed.
+async fn drive(h: &Harness, admin: &mut Admin) -> (pb::RolloutState, usize) {
+    let c = h.client().await;
+    let mut failed = 0;
+    for round in 0..2000 {
+        let batch: Vec<_> = (0..4)
+            .map(|k| {
+                let mut c = c.clone();
+                tokio::spawn(async move {
+                    c.generate(request("alpha", &format!("r-{round}-{k}"), 2))
+                        .await
+                        .is_err()
+                })
+            })
+            .collect();
+        for t in batch {
+            failed += usize::from(t.await.unwrap());
+        }
+        let state = admin
+            .get_rollout(admin_request(pb::GetRolloutRequest::default(), "admin"))
+            .await
+            .unwrap()
+            .into_inner();
+        if state.status != "running" {
+            return (state, failed);
+        }
+    }
+    panic!("the rollout did not finish within 8000 requests");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_healthy_canary_is_promoted_step_by_step() {
+    let h = rollout_harness(&[], &[]).await;
+    let mut admin = h.admin().await;
+    let started = start_rollout(&mut admin).await;
+    assert_eq!((started.status.as_str(), started.step), ("running", 0));
+    let (state, failed) = drive(&h, &mut admin).await;
+    assert_eq!(state.status, "promoted", "{:?}", state.decisions);
+    assert_eq!(failed, 0);
+    assert_eq!(state.decisions.len(), 4, "{:?}", state.decisions);
+    assert!(state.decisions[2].contains("100 %"));
+    let traffic = admin
+        .get_traffic(admin_request(pb::GetTrafficRequest::default(), "admin"))
+        .await
+        .unwrap()
+        .into_inner();
+    let canary = traffic.versions.iter().find(|v| v.version == "canary").unwrap();
+    assert_eq!(canary.share, 1.0);
+    assert!(traffic.history.iter().all(|c| c.who == "canary-analysis"));
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drifting_canary_is_rolled_back_automatically_without_failing_requests() {
+    let h = rollout_harness(&["canary"], &[]).await;
+    let mut admin = h.admin().await;
+    start_rollout(&mut admin).await;
+    let (state, failed) = drive(&h, &mut admin).await;
+    assert_eq!(state.status, "rolled_back", "{:?}", state.decisions);
+    let reason = state.decisions.last().unwrap();
+    assert!(
+        reason.contains("token drift") && reason.contains("mean logprob"),
+        "{reason}"
+    );
+    assert_eq!(failed, 0, "drift slows nothing down and fails nothing");
+    let traffic = admin
+        .get_traffic(admin_request(pb::GetTrafficRequest::default(), "admin"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(traffic.versions.iter().any(|v| v.version == "canary" && v.disabled));
+    assert!(traffic.history.last().unwrap().summary.contains("token drift"));
+    let mut c = h.client().await;
+    for i in 0..20 {
+        assert_eq!(served(&mut c, &format!("after-{i}"), "", None).await, "mock@stable");
+    }
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_canary_is_rolled_back_on_its_error_rate() {
+    let h = rollout_harness(&[], &["canary"]).await;
+    let mut admin = h.admin().await;
+    start_rollout(&mut admin).await;
+    let (state, failed) = drive(&h, &mut admin).await;
+    assert_eq!(state.status, "rolled_back", "{:?}", state.decisions);
+    assert!(
+        state.decisions.last().unwrap().contains("error rate"),
+        "{:?}",
+        state.decisions
+    );
+    assert!(failed >= 5, "the canary's induced failures were seen: {failed}");
+    println!(
+        "failing canary: rolled back after {failed} failed requests: {}",
+        state.decisions.last().unwrap()
+    );
+    h.stop().await;
+}

@@ -105,6 +105,13 @@ pub const COST_USD_TOTAL: &str = "ferroserve_cost_usd_total";
 /// Cost of a million generated tokens at the current rate, by `worker_kind`.
 pub const COST_PER_MILLION_TOKENS: &str = "ferroserve_cost_per_million_tokens";
 
+// --- Model versions ---
+
+/// The canary's share of unpinned traffic in a running rollout, in percent, by `model`.
+pub const ROLLOUT_CANARY_WEIGHT: &str = "ferroserve_rollout_canary_weight";
+/// Decisions of the automatic canary analysis, by `model` and `decision` (`promote`, `rollback`).
+pub const ROLLOUT_DECISIONS_TOTAL: &str = "ferroserve_rollout_decisions_total";
+
 /// Every metric name above, for checks that dashboards and alerts use only real names.
 pub const ALL: &[&str] = &[
     REQUESTS_TOTAL,
@@ -145,6 +152,8 @@ pub const ALL: &[&str] = &[
     TOKEN_DRIFT_SCORE,
     COST_USD_TOTAL,
     COST_PER_MILLION_TOKENS,
+    ROLLOUT_CANARY_WEIGHT,
+    ROLLOUT_DECISIONS_TOTAL,
 ];
 
 // --- Labels ---
@@ -181,6 +190,8 @@ pub const LABEL_KIND: &str = "kind";
 pub const LABEL_WORKER_KIND: &str = "worker_kind";
 /// What an engine step ran: `prefill`, `decode` or `mixed`.
 pub const LABEL_PHASE: &str = "phase";
+/// A rollout decision: `promote` or `rollback`.
+pub const LABEL_DECISION: &str = "decision";
 
 // --- Buckets ---
 
@@ -271,6 +282,14 @@ pub fn describe() {
     describe_gauge!(KV_CACHE_USAGE_RATIO, "Fraction of the KV-cache budget in use (0 to 1).");
     describe_gauge!(KV_CACHE_BLOCKS_USED, "Paged KV blocks held by running sequences.");
     describe_gauge!(KV_CACHE_BLOCKS_CAPACITY, "Paged KV blocks the budget allows.");
+    describe_gauge!(
+        ROLLOUT_CANARY_WEIGHT,
+        "Canary share of unpinned traffic in a running rollout, percent."
+    );
+    describe_counter!(
+        ROLLOUT_DECISIONS_TOTAL,
+        "Automatic canary analysis decisions, by decision."
+    );
     describe_histogram!(
         ENGINE_STEP_SECONDS,
         Unit::Seconds,

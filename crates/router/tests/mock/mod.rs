@@ -42,6 +42,10 @@ pub struct MockBackend {
     script: Option<Vec<String>>,
     /// Tokens sent to routers, over all generations: shows when a generation was cancelled.
     sent: Arc<AtomicU32>,
+    /// The logprob each token reports (-0.5 normally; lower for a drifting version).
+    logprob: f32,
+    /// Every generation ends in a worker error (a broken version).
+    failing: bool,
 }
 
 impl Backend for MockBackend {
@@ -59,6 +63,7 @@ impl Backend for MockBackend {
         let started = Arc::clone(&self.started);
         let sent = Arc::clone(&self.sent);
         let delay = self.token_delay;
+        let (logprob, failing) = (self.logprob, self.failing);
         let texts: Vec<String> = match &self.script {
             Some(s) => s.iter().take(request.max_tokens as usize).cloned().collect(),
             None => vec!["x".to_string(); request.max_tokens.min(MOCK_MAX_OUTPUT) as usize],
@@ -76,12 +81,18 @@ impl Backend for MockBackend {
                 let chunk = TokenChunk {
                     text,
                     token_ids: vec![i as u32],
-                    logprobs: vec![-0.5],
+                    logprobs: vec![logprob],
                 };
                 if tx.send(Ok(Event::Token(chunk))).await.is_err() {
                     return;
                 }
                 sent.fetch_add(1, Ordering::Relaxed);
+            }
+            if failing {
+                let _ = tx
+                    .send(Err(BackendError::Internal("mock version is broken".into())))
+                    .await;
+                return;
             }
             let complete = Completion {
                 finish: FinishReason::Eos,
@@ -132,6 +143,10 @@ pub struct Options {
     pub script: Option<Vec<String>>,
     /// Versions of the `mock` model, one mock worker each (located at `mock` alone, else `mock-<version>`).
     pub versions: Vec<String>,
+    /// Versions whose tokens report a logprob of -6 instead of -0.5 (token drift).
+    pub drifting: Vec<String>,
+    /// Versions whose every generation ends in a worker error.
+    pub failing: Vec<String>,
 }
 
 impl Options {
@@ -144,6 +159,8 @@ impl Options {
             filters: FilterHub::empty(None, 100),
             script: None,
             versions: vec!["v1".into()],
+            drifting: Vec::new(),
+            failing: Vec::new(),
         }
     }
 }
@@ -191,6 +208,8 @@ impl Harness {
                 token_delay: o.token_delay,
                 script: o.script.clone(),
                 sent: Arc::clone(&sent),
+                logprob: if o.drifting.contains(version) { -6.0 } else { -0.5 },
+                failing: o.failing.contains(version),
             }));
         }
         let mut healthy = pool.watch_healthy();
