@@ -294,6 +294,14 @@ async fn a_derived_version_serves_beside_the_original_and_pins_reach_it() {
         ok && out.contains("ops-test") && out.contains("rollback") && out.contains("(a/b)"),
         "{out}"
     );
+    let plan = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/rollouts/canary.toml");
+    let (ok, out) = models(&["rollout", "--plan", plan.to_str().unwrap()]);
+    assert!(
+        ok && out.contains("rollout: running (q4_1 -> q8_0)") && out.contains("step 1: canary q8_0 at 5 %"),
+        "{out}"
+    );
+    let (ok, out) = models(&["rollout-status"]);
+    assert!(ok && out.contains("running"), "{out}");
     let (ok, out) = models(&["split", "nightly=1"]);
     assert!(
         !ok && out.contains("no worker serves smollm2-135m-instruct@nightly"),

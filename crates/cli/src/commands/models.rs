@@ -49,6 +49,98 @@ pub enum ModelsCommand {
     },
     /// Restores the traffic policy as it was before the last change.
     Rollback,
+    /// Starts an automatic canary analysis from a plan file (see configs/rollouts/canary.toml).
+    Rollout(RolloutArgs),
+    /// The rollout's status, step and decisions.
+    RolloutStatus,
+}
+
+/// `ferroserve models rollout`.
+#[derive(Debug, Args)]
+pub struct RolloutArgs {
+    /// The plan: baseline, canary, steps and thresholds (TOML).
+    #[arg(long)]
+    pub plan: std::path::PathBuf,
+    /// Overrides the plan's baseline version.
+    #[arg(long)]
+    pub baseline: Option<String>,
+    /// Overrides the plan's canary version.
+    #[arg(long)]
+    pub canary: Option<String>,
+}
+
+/// A rollout plan file.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlanFile {
+    baseline: String,
+    canary: String,
+    steps: Vec<StepFile>,
+    #[serde(default)]
+    thresholds: ThresholdsFile,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StepFile {
+    weight: u32,
+    min_duration_secs: f64,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct ThresholdsFile {
+    min_requests: u32,
+    max_error_rate_increase: f64,
+    max_ttft_p95_ratio: f64,
+    max_itl_p95_ratio: f64,
+    max_block_rate_increase: f64,
+    max_logprob_drop: f64,
+    max_length_change: f64,
+}
+
+fn read_plan(a: &RolloutArgs, model: &str) -> anyhow::Result<pb::StartRolloutRequest> {
+    let text = std::fs::read_to_string(&a.plan).with_context(|| format!("cannot read {}", a.plan.display()))?;
+    let p: PlanFile = toml::from_str(&text).with_context(|| format!("{}", a.plan.display()))?;
+    let t = p.thresholds;
+    Ok(pb::StartRolloutRequest {
+        model: model.to_string(),
+        baseline: a.baseline.clone().unwrap_or(p.baseline),
+        canary: a.canary.clone().unwrap_or(p.canary),
+        steps: p
+            .steps
+            .iter()
+            .map(|s| pb::RolloutStep {
+                weight: s.weight,
+                min_duration_ms: (s.min_duration_secs.max(0.0) * 1000.0) as u64,
+            })
+            .collect(),
+        thresholds: Some(pb::RolloutThresholds {
+            min_requests: t.min_requests,
+            max_error_rate_increase: t.max_error_rate_increase,
+            max_ttft_p95_ratio: t.max_ttft_p95_ratio,
+            max_itl_p95_ratio: t.max_itl_p95_ratio,
+            max_block_rate_increase: t.max_block_rate_increase,
+            max_logprob_drop: t.max_logprob_drop,
+            max_length_change: t.max_length_change,
+        }),
+    })
+}
+
+fn print_rollout(r: &pb::RolloutState) {
+    println!("{} rollout: {} ({} -> {})", r.model, r.status, r.baseline, r.canary);
+    for (i, s) in r.steps.iter().enumerate() {
+        let mark = if i as u32 == r.step { ">" } else { " " };
+        println!(
+            "  {mark} step {}: {:>3} % for at least {} ms",
+            i + 1,
+            s.weight,
+            s.min_duration_ms
+        );
+    }
+    for d in &r.decisions {
+        println!("  {d}");
+    }
 }
 
 /// `ferroserve models split`.
@@ -132,6 +224,24 @@ pub async fn run(a: ModelsArgs) -> anyhow::Result<()> {
                 .enable_version(request(&a.conn, &a.operator, version_request(label))?)
                 .await
         }
+        ModelsCommand::Rollout(r) => {
+            let message = read_plan(&r, &model)?;
+            let state = client
+                .start_rollout(request(&a.conn, &a.operator, message)?)
+                .await
+                .map_err(status_error)?;
+            print_rollout(&state.into_inner());
+            return Ok(());
+        }
+        ModelsCommand::RolloutStatus => {
+            let message = pb::GetRolloutRequest { model: model.clone() };
+            let state = client
+                .get_rollout(request(&a.conn, &a.operator, message)?)
+                .await
+                .map_err(status_error)?;
+            print_rollout(&state.into_inner());
+            return Ok(());
+        }
         ModelsCommand::Rollback => {
             let message = pb::RollbackTrafficRequest {
                 model: model.clone(),
@@ -168,5 +278,46 @@ fn print_state(s: &pb::TrafficState) {
         for c in s.history.iter().rev().take(10).rev() {
             println!("  {} {:<6} {:<8} {}", c.at_unix_ms, c.who, c.action, c.summary);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_rollout_plan_reads_and_flags_override_it() {
+        let plan = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/rollouts/canary.toml");
+        let args = RolloutArgs {
+            plan,
+            baseline: None,
+            canary: Some("q4_0".into()),
+        };
+        let r = read_plan(&args, "m").unwrap();
+        assert_eq!((r.baseline.as_str(), r.canary.as_str()), ("q4_1", "q4_0"));
+        let weights: Vec<u32> = r.steps.iter().map(|s| s.weight).collect();
+        assert_eq!(weights, [5, 25, 100]);
+        assert_eq!(r.steps[0].min_duration_ms, 60_000);
+        let t = r.thresholds.unwrap();
+        assert_eq!(t.min_requests, 20);
+        assert!(t.max_logprob_drop > 0.0 && t.max_error_rate_increase > 0.0);
+    }
+
+    #[test]
+    fn a_plan_with_an_unknown_key_is_refused_by_name() {
+        let path = std::env::temp_dir().join(format!("ferroserve-plan-{}.toml", std::process::id()));
+        std::fs::write(
+            &path,
+            "baseline = \"a\"\ncanary = \"b\"\nsteps = []\n[thresholds]\nmax_errors = 1\n",
+        )
+        .unwrap();
+        let args = RolloutArgs {
+            plan: path.clone(),
+            baseline: None,
+            canary: None,
+        };
+        let err = format!("{:#}", read_plan(&args, "m").unwrap_err());
+        std::fs::remove_file(&path).unwrap();
+        assert!(err.contains("max_errors"), "{err}");
     }
 }
