@@ -15,6 +15,7 @@ pub mod kv;
 pub mod llama;
 pub mod minilm;
 pub mod tokenizer;
+pub mod validate;
 
 mod error;
 mod loaded;

@@ -114,3 +114,57 @@ fn derived_versions_load_and_predict_like_the_source() {
     assert!(!dir.join("again.gguf").exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The validation gate on real files: the source against itself passes with identical perplexity, and the
+/// coarser Q4_0 derivative fails the perplexity check. (Latency is reported, never asserted here: the
+/// ratio limit is set out of reach.)
+#[test]
+fn the_validation_gate_passes_a_model_against_itself_and_fails_a_coarser_one() {
+    use ferroserve_model::validate::{Golden, Settings, Tolerances, validate};
+    let source = fetch::ensure(&DEFAULT_MODEL, &fetch::default_cache_dir(), &Quiet).expect("default model");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let reference = std::fs::read_to_string(root.join("configs/validation/reference.txt")).unwrap();
+    let golden = vec![
+        Golden {
+            prompt: "What is the capital of France?".into(),
+            expect: vec!["Paris".into()],
+        },
+        Golden {
+            prompt: "Which planet is known as the red planet?".into(),
+            expect: vec!["Mars".into()],
+        },
+    ];
+    let settings = Settings {
+        system_prompt: "You are a helpful assistant.".into(),
+        tolerances: Tolerances {
+            perplexity: 0.05,
+            latency_ratio: f64::INFINITY,
+        },
+    };
+    let same = validate(&source, &source, &golden, &reference, settings.clone()).unwrap();
+    assert!(same.passed, "{same:?}");
+    assert_eq!(same.perplexity.candidate, same.perplexity.baseline);
+    assert!(same.perplexity.candidate > 1.0 && same.perplexity.candidate < 100.0);
+    assert!(
+        same.golden.iter().all(|g| g.candidate_passed && g.baseline_passed),
+        "{:?}",
+        same.golden
+    );
+    assert!(same.ms_per_token.candidate > 0.0 && same.ms_per_token.baseline > 0.0);
+
+    let dir = std::env::temp_dir().join(format!("ferroserve-validate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let q4_0 = dir.join("q4_0.gguf");
+    derive(&source, &q4_0, Target::Q4_0, &Quiet).unwrap();
+    let coarse = validate(&q4_0, &source, &golden, &reference, settings).unwrap();
+    println!(
+        "Q4_0 perplexity {:.2} against {:.2}",
+        coarse.perplexity.candidate, coarse.perplexity.baseline
+    );
+    assert!(!coarse.perplexity.passed && !coarse.passed);
+    assert_eq!(coarse.golden_regressions, 0);
+    let json = serde_json::to_value(&coarse).unwrap();
+    assert_eq!(json["passed"], false);
+    assert!(json["perplexity"]["limit"].as_f64().unwrap() > coarse.perplexity.baseline);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
