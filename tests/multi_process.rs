@@ -288,7 +288,7 @@ async fn a_derived_version_serves_beside_the_original_and_pins_reach_it() {
         .lines()
         .find(|l| l.trim_start().starts_with("q8_0"))
         .unwrap_or_default();
-    assert!(ok && q8.contains("enabled"), "{out}");
+    assert!(ok && q8.contains("ready"), "{out}");
     let (ok, out) = models(&["list"]);
     assert!(
         ok && out.contains("ops-test") && out.contains("rollback") && out.contains("(a/b)"),

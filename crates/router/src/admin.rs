@@ -17,6 +17,7 @@ use crate::inference::authorization;
 use crate::live::Live;
 use crate::observe::Observations;
 use crate::pool::Pool;
+use crate::registry::{Registry, VersionLoader};
 use crate::rollout::Rollouts;
 use crate::traffic::Traffic;
 use crate::versions;
@@ -36,6 +37,10 @@ pub(crate) struct AdminService {
     pub observations: Arc<Observations>,
     /// The automatic canary analyses.
     pub rollouts: Arc<Rollouts>,
+    /// Versions loaded and unloaded here.
+    pub registry: Arc<Registry>,
+    /// How to load a version into this server, when it can.
+    pub loader: Option<Arc<dyn VersionLoader>>,
 }
 
 fn filters_to_wire(hub: &FilterHub) -> pb::ListFiltersResponse {
@@ -303,6 +308,7 @@ impl Admin for AdminService {
         Ok(Response::new(versions::get(
             &self.traffic,
             &self.pool,
+            &self.registry,
             request.get_ref(),
         )?))
     }
@@ -313,6 +319,7 @@ impl Admin for AdminService {
         Ok(Response::new(versions::set(
             &self.traffic,
             &self.pool,
+            &self.registry,
             &who,
             request.into_inner(),
         )?))
@@ -327,6 +334,7 @@ impl Admin for AdminService {
         Ok(Response::new(versions::switch(
             &self.traffic,
             &self.pool,
+            &self.registry,
             &who,
             request.into_inner(),
             true,
@@ -339,6 +347,7 @@ impl Admin for AdminService {
         Ok(Response::new(versions::switch(
             &self.traffic,
             &self.pool,
+            &self.registry,
             &who,
             request.into_inner(),
             false,
@@ -354,6 +363,7 @@ impl Admin for AdminService {
         Ok(Response::new(versions::rollback(
             &self.traffic,
             &self.pool,
+            &self.registry,
             &who,
             request.into_inner(),
         )?))
@@ -373,5 +383,22 @@ impl Admin for AdminService {
         self.authorize(&request)?;
         let model = versions::model(&self.pool, &request.get_ref().model)?;
         Ok(Response::new(self.rollouts.state(&model)))
+    }
+
+    async fn load_version(
+        &self,
+        request: Request<pb::LoadVersionRequest>,
+    ) -> Result<Response<pb::TrafficState>, Status> {
+        self.authorize(&request)?;
+        let r = request.into_inner();
+        let state = versions::load(&self.traffic, &self.pool, &self.registry, self.loader.as_ref(), r)?;
+        Ok(Response::new(state))
+    }
+
+    async fn unload_version(&self, request: Request<pb::VersionRequest>) -> Result<Response<pb::TrafficState>, Status> {
+        self.authorize(&request)?;
+        let who = versions::operator(request.metadata());
+        let state = versions::unload(&self.traffic, &self.pool, &self.registry, &who, request.into_inner())?;
+        Ok(Response::new(state))
     }
 }

@@ -23,6 +23,9 @@ struct Member {
     healthy: AtomicBool,
     /// Its latest counters.
     stats: Mutex<WorkerStats>,
+    /// Set, then signalled, when it leaves the pool, so that its stats follower stops.
+    gone: AtomicBool,
+    removed: tokio::sync::Notify,
 }
 
 /// The set of workers. Cheap to share (`Arc`); members can be added while serving.
@@ -89,6 +92,8 @@ impl Pool {
             in_flight: AtomicU32::new(0),
             healthy: AtomicBool::new(false),
             stats: Mutex::new(WorkerStats::default()),
+            gone: AtomicBool::new(false),
+            removed: tokio::sync::Notify::new(),
         });
         self.members.write().expect("pool lock").push(Arc::clone(&member));
         tracing::info!(worker = member.backend.location(), model = %member.backend.model().qualified(), "worker joined the pool");
@@ -97,9 +102,23 @@ impl Pool {
             metrics::gauge!(names::WORKER_HEALTHY, names::LABEL_WORKER => member.backend.location().to_string());
         healthy_gauge.set(0.0);
         tokio::spawn(async move {
-            loop {
+            // Marks the member unhealthy (once) and updates the pool's count.
+            let down = |pool: &Pool| {
+                if member.healthy.swap(false, Ordering::Relaxed) {
+                    healthy_gauge.set(0.0);
+                    pool.healthy.send_modify(|n| *n -= 1);
+                }
+            };
+            while !member.gone.load(Ordering::Relaxed) {
                 let mut stats = member.backend.watch_stats();
-                while let Some(s) = stats.next().await {
+                loop {
+                    let s = tokio::select! {
+                        s = stats.next() => s,
+                        () = member.removed.notified() => None,
+                    };
+                    let Some(s) = s.filter(|_| !member.gone.load(Ordering::Relaxed)) else {
+                        break;
+                    };
                     *member.stats.lock().expect("stats lock") = s;
                     if !member.healthy.swap(true, Ordering::Relaxed) {
                         healthy_gauge.set(1.0);
@@ -108,14 +127,17 @@ impl Pool {
                     }
                 }
                 let Some(pool) = pool.upgrade() else { return };
-                if member.healthy.swap(false, Ordering::Relaxed) {
-                    healthy_gauge.set(0.0);
+                if member.gone.load(Ordering::Relaxed) {
+                    down(&pool);
+                    return;
+                }
+                if member.healthy.load(Ordering::Relaxed) {
                     tracing::warn!(
                         worker = member.backend.location(),
                         "worker stats stream ended; marked unhealthy"
                     );
-                    pool.healthy.send_modify(|n| *n -= 1);
                 }
+                down(&pool);
                 drop(pool);
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
@@ -151,6 +173,25 @@ impl Pool {
         self.default_model
             .clone()
             .or_else(|| self.members().first().map(|m| m.backend.model().name.clone()))
+    }
+
+    /// Takes every worker of `name@version` out of the pool; requests already leased to them finish.
+    /// Returns how many left.
+    pub fn remove_version(&self, name: &str, version: &str) -> usize {
+        let mut members = self.members.write().expect("pool lock");
+        let (gone, kept): (Vec<_>, Vec<_>) = members.drain(..).partition(|m| {
+            let info = m.backend.model();
+            info.name == name && info.version == version
+        });
+        *members = kept;
+        drop(members);
+        for m in &gone {
+            // Its follower marks it unhealthy and stops.
+            m.gone.store(true, Ordering::Relaxed);
+            m.removed.notify_one();
+            tracing::info!(worker = m.backend.location(), model = %m.backend.model().qualified(), "worker left the pool");
+        }
+        gone.len()
     }
 
     /// The versions of `name` that have a healthy worker, in join order.

@@ -14,6 +14,7 @@ use crate::admin::AdminService;
 use crate::inference::InferenceService;
 use crate::live::Live;
 use crate::observe::Observations;
+use crate::registry::VersionLoader;
 use crate::traffic::Traffic;
 use crate::{Limits, Pool};
 use ferroserve_filter::FilterHub;
@@ -40,6 +41,8 @@ pub struct RouterParts {
     pub filters: Arc<FilterHub>,
     /// Limits and drain.
     pub config: RouterConfig,
+    /// How to load a new version into this server (`serve`); `None` for a router of remote workers.
+    pub loader: Option<Arc<dyn VersionLoader>>,
 }
 
 /// Serves the public API on `listener` until `shutdown` completes, then stops accepting new requests and
@@ -55,6 +58,7 @@ pub async fn serve(
         live,
         filters,
         config,
+        loader,
     } = parts;
     let budgets = tokio::spawn({
         let admission = Arc::clone(live.admission());
@@ -110,6 +114,8 @@ pub async fn serve(
         traffic,
         observations,
         rollouts: Arc::default(),
+        registry: Arc::default(),
+        loader,
     });
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()

@@ -2,11 +2,13 @@
 //! it to the [`Traffic`] policy, and reporting the state back.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use ferroserve_proto::v1 as pb;
 
 use crate::RouterError;
 use crate::pool::Pool;
+use crate::registry::{LoadSpec, Registry, VersionLoader};
 use crate::rollout::Plan;
 use crate::traffic::{Policy, Traffic};
 
@@ -68,14 +70,14 @@ fn check_version(pool: &Pool, name: &str, version: &str, field: &str) -> Result<
     })
 }
 
-/// The traffic state of `name`: its policy, each served version's share and workers, and the history.
-pub(crate) fn state(traffic: &Traffic, pool: &Pool, name: &str) -> pb::TrafficState {
+/// The traffic state of `name`: its policy, each version's state, share and workers, and the history.
+pub(crate) fn state(traffic: &Traffic, pool: &Pool, registry: &Registry, name: &str) -> pb::TrafficState {
     let policy = traffic.policy(name);
     let workers = pool.workers();
     let mut versions = served(pool, name);
-    for v in policy.weights.keys() {
-        if !versions.contains(v) {
-            versions.push(v.clone());
+    for v in policy.weights.keys().cloned().chain(registry.versions(name)) {
+        if !versions.contains(&v) {
+            versions.push(v);
         }
     }
     let enabled_weight = |v: &str| {
@@ -90,8 +92,18 @@ pub(crate) fn state(traffic: &Traffic, pool: &Pool, name: &str) -> pb::TrafficSt
         .iter()
         .map(|v| {
             let of_version = workers.iter().filter(|w| w.model.name == name && w.model.version == *v);
+            let state = if policy.disabled.contains(v) {
+                "disabled".to_string()
+            } else if of_version.clone().next().is_some() {
+                "ready".to_string()
+            } else {
+                registry
+                    .get(&format!("{name}@{v}"))
+                    .unwrap_or_else(|| "unloaded".into())
+            };
             pb::VersionState {
                 version: v.clone(),
+                state,
                 share: if total == 0 {
                     0.0
                 } else {
@@ -122,15 +134,21 @@ pub(crate) fn state(traffic: &Traffic, pool: &Pool, name: &str) -> pb::TrafficSt
 }
 
 /// `GetTraffic`.
-pub(crate) fn get(traffic: &Traffic, pool: &Pool, r: &pb::GetTrafficRequest) -> Result<pb::TrafficState, RouterError> {
+pub(crate) fn get(
+    traffic: &Traffic,
+    pool: &Pool,
+    registry: &Registry,
+    r: &pb::GetTrafficRequest,
+) -> Result<pb::TrafficState, RouterError> {
     let name = model(pool, &r.model)?;
-    Ok(state(traffic, pool, &name))
+    Ok(state(traffic, pool, registry, &name))
 }
 
 /// `SetTraffic`: every version named must be served, and some weight must be above zero.
 pub(crate) fn set(
     traffic: &Traffic,
     pool: &Pool,
+    registry: &Registry,
     who: &str,
     r: pb::SetTrafficRequest,
 ) -> Result<pb::TrafficState, RouterError> {
@@ -153,13 +171,14 @@ pub(crate) fn set(
         p.weights = weights;
         p.cohorts = cohorts;
     });
-    Ok(state(traffic, pool, &name))
+    Ok(state(traffic, pool, registry, &name))
 }
 
 /// `DisableVersion` and `EnableVersion`.
 pub(crate) fn switch(
     traffic: &Traffic,
     pool: &Pool,
+    registry: &Registry,
     who: &str,
     r: pb::VersionRequest,
     disable: bool,
@@ -174,13 +193,14 @@ pub(crate) fn switch(
             p.disabled.remove(&r.version);
         }
     });
-    Ok(state(traffic, pool, &name))
+    Ok(state(traffic, pool, registry, &name))
 }
 
 /// `RollbackTraffic`.
 pub(crate) fn rollback(
     traffic: &Traffic,
     pool: &Pool,
+    registry: &Registry,
     who: &str,
     r: pb::RollbackTrafficRequest,
 ) -> Result<pb::TrafficState, RouterError> {
@@ -191,7 +211,7 @@ pub(crate) fn rollback(
             field: "model".into(),
             message: format!("{name} has no earlier traffic policy to roll back to"),
         })?;
-    Ok(state(traffic, pool, &name))
+    Ok(state(traffic, pool, registry, &name))
 }
 
 /// `StartRollout`: both versions served and different, at least one step, weights 1 to 100.
@@ -228,4 +248,123 @@ pub(crate) fn rollout_plan(pool: &Pool, r: pb::StartRolloutRequest) -> Result<Pl
             .collect(),
         thresholds: r.thresholds.unwrap_or_default(),
     })
+}
+
+/// `LoadVersion`: checks the request, then loads in the background; the state says `loading` at once.
+pub(crate) fn load(
+    traffic: &Traffic,
+    pool: &Arc<Pool>,
+    registry: &Arc<Registry>,
+    loader: Option<&Arc<dyn VersionLoader>>,
+    r: pb::LoadVersionRequest,
+) -> Result<pb::TrafficState, RouterError> {
+    let invalid = |field: &str, message: String| RouterError::Invalid {
+        field: field.into(),
+        message,
+    };
+    let loader = loader.ok_or_else(|| {
+        invalid(
+            "path",
+            "this router has no in-process workers and cannot load a model; start `ferroserve worker \
+             --model-path FILE --model-version V` and route to it"
+                .into(),
+        )
+    })?;
+    let name = model(pool, &r.model)?;
+    if r.version.is_empty() || r.version.contains('@') {
+        return Err(invalid("version", "give a label without `@`, e.g. q8_0".into()));
+    }
+    let qualified = format!("{name}@{}", r.version);
+    if served(pool, &name).contains(&r.version) || registry.get(&qualified).as_deref() == Some("loading") {
+        return Err(invalid(
+            "version",
+            format!("{qualified} is already loaded or loading; unload it first"),
+        ));
+    }
+    let path = std::path::PathBuf::from(&r.path);
+    if !path.is_file() {
+        return Err(invalid("path", format!("{} is not a file on the server", r.path)));
+    }
+    if !r.validation_report.is_empty() {
+        check_validation(&r.validation_report, &path)?;
+    }
+    registry.set(&qualified, "loading");
+    let spec = LoadSpec {
+        name: name.clone(),
+        version: r.version,
+        path,
+        system_prompt: r.system_prompt,
+    };
+    let (to_pool, to_registry, load) = (Arc::clone(pool), Arc::clone(registry), loader.load(spec));
+    tokio::spawn(async move {
+        match load.await {
+            Ok(backend) => {
+                to_pool.add(backend);
+                to_registry.set(&qualified, "ready");
+            }
+            Err(e) => {
+                tracing::warn!(version = %qualified, error = %e, "loading a version failed; nothing changed");
+                to_registry.set(&qualified, format!("failed: {e}"));
+            }
+        }
+    });
+    Ok(state(traffic, pool, registry, &name))
+}
+
+/// The report must be a passed validation of this very file.
+fn check_validation(report: &str, candidate: &std::path::Path) -> Result<(), RouterError> {
+    let invalid = |message: String| RouterError::Invalid {
+        field: "validation_report".into(),
+        message,
+    };
+    let text = std::fs::read_to_string(report).map_err(|e| invalid(format!("cannot read {report}: {e}")))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| invalid(format!("{report} is not a validation report: {e}")))?;
+    let same = |p: &str| {
+        let a = std::path::Path::new(p).canonicalize().ok();
+        a.is_some() && a == candidate.canonicalize().ok()
+    };
+    if !json["candidate"].as_str().is_some_and(same) {
+        return Err(invalid(format!(
+            "{report} validated {}, not {}",
+            json["candidate"],
+            candidate.display()
+        )));
+    }
+    if json["passed"] != serde_json::Value::Bool(true) {
+        return Err(invalid(format!(
+            "{report} says the candidate failed validation; fix it or load without a report"
+        )));
+    }
+    Ok(())
+}
+
+/// `UnloadVersion`: refused for a model's last version, so that unloading never leaves it unserved.
+pub(crate) fn unload(
+    traffic: &Traffic,
+    pool: &Pool,
+    registry: &Registry,
+    who: &str,
+    r: pb::VersionRequest,
+) -> Result<pb::TrafficState, RouterError> {
+    let name = model(pool, &r.model)?;
+    check_version(pool, &name, &r.version, "version")?;
+    if served(pool, &name).len() < 2 {
+        return Err(RouterError::Invalid {
+            field: "version".into(),
+            message: format!(
+                "{name}@{} is the last version serving {name}; load another first",
+                r.version
+            ),
+        });
+    }
+    let version = r.version.clone();
+    traffic.change(&name, who, "unload", &r.reason, |p| {
+        p.weights.remove(&version);
+        p.cohorts.retain(|_, v| *v != version);
+        p.disabled.remove(&version);
+    });
+    pool.remove_version(&name, &r.version);
+    registry.set(&format!("{name}@{}", r.version), "unloaded");
+    Ok(state(traffic, pool, registry, &name))
 }

@@ -49,10 +49,35 @@ pub enum ModelsCommand {
     },
     /// Restores the traffic policy as it was before the last change.
     Rollback,
+    /// Loads a new version into the server (`serve`) from a GGUF path, in the background.
+    Load(LoadArgs),
+    /// Takes a version out of the pool; its requests in flight finish.
+    Unload {
+        /// The version label.
+        #[arg(value_name = "VERSION")]
+        label: String,
+    },
     /// Starts an automatic canary analysis from a plan file (see configs/rollouts/canary.toml).
     Rollout(RolloutArgs),
     /// The rollout's status, step and decisions.
     RolloutStatus,
+}
+
+/// `ferroserve models load`.
+#[derive(Debug, Args)]
+pub struct LoadArgs {
+    /// The new version's label, e.g. `q8_0`.
+    #[arg(value_name = "VERSION")]
+    pub label: String,
+    /// The GGUF file, on the server's machine.
+    #[arg(long)]
+    pub path: std::path::PathBuf,
+    /// The version's system prompt [default: the server's].
+    #[arg(long, default_value = "")]
+    pub system_prompt: String,
+    /// Require this `ferroserve model validate` report to have passed for the same file.
+    #[arg(long)]
+    pub validation_report: Option<std::path::PathBuf>,
 }
 
 /// `ferroserve models rollout`.
@@ -224,6 +249,25 @@ pub async fn run(a: ModelsArgs) -> anyhow::Result<()> {
                 .enable_version(request(&a.conn, &a.operator, version_request(label))?)
                 .await
         }
+        ModelsCommand::Load(l) => {
+            let absolute = |p: &std::path::Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+            let message = pb::LoadVersionRequest {
+                model: model.clone(),
+                version: l.label,
+                path: absolute(&l.path).display().to_string(),
+                system_prompt: l.system_prompt,
+                validation_report: l
+                    .validation_report
+                    .map(|r| absolute(&r).display().to_string())
+                    .unwrap_or_default(),
+            };
+            client.load_version(request(&a.conn, &a.operator, message)?).await
+        }
+        ModelsCommand::Unload { label } => {
+            client
+                .unload_version(request(&a.conn, &a.operator, version_request(label))?)
+                .await
+        }
         ModelsCommand::Rollout(r) => {
             let message = read_plan(&r, &model)?;
             let state = client
@@ -256,15 +300,15 @@ pub async fn run(a: ModelsArgs) -> anyhow::Result<()> {
 
 fn print_state(s: &pb::TrafficState) {
     println!("{}", s.model);
-    println!("  {:<16} {:>7} {:>9} {:>8}", "version", "share", "state", "workers");
+    println!("  {:<16} {:>7} {:>8}  state", "version", "share", "workers");
     for v in &s.versions {
         println!(
-            "  {:<16} {:>6.1}% {:>9} {:>4}/{:<3}",
+            "  {:<16} {:>6.1}% {:>4}/{:<3}  {}",
             v.version,
             v.share * 100.0,
-            if v.disabled { "disabled" } else { "enabled" },
             v.healthy_workers,
-            v.workers
+            v.workers,
+            v.state
         );
     }
     if s.weights.is_empty() {

@@ -12,8 +12,9 @@ use ferroserve_core::Backend;
 use ferroserve_engine::EngineHandle;
 use ferroserve_filter::FilterHub;
 use ferroserve_model::{LoadedModel, ModelSpec};
-use ferroserve_router::{Live, LiveSettings, Pool, Reloader, RouterParts};
+use ferroserve_router::{Live, LiveSettings, LoadSpec, Pool, Reloader, RouterParts, VersionLoader};
 use ferroserve_worker::{BackendSlot, RemoteWorker, WorkerServerConfig};
+use futures::future::BoxFuture;
 use tokio::net::TcpListener;
 
 use crate::config::Settings;
@@ -71,7 +72,12 @@ async fn serve_while_loading(
 
 /// The router's parts, warning when it runs without credentials. When the settings came from a file, a
 /// SIGHUP re-reads it (until `stopped`) and applies its keys and limits live.
-fn router_parts(settings: &Settings, pool: Arc<Pool>, stopped: &Stop) -> anyhow::Result<RouterParts> {
+fn router_parts(
+    settings: &Settings,
+    pool: Arc<Pool>,
+    stopped: &Stop,
+    loader: Option<Arc<dyn VersionLoader>>,
+) -> anyhow::Result<RouterParts> {
     if settings.keys.is_open() {
         tracing::warn!(
             listen = %settings.listen,
@@ -112,7 +118,27 @@ fn router_parts(settings: &Settings, pool: Arc<Pool>, stopped: &Stop) -> anyhow:
         live,
         filters,
         config: settings.router,
+        loader,
     })
+}
+
+/// Loads new versions into `serve` as in-process engines, with this server's engine settings.
+struct EngineLoader {
+    settings: Settings,
+}
+
+impl VersionLoader for EngineLoader {
+    fn load(&self, spec: LoadSpec) -> BoxFuture<'static, Result<Arc<dyn Backend>, String>> {
+        let mut settings = self.settings.clone();
+        settings.model_version = spec.version;
+        if !spec.system_prompt.is_empty() {
+            settings.system_prompt = Some(spec.system_prompt);
+        }
+        Box::pin(async move {
+            let engine = load_engine(&settings, spec.path).await.map_err(|e| format!("{e:#}"))?;
+            Ok(engine as Arc<dyn Backend>)
+        })
+    }
 }
 
 /// The content filter from `[filter]`. A missing directory means no filtering (with a warning); a config
@@ -223,7 +249,10 @@ pub async fn start_serve(settings: Settings, model_path: PathBuf) -> anyhow::Res
                 pool.add(engine);
                 anyhow::Ok(())
             };
-            let parts = router_parts(&settings, Arc::clone(&pool), &stopped)?;
+            let loader = Arc::new(EngineLoader {
+                settings: settings.clone(),
+            });
+            let parts = router_parts(&settings, Arc::clone(&pool), &stopped, Some(loader))?;
             let server = ferroserve_router::serve(listener, parts, stopped.wait());
             serve_while_loading(server, load, "router").await
         }
@@ -297,7 +326,7 @@ pub async fn start_router(settings: Settings) -> anyhow::Result<Running> {
             }
         });
     }
-    let parts = router_parts(&settings, pool, &stopped)?;
+    let parts = router_parts(&settings, pool, &stopped, None)?;
     let task = tokio::spawn(async move {
         ferroserve_router::serve(listener, parts, stopped.wait())
             .await
