@@ -19,7 +19,7 @@ use crate::observe::Observations;
 use crate::pool::Pool;
 use crate::registry::{Registry, VersionLoader};
 use crate::rollout::Rollouts;
-use crate::traffic::Traffic;
+use crate::traffic::{InFlight, Traffic};
 use crate::versions;
 use crate::{ModelSelector, RouterError};
 
@@ -41,6 +41,8 @@ pub(crate) struct AdminService {
     pub registry: Arc<Registry>,
     /// How to load a version into this server, when it can.
     pub loader: Option<Arc<dyn VersionLoader>>,
+    /// Cancels requests in flight on a disabled version.
+    pub in_flight: Arc<InFlight>,
 }
 
 fn filters_to_wire(hub: &FilterHub) -> pb::ListFiltersResponse {
@@ -331,14 +333,14 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::TrafficState>, Status> {
         self.authorize(&request)?;
         let who = versions::operator(request.metadata());
-        Ok(Response::new(versions::switch(
-            &self.traffic,
-            &self.pool,
-            &self.registry,
-            &who,
-            request.into_inner(),
-            true,
-        )?))
+        let r = request.into_inner();
+        let (cancel, version) = (r.cancel_in_flight, r.version.clone());
+        let state = versions::switch(&self.traffic, &self.pool, &self.registry, &who, r, true)?;
+        if cancel {
+            // After the switch: nothing new reaches the version, and what runs there now ends.
+            self.in_flight.cancel(&format!("{}@{version}", state.model));
+        }
+        Ok(Response::new(state))
     }
 
     async fn enable_version(&self, request: Request<pb::VersionRequest>) -> Result<Response<pb::TrafficState>, Status> {

@@ -17,7 +17,7 @@ use crate::live::Live;
 use crate::observe::Observations;
 use crate::pool::Pool;
 use crate::relay::{Dispatched, Relay, Relayed, record_outcome, until, verdict_to_wire};
-use crate::traffic::{Traffic, VersionAsk};
+use crate::traffic::{InFlight, Traffic, VersionAsk};
 use crate::validate::{Limits, validate};
 use crate::{ModelSelector, RouterError, deadline};
 
@@ -45,6 +45,8 @@ pub(crate) struct InferenceService {
     pub traffic: Arc<Traffic>,
     /// Each version's recent outcomes, for the canary analysis.
     pub observations: Arc<Observations>,
+    /// Cancels requests in flight on a disabled version.
+    pub in_flight: Arc<InFlight>,
 }
 
 /// The request header that puts a request in an A/B cohort of the traffic policy.
@@ -216,6 +218,7 @@ impl InferenceService {
                         deadline,
                         guard: guard.take(),
                         observations: Arc::clone(&self.observations),
+                        cancel: self.in_flight.watch(&backend.model().qualified()),
                     })));
                 }
                 Err(e @ (BackendError::Overloaded(_) | BackendError::Unavailable(_)))

@@ -41,6 +41,8 @@ pub(crate) struct Dispatched {
     pub guard: Option<OutputGuard>,
     /// Where the request's outcome goes for the canary analysis.
     pub observations: Arc<Observations>,
+    /// Changes when an operator disables the version and cancels its requests in flight.
+    pub cancel: tokio::sync::watch::Receiver<u64>,
 }
 
 /// What the client gets next.
@@ -229,6 +231,16 @@ impl Relay {
                 return Some(self.fail(status.into()));
             }
             next = self.d.events.next() => next,
+            Ok(()) = self.d.cancel.changed() => {
+                let status = Status::unavailable(format!(
+                    "{} was disabled by an operator and its requests in flight were cancelled after {} tokens; \
+                     retry and the request goes to another version",
+                    self.d.model.qualified(),
+                    self.clock.tokens
+                ));
+                self.d.events = futures::stream::empty().boxed();
+                return Some(self.fail(status));
+            }
         };
         Some(match next {
             Some(Ok(Event::Token(t))) => {

@@ -15,7 +15,7 @@ use crate::inference::InferenceService;
 use crate::live::Live;
 use crate::observe::Observations;
 use crate::registry::VersionLoader;
-use crate::traffic::Traffic;
+use crate::traffic::{InFlight, Traffic};
 use crate::{Limits, Pool};
 use ferroserve_filter::FilterHub;
 
@@ -99,6 +99,7 @@ pub async fn serve(
     let reflection = ferroserve_worker::reflection_service();
     let traffic = Arc::new(Traffic::default());
     let observations = Arc::new(Observations::default());
+    let in_flight = Arc::new(InFlight::default());
     let inference = InferenceServer::new(InferenceService {
         pool: Arc::clone(&pool),
         live: Arc::clone(&live),
@@ -106,6 +107,7 @@ pub async fn serve(
         filters: Arc::clone(&filters),
         traffic: Arc::clone(&traffic),
         observations: Arc::clone(&observations),
+        in_flight: Arc::clone(&in_flight),
     });
     let admin = AdminServer::new(AdminService {
         pool,
@@ -116,6 +118,7 @@ pub async fn serve(
         rollouts: Arc::default(),
         registry: Arc::default(),
         loader,
+        in_flight,
     });
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()

@@ -14,8 +14,10 @@
 //! and when; a rollback restores the policy before the last change.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::sync::RwLock;
+use std::sync::{Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio::sync::watch;
 
 /// Changes kept in the history.
 const HISTORY: usize = 256;
@@ -180,6 +182,31 @@ impl Traffic {
             point -= weight;
         }
         unreachable!("the draw falls inside the total weight")
+    }
+}
+
+/// The kill switch's second half: requests in flight on a version watch its channel, and a disable with
+/// `cancel_in_flight` fires it.
+#[derive(Default)]
+pub struct InFlight {
+    versions: Mutex<HashMap<String, watch::Sender<u64>>>,
+}
+
+impl InFlight {
+    /// A receiver that changes when requests on `qualified` (`name@version`) are to be cancelled.
+    pub fn watch(&self, qualified: &str) -> watch::Receiver<u64> {
+        let mut versions = self.versions.lock().expect("in-flight lock");
+        versions
+            .entry(qualified.to_string())
+            .or_insert_with(|| watch::Sender::new(0))
+            .subscribe()
+    }
+
+    /// Cancels every request in flight on `qualified`.
+    pub fn cancel(&self, qualified: &str) {
+        if let Some(tx) = self.versions.lock().expect("in-flight lock").get(qualified) {
+            tx.send_modify(|n| *n += 1);
+        }
     }
 }
 

@@ -429,3 +429,78 @@ async fn a_failing_canary_is_rolled_back_on_its_error_rate() {
     );
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disable_drains_requests_in_flight_or_cancels_them_with_a_reason() {
+    let h = Harness::start(Options {
+        versions: vec!["stable".into(), "canary".into()],
+        token_delay: Duration::from_millis(2),
+        script: Some(vec!["x".to_string(); 400]),
+        ..Options::new(AdmissionLimits {
+            server: ServerLimits {
+                shared: TenantLimits::default(),
+                max_queued_requests: 256,
+                max_queued_tokens: 1_000_000,
+            },
+            tenants: Default::default(),
+        })
+    })
+    .await;
+    h.release.send(true).unwrap();
+    let (c, mut admin) = (h.client().await, h.admin().await);
+    for cancel in [false, true] {
+        let mut r = request("alpha", &format!("long-{cancel}"), 400);
+        r.get_mut().model = "mock@canary".into();
+        let mut stream = c.clone().generate_stream(r).await.unwrap().into_inner();
+        assert!(stream.message().await.unwrap().is_some(), "a first token");
+        admin
+            .disable_version(admin_request(
+                pb::VersionRequest {
+                    version: "canary".into(),
+                    cancel_in_flight: cancel,
+                    ..Default::default()
+                },
+                "admin",
+            ))
+            .await
+            .unwrap();
+        let mut tokens = 1;
+        let end = loop {
+            match stream.message().await {
+                Ok(Some(m)) => {
+                    if let Some(pb::generate_stream_response::Event::Complete(done)) = m.event {
+                        break Ok(done);
+                    }
+                    tokens += 1;
+                }
+                Ok(None) => panic!("stream ended without a completion"),
+                Err(status) => break Err(status),
+            }
+        };
+        if cancel {
+            let status = end.expect_err("cancelled");
+            assert_eq!(status.code(), tonic::Code::Unavailable);
+            assert!(
+                status.message().contains("mock@canary was disabled"),
+                "{}",
+                status.message()
+            );
+            assert!(tokens < 400, "cancelled before the end: {tokens} tokens");
+        } else {
+            let done = end.expect("drained to the end");
+            assert_eq!(done.model_version, "mock@canary");
+            assert_eq!(done.usage.unwrap().completion_tokens, 400);
+        }
+        admin
+            .enable_version(admin_request(
+                pb::VersionRequest {
+                    version: "canary".into(),
+                    ..Default::default()
+                },
+                "admin",
+            ))
+            .await
+            .unwrap();
+    }
+    h.stop().await;
+}

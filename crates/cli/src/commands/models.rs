@@ -40,6 +40,10 @@ pub enum ModelsCommand {
         /// The version label.
         #[arg(value_name = "VERSION")]
         label: String,
+        /// Also cancel its requests in flight (they end with UNAVAILABLE and the reason) instead of
+        /// letting them finish.
+        #[arg(long)]
+        cancel_in_flight: bool,
     },
     /// Lets a disabled version take traffic again.
     Enable {
@@ -208,6 +212,7 @@ pub async fn run(a: ModelsArgs) -> anyhow::Result<()> {
         model: model.clone(),
         version,
         reason: reason.clone(),
+        cancel_in_flight: false,
     };
     let state = match a.command {
         ModelsCommand::List => {
@@ -239,10 +244,15 @@ pub async fn run(a: ModelsArgs) -> anyhow::Result<()> {
             };
             client.set_traffic(request(&a.conn, &a.operator, message)?).await
         }
-        ModelsCommand::Disable { label } => {
-            client
-                .disable_version(request(&a.conn, &a.operator, version_request(label))?)
-                .await
+        ModelsCommand::Disable {
+            label,
+            cancel_in_flight,
+        } => {
+            let message = pb::VersionRequest {
+                cancel_in_flight,
+                ..version_request(label)
+            };
+            client.disable_version(request(&a.conn, &a.operator, message)?).await
         }
         ModelsCommand::Enable { label } => {
             client
