@@ -166,8 +166,9 @@ fn exp(x: f32) -> f32 {
     let t = x.clamp(-87.0, 88.0) * std::f32::consts::LOG2_E;
     let n = t.round_ties_even();
     let f = t - n;
+    // ln(2)^k / k!: the Taylor series of 2^f.
     const C: [f32; 6] = [
-        0.693_147_2,
+        std::f32::consts::LN_2,
         0.240_226_5,
         0.055_504_11,
         0.009_618_129,

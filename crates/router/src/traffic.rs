@@ -155,10 +155,8 @@ impl Traffic {
         let state = self.state.read().expect("traffic lock");
         let policy = state.policies.get(model)?;
         let usable = |v: &str| !policy.disabled.contains(v) && serving.iter().any(|s| s == v);
-        if let Some(pinned) = ask.pinned {
-            if !policy.disabled.contains(pinned) {
-                return Some(pinned.to_string());
-            }
+        if let Some(pinned) = ask.pinned.filter(|p| !policy.disabled.contains(*p)) {
+            return Some(pinned.to_string());
         }
         if let Some(version) = ask.cohort.and_then(|c| policy.cohorts.get(c)).filter(|v| usable(v)) {
             return Some(version.clone());
