@@ -15,19 +15,23 @@ use tonic::transport::Channel;
 type Admin = ferroserve_proto::v1::admin_client::AdminClient<Channel>;
 type Client = ferroserve_proto::v1::inference_client::InferenceClient<Channel>;
 
-async fn harness() -> Harness {
-    let limits = AdmissionLimits {
+/// No rate limits; room to queue every request the tests send.
+fn limits() -> AdmissionLimits {
+    AdmissionLimits {
         server: ServerLimits {
             shared: TenantLimits::default(),
             max_queued_requests: 256,
             max_queued_tokens: 1_000_000,
         },
         tenants: Default::default(),
-    };
+    }
+}
+
+async fn harness() -> Harness {
     let h = Harness::start(Options {
         versions: vec!["stable".into(), "canary".into()],
         token_delay: Duration::from_millis(1),
-        ..Options::new(limits)
+        ..Options::new(limits())
     })
     .await;
     h.release.send(true).unwrap();
@@ -289,14 +293,7 @@ async fn rollout_harness(drifting: &[&str], failing: &[&str]) -> Harness {
         versions: vec!["stable".into(), "canary".into()],
         drifting: drifting.iter().map(|v| v.to_string()).collect(),
         failing: failing.iter().map(|v| v.to_string()).collect(),
-        ..Options::new(AdmissionLimits {
-            server: ServerLimits {
-                shared: TenantLimits::default(),
-                max_queued_requests: 256,
-                max_queued_tokens: 1_000_000,
-            },
-            tenants: Default::default(),
-        })
+        ..Options::new(limits())
     })
     .await;
     h.release.send(true).unwrap();
@@ -436,14 +433,7 @@ async fn disable_drains_requests_in_flight_or_cancels_them_with_a_reason() {
         versions: vec!["stable".into(), "canary".into()],
         token_delay: Duration::from_millis(2),
         script: Some(vec!["x".to_string(); 400]),
-        ..Options::new(AdmissionLimits {
-            server: ServerLimits {
-                shared: TenantLimits::default(),
-                max_queued_requests: 256,
-                max_queued_tokens: 1_000_000,
-            },
-            tenants: Default::default(),
-        })
+        ..Options::new(limits())
     })
     .await;
     h.release.send(true).unwrap();
