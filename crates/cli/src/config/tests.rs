@@ -1,0 +1,135 @@
+//! The config file's parsing and validation.
+
+use super::*;
+
+fn parse(text: &str) -> Result<Settings, ConfigError> {
+    toml::from_str::<FileConfig>(text)
+        .map_err(|e| err("(file)", e.to_string()))?
+        .validate()
+}
+
+#[test]
+fn defaults_are_valid() {
+    let s = parse("").unwrap();
+    assert_eq!(s.listen.to_string(), "127.0.0.1:50051");
+    assert_eq!(s.model_name, "smollm2-135m-instruct");
+}
+
+#[test]
+fn the_shipped_config_is_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/ferroserve.toml");
+    FileConfig::load(&path, true).unwrap().validate().unwrap();
+}
+
+#[test]
+fn errors_name_the_key() {
+    let e = parse("[server]\nlisten = \"nowhere\"").unwrap_err();
+    assert_eq!(e.key, "server.listen");
+    let e = parse("[model]\ndevice = \"tpu\"").unwrap_err();
+    assert_eq!(e.key, "model.device");
+    let e = parse("[engine]\nqueue_capacity = 0").unwrap_err();
+    assert_eq!(e.key, "engine.queue_capacity");
+    let e = parse("[engine]\nmax_batch_seqs = 0").unwrap_err();
+    assert_eq!(e.key, "engine.max_batch_seqs");
+    let e = parse("[router]\nworkers = [\"127.0.0.1:1\"]").unwrap_err();
+    assert_eq!(e.key, "router.workers[0]");
+    let e = parse("[server]\nmetrics_listen = \"x\"").unwrap_err();
+    assert_eq!(e.key, "server.metrics_listen");
+    let e = parse("[cost]\nusd_per_hour = -2.0").unwrap_err();
+    assert_eq!(e.key, "cost.usd_per_hour");
+    assert!(
+        parse("[server]\nmetrics_listen = \"\"")
+            .unwrap()
+            .metrics_listen
+            .is_none()
+    );
+    let e = parse("[server]\ndrain_timeout_secs = -1").unwrap_err();
+    assert_eq!(e.key, "server.drain_timeout_secs");
+}
+
+#[test]
+fn open_servers_stay_on_loopback_unless_allowed() {
+    let e = parse("[server]\nlisten = \"0.0.0.0:50051\"").unwrap_err();
+    assert_eq!(e.key, "auth.keys");
+    assert!(e.message.contains("--allow-unauthenticated"));
+    assert!(parse("[server]\nlisten = \"0.0.0.0:50051\"\n[auth]\nallow_unauthenticated = true").is_ok());
+    let keyed = format!(
+        "[server]\nlisten = \"0.0.0.0:50051\"\n[[auth.keys]]\ntenant = \"a\"\nkey_sha256 = \"{}\"",
+        ferroserve_admission::sha256_hex("k")
+    );
+    let s = parse(&keyed).unwrap();
+    assert!(!s.keys.is_open());
+    let e = parse("[[auth.keys]]\ntenant = \"a\"\nkey_sha256 = \"zz\"").unwrap_err();
+    assert_eq!(e.key, "auth.keys[0].key_sha256");
+}
+
+#[test]
+fn the_multi_tenant_sample_holds_hashes_of_the_documented_demo_keys() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/multi-tenant.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        !text.contains("demo-key-alpha\"") && !text.contains("demo-admin-token\""),
+        "no plaintext keys"
+    );
+    let s = FileConfig::load(&path, true).unwrap().validate().unwrap();
+    assert_eq!(
+        s.keys.authenticate(Some("Bearer demo-key-alpha")).unwrap().name,
+        "alpha"
+    );
+    assert_eq!(s.keys.authenticate(Some("Bearer demo-key-beta")).unwrap().name, "beta");
+    assert_eq!(s.keys.authorize_admin(Some("Bearer demo-admin-token")), Ok(()));
+    let alpha = s.admission.tenants["alpha"].requests.unwrap();
+    assert_eq!(
+        (alpha.amount, alpha.burst),
+        (2.0, 2),
+        "alpha: 2 requests per second, burst 2"
+    );
+    let beta = s.admission.tenants["beta"].requests.unwrap();
+    assert!(beta.amount >= 50.0, "beta is generous");
+}
+
+#[test]
+fn limits_are_checked_and_a_tenants_keys_must_agree() {
+    let key = |tenant: &str, extra: &str| {
+        format!(
+            "[[auth.keys]]\ntenant = \"{tenant}\"\nkey_sha256 = \"{}\"\n{extra}\n",
+            ferroserve_admission::sha256_hex(extra)
+        )
+    };
+    let e = parse(&key("a", "requests_per_second = -1.0")).unwrap_err();
+    assert_eq!(e.key, "auth.keys[0].requests_per_second");
+    let e = parse(&key("a", "request_burst = 3")).unwrap_err();
+    assert_eq!(e.key, "auth.keys[0].request_burst");
+    let e = parse(&format!(
+        "{}{}",
+        key("a", "max_in_flight = 2"),
+        key("a", "max_in_flight = 3")
+    ))
+    .unwrap_err();
+    assert_eq!(e.key, "auth.keys[1]");
+    assert!(
+        parse(&format!(
+            "{}{}",
+            key("a", "max_in_flight = 2"),
+            key("a", "max_in_flight =  2")
+        ))
+        .is_ok()
+    );
+    let e = parse("[admission]\nmax_in_flight = 0").unwrap_err();
+    assert_eq!(e.key, "admission.max_in_flight");
+    let s = parse(&key("a", "tokens_per_minute = 600.0")).unwrap();
+    assert_eq!(
+        s.admission.tenants["a"].tokens.unwrap().burst,
+        600,
+        "default burst: a minute's worth"
+    );
+}
+
+#[test]
+fn unknown_keys_are_rejected_by_name() {
+    let path = std::env::temp_dir().join(format!("ferroserve-cfg-{}.toml", std::process::id()));
+    std::fs::write(&path, "[server]\nlistn = \"127.0.0.1:1\"\n").unwrap();
+    let e = FileConfig::load(&path, true).unwrap_err();
+    std::fs::remove_file(&path).unwrap();
+    assert!(e.to_string().contains("listn"), "{e}");
+}
