@@ -1,11 +1,12 @@
-//! Loading and unloading model versions in a running `ferroserve serve` (real model, 127.0.0.1): a derived
-//! Q8_0 file loads in the background while the Q4_1 version keeps serving, pinned requests reach it, a file
+//! Loading and unloading model versions in a running `ferroserve serve` (real model, 127.0.0.1): a version
+//! declared in the config loads at startup, a derived Q8_0 file loads in the background while the Q4_1
+//! version keeps serving, pinned requests reach it, a file
 //! that is not a model fails its load and changes nothing, a failed validation report is refused, and an
 //! unloaded version stops taking requests.
 
 mod support;
 
-use ferroserve::config::FileConfig;
+use ferroserve::config::{FileConfig, VersionSection};
 use ferroserve_model::derive::{Target, derive};
 use ferroserve_proto::v1 as pb;
 use ferroserve_proto::v1::admin_client::AdminClient;
@@ -52,6 +53,12 @@ async fn versions_load_and_unload_while_serving() {
     let mut file = FileConfig::default();
     file.server.listen = "127.0.0.1:0".into();
     file.server.metrics_listen = String::new();
+    // A version declared in the config loads in the background at startup.
+    file.model.versions.push(VersionSection {
+        version: "configured".into(),
+        path: q8.clone(),
+        system_prompt: None,
+    });
     let server = ferroserve::commands::servers::start_serve(file.validate().unwrap(), source)
         .await
         .unwrap();
@@ -65,13 +72,21 @@ async fn versions_load_and_unload_while_serving() {
         ..Default::default()
     };
 
+    until_state(&mut admin, "configured", "ready").await;
+    let configured = c.generate(pinned("configured")).await.unwrap().into_inner();
+    assert_eq!(configured.model_version, "smollm2-135m-instruct@configured");
+
     // A file that is not a model: the load fails in the background, says why, and nothing changes.
     let junk = dir.join("junk.gguf");
     std::fs::write(&junk, b"not a model").unwrap();
     admin.load_version(load("broken", &junk, "")).await.unwrap();
     let state = until_state(&mut admin, "broken", "failed").await;
     let broken = state.versions.iter().find(|v| v.version == "broken").unwrap();
-    assert!(broken.state.contains("not a GGUF"), "{}", broken.state);
+    assert!(
+        broken.state.contains("not a GGUF") && !broken.state.contains('\n'),
+        "{}",
+        broken.state
+    );
     assert_eq!(
         c.generate(pinned("q4_1")).await.unwrap().into_inner().model_version,
         "smollm2-135m-instruct@q4_1"
@@ -130,13 +145,12 @@ async fn versions_load_and_unload_while_serving() {
         c.generate(chat("Hi", 2)).await.unwrap().into_inner().model_version,
         "smollm2-135m-instruct@q4_1"
     );
-    let last = admin
-        .unload_version(pb::VersionRequest {
-            version: "q4_1".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let unload = |version: &str| pb::VersionRequest {
+        version: version.into(),
+        ..Default::default()
+    };
+    admin.unload_version(unload("configured")).await.unwrap();
+    let last = admin.unload_version(unload("q4_1")).await.unwrap_err();
     assert!(last.message().contains("last version"), "{}", last.message());
 
     server.shutdown().await.unwrap();

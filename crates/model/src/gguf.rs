@@ -27,7 +27,8 @@ impl GgufFile {
         let mut file = File::open(path).map_err(io)?;
         let content = Content::read(&mut file).map_err(|e| ModelError::Format {
             path: path.to_path_buf(),
-            message: format!("not a GGUF file ({e})"),
+            // Candle appends a backtrace when RUST_BACKTRACE is set; the first line is the reason.
+            message: format!("not a GGUF file ({})", e.to_string().lines().next().unwrap_or_default()),
         })?;
         Ok(GgufFile {
             path: path.to_path_buf(),

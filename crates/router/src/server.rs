@@ -14,7 +14,7 @@ use crate::admin::AdminService;
 use crate::inference::InferenceService;
 use crate::live::Live;
 use crate::observe::Observations;
-use crate::registry::VersionLoader;
+use crate::registry::{LoadSpec, Registry, VersionLoader};
 use crate::traffic::{InFlight, Traffic};
 use crate::{Limits, Pool};
 use ferroserve_filter::FilterHub;
@@ -43,6 +43,8 @@ pub struct RouterParts {
     pub config: RouterConfig,
     /// How to load a new version into this server (`serve`); `None` for a router of remote workers.
     pub loader: Option<Arc<dyn VersionLoader>>,
+    /// Versions to load in the background once serving (with `loader`).
+    pub preload: Vec<LoadSpec>,
 }
 
 /// Serves the public API on `listener` until `shutdown` completes, then stops accepting new requests and
@@ -59,6 +61,7 @@ pub async fn serve(
         filters,
         config,
         loader,
+        preload,
     } = parts;
     let budgets = tokio::spawn({
         let admission = Arc::clone(live.admission());
@@ -109,6 +112,14 @@ pub async fn serve(
         observations: Arc::clone(&observations),
         in_flight: Arc::clone(&in_flight),
     });
+    let registry = Arc::new(Registry::default());
+    if let Some(loader) = &loader {
+        for spec in preload {
+            crate::versions::start_load(&pool, &registry, loader, spec);
+        }
+    } else if !preload.is_empty() {
+        tracing::warn!("this router has no in-process workers; the configured extra versions are not loaded");
+    }
     let admin = AdminServer::new(AdminService {
         pool,
         live,
@@ -116,7 +127,7 @@ pub async fn serve(
         traffic,
         observations,
         rollouts: Arc::default(),
-        registry: Arc::default(),
+        registry,
         loader,
         in_flight,
     });

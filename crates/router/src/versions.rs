@@ -288,27 +288,34 @@ pub(crate) fn load(
     if !r.validation_report.is_empty() {
         check_validation(&r.validation_report, &path)?;
     }
-    registry.set(&qualified, "loading");
     let spec = LoadSpec {
         name: name.clone(),
         version: r.version,
         path,
         system_prompt: r.system_prompt,
     };
-    let (to_pool, to_registry, load) = (Arc::clone(pool), Arc::clone(registry), loader.load(spec));
+    start_load(pool, registry, loader, spec);
+    Ok(state(traffic, pool, registry, &name))
+}
+
+/// Loads `spec` in the background: `loading`, then `ready` (it joins the pool) or `failed: why` (nothing
+/// else changes).
+pub(crate) fn start_load(pool: &Arc<Pool>, registry: &Arc<Registry>, loader: &Arc<dyn VersionLoader>, spec: LoadSpec) {
+    let qualified = format!("{}@{}", spec.name, spec.version);
+    registry.set(&qualified, "loading");
+    let (pool, registry, load) = (Arc::clone(pool), Arc::clone(registry), loader.load(spec));
     tokio::spawn(async move {
         match load.await {
             Ok(backend) => {
-                to_pool.add(backend);
-                to_registry.set(&qualified, "ready");
+                pool.add(backend);
+                registry.set(&qualified, "ready");
             }
             Err(e) => {
                 tracing::warn!(version = %qualified, error = %e, "loading a version failed; nothing changed");
-                to_registry.set(&qualified, format!("failed: {e}"));
+                registry.set(&qualified, format!("failed: {e}"));
             }
         }
     });
-    Ok(state(traffic, pool, registry, &name))
 }
 
 /// The report must be a passed validation of this very file.

@@ -118,6 +118,16 @@ fn router_parts(
         live,
         filters,
         config: settings.router,
+        preload: settings
+            .versions
+            .iter()
+            .map(|v| LoadSpec {
+                name: settings.model_name.clone(),
+                version: v.version.clone(),
+                path: v.path.clone(),
+                system_prompt: v.system_prompt.clone().unwrap_or_default(),
+            })
+            .collect(),
         loader,
     })
 }

@@ -260,6 +260,21 @@ pub struct ModelSection {
     pub device: String,
     /// System message for conversations that bring none; empty leaves it to the model's chat template.
     pub system_prompt: String,
+    /// More versions of this model that `serve` loads at startup, in the background (`[[model.versions]]`).
+    pub versions: Vec<VersionSection>,
+}
+
+/// `[[model.versions]]`: another version of the model, served beside the first; a split gives it traffic.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VersionSection {
+    /// Its label, e.g. `q8_0`.
+    pub version: String,
+    /// Its GGUF file.
+    pub path: PathBuf,
+    /// Its system prompt [default: `model.system_prompt`].
+    #[serde(default)]
+    pub system_prompt: Option<String>,
 }
 
 /// The default system prompt. SmolLM2's own template default ("You are a helpful AI assistant named
@@ -276,6 +291,7 @@ impl Default for ModelSection {
             cache_dir: None,
             device: "cpu".into(),
             system_prompt: DEFAULT_SYSTEM_PROMPT.into(),
+            versions: Vec::new(),
         }
     }
 }
@@ -413,6 +429,8 @@ pub struct Settings {
     pub device: DeviceSpec,
     /// Default system message, if any.
     pub system_prompt: Option<String>,
+    /// More versions `serve` loads at startup.
+    pub versions: Vec<VersionSection>,
     /// Engine settings.
     pub engine: EngineConfig,
     /// Router settings.
@@ -570,6 +588,23 @@ impl FileConfig {
                 ),
             ));
         }
+        let mut labels = vec![self.model.version.as_str()];
+        for (i, v) in self.model.versions.iter().enumerate() {
+            let key = format!("model.versions[{i}]");
+            if v.version.is_empty() || v.version.contains('@') || labels.contains(&v.version.as_str()) {
+                return Err(err(
+                    &format!("{key}.version"),
+                    "must be non-empty, contain no `@` and differ from the other versions",
+                ));
+            }
+            labels.push(&v.version);
+            if !v.path.is_file() {
+                return Err(err(
+                    &format!("{key}.path"),
+                    format!("{} is not a file", v.path.display()),
+                ));
+            }
+        }
         if self.engine.queue_capacity == 0 {
             return Err(err("engine.queue_capacity", "must be at least 1"));
         }
@@ -647,6 +682,7 @@ impl FileConfig {
             cache_dir: self.model.cache_dir.unwrap_or_else(fetch::default_cache_dir),
             device,
             system_prompt: Some(self.model.system_prompt).filter(|s| !s.is_empty()),
+            versions: self.model.versions,
             engine: EngineConfig {
                 queue_capacity: self.engine.queue_capacity,
                 drift_window_tokens: self.engine.drift_window_tokens,

@@ -133,3 +133,14 @@ fn unknown_keys_are_rejected_by_name() {
     std::fs::remove_file(&path).unwrap();
     assert!(e.to_string().contains("listn"), "{e}");
 }
+
+#[test]
+fn extra_versions_need_their_own_label_and_a_file() {
+    let dup =
+        parse("[model]\nversion = \"a\"\n[[model.versions]]\nversion = \"a\"\npath = \"Cargo.toml\"\n").unwrap_err();
+    assert!(dup.to_string().contains("model.versions[0].version"), "{dup}");
+    let missing = parse("[[model.versions]]\nversion = \"b\"\npath = \"/nonexistent.gguf\"\n").unwrap_err();
+    assert!(missing.to_string().contains("model.versions[0].path"), "{missing}");
+    let ok = parse("[[model.versions]]\nversion = \"b\"\npath = \"Cargo.toml\"\n").unwrap();
+    assert_eq!(ok.versions.len(), 1);
+}

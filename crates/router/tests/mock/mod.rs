@@ -227,6 +227,7 @@ impl Harness {
                 drain_timeout: Duration::from_secs(5),
             },
             loader: None,
+            preload: Vec::new(),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
