@@ -76,7 +76,7 @@ impl Seq {
 /// Everything the engine thread owns.
 pub(crate) struct EngineLoop {
     /// The model weights, shared by every sequence.
-    pub model: BatchedLlama,
+    pub model: Arc<BatchedLlama>,
     /// Tokenizer, for detokenizing and spotting end-of-sequence.
     pub text: Arc<TextCodec>,
     /// Batch size, step size and KV budget.

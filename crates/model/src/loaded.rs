@@ -68,20 +68,30 @@ pub struct LoadedModel {
     pub info: ModelInfo,
     /// Tokenizer and chat template.
     pub text: Arc<TextCodec>,
-    /// The forward pass.
-    pub model: BatchedLlama,
+    /// The forward pass; shared by versions loaded from the same file (they differ only in their
+    /// generation defaults).
+    pub model: Arc<BatchedLlama>,
 }
 
 impl LoadedModel {
     /// Loads `spec`; fails with a message naming the file and the problem.
     pub fn load(spec: &ModelSpec) -> Result<LoadedModel, ModelError> {
+        LoadedModel::load_sharing(spec, None)
+    }
+
+    /// As [`LoadedModel::load`], but with `weights` (loaded earlier from the same file) instead of reading
+    /// them again: only the tokenizer and template are read.
+    pub fn load_sharing(spec: &ModelSpec, weights: Option<Arc<BatchedLlama>>) -> Result<LoadedModel, ModelError> {
         let device = spec.device.open()?;
         let mut gguf = GgufFile::open(&spec.path)?;
         let tokenizer = TextTokenizer::from_gguf(&gguf)?;
         let template = gguf.string("tokenizer.chat_template").unwrap_or(CHATML);
         let chat = ChatTemplate::new(template, tokenizer.bos_token(), tokenizer.eos_token())?;
         let context_length = gguf.u32("llama.context_length")?;
-        let model = BatchedLlama::load(&mut gguf, &device)?;
+        let model = match weights {
+            Some(shared) => shared,
+            None => Arc::new(BatchedLlama::load(&mut gguf, &device)?),
+        };
         tracing::info!(path = %spec.path.display(), %spec.device, context_length, "model loaded");
         Ok(LoadedModel {
             info: ModelInfo {

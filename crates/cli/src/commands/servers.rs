@@ -1,9 +1,10 @@
 //! `serve`, `worker` and `router`: bind first (so health checks see NOT_SERVING while the model loads),
 //! then load or connect in the background.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -11,6 +12,7 @@ use ferroserve_admission::Admission;
 use ferroserve_core::Backend;
 use ferroserve_engine::EngineHandle;
 use ferroserve_filter::FilterHub;
+use ferroserve_model::batched::BatchedLlama;
 use ferroserve_model::{LoadedModel, ModelSpec};
 use ferroserve_router::{Live, LiveSettings, LoadSpec, Pool, Reloader, RouterParts, VersionLoader};
 use ferroserve_worker::{BackendSlot, RemoteWorker, WorkerServerConfig};
@@ -38,7 +40,42 @@ async fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<TcpListe
 }
 
 /// Loads the model on a blocking thread and starts its engine.
-async fn load_engine(settings: &Settings, path: PathBuf) -> anyhow::Result<Arc<EngineHandle>> {
+/// Things already loaded in this process, by canonical file path, held weakly: versions loaded from the
+/// same file (differing only in their generation defaults) share one copy of the weights.
+struct Shared<T>(Mutex<HashMap<PathBuf, Weak<T>>>);
+
+impl<T> Default for Shared<T> {
+    fn default() -> Self {
+        Shared(Mutex::new(HashMap::new()))
+    }
+}
+
+impl<T> Shared<T> {
+    fn key(path: &std::path::Path) -> PathBuf {
+        path.canonicalize().unwrap_or_else(|_| path.to_path_buf())
+    }
+
+    /// The live copy loaded from `path`, if any.
+    fn get(&self, path: &std::path::Path) -> Option<Arc<T>> {
+        self.0
+            .lock()
+            .expect("shared lock")
+            .get(&Self::key(path))
+            .and_then(Weak::upgrade)
+    }
+
+    /// Remembers `value` as loaded from `path` (while something else keeps it alive).
+    fn put(&self, path: &std::path::Path, value: &Arc<T>) {
+        let mut map = self.0.lock().expect("shared lock");
+        map.retain(|_, w| w.strong_count() > 0);
+        map.insert(Self::key(path), Arc::downgrade(value));
+    }
+}
+
+/// The model weights loaded in this process.
+type Weights = Shared<BatchedLlama>;
+
+async fn load_engine(settings: &Settings, path: PathBuf, weights: Arc<Weights>) -> anyhow::Result<Arc<EngineHandle>> {
     let spec = ModelSpec {
         name: settings.model_name.clone(),
         version: settings.model_version.clone(),
@@ -48,7 +85,12 @@ async fn load_engine(settings: &Settings, path: PathBuf) -> anyhow::Result<Arc<E
     };
     let engine = settings.engine.clone();
     tokio::task::spawn_blocking(move || {
-        let model = LoadedModel::load(&spec)?;
+        let shared = weights.get(&spec.path);
+        if shared.is_some() {
+            tracing::info!(path = %spec.path.display(), version = %spec.version, "sharing the weights of a version already loaded from this file");
+        }
+        let model = LoadedModel::load_sharing(&spec, shared)?;
+        weights.put(&spec.path, &model.model);
         anyhow::Ok(Arc::new(EngineHandle::start(model, engine)))
     })
     .await
@@ -135,6 +177,7 @@ fn router_parts(
 /// Loads new versions into `serve` as in-process engines, with this server's engine settings.
 struct EngineLoader {
     settings: Settings,
+    weights: Arc<Weights>,
 }
 
 impl VersionLoader for EngineLoader {
@@ -144,8 +187,11 @@ impl VersionLoader for EngineLoader {
         if !spec.system_prompt.is_empty() {
             settings.system_prompt = Some(spec.system_prompt);
         }
+        let weights = Arc::clone(&self.weights);
         Box::pin(async move {
-            let engine = load_engine(&settings, spec.path).await.map_err(|e| format!("{e:#}"))?;
+            let engine = load_engine(&settings, spec.path, weights)
+                .await
+                .map_err(|e| format!("{e:#}"))?;
             Ok(engine as Arc<dyn Backend>)
         })
     }
@@ -249,18 +295,20 @@ pub async fn start_serve(settings: Settings, model_path: PathBuf) -> anyhow::Res
     let metrics_addr = metrics(settings.metrics_listen, &stopped).await?;
     let pool = Pool::new(Some(settings.model_name.clone()));
     let slot = BackendSlot::new();
+    let weights = Arc::new(Weights::default());
     let task = tokio::spawn({
         let pool = Arc::clone(&pool);
         let slot = slot.clone();
         async move {
             let load = async {
-                let engine = load_engine(&settings, model_path).await?;
+                let engine = load_engine(&settings, model_path, Arc::clone(&weights)).await?;
                 slot.fill(Arc::clone(&engine) as Arc<dyn Backend>);
                 pool.add(engine);
                 anyhow::Ok(())
             };
             let loader = Arc::new(EngineLoader {
                 settings: settings.clone(),
+                weights: Arc::clone(&weights),
             });
             let parts = router_parts(&settings, Arc::clone(&pool), &stopped, Some(loader))?;
             let server = ferroserve_router::serve(listener, parts, stopped.wait());
@@ -285,7 +333,7 @@ pub async fn start_worker(settings: Settings, model_path: PathBuf) -> anyhow::Re
         let slot = slot.clone();
         async move {
             let load = async {
-                let engine = load_engine(&settings, model_path).await?;
+                let engine = load_engine(&settings, model_path, Arc::default()).await?;
                 slot.fill(engine);
                 let _ = loaded.send(());
                 anyhow::Ok(())
@@ -343,4 +391,24 @@ pub async fn start_router(settings: Settings) -> anyhow::Result<Running> {
             .context("router server failed")
     });
     Ok(Running::new(addr, metrics_addr, BackendSlot::new(), stop, task))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loads_from_one_file_share_while_one_is_alive() {
+        let shared = Shared::<String>::default();
+        let path = std::path::Path::new("Cargo.toml");
+        assert!(shared.get(path).is_none());
+        let first = Arc::new("weights".to_string());
+        shared.put(path, &first);
+        // The same file by another spelling is the same key.
+        let again = shared.get(&std::path::absolute(path).unwrap()).expect("shared");
+        assert!(Arc::ptr_eq(&first, &again));
+        assert!(shared.get(std::path::Path::new("Cargo.lock")).is_none());
+        drop((first, again));
+        assert!(shared.get(path).is_none(), "nothing is kept alive by the cache itself");
+    }
 }
