@@ -245,6 +245,15 @@ fn rope_tables(dim: usize, base: f32, device: &Device) -> candle_core::Result<(T
 impl BatchedLlama {
     /// Reads the weights of a llama-architecture GGUF onto `device`.
     pub fn load(gguf: &mut GgufFile, device: &Device) -> Result<BatchedLlama, ModelError> {
+        BatchedLlama::load_reporting(gguf, device, &|_| {})
+    }
+
+    /// As [`BatchedLlama::load`], calling `progress` with the fraction of transformer blocks read so far.
+    pub fn load_reporting(
+        gguf: &mut GgufFile,
+        device: &Device,
+        progress: &dyn Fn(f32),
+    ) -> Result<BatchedLlama, ModelError> {
         let path = gguf.path.clone();
         let err = |e: candle_core::Error| format_err(&path, e);
         let md = |key: &str| -> Result<&gguf_file::Value, ModelError> {
@@ -322,6 +331,7 @@ impl BatchedLlama {
                 attn_norm,
                 ffn_norm,
             });
+            progress((i + 1) as f32 / layers as f32);
         }
         let (cos_rows, sin_rows) = (rows_of(&cos).map_err(err)?, rows_of(&sin).map_err(err)?);
         Ok(BatchedLlama {

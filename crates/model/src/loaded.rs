@@ -82,6 +82,15 @@ impl LoadedModel {
     /// As [`LoadedModel::load`], but with `weights` (loaded earlier from the same file) instead of reading
     /// them again: only the tokenizer and template are read.
     pub fn load_sharing(spec: &ModelSpec, weights: Option<Arc<BatchedLlama>>) -> Result<LoadedModel, ModelError> {
+        LoadedModel::load_reporting(spec, weights, &|_| {})
+    }
+
+    /// As [`LoadedModel::load_sharing`], calling `progress` with the fraction of the weights read.
+    pub fn load_reporting(
+        spec: &ModelSpec,
+        weights: Option<Arc<BatchedLlama>>,
+        progress: &dyn Fn(f32),
+    ) -> Result<LoadedModel, ModelError> {
         let device = spec.device.open()?;
         let mut gguf = GgufFile::open(&spec.path)?;
         let tokenizer = TextTokenizer::from_gguf(&gguf)?;
@@ -90,7 +99,7 @@ impl LoadedModel {
         let context_length = gguf.u32("llama.context_length")?;
         let model = match weights {
             Some(shared) => shared,
-            None => Arc::new(BatchedLlama::load(&mut gguf, &device)?),
+            None => Arc::new(BatchedLlama::load_reporting(&mut gguf, &device, progress)?),
         };
         tracing::info!(path = %spec.path.display(), %spec.device, context_length, "model loaded");
         Ok(LoadedModel {

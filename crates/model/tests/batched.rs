@@ -320,3 +320,14 @@ fn paged_attention_matches_candles_attention_and_allocates_by_the_block() {
     );
     assert_eq!(slot_blocks, vec![0, 0], "slot caches are not paged");
 }
+
+#[test]
+fn loading_reports_progress_by_the_block_up_to_all_of_it() {
+    let seen = std::sync::Mutex::new(Vec::new());
+    let mut gguf = GgufFile::open(&fixture().path).unwrap();
+    BatchedLlama::load_reporting(&mut gguf, &Device::Cpu, &|f| seen.lock().unwrap().push(f)).unwrap();
+    let seen = seen.into_inner().unwrap();
+    assert_eq!(seen.len(), fixture().model.shape().layers);
+    assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+    assert_eq!(*seen.last().unwrap(), 1.0);
+}

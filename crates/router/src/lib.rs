@@ -30,7 +30,7 @@ pub use error::{LIMIT_METADATA, RETRY_AFTER_MS, RouterError};
 pub use live::{Live, LiveSettings, Reloader};
 pub use observe::{Observations, Sample, Summary};
 pub use pool::{Pool, WorkerView};
-pub use registry::{LoadSpec, Registry, VersionLoader};
+pub use registry::{LoadSpec, Progress, Registry, VersionLoader};
 pub use rollout::{Plan, Rollouts, breach};
 pub use server::{RouterConfig, RouterParts, serve};
 pub use traffic::{Change, Policy, Traffic, VersionAsk};

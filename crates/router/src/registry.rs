@@ -22,10 +22,13 @@ pub struct LoadSpec {
     pub system_prompt: String,
 }
 
+/// Where a load reports the fraction of its weights read (0 to 1).
+pub type Progress = Arc<dyn Fn(f32) + Send + Sync>;
+
 /// Builds a worker for a version (an in-process engine, in `ferroserve serve`).
 pub trait VersionLoader: Send + Sync {
-    /// Loads `spec` (off the async threads); the error says what to fix.
-    fn load(&self, spec: LoadSpec) -> BoxFuture<'static, Result<Arc<dyn Backend>, String>>;
+    /// Loads `spec` (off the async threads), reporting progress; the error says what to fix.
+    fn load(&self, spec: LoadSpec, progress: Progress) -> BoxFuture<'static, Result<Arc<dyn Backend>, String>>;
 }
 
 /// Load states by `name@version`.

@@ -8,7 +8,7 @@ use ferroserve_proto::v1 as pb;
 
 use crate::RouterError;
 use crate::pool::Pool;
-use crate::registry::{LoadSpec, Registry, VersionLoader};
+use crate::registry::{LoadSpec, Progress, Registry, VersionLoader};
 use crate::rollout::Plan;
 use crate::traffic::{Policy, Traffic};
 
@@ -303,7 +303,11 @@ pub(crate) fn load(
 pub(crate) fn start_load(pool: &Arc<Pool>, registry: &Arc<Registry>, loader: &Arc<dyn VersionLoader>, spec: LoadSpec) {
     let qualified = format!("{}@{}", spec.name, spec.version);
     registry.set(&qualified, "loading");
-    let (pool, registry, load) = (Arc::clone(pool), Arc::clone(registry), loader.load(spec));
+    let progress: Progress = {
+        let (registry, qualified) = (Arc::clone(registry), qualified.clone());
+        Arc::new(move |done: f32| registry.set(&qualified, format!("loading {:.0} %", done * 100.0)))
+    };
+    let (pool, registry, load) = (Arc::clone(pool), Arc::clone(registry), loader.load(spec, progress));
     tokio::spawn(async move {
         match load.await {
             Ok(backend) => {

@@ -14,7 +14,9 @@ use ferroserve_engine::EngineHandle;
 use ferroserve_filter::FilterHub;
 use ferroserve_model::batched::BatchedLlama;
 use ferroserve_model::{LoadedModel, ModelSpec};
-use ferroserve_router::{Live, LiveSettings, LoadSpec, Pool, Reloader, RouterParts, VersionLoader};
+use ferroserve_router::{
+    Live, LiveSettings, LoadSpec, Pool, Progress as LoadProgress, Reloader, RouterParts, VersionLoader,
+};
 use ferroserve_worker::{BackendSlot, RemoteWorker, WorkerServerConfig};
 use futures::future::BoxFuture;
 use tokio::net::TcpListener;
@@ -76,6 +78,15 @@ impl<T> Shared<T> {
 type Weights = Shared<BatchedLlama>;
 
 async fn load_engine(settings: &Settings, path: PathBuf, weights: Arc<Weights>) -> anyhow::Result<Arc<EngineHandle>> {
+    load_engine_reporting(settings, path, weights, Arc::new(|_| {})).await
+}
+
+async fn load_engine_reporting(
+    settings: &Settings,
+    path: PathBuf,
+    weights: Arc<Weights>,
+    progress: LoadProgress,
+) -> anyhow::Result<Arc<EngineHandle>> {
     let spec = ModelSpec {
         name: settings.model_name.clone(),
         version: settings.model_version.clone(),
@@ -89,7 +100,7 @@ async fn load_engine(settings: &Settings, path: PathBuf, weights: Arc<Weights>) 
         if shared.is_some() {
             tracing::info!(path = %spec.path.display(), version = %spec.version, "sharing the weights of a version already loaded from this file");
         }
-        let model = LoadedModel::load_sharing(&spec, shared)?;
+        let model = LoadedModel::load_reporting(&spec, shared, &*progress)?;
         weights.put(&spec.path, &model.model);
         anyhow::Ok(Arc::new(EngineHandle::start(model, engine)))
     })
@@ -181,7 +192,7 @@ struct EngineLoader {
 }
 
 impl VersionLoader for EngineLoader {
-    fn load(&self, spec: LoadSpec) -> BoxFuture<'static, Result<Arc<dyn Backend>, String>> {
+    fn load(&self, spec: LoadSpec, progress: LoadProgress) -> BoxFuture<'static, Result<Arc<dyn Backend>, String>> {
         let mut settings = self.settings.clone();
         settings.model_version = spec.version;
         if !spec.system_prompt.is_empty() {
@@ -189,7 +200,7 @@ impl VersionLoader for EngineLoader {
         }
         let weights = Arc::clone(&self.weights);
         Box::pin(async move {
-            let engine = load_engine(&settings, spec.path, weights)
+            let engine = load_engine_reporting(&settings, spec.path, weights, progress)
                 .await
                 .map_err(|e| format!("{e:#}"))?;
             Ok(engine as Arc<dyn Backend>)
