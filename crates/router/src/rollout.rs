@@ -185,7 +185,9 @@ impl Rollouts {
             p.disabled.remove(&canary);
         });
         metrics::gauge!(names::ROLLOUT_CANARY_WEIGHT, names::LABEL_MODEL => model.to_string()).set(f64::from(weight));
-        metrics::counter!(names::ROLLOUT_DECISIONS_TOTAL, names::LABEL_MODEL => model.to_string(), names::LABEL_DECISION => "promote").increment(1);
+        if step > 0 {
+            metrics::counter!(names::ROLLOUT_DECISIONS_TOTAL, names::LABEL_MODEL => model.to_string(), names::LABEL_DECISION => "promote").increment(1);
+        }
     }
 
     /// Ends the rollout with `status`, recording `decision`.
@@ -213,6 +215,13 @@ impl Rollouts {
                 return;
             };
             if run.status != "running" {
+                return;
+            }
+            // An operator's kill switch wins: the rollout stops rather than re-enable the canary.
+            if traffic.policy(&model).disabled.contains(&run.plan.canary) {
+                let decision = format!("stopped at step {}: an operator disabled the canary", run.step + 1);
+                metrics::gauge!(names::ROLLOUT_CANARY_WEIGHT, names::LABEL_MODEL => model.clone()).set(0.0);
+                self.finish(&model, id, "stopped", decision);
                 return;
             }
             let qualified = |v: &str| format!("{model}@{v}");

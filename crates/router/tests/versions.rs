@@ -494,3 +494,40 @@ async fn disable_drains_requests_in_flight_or_cancels_them_with_a_reason() {
     }
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operators_kill_switch_stops_a_rollout_instead_of_being_overridden() {
+    let h = rollout_harness(&[], &[]).await;
+    let mut admin = h.admin().await;
+    start_rollout(&mut admin).await;
+    admin
+        .disable_version(admin_request(
+            pb::VersionRequest {
+                version: "canary".into(),
+                ..Default::default()
+            },
+            "admin",
+        ))
+        .await
+        .unwrap();
+    let (state, failed) = drive(&h, &mut admin).await;
+    assert_eq!(state.status, "stopped", "{:?}", state.decisions);
+    assert!(
+        state
+            .decisions
+            .last()
+            .unwrap()
+            .contains("an operator disabled the canary")
+    );
+    assert_eq!(failed, 0);
+    let traffic = admin
+        .get_traffic(admin_request(pb::GetTrafficRequest::default(), "admin"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        traffic.versions.iter().any(|v| v.version == "canary" && v.disabled),
+        "still disabled"
+    );
+    h.stop().await;
+}
