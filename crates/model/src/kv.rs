@@ -191,8 +191,9 @@ pub fn rope(x: &mut [f32], heads: usize, head_dim: usize, positions: &[usize], c
     }
 }
 
-/// Dot product with eight independent sums, which the compiler keeps in one vector register.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+/// Dot product with eight independent sums, which the compiler keeps in one vector register (a plain
+/// `sum` must keep the sequential order and stays scalar). Also used by the sentence encoder.
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();

@@ -21,6 +21,8 @@ use candle_transformers::models::bert::{Config, HiddenAct};
 use ferroserve_kernels::ChannelQ8Matrix;
 use rayon::prelude::*;
 
+use crate::kv::dot;
+
 /// Why the encoder could not be built from a weights file.
 pub type LoadError = String;
 
@@ -177,20 +179,6 @@ fn exp(x: f32) -> f32 {
     ];
     let p = 1.0 + f * (C[0] + f * (C[1] + f * (C[2] + f * (C[3] + f * (C[4] + f * C[5])))));
     f32::from_bits(((n as i32 + 127) as u32) << 23) * p
-}
-
-/// A dot product in eight independent lanes, so that it compiles to vector code (a plain `sum` must keep
-/// the sequential order and stays scalar).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0.0f32; 8];
-    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = a8.remainder().iter().zip(b8.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in a8.zip(b8) {
-        for i in 0..8 {
-            lanes[i] += x[i] * y[i];
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
 }
 
 /// GELU, the exact (erf) form BERT was trained with.
