@@ -19,6 +19,8 @@ pub struct TokenChunk {
     pub token_ids: Vec<u32>,
     /// Log-probability of each sampled token under the model's (unmodified) distribution.
     pub logprobs: Vec<f32>,
+    /// Entropy, in nats, of the (unmodified) distribution each token was sampled from.
+    pub entropies: Vec<f32>,
 }
 
 /// How and when a request ended.

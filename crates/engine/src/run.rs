@@ -273,6 +273,7 @@ impl EngineLoop {
             text: check.release,
             token_ids: vec![pick.token],
             logprobs: vec![pick.logprob],
+            entropies: vec![pick.entropy],
         };
         if seq.job.events.try_send(Ok(Event::Token(chunk))).is_err() {
             tracing::info!(request_id = %request.request_id, generated = seq.generated, "client gone; generation cancelled");

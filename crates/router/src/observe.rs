@@ -1,6 +1,6 @@
 //! What each model version did lately, as the router saw it: one sample per finished request (failed or
 //! not, time to first token, mean inter-token gap, stopped by the output filter, mean sampled-token
-//! logprob, output length), kept in a bounded window per version. The canary analysis compares two
+//! logprob and entropy, output length), kept in a bounded window per version. The canary analysis compares two
 //! versions' windows.
 
 use std::collections::{HashMap, VecDeque};
@@ -25,6 +25,8 @@ pub struct Sample {
     pub filtered: bool,
     /// Mean log-probability of its sampled tokens, when it produced any.
     pub mean_logprob: Option<f64>,
+    /// Mean entropy (nats) of the distributions its tokens were sampled from.
+    pub mean_entropy: Option<f64>,
     /// Tokens it produced.
     pub tokens: u32,
 }
@@ -44,6 +46,8 @@ pub struct Summary {
     pub block_rate: f64,
     /// Mean of the requests' mean sampled-token logprob.
     pub mean_logprob: f64,
+    /// Mean of the requests' mean next-token entropy.
+    pub mean_entropy: f64,
     /// Mean output length in tokens.
     pub mean_tokens: f64,
 }
@@ -105,6 +109,7 @@ impl Observations {
                 .collect()),
             block_rate: share(|s| s.filtered),
             mean_logprob: mean(samples.iter().filter_map(|s| s.mean_logprob)),
+            mean_entropy: mean(samples.iter().filter_map(|s| s.mean_entropy)),
             mean_tokens: mean(samples.iter().filter(|s| !s.failed).map(|s| f64::from(s.tokens))),
         }
     }
@@ -122,6 +127,7 @@ mod tests {
             itl: None,
             filtered: false,
             mean_logprob: Some(logprob),
+            mean_entropy: Some(-logprob / 2.0),
             tokens: 10,
         }
     }
@@ -141,6 +147,7 @@ mod tests {
         assert!((s.error_rate - 0.1).abs() < 1e-9);
         assert_eq!(s.ttft_p95_ms, 94.0);
         assert!((s.mean_logprob + 1.0).abs() < 1e-9);
+        assert!((s.mean_entropy - 0.5).abs() < 1e-9);
         assert_eq!(s.mean_tokens, 10.0);
         assert_eq!(o.summary("m@c", start), Summary::default());
     }

@@ -108,6 +108,8 @@ pub(crate) struct Clock {
     pub tokens: u32,
     /// Sum and count of the sampled tokens' logprobs.
     logprob: (f64, u32),
+    /// Sum and count of the entropies of the distributions they came from.
+    entropy: (f64, u32),
     ttft: Histogram,
     itl: Histogram,
     e2e: Histogram,
@@ -126,6 +128,7 @@ impl Clock {
             last: None,
             tokens: 0,
             logprob: (0.0, 0),
+            entropy: (0.0, 0),
             ttft: metrics::histogram!(names::TIME_TO_FIRST_TOKEN_SECONDS, &labels),
             itl: metrics::histogram!(names::INTER_TOKEN_LATENCY_SECONDS, &labels),
             e2e: metrics::histogram!(names::REQUEST_DURATION_SECONDS, &labels),
@@ -152,10 +155,14 @@ impl Clock {
         self.tokens += n as u32;
     }
 
-    /// Adds the sampled tokens' logprobs.
-    pub(crate) fn logprobs(&mut self, logprobs: &[f32]) {
-        self.logprob.0 += logprobs.iter().map(|l| f64::from(*l)).sum::<f64>();
-        self.logprob.1 += logprobs.len() as u32;
+    /// Adds the sampled tokens' logprobs and their distributions' entropies.
+    pub(crate) fn drift(&mut self, logprobs: &[f32], entropies: &[f32]) {
+        let add = |acc: &mut (f64, u32), v: &[f32]| {
+            acc.0 += v.iter().map(|x| f64::from(*x)).sum::<f64>();
+            acc.1 += v.len() as u32;
+        };
+        add(&mut self.logprob, logprobs);
+        add(&mut self.entropy, entropies);
     }
 
     /// This request as a sample for the canary analysis.
@@ -170,6 +177,7 @@ impl Clock {
             },
             filtered,
             mean_logprob: (self.logprob.1 > 0).then(|| self.logprob.0 / f64::from(self.logprob.1)),
+            mean_entropy: (self.entropy.1 > 0).then(|| self.entropy.0 / f64::from(self.entropy.1)),
             tokens: self.tokens,
         }
     }
@@ -245,7 +253,7 @@ impl Relay {
         Some(match next {
             Some(Ok(Event::Token(t))) => {
                 self.clock.tokens(t.token_ids.len());
-                self.clock.logprobs(&t.logprobs);
+                self.clock.drift(&t.logprobs, &t.entropies);
                 let text = match self.d.guard.as_mut().map(|g| g.push(&t.text)) {
                     None => t.text,
                     Some(Ok(released)) => released,

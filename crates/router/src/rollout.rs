@@ -1,7 +1,7 @@
 //! Automatic canary analysis. A rollout moves unpinned traffic from a baseline version to a canary in steps
 //! (a weight and a minimum duration each). Every tick it compares the canary's requests in the current
 //! step with the baseline's ([`Observations`]) on error rate, p95 TTFT and ITL, output-filter block rate
-//! and token drift (mean sampled-token logprob, output length):
+//! and token drift (mean sampled-token logprob and entropy, output length):
 //! - a breach of any threshold rolls back at once: the canary is disabled, the baseline takes all
 //!   traffic, and the reason goes into the traffic history and the rollout's decisions;
 //! - a step that has lasted its minimum duration with enough requests on both sides promotes to the next;
@@ -71,6 +71,12 @@ pub fn breach(t: &pb::RolloutThresholds, canary: &Summary, baseline: &Summary) -
         return Some(format!(
             "token drift: mean logprob {:.3} against baseline {:.3} (allowed -{})",
             canary.mean_logprob, baseline.mean_logprob, t.max_logprob_drop
+        ));
+    }
+    if over(t.max_entropy_increase, canary.mean_entropy - baseline.mean_entropy) {
+        return Some(format!(
+            "token drift: mean entropy {:.3} nats against baseline {:.3} (allowed +{})",
+            canary.mean_entropy, baseline.mean_entropy, t.max_entropy_increase
         ));
     }
     if over(
@@ -266,6 +272,10 @@ mod tests {
     use super::*;
 
     fn summary(error_rate: f64, ttft: f64, logprob: f64, tokens: f64) -> Summary {
+        with_entropy(error_rate, ttft, logprob, tokens, 1.0)
+    }
+
+    fn with_entropy(error_rate: f64, ttft: f64, logprob: f64, tokens: f64, entropy: f64) -> Summary {
         Summary {
             requests: 100,
             error_rate,
@@ -273,6 +283,7 @@ mod tests {
             itl_p95_ms: 10.0,
             block_rate: 0.0,
             mean_logprob: logprob,
+            mean_entropy: entropy,
             mean_tokens: tokens,
         }
     }
@@ -285,6 +296,7 @@ mod tests {
             max_ttft_p95_ratio: 1.5,
             max_logprob_drop: 0.5,
             max_length_change: 0.5,
+            max_entropy_increase: 0.5,
             ..Default::default()
         };
         let base = summary(0.01, 100.0, -1.0, 50.0);
@@ -309,6 +321,12 @@ mod tests {
                 .unwrap()
                 .contains("output length")
         );
+        assert!(
+            breach(&t, &with_entropy(0.01, 100.0, -1.0, 50.0, 2.0), &base)
+                .unwrap()
+                .contains("mean entropy")
+        );
+        assert_eq!(breach(&t, &with_entropy(0.01, 100.0, -1.0, 50.0, 0.2), &base), None);
         let off = pb::RolloutThresholds::default();
         assert_eq!(breach(&off, &summary(0.9, 1e6, -50.0, 1.0), &base), None);
     }

@@ -289,11 +289,18 @@ async fn bad_traffic_changes_are_refused_with_what_to_fix() {
 }
 
 async fn rollout_harness(drifting: &[&str], failing: &[&str]) -> Harness {
-    let h = Harness::start(Options {
-        versions: vec!["stable".into(), "canary".into()],
+    rollout_harness_with(Options {
         drifting: drifting.iter().map(|v| v.to_string()).collect(),
         failing: failing.iter().map(|v| v.to_string()).collect(),
         ..Options::new(limits())
+    })
+    .await
+}
+
+async fn rollout_harness_with(o: Options) -> Harness {
+    let h = Harness::start(Options {
+        versions: vec!["stable".into(), "canary".into()],
+        ..o
     })
     .await;
     h.release.send(true).unwrap();
@@ -315,6 +322,7 @@ async fn start_rollout(admin: &mut Admin) -> pb::RolloutState {
                     min_requests: 5,
                     max_error_rate_increase: 0.05,
                     max_logprob_drop: 1.0,
+                    max_entropy_increase: 1.0,
                     max_length_change: 0.5,
                     ..Default::default()
                 }),
@@ -404,6 +412,23 @@ async fn a_drifting_canary_is_rolled_back_automatically_without_failing_requests
     for i in 0..20 {
         assert_eq!(served(&mut c, &format!("after-{i}"), "", None).await, "mock@stable");
     }
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsure_canary_is_rolled_back_on_entropy_although_its_logprobs_look_normal() {
+    let h = rollout_harness_with(Options {
+        uncertain: vec!["canary".into()],
+        ..Options::new(limits())
+    })
+    .await;
+    let mut admin = h.admin().await;
+    start_rollout(&mut admin).await;
+    let (state, failed) = drive(&h, &mut admin).await;
+    assert_eq!(state.status, "rolled_back", "{:?}", state.decisions);
+    let reason = state.decisions.last().unwrap();
+    assert!(reason.contains("mean entropy 3.000"), "{reason}");
+    assert_eq!(failed, 0);
     h.stop().await;
 }
 

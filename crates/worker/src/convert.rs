@@ -107,6 +107,7 @@ pub(crate) fn event_to_wire(e: Event) -> pb::WorkEvent {
             text: t.text,
             token_ids: t.token_ids,
             logprobs: t.logprobs,
+            entropies: t.entropies,
         }),
         Event::Complete(c) => pb::work_event::Event::Complete(pb::Complete {
             finish: finish_to_wire(c.finish) as i32,
@@ -126,6 +127,7 @@ pub(crate) fn event_from_wire(e: pb::WorkEvent) -> Result<Event, BackendError> {
             text: t.text,
             token_ids: t.token_ids,
             logprobs: t.logprobs,
+            entropies: t.entropies,
         })),
         Some(pb::work_event::Event::Complete(c)) => Ok(Event::Complete(Completion {
             finish: finish_from_wire(c.finish)
@@ -247,6 +249,7 @@ mod tests {
             text: "a".into(),
             token_ids: vec![1],
             logprobs: vec![-0.5],
+            entropies: vec![1.25],
         });
         assert_eq!(event_from_wire(event_to_wire(t.clone())).unwrap(), t);
         let c = Event::Complete(Completion {

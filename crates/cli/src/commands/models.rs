@@ -126,6 +126,7 @@ struct ThresholdsFile {
     max_block_rate_increase: f64,
     max_logprob_drop: f64,
     max_length_change: f64,
+    max_entropy_increase: f64,
 }
 
 fn read_plan(a: &RolloutArgs, model: &str) -> anyhow::Result<pb::StartRolloutRequest> {
@@ -152,6 +153,7 @@ fn read_plan(a: &RolloutArgs, model: &str) -> anyhow::Result<pb::StartRolloutReq
             max_block_rate_increase: t.max_block_rate_increase,
             max_logprob_drop: t.max_logprob_drop,
             max_length_change: t.max_length_change,
+            max_entropy_increase: t.max_entropy_increase,
         }),
     })
 }

@@ -44,6 +44,8 @@ pub struct MockBackend {
     sent: Arc<AtomicU32>,
     /// The logprob each token reports (-0.5 normally; lower for a drifting version).
     logprob: f32,
+    /// The entropy each token's distribution reports.
+    entropy: f32,
     /// Every generation ends in a worker error (a broken version).
     failing: bool,
 }
@@ -63,7 +65,7 @@ impl Backend for MockBackend {
         let started = Arc::clone(&self.started);
         let sent = Arc::clone(&self.sent);
         let delay = self.token_delay;
-        let (logprob, failing) = (self.logprob, self.failing);
+        let (logprob, entropy, failing) = (self.logprob, self.entropy, self.failing);
         let texts: Vec<String> = match &self.script {
             Some(s) => s.iter().take(request.max_tokens as usize).cloned().collect(),
             None => vec!["x".to_string(); request.max_tokens.min(MOCK_MAX_OUTPUT) as usize],
@@ -82,6 +84,7 @@ impl Backend for MockBackend {
                     text,
                     token_ids: vec![i as u32],
                     logprobs: vec![logprob],
+                    entropies: vec![entropy],
                 };
                 if tx.send(Ok(Event::Token(chunk))).await.is_err() {
                     return;
@@ -145,6 +148,9 @@ pub struct Options {
     pub versions: Vec<String>,
     /// Versions whose tokens report a logprob of -6 instead of -0.5 (token drift).
     pub drifting: Vec<String>,
+    /// Versions whose tokens come from distributions with an entropy of 3 nats instead of 0.8 (a model
+    /// grown unsure of itself while its sampled tokens' logprobs look normal).
+    pub uncertain: Vec<String>,
     /// Versions whose every generation ends in a worker error.
     pub failing: Vec<String>,
 }
@@ -160,6 +166,7 @@ impl Options {
             script: None,
             versions: vec!["v1".into()],
             drifting: Vec::new(),
+            uncertain: Vec::new(),
             failing: Vec::new(),
         }
     }
@@ -209,6 +216,7 @@ impl Harness {
                 script: o.script.clone(),
                 sent: Arc::clone(&sent),
                 logprob: if o.drifting.contains(version) { -6.0 } else { -0.5 },
+                entropy: if o.uncertain.contains(version) { 3.0 } else { 0.8 },
                 failing: o.failing.contains(version),
             }));
         }
