@@ -41,7 +41,8 @@ while kill -0 "$bench" 2>/dev/null && [ "$changes" -lt 100000 ]; do
 done
 wait "$bench"
 head -1 "$OUT/bench.txt"
-models list | tail -4
+models list
+models history | tail -4
 python3 - "$OUT/bench.json" "$changes" "$OUT/disable-ms.txt" <<'PY'
 import json, sys
 level = json.load(open(sys.argv[1]))["levels"][0]

@@ -289,9 +289,19 @@ async fn a_derived_version_serves_beside_the_original_and_pins_reach_it() {
         .find(|l| l.trim_start().starts_with("q8_0"))
         .unwrap_or_default();
     assert!(ok && q8.contains("ready"), "{out}");
-    let (ok, out) = models(&["list"]);
+    let (ok, out) = models(&["history"]);
     assert!(
         ok && out.contains("ops-test") && out.contains("rollback") && out.contains("(a/b)"),
+        "{out}"
+    );
+    // ListVersions: each worker reports its version's generation defaults over the worker protocol.
+    let (ok, out) = models(&["list"]);
+    let q8 = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("q8_0"))
+        .unwrap_or_default();
+    assert!(
+        ok && q8.contains("ready") && q8.contains("greedy; system \"You are a helpful assistant.\""),
         "{out}"
     );
     let plan = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/rollouts/canary.toml");

@@ -58,6 +58,9 @@ async fn versions_load_and_unload_while_serving() {
         version: "configured".into(),
         path: q8.clone(),
         system_prompt: None,
+        sampling: None,
+        // A version's own stop string: its answers end at the first space.
+        stop: Some(vec![" ".into()]),
     });
     let server = ferroserve::commands::servers::start_serve(file.validate().unwrap(), source)
         .await
@@ -73,8 +76,48 @@ async fn versions_load_and_unload_while_serving() {
     };
 
     until_state(&mut admin, "configured", "ready").await;
-    let configured = c.generate(pinned("configured")).await.unwrap().into_inner();
+    let mut long = pinned("configured");
+    long.max_tokens = 16;
+    let configured = c.generate(long).await.unwrap().into_inner();
     assert_eq!(configured.model_version, "smollm2-135m-instruct@configured");
+    // Its defaults: the server's system prompt (inherited), greedy, and its own stop string, which ends
+    // the answer the base version continues past.
+    let listed = admin
+        .list_versions(pb::ListVersionsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let v = listed.versions.iter().find(|v| v.version == "configured").unwrap();
+    assert_eq!(
+        (v.system_prompt.as_str(), v.sampling.as_ref(), &v.stop[..]),
+        ("You are a helpful assistant.", None, &[" ".to_string()][..])
+    );
+    assert_eq!(
+        configured.finish_reason,
+        pb::FinishReason::Stop as i32,
+        "{configured:?}"
+    );
+    assert!(!configured.text.contains(' '));
+    let base = c.generate(pinned("q4_1")).await.unwrap().into_inner();
+    assert!(base.text.trim().contains(' '), "{base:?}");
+
+    // Defaults that a request could not carry are refused, naming the field.
+    let bad_sampling = admin
+        .load_version(pb::LoadVersionRequest {
+            sampling: Some(pb::SamplingParams {
+                top_p: Some(2.0),
+                ..Default::default()
+            }),
+            ..load("bad", &q8, "")
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_sampling.code(), tonic::Code::InvalidArgument);
+    assert!(
+        bad_sampling.message().contains("sampling.top_p"),
+        "{}",
+        bad_sampling.message()
+    );
 
     // A file that is not a model: the load fails in the background, says why, and nothing changes.
     let junk = dir.join("junk.gguf");

@@ -4,7 +4,7 @@
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 
-use crate::{Event, ValidRequest};
+use crate::{Event, GenerationDefaults, ValidRequest};
 
 /// Events of one generation. Dropping the stream cancels the generation at the engine's next step.
 pub type EventStream = BoxStream<'static, Result<Event, BackendError>>;
@@ -32,8 +32,8 @@ pub trait Backend: Send + Sync + 'static {
     fn snapshot_drift_baseline(&self) -> BoxFuture<'_, Result<u64, BackendError>>;
 }
 
-/// Identity and limits of a served model.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Identity, limits and generation defaults of a served model version.
+#[derive(Debug, Clone, PartialEq)]
 pub struct ModelInfo {
     /// Model name, e.g. `smollm2-135m-instruct`.
     pub name: String,
@@ -41,6 +41,8 @@ pub struct ModelInfo {
     pub version: String,
     /// Largest prompt plus generated tokens per request.
     pub context_length: u32,
+    /// What the version does with a request that leaves sampling, stop strings or the system prompt to it.
+    pub defaults: GenerationDefaults,
 }
 
 impl ModelInfo {

@@ -8,4 +8,4 @@ mod request;
 
 pub use backend::{Backend, BackendError, EventStream, ModelInfo, StatsStream, WorkerStats};
 pub use event::{Completion, Event, FinishReason, Timings, TokenChunk, Usage};
-pub use request::{ChatMessage, Input, Role, Sampling, ValidRequest};
+pub use request::{ChatMessage, GenerationDefaults, Input, Role, Sampling, ValidRequest};

@@ -106,6 +106,43 @@ impl Sampling {
     }
 }
 
+/// What a model version does with a request that leaves things to it: part of what a version is, beside
+/// its weights and label. The engine applies the system prompt (it renders the chat template); the router
+/// applies sampling and stop strings once it knows which version serves a request.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct GenerationDefaults {
+    /// System message for conversations that bring none; `None` leaves it to the chat template.
+    pub system_prompt: Option<String>,
+    /// Sampling for requests that send none; `None` means greedy. Its seed is not used: each request
+    /// draws its own (or brings one), so that requests differ.
+    pub sampling: Option<Sampling>,
+    /// Stop strings of this version, added to each request's own (end-of-turn markers that the tokenizer
+    /// does not treat as end-of-sequence, for instance).
+    pub stop: Vec<String>,
+}
+
+impl GenerationDefaults {
+    /// `request` as this version runs it. `sampling_given` says whether the client sent sampling settings;
+    /// when it did not, the version's sampling applies, with the request's seed and `ignore_eos`. The
+    /// version's stop strings are added after the request's, without duplicates.
+    pub fn apply(&self, request: &ValidRequest, sampling_given: bool) -> ValidRequest {
+        let mut r = request.clone();
+        if let (Some(s), false) = (self.sampling, sampling_given) {
+            r.sampling = Sampling {
+                seed: request.sampling.seed,
+                ignore_eos: request.sampling.ignore_eos,
+                ..s
+            };
+        }
+        for s in &self.stop {
+            if !r.stop.contains(s) {
+                r.stop.push(s.clone());
+            }
+        }
+        r
+    }
+}
+
 impl ValidRequest {
     /// A greedy request for raw text; a convenience for tests and tools.
     pub fn greedy_prompt(request_id: &str, prompt: &str, max_tokens: u32) -> ValidRequest {
@@ -118,5 +155,35 @@ impl ValidRequest {
             arrived: SystemTime::now(),
             priority: 0,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_fill_only_what_the_client_left_open() {
+        let defaults = GenerationDefaults {
+            system_prompt: None,
+            sampling: Some(Sampling {
+                temperature: 0.7,
+                top_p: 0.9,
+                seed: 99,
+                ..Sampling::GREEDY
+            }),
+            stop: vec!["\n\nUser:".into(), "END".into()],
+        };
+        let mut r = ValidRequest::greedy_prompt("a", "hi", 4);
+        r.sampling.seed = 5;
+        r.stop = vec!["END".into()];
+        let open = defaults.apply(&r, false);
+        assert_eq!((open.sampling.temperature, open.sampling.top_p), (0.7, 0.9));
+        assert_eq!(open.sampling.seed, 5, "the request's own seed, not the version's");
+        assert_eq!(open.stop, ["END", "\n\nUser:"]);
+        let given = defaults.apply(&r, true);
+        assert_eq!(given.sampling, r.sampling, "the client's sampling wins");
+        assert_eq!(given.stop, open.stop, "stop strings add up either way");
+        assert_eq!(GenerationDefaults::default().apply(&r, false), r);
     }
 }

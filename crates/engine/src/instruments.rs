@@ -88,6 +88,7 @@ mod tests {
                 name: "m".into(),
                 version: "v2".into(),
                 context_length: 8,
+                defaults: Default::default(),
             });
             m.token_logprob.record(-0.5);
             m.finished(FinishReason::Eos);

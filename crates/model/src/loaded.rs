@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use ferroserve_core::{ChatMessage, Input, ModelInfo, Role};
+use ferroserve_core::{ChatMessage, GenerationDefaults, Input, ModelInfo, Role};
 
 use crate::ModelError;
 use crate::batched::BatchedLlama;
@@ -23,8 +23,8 @@ pub struct ModelSpec {
     pub path: PathBuf,
     /// Where to run it.
     pub device: DeviceSpec,
-    /// System message for conversations that bring none. `None` leaves it to the chat template.
-    pub system_prompt: Option<String>,
+    /// The version's system prompt, sampling and stop strings.
+    pub defaults: GenerationDefaults,
 }
 
 /// The text side of a model: tokenizer and chat template. Shared (`Arc`) between the tasks that validate
@@ -107,11 +107,12 @@ impl LoadedModel {
                 name: spec.name.clone(),
                 version: spec.version.clone(),
                 context_length,
+                defaults: spec.defaults.clone(),
             },
             text: Arc::new(TextCodec {
                 tokenizer,
                 chat,
-                system_prompt: spec.system_prompt.clone(),
+                system_prompt: spec.defaults.system_prompt.clone(),
             }),
             model,
         })

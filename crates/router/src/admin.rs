@@ -43,6 +43,8 @@ pub(crate) struct AdminService {
     pub loader: Option<Arc<dyn VersionLoader>>,
     /// Cancels requests in flight on a disabled version.
     pub in_flight: Arc<InFlight>,
+    /// Request shape limits, which a loaded version's stop strings also meet.
+    pub limits: crate::Limits,
 }
 
 fn filters_to_wire(hub: &FilterHub) -> pb::ListFiltersResponse {
@@ -305,6 +307,19 @@ impl Admin for AdminService {
         }))
     }
 
+    async fn list_versions(
+        &self,
+        request: Request<pb::ListVersionsRequest>,
+    ) -> Result<Response<pb::ListVersionsResponse>, Status> {
+        self.authorize(&request)?;
+        Ok(Response::new(versions::list(
+            &self.traffic,
+            &self.pool,
+            &self.registry,
+            request.get_ref(),
+        )?))
+    }
+
     async fn get_traffic(&self, request: Request<pb::GetTrafficRequest>) -> Result<Response<pb::TrafficState>, Status> {
         self.authorize(&request)?;
         Ok(Response::new(versions::get(
@@ -393,7 +408,14 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::TrafficState>, Status> {
         self.authorize(&request)?;
         let r = request.into_inner();
-        let state = versions::load(&self.traffic, &self.pool, &self.registry, self.loader.as_ref(), r)?;
+        let state = versions::load(
+            &self.traffic,
+            &self.pool,
+            &self.registry,
+            self.loader.as_ref(),
+            &self.limits,
+            r,
+        )?;
         Ok(Response::new(state))
     }
 

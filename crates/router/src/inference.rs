@@ -148,7 +148,8 @@ impl InferenceService {
             request.request_id.clone()
         };
         // Validation before rate limits, so that a malformed request never spends a tenant's budget.
-        let (selector, valid) = validate(request, request_id.clone(), &self.limits)?;
+        let checked = validate(request, request_id.clone(), &self.limits)?;
+        let valid = &checked.request;
         let prompt_estimate = estimate_prompt_tokens(&valid.input);
         let ask = Ask {
             tenant: tenant.clone(),
@@ -198,13 +199,15 @@ impl InferenceService {
                 }));
             }
         }
-        let selector = self.route(selector, &session, cohort.as_deref(), &request_id);
+        let selector = self.route(checked.selector.clone(), &session, cohort.as_deref(), &request_id);
         let mut guard = OutputGuard::new(Arc::clone(&self.filters), selection, &request_id);
         let mut tried = Vec::new();
         loop {
             let lease = self.pool.pick(&selector, &tried)?;
             let backend = Arc::clone(lease.backend());
-            match backend.generate(valid.clone()).await {
+            // The serving version completes what the client left open: sampling and stop strings.
+            let request = backend.model().defaults.apply(valid, checked.sampling_given);
+            match backend.generate(request).await {
                 Ok(events) => {
                     tracing::debug!(request_id = %request_id, tenant = %tenant.name, worker = backend.location(), "dispatched");
                     return Ok(Start::Dispatched(Box::new(Dispatched {

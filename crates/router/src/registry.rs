@@ -6,11 +6,11 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use ferroserve_core::Backend;
+use ferroserve_core::{Backend, GenerationDefaults};
 use futures::future::BoxFuture;
 
 /// What to load.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LoadSpec {
     /// Model name.
     pub name: String,
@@ -18,8 +18,8 @@ pub struct LoadSpec {
     pub version: String,
     /// The GGUF file.
     pub path: PathBuf,
-    /// Its system prompt; empty keeps the server's default.
-    pub system_prompt: String,
+    /// Its system prompt, sampling and stop strings; each one left empty keeps the server's.
+    pub defaults: GenerationDefaults,
 }
 
 /// Where a load reports the fraction of its weights read (0 to 1).

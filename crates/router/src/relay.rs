@@ -384,6 +384,7 @@ mod tests {
             name: "m".into(),
             version: "v1".into(),
             context_length: 8,
+            defaults: Default::default(),
         };
         metrics::with_local_recorder(&recorder, || {
             record_outcome(&Ok(()), Some(&model));

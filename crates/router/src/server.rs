@@ -130,6 +130,7 @@ pub async fn serve(
         registry,
         loader,
         in_flight,
+        limits: config.limits,
     });
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()

@@ -4,7 +4,7 @@
 
 use std::time::SystemTime;
 
-use ferroserve_core::{ChatMessage, Input, Role, Sampling, ValidRequest};
+use ferroserve_core::{ChatMessage, GenerationDefaults, Input, Role, Sampling, ValidRequest};
 use ferroserve_proto::v1 as pb;
 
 use crate::RouterError;
@@ -76,13 +76,25 @@ fn invalid(field: impl Into<String>, message: impl Into<String>) -> RouterError 
     }
 }
 
+/// A request that passed validation, before a version is chosen.
+#[derive(Debug, Clone)]
+pub(crate) struct Checked {
+    /// The model it asks for.
+    pub selector: ModelSelector,
+    /// The request with the client's own settings (greedy where it sent no sampling); the serving
+    /// version's [`GenerationDefaults`] complete it.
+    pub request: ValidRequest,
+    /// The client sent sampling settings, so the version's default sampling does not apply.
+    pub sampling_given: bool,
+}
+
 /// Checks a client request and resolves its defaults. `request_id` is the id to use (the client's, checked
 /// here, or one the caller made).
-pub fn validate(
+pub(crate) fn validate(
     request: pb::GenerateRequest,
     request_id: String,
     limits: &Limits,
-) -> Result<(ModelSelector, ValidRequest), RouterError> {
+) -> Result<Checked, RouterError> {
     let model = ModelSelector::parse(&request.model)?;
     if request_id.len() > limits.max_request_id_bytes {
         return Err(invalid(
@@ -131,28 +143,12 @@ pub fn validate(
     if request.max_tokens == 0 {
         return Err(invalid("max_tokens", "must be at least 1 (got 0)"));
     }
+    let sampling_given = request.sampling.is_some();
     let sampling = sampling(request.sampling.unwrap_or_default())?;
-    if request.stop.len() > limits.max_stop_sequences {
-        return Err(invalid(
-            "stop",
-            format!(
-                "{} stop strings given; the limit is {}",
-                request.stop.len(),
-                limits.max_stop_sequences
-            ),
-        ));
-    }
-    for (i, s) in request.stop.iter().enumerate() {
-        if s.is_empty() || s.len() > limits.max_stop_bytes {
-            return Err(invalid(
-                format!("stop[{i}]"),
-                format!("must be 1 to {} bytes long (got {})", limits.max_stop_bytes, s.len()),
-            ));
-        }
-    }
-    Ok((
-        model,
-        ValidRequest {
+    check_stop(&request.stop, limits)?;
+    Ok(Checked {
+        selector: model,
+        request: ValidRequest {
             request_id,
             input,
             max_tokens: request.max_tokens,
@@ -161,7 +157,49 @@ pub fn validate(
             arrived: SystemTime::now(),
             priority: request.priority,
         },
-    ))
+        sampling_given,
+    })
+}
+
+fn check_stop(stop: &[String], limits: &Limits) -> Result<(), RouterError> {
+    if stop.len() > limits.max_stop_sequences {
+        return Err(invalid(
+            "stop",
+            format!(
+                "{} stop strings given; the limit is {}",
+                stop.len(),
+                limits.max_stop_sequences
+            ),
+        ));
+    }
+    for (i, s) in stop.iter().enumerate() {
+        if s.is_empty() || s.len() > limits.max_stop_bytes {
+            return Err(invalid(
+                format!("stop[{i}]"),
+                format!("must be 1 to {} bytes long (got {})", limits.max_stop_bytes, s.len()),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A version's generation defaults from an operator (the config or `LoadVersion`), checked by the rules a
+/// client's request meets; errors name the field as a request would (`sampling.top_p`, `stop[1]`). An empty
+/// system prompt leaves it to the chat template; no sampling means greedy.
+pub fn generation_defaults(
+    system_prompt: &str,
+    sampling_params: Option<pb::SamplingParams>,
+    stop: Vec<String>,
+    limits: &Limits,
+) -> Result<GenerationDefaults, RouterError> {
+    check_stop(&stop, limits)?;
+    Ok(GenerationDefaults {
+        system_prompt: Some(system_prompt.to_string()).filter(|s| !s.is_empty()),
+        sampling: sampling_params
+            .map(|s| sampling(pb::SamplingParams { seed: Some(0), ..s }))
+            .transpose()?,
+        stop,
+    })
 }
 
 fn sampling(s: pb::SamplingParams) -> Result<Sampling, RouterError> {
@@ -216,7 +254,9 @@ mod tests {
 
     #[test]
     fn a_plain_prompt_passes_with_defaults_resolved() {
-        let (model, v) = validate(base(), "id".into(), &Limits::default()).unwrap();
+        let c = validate(base(), "id".into(), &Limits::default()).unwrap();
+        let (model, v) = (c.selector, c.request);
+        assert!(!c.sampling_given, "the version's default sampling may apply");
         assert_eq!(model, ModelSelector::Default);
         assert_eq!(v.input, Input::Prompt("hi".into()));
         assert!(v.sampling.is_greedy());
@@ -298,7 +338,36 @@ mod tests {
             seed: Some(99),
             ..Default::default()
         });
-        let (_, v) = validate(r, "id".into(), &Limits::default()).unwrap();
-        assert_eq!(v.sampling.seed, 99);
+        let c = validate(r, "id".into(), &Limits::default()).unwrap();
+        assert_eq!(c.request.sampling.seed, 99);
+        assert!(c.sampling_given);
+    }
+
+    #[test]
+    fn operator_defaults_meet_the_request_rules() {
+        let l = Limits::default();
+        let d = generation_defaults(
+            "",
+            Some(pb::SamplingParams {
+                temperature: 0.7,
+                top_p: Some(0.9),
+                ..Default::default()
+            }),
+            vec!["###".into()],
+            &l,
+        )
+        .unwrap();
+        assert_eq!(d.system_prompt, None);
+        assert_eq!(d.sampling.map(|s| (s.temperature, s.top_p)), Some((0.7, 0.9)));
+        let bad = |sampling, stop| match generation_defaults("x", sampling, stop, &l) {
+            Err(RouterError::Invalid { field, .. }) => field,
+            other => panic!("expected invalid, got {other:?}"),
+        };
+        let top_p = pb::SamplingParams {
+            top_p: Some(2.0),
+            ..Default::default()
+        };
+        assert_eq!(bad(Some(top_p), vec![]), "sampling.top_p");
+        assert_eq!(bad(None, vec!["a".into(), String::new()]), "stop[1]");
     }
 }

@@ -92,8 +92,14 @@ pub(crate) fn state(traffic: &Traffic, pool: &Pool, registry: &Registry, name: &
         .iter()
         .map(|v| {
             let of_version = workers.iter().filter(|w| w.model.name == name && w.model.version == *v);
+            let in_flight: u32 = of_version.clone().map(|w| w.in_flight).sum();
+            let defaults = of_version
+                .clone()
+                .next()
+                .map(|w| w.model.defaults.clone())
+                .unwrap_or_default();
             let state = if policy.disabled.contains(v) {
-                "disabled".to_string()
+                if in_flight > 0 { "draining" } else { "disabled" }.to_string()
             } else if of_version.clone().next().is_some() {
                 "ready".to_string()
             } else {
@@ -112,6 +118,17 @@ pub(crate) fn state(traffic: &Traffic, pool: &Pool, registry: &Registry, name: &
                 disabled: policy.disabled.contains(v),
                 healthy_workers: of_version.clone().filter(|w| w.healthy).count() as u32,
                 workers: of_version.count() as u32,
+                in_flight,
+                system_prompt: defaults.system_prompt.unwrap_or_default(),
+                sampling: defaults.sampling.map(|s| pb::SamplingParams {
+                    temperature: s.temperature,
+                    top_p: Some(s.top_p),
+                    top_k: s.top_k,
+                    seed: None,
+                    repetition_penalty: Some(s.repetition_penalty),
+                    ignore_eos: false,
+                }),
+                stop: defaults.stop,
             }
         })
         .collect();
@@ -131,6 +148,21 @@ pub(crate) fn state(traffic: &Traffic, pool: &Pool, registry: &Registry, name: &
             })
             .collect(),
     }
+}
+
+/// `ListVersions`: the versions part of the traffic state.
+pub(crate) fn list(
+    traffic: &Traffic,
+    pool: &Pool,
+    registry: &Registry,
+    r: &pb::ListVersionsRequest,
+) -> Result<pb::ListVersionsResponse, RouterError> {
+    let name = model(pool, &r.model)?;
+    let s = state(traffic, pool, registry, &name);
+    Ok(pb::ListVersionsResponse {
+        model: s.model,
+        versions: s.versions,
+    })
 }
 
 /// `GetTraffic`.
@@ -256,6 +288,7 @@ pub(crate) fn load(
     pool: &Arc<Pool>,
     registry: &Arc<Registry>,
     loader: Option<&Arc<dyn VersionLoader>>,
+    limits: &crate::Limits,
     r: pb::LoadVersionRequest,
 ) -> Result<pb::TrafficState, RouterError> {
     let invalid = |field: &str, message: String| RouterError::Invalid {
@@ -288,11 +321,12 @@ pub(crate) fn load(
     if !r.validation_report.is_empty() {
         check_validation(&r.validation_report, &path)?;
     }
+    let defaults = crate::generation_defaults(&r.system_prompt, r.sampling, r.stop, limits)?;
     let spec = LoadSpec {
         name: name.clone(),
         version: r.version,
         path,
-        system_prompt: r.system_prompt,
+        defaults,
     };
     start_load(pool, registry, loader, spec);
     Ok(state(traffic, pool, registry, &name))

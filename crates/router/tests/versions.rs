@@ -468,7 +468,7 @@ async fn disable_drains_requests_in_flight_or_cancels_them_with_a_reason() {
         r.get_mut().model = "mock@canary".into();
         let mut stream = c.clone().generate_stream(r).await.unwrap().into_inner();
         assert!(stream.message().await.unwrap().is_some(), "a first token");
-        admin
+        let disabled = admin
             .disable_version(admin_request(
                 pb::VersionRequest {
                     version: "canary".into(),
@@ -478,7 +478,12 @@ async fn disable_drains_requests_in_flight_or_cancels_them_with_a_reason() {
                 "admin",
             ))
             .await
-            .unwrap();
+            .unwrap()
+            .into_inner();
+        let canary = disabled.versions.iter().find(|v| v.version == "canary").unwrap();
+        if !cancel {
+            assert_eq!((canary.state.as_str(), canary.in_flight), ("draining", 1));
+        }
         let mut tokens = 1;
         let end = loop {
             match stream.message().await {
@@ -505,6 +510,27 @@ async fn disable_drains_requests_in_flight_or_cancels_them_with_a_reason() {
             let done = end.expect("drained to the end");
             assert_eq!(done.model_version, "mock@canary");
             assert_eq!(done.usage.unwrap().completion_tokens, 400);
+            // Drained: the state turns to `disabled` once the request lets go of its worker.
+            let mut state = String::new();
+            for _ in 0..10_000 {
+                let list = admin
+                    .list_versions(admin_request(pb::ListVersionsRequest::default(), "admin"))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                state = list
+                    .versions
+                    .iter()
+                    .find(|v| v.version == "canary")
+                    .unwrap()
+                    .state
+                    .clone();
+                if state != "draining" {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+            assert_eq!(state, "disabled");
         }
         admin
             .enable_version(admin_request(
@@ -554,5 +580,72 @@ async fn an_operators_kill_switch_stops_a_rollout_instead_of_being_overridden() 
         traffic.versions.iter().any(|v| v.version == "canary" && v.disabled),
         "still disabled"
     );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_version_fills_in_its_own_sampling_and_stop_strings() {
+    let tuned = ferroserve_core::GenerationDefaults {
+        system_prompt: Some("Be brief.".into()),
+        sampling: Some(ferroserve_core::Sampling {
+            temperature: 0.7,
+            top_p: 0.9,
+            ..ferroserve_core::Sampling::GREEDY
+        }),
+        stop: vec!["###".into()],
+    };
+    let h = Harness::start(Options {
+        versions: vec!["plain".into(), "tuned".into()],
+        defaults: vec![("tuned".into(), tuned)],
+        ..Options::new(limits())
+    })
+    .await;
+    h.release.send(true).unwrap();
+    let (mut c, mut admin) = (h.client().await, h.admin().await);
+    let send = |version: &str, sampling: Option<pb::SamplingParams>, stop: &[&str]| {
+        let mut r = request("alpha", &format!("{version}-{}", sampling.is_some()), 2);
+        r.get_mut().model = format!("mock@{version}");
+        r.get_mut().sampling = sampling;
+        r.get_mut().stop = stop.iter().map(|s| s.to_string()).collect();
+        r
+    };
+    let own = pb::SamplingParams {
+        temperature: 0.2,
+        seed: Some(7),
+        ..Default::default()
+    };
+    c.generate(send("tuned", None, &["END"])).await.unwrap();
+    c.generate(send("tuned", Some(own), &[])).await.unwrap();
+    c.generate(send("plain", None, &["END"])).await.unwrap();
+    let received = h.received.lock().unwrap().clone();
+    let [open, given, plain] = &received[..] else {
+        panic!("three requests, got {received:?}")
+    };
+    assert_eq!((open.sampling.temperature, open.sampling.top_p), (0.7, 0.9));
+    assert_eq!(
+        open.stop,
+        ["END", "###"],
+        "the version's stop strings join the client's"
+    );
+    assert_eq!(
+        (given.sampling.temperature, given.sampling.seed),
+        (0.2, 7),
+        "a client's own sampling wins"
+    );
+    assert_eq!(given.stop, ["###"]);
+    assert!(plain.sampling.is_greedy() && plain.stop == ["END"], "{plain:?}");
+
+    let list = admin
+        .list_versions(admin_request(pb::ListVersionsRequest::default(), "admin"))
+        .await
+        .unwrap()
+        .into_inner();
+    let tuned = list.versions.iter().find(|v| v.version == "tuned").unwrap();
+    assert_eq!(tuned.state, "ready");
+    assert_eq!(tuned.system_prompt, "Be brief.");
+    assert_eq!(tuned.sampling.as_ref().map(|s| s.temperature), Some(0.7));
+    assert_eq!(tuned.stop, ["###"]);
+    let plain = list.versions.iter().find(|v| v.version == "plain").unwrap();
+    assert_eq!((plain.sampling.as_ref(), plain.stop.len()), (None, 0));
     h.stop().await;
 }

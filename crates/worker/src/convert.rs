@@ -3,8 +3,8 @@
 use std::time::{Duration, UNIX_EPOCH};
 
 use ferroserve_core::{
-    BackendError, ChatMessage, Completion, Event, FinishReason, Input, Role, Sampling, Timings, TokenChunk, Usage,
-    ValidRequest, WorkerStats,
+    BackendError, ChatMessage, Completion, Event, FinishReason, GenerationDefaults, Input, ModelInfo, Role, Sampling,
+    Timings, TokenChunk, Usage, ValidRequest, WorkerStats,
 };
 use ferroserve_proto::worker as pb;
 use tonic::{Code, Status};
@@ -25,19 +25,11 @@ pub(crate) fn request_to_wire(r: &ValidRequest) -> pb::WorkRequest {
                 .collect(),
         }),
     };
-    let s = r.sampling;
     pb::WorkRequest {
         request_id: r.request_id.clone(),
         input: Some(input),
         max_tokens: r.max_tokens,
-        sampling: Some(pb::Sampling {
-            temperature: s.temperature,
-            top_p: s.top_p,
-            top_k: s.top_k,
-            seed: s.seed,
-            repetition_penalty: s.repetition_penalty,
-            ignore_eos: s.ignore_eos,
-        }),
+        sampling: Some(sampling_to_wire(r.sampling)),
         stop: r.stop.clone(),
         arrived_unix_ms: r.arrived.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
         priority: r.priority,
@@ -70,18 +62,57 @@ pub(crate) fn request_from_wire(r: pb::WorkRequest) -> Result<ValidRequest, Stat
         request_id: r.request_id,
         input,
         max_tokens: r.max_tokens,
-        sampling: Sampling {
-            temperature: s.temperature,
-            top_p: s.top_p,
-            top_k: s.top_k,
-            seed: s.seed,
-            repetition_penalty: s.repetition_penalty,
-            ignore_eos: s.ignore_eos,
-        },
+        sampling: sampling_from_wire(s),
         stop: r.stop,
         arrived: UNIX_EPOCH + Duration::from_millis(r.arrived_unix_ms),
         priority: r.priority,
     })
+}
+
+fn sampling_to_wire(s: Sampling) -> pb::Sampling {
+    pb::Sampling {
+        temperature: s.temperature,
+        top_p: s.top_p,
+        top_k: s.top_k,
+        seed: s.seed,
+        repetition_penalty: s.repetition_penalty,
+        ignore_eos: s.ignore_eos,
+    }
+}
+
+fn sampling_from_wire(s: pb::Sampling) -> Sampling {
+    Sampling {
+        temperature: s.temperature,
+        top_p: s.top_p,
+        top_k: s.top_k,
+        seed: s.seed,
+        repetition_penalty: s.repetition_penalty,
+        ignore_eos: s.ignore_eos,
+    }
+}
+
+pub(crate) fn describe_to_wire(m: &ModelInfo) -> pb::DescribeResponse {
+    pb::DescribeResponse {
+        model_name: m.name.clone(),
+        model_version: m.version.clone(),
+        context_length: m.context_length,
+        system_prompt: m.defaults.system_prompt.clone().unwrap_or_default(),
+        default_sampling: m.defaults.sampling.map(sampling_to_wire),
+        default_stop: m.defaults.stop.clone(),
+    }
+}
+
+pub(crate) fn describe_from_wire(d: pb::DescribeResponse) -> ModelInfo {
+    ModelInfo {
+        name: d.model_name,
+        version: d.model_version,
+        context_length: d.context_length,
+        defaults: GenerationDefaults {
+            system_prompt: Some(d.system_prompt).filter(|s| !s.is_empty()),
+            sampling: d.default_sampling.map(sampling_from_wire),
+            stop: d.default_stop,
+        },
+    }
 }
 
 fn role_to_wire(r: Role) -> pb::Role {
@@ -241,6 +272,26 @@ mod tests {
         r.arrived = UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
         r.priority = -3;
         assert_eq!(request_from_wire(request_to_wire(&r)).unwrap(), r);
+    }
+
+    #[test]
+    fn a_versions_identity_and_defaults_round_trip() {
+        let mut m = ModelInfo {
+            name: "m".into(),
+            version: "v2".into(),
+            context_length: 2048,
+            defaults: GenerationDefaults {
+                system_prompt: Some("Be brief.".into()),
+                sampling: Some(Sampling {
+                    temperature: 0.7,
+                    ..Sampling::GREEDY
+                }),
+                stop: vec!["###".into()],
+            },
+        };
+        assert_eq!(describe_from_wire(describe_to_wire(&m)), m);
+        m.defaults = GenerationDefaults::default();
+        assert_eq!(describe_from_wire(describe_to_wire(&m)), m);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use futures::StreamExt;
 use futures::future::BoxFuture;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::convert::{event_from_wire, request_to_wire, stats_from_wire, status_to_error};
+use crate::convert::{describe_from_wire, event_from_wire, request_to_wire, stats_from_wire, status_to_error};
 
 /// A connected worker. The channel reconnects by itself if the worker restarts.
 pub struct RemoteWorker {
@@ -39,11 +39,7 @@ impl RemoteWorker {
             .into_inner();
         Ok(RemoteWorker {
             address: address.to_string(),
-            info: ModelInfo {
-                name: described.model_name,
-                version: described.model_version,
-                context_length: described.context_length,
-            },
+            info: describe_from_wire(described),
             client,
         })
     }

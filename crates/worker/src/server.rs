@@ -15,7 +15,7 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::BackendSlot;
-use crate::convert::{error_to_status, event_to_wire, request_from_wire, stats_to_wire};
+use crate::convert::{describe_to_wire, error_to_status, event_to_wire, request_from_wire, stats_to_wire};
 
 /// How the worker server behaves.
 #[derive(Debug, Clone, Copy)]
@@ -72,12 +72,7 @@ impl Worker for WorkerService {
     }
 
     async fn describe(&self, _: Request<pb::DescribeRequest>) -> Result<Response<pb::DescribeResponse>, Status> {
-        let model = self.backend()?.model();
-        Ok(Response::new(pb::DescribeResponse {
-            model_name: model.name.clone(),
-            model_version: model.version.clone(),
-            context_length: model.context_length,
-        }))
+        Ok(Response::new(describe_to_wire(self.backend()?.model())))
     }
 
     async fn snapshot_drift_baseline(

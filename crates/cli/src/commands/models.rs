@@ -1,4 +1,4 @@
-//! `ferroserve models list|split|disable|enable|rollback`: the operator's side of the traffic policy
+//! `ferroserve models list|history|split|disable|enable|rollback|load|unload|rollout`: the operator's side of the traffic policy
 //! between model versions, through the `Admin` service (admin credential required). Every change is
 //! recorded with the operator's name (`--operator`, default `$USER`).
 
@@ -31,8 +31,10 @@ pub struct ModelsArgs {
 /// The models subcommands.
 #[derive(Debug, Subcommand)]
 pub enum ModelsCommand {
-    /// Versions served, their traffic share, workers and state, and the recent policy changes.
+    /// Every version: state, traffic share, healthy workers, requests in flight, generation defaults.
     List,
+    /// The split, the cohorts and the recent policy changes (who, when, what).
+    History,
     /// Sets the weighted split, e.g. `split q4_1=95 q8_0=5 --cohort beta=q8_0`.
     Split(SplitArgs),
     /// Kill switch: new requests stop reaching this version at once (pins included).
@@ -79,6 +81,22 @@ pub struct LoadArgs {
     /// The version's system prompt [default: the server's].
     #[arg(long, default_value = "")]
     pub system_prompt: String,
+    /// Its sampling temperature for requests that send no sampling; any sampling flag sets the version's
+    /// sampling (the others at their request defaults) [default: the server's].
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    /// Its nucleus sampling mass.
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    /// Its top-k limit.
+    #[arg(long)]
+    pub top_k: Option<u32>,
+    /// Its repetition penalty.
+    #[arg(long)]
+    pub repetition_penalty: Option<f32>,
+    /// A stop string added to every request's own; repeat for more [default: the server's].
+    #[arg(long = "stop", value_name = "TEXT")]
+    pub stop: Vec<String>,
     /// Require this `ferroserve model validate` report to have passed for the same file.
     #[arg(long)]
     pub validation_report: Option<std::path::PathBuf>,
@@ -218,6 +236,15 @@ pub async fn run(a: ModelsArgs) -> anyhow::Result<()> {
     };
     let state = match a.command {
         ModelsCommand::List => {
+            let message = pb::ListVersionsRequest { model: model.clone() };
+            let list = client
+                .list_versions(request(&a.conn, &a.operator, message)?)
+                .await
+                .map_err(status_error)?;
+            print_versions(&list.into_inner());
+            return Ok(());
+        }
+        ModelsCommand::History => {
             client
                 .get_traffic(request(
                     &a.conn,
@@ -268,6 +295,18 @@ pub async fn run(a: ModelsArgs) -> anyhow::Result<()> {
                 version: l.label,
                 path: absolute(&l.path).display().to_string(),
                 system_prompt: l.system_prompt,
+                sampling: (l.temperature.is_some()
+                    || l.top_p.is_some()
+                    || l.top_k.is_some()
+                    || l.repetition_penalty.is_some())
+                .then(|| pb::SamplingParams {
+                    temperature: l.temperature.unwrap_or(0.0),
+                    top_p: l.top_p,
+                    top_k: l.top_k.unwrap_or(0),
+                    repetition_penalty: l.repetition_penalty,
+                    ..Default::default()
+                }),
+                stop: l.stop,
                 validation_report: l
                     .validation_report
                     .map(|r| absolute(&r).display().to_string())
@@ -308,6 +347,48 @@ pub async fn run(a: ModelsArgs) -> anyhow::Result<()> {
     };
     print_state(&state.map_err(status_error)?.into_inner());
     Ok(())
+}
+
+fn print_versions(l: &pb::ListVersionsResponse) {
+    println!("{}", l.model);
+    println!(
+        "  {:<16} {:<12} {:>7} {:>8} {:>9}  defaults",
+        "version", "state", "share", "workers", "in flight"
+    );
+    for v in &l.versions {
+        println!(
+            "  {:<16} {:<12} {:>6.1}% {:>4}/{:<3} {:>9}  {}",
+            v.version,
+            v.state,
+            v.share * 100.0,
+            v.healthy_workers,
+            v.workers,
+            v.in_flight,
+            defaults_summary(v)
+        );
+    }
+}
+
+/// A version's generation defaults in one line: `sampling ...; stop [...]; system "..."`.
+fn defaults_summary(v: &pb::VersionState) -> String {
+    let sampling = match &v.sampling {
+        None => "greedy".to_string(),
+        Some(s) => format!(
+            "temperature {} top_p {} top_k {} repetition_penalty {}",
+            s.temperature,
+            s.top_p.unwrap_or(1.0),
+            s.top_k,
+            s.repetition_penalty.unwrap_or(1.0)
+        ),
+    };
+    let mut parts = vec![sampling];
+    if !v.stop.is_empty() {
+        parts.push(format!("stop {:?}", v.stop));
+    }
+    if !v.system_prompt.is_empty() {
+        parts.push(format!("system {:?}", v.system_prompt));
+    }
+    parts.join("; ")
 }
 
 fn print_state(s: &pb::TrafficState) {

@@ -92,7 +92,7 @@ async fn load_engine_reporting(
         version: settings.model_version.clone(),
         path,
         device: settings.device,
-        system_prompt: settings.system_prompt.clone(),
+        defaults: settings.defaults.clone(),
     };
     let engine = settings.engine.clone();
     tokio::task::spawn_blocking(move || {
@@ -171,16 +171,7 @@ fn router_parts(
         live,
         filters,
         config: settings.router,
-        preload: settings
-            .versions
-            .iter()
-            .map(|v| LoadSpec {
-                name: settings.model_name.clone(),
-                version: v.version.clone(),
-                path: v.path.clone(),
-                system_prompt: v.system_prompt.clone().unwrap_or_default(),
-            })
-            .collect(),
+        preload: settings.versions.clone(),
         loader,
     })
 }
@@ -195,8 +186,16 @@ impl VersionLoader for EngineLoader {
     fn load(&self, spec: LoadSpec, progress: LoadProgress) -> BoxFuture<'static, Result<Arc<dyn Backend>, String>> {
         let mut settings = self.settings.clone();
         settings.model_version = spec.version;
-        if !spec.system_prompt.is_empty() {
-            settings.system_prompt = Some(spec.system_prompt);
+        // What the load leaves open, the server's own defaults fill.
+        let (mine, server) = (spec.defaults, &mut settings.defaults);
+        if mine.system_prompt.is_some() {
+            server.system_prompt = mine.system_prompt;
+        }
+        if mine.sampling.is_some() {
+            server.sampling = mine.sampling;
+        }
+        if !mine.stop.is_empty() {
+            server.stop = mine.stop;
         }
         let weights = Arc::clone(&self.weights);
         Box::pin(async move {

@@ -11,12 +11,16 @@ use std::time::Duration;
 use ferroserve_admission::{
     AdmissionLimits, KeyStore, Priority, ServerLimits, Tenant, TenantKey, TenantLimits, parse_sha256, rate,
 };
+use ferroserve_core::GenerationDefaults;
 use ferroserve_engine::{BatchLimits, EngineConfig};
 use ferroserve_model::device::DeviceSpec;
 use ferroserve_model::fetch;
-use ferroserve_router::{Limits, RouterConfig};
+use ferroserve_router::{Limits, LoadSpec, RouterConfig};
 use ferroserve_telemetry::cost::Price;
 use serde::Deserialize;
+
+mod defaults;
+pub use defaults::SamplingSection;
 
 /// The config file as written. Unknown keys are errors, so typos do not pass silently.
 #[derive(Debug, Default, Deserialize)]
@@ -260,6 +264,10 @@ pub struct ModelSection {
     pub device: String,
     /// System message for conversations that bring none; empty leaves it to the model's chat template.
     pub system_prompt: String,
+    /// Sampling for requests that send none [default: greedy].
+    pub sampling: Option<SamplingSection>,
+    /// Stop strings added to every request's own.
+    pub stop: Vec<String>,
     /// More versions of this model that `serve` loads at startup, in the background (`[[model.versions]]`).
     pub versions: Vec<VersionSection>,
 }
@@ -275,6 +283,12 @@ pub struct VersionSection {
     /// Its system prompt [default: `model.system_prompt`].
     #[serde(default)]
     pub system_prompt: Option<String>,
+    /// Its sampling for requests that send none [default: `model.sampling`].
+    #[serde(default)]
+    pub sampling: Option<SamplingSection>,
+    /// Its stop strings [default: `model.stop`].
+    #[serde(default)]
+    pub stop: Option<Vec<String>>,
 }
 
 /// The default system prompt. SmolLM2's own template default ("You are a helpful AI assistant named
@@ -291,6 +305,8 @@ impl Default for ModelSection {
             cache_dir: None,
             device: "cpu".into(),
             system_prompt: DEFAULT_SYSTEM_PROMPT.into(),
+            sampling: None,
+            stop: Vec::new(),
             versions: Vec::new(),
         }
     }
@@ -427,10 +443,10 @@ pub struct Settings {
     pub cache_dir: PathBuf,
     /// Where the model runs.
     pub device: DeviceSpec,
-    /// Default system message, if any.
-    pub system_prompt: Option<String>,
-    /// More versions `serve` loads at startup.
-    pub versions: Vec<VersionSection>,
+    /// The served version's system prompt, sampling and stop strings.
+    pub defaults: GenerationDefaults,
+    /// More versions `serve` loads at startup, their defaults resolved.
+    pub versions: Vec<LoadSpec>,
     /// Engine settings.
     pub engine: EngineConfig,
     /// Router settings.
@@ -620,6 +636,33 @@ impl FileConfig {
         if self.router.max_stop_sequences == 0 || self.router.max_stop_bytes == 0 {
             return Err(err("router.max_stop_sequences", "stop limits must be at least 1"));
         }
+        let limits = Limits {
+            max_stop_sequences: self.router.max_stop_sequences,
+            max_stop_bytes: self.router.max_stop_bytes,
+            ..Limits::default()
+        };
+        let m = &self.model;
+        let model_defaults = defaults::resolve("model", &m.system_prompt, m.sampling, m.stop.clone(), &limits)?;
+        let versions = m
+            .versions
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let defaults = defaults::resolve(
+                    &format!("model.versions[{i}]"),
+                    v.system_prompt.as_deref().unwrap_or(&m.system_prompt),
+                    v.sampling.or(m.sampling),
+                    v.stop.clone().unwrap_or_else(|| m.stop.clone()),
+                    &limits,
+                )?;
+                Ok(LoadSpec {
+                    name: m.name.clone(),
+                    version: v.version.clone(),
+                    path: v.path.clone(),
+                    defaults,
+                })
+            })
+            .collect::<Result<Vec<_>, ConfigError>>()?;
         for (i, w) in self.router.workers.iter().enumerate() {
             if !(w.starts_with("http://") || w.starts_with("https://")) || w.parse::<tonic::transport::Uri>().is_err() {
                 return Err(err(
@@ -681,8 +724,8 @@ impl FileConfig {
             model_path: self.model.path,
             cache_dir: self.model.cache_dir.unwrap_or_else(fetch::default_cache_dir),
             device,
-            system_prompt: Some(self.model.system_prompt).filter(|s| !s.is_empty()),
-            versions: self.model.versions,
+            defaults: model_defaults,
+            versions,
             engine: EngineConfig {
                 queue_capacity: self.engine.queue_capacity,
                 drift_window_tokens: self.engine.drift_window_tokens,
@@ -696,14 +739,7 @@ impl FileConfig {
                     usd_per_hour: price,
                 },
             },
-            router: RouterConfig {
-                limits: Limits {
-                    max_stop_sequences: self.router.max_stop_sequences,
-                    max_stop_bytes: self.router.max_stop_bytes,
-                    ..Limits::default()
-                },
-                drain_timeout,
-            },
+            router: RouterConfig { limits, drain_timeout },
             workers: self.router.workers,
             keys,
             admission,

@@ -144,3 +144,30 @@ fn extra_versions_need_their_own_label_and_a_file() {
     let ok = parse("[[model.versions]]\nversion = \"b\"\npath = \"Cargo.toml\"\n").unwrap();
     assert_eq!(ok.versions.len(), 1);
 }
+
+#[test]
+fn versions_inherit_the_models_generation_defaults_unless_they_set_their_own() {
+    let s = parse(
+        "[model]\nsystem_prompt = \"Base.\"\nstop = [\"###\"]\nsampling = { temperature = 0.7, top_p = 0.9 }\n\
+         [[model.versions]]\nversion = \"b\"\npath = \"Cargo.toml\"\n\
+         [[model.versions]]\nversion = \"c\"\npath = \"Cargo.toml\"\nsystem_prompt = \"\"\nstop = [\"END\"]\n\
+         sampling = { temperature = 0.0 }\n",
+    )
+    .unwrap();
+    assert_eq!(s.defaults.system_prompt.as_deref(), Some("Base."));
+    assert_eq!(s.defaults.sampling.map(|x| (x.temperature, x.top_p)), Some((0.7, 0.9)));
+    assert_eq!(s.defaults.stop, ["###"]);
+    assert_eq!(s.versions[0].defaults, s.defaults, "b inherits everything");
+    let c = &s.versions[1].defaults;
+    assert_eq!(c.system_prompt, None, "an empty prompt leaves it to the chat template");
+    assert!(c.sampling.is_some_and(|x| x.is_greedy()), "explicitly greedy");
+    assert_eq!(c.stop, ["END"]);
+
+    let bad =
+        parse("[[model.versions]]\nversion = \"b\"\npath = \"Cargo.toml\"\nsampling = { top_p = 1.5 }\n").unwrap_err();
+    assert!(bad.to_string().contains("model.versions[0].sampling.top_p"), "{bad}");
+    let empty_stop = parse("[model]\nstop = [\"\"]\n").unwrap_err();
+    assert!(empty_stop.to_string().contains("model.stop[0]"), "{empty_stop}");
+    let unknown = parse("[model]\nsampling = { temprature = 1.0 }\n").unwrap_err();
+    assert!(unknown.to_string().contains("temprature"), "{unknown}");
+}

@@ -10,8 +10,8 @@ use ferroserve_admission::{
     Admission, AdmissionLimits, KeyStore, Priority, Tenant, TenantKey, parse_sha256, sha256_hex,
 };
 use ferroserve_core::{
-    Backend, BackendError, Completion, Event, EventStream, FinishReason, ModelInfo, StatsStream, TokenChunk, Usage,
-    ValidRequest, WorkerStats,
+    Backend, BackendError, Completion, Event, EventStream, FinishReason, GenerationDefaults, ModelInfo, StatsStream,
+    TokenChunk, Usage, ValidRequest, WorkerStats,
 };
 use ferroserve_filter::FilterHub;
 use ferroserve_proto::v1 as pb;
@@ -38,6 +38,8 @@ pub struct MockBackend {
     location: String,
     release: watch::Receiver<bool>,
     started: Arc<Mutex<Vec<String>>>,
+    /// Every request as the router handed it over, defaults applied.
+    received: Arc<Mutex<Vec<ValidRequest>>>,
     token_delay: Duration,
     script: Option<Vec<String>>,
     /// Tokens sent to routers, over all generations: shows when a generation was cancelled.
@@ -63,6 +65,7 @@ impl Backend for MockBackend {
         let (tx, rx) = mpsc::channel(1);
         let mut release = self.release.clone();
         let started = Arc::clone(&self.started);
+        self.received.lock().unwrap().push(request.clone());
         let sent = Arc::clone(&self.sent);
         let delay = self.token_delay;
         let (logprob, entropy, failing) = (self.logprob, self.entropy, self.failing);
@@ -153,6 +156,8 @@ pub struct Options {
     pub uncertain: Vec<String>,
     /// Versions whose every generation ends in a worker error.
     pub failing: Vec<String>,
+    /// Generation defaults by version (none for the others).
+    pub defaults: Vec<(String, GenerationDefaults)>,
 }
 
 impl Options {
@@ -168,6 +173,7 @@ impl Options {
             drifting: Vec::new(),
             uncertain: Vec::new(),
             failing: Vec::new(),
+            defaults: Vec::new(),
         }
     }
 }
@@ -177,6 +183,8 @@ pub struct Harness {
     pub url: String,
     pub release: watch::Sender<bool>,
     pub started: Arc<Mutex<Vec<String>>>,
+    /// Every request the mock workers received, as the router completed it.
+    pub received: Arc<Mutex<Vec<ValidRequest>>>,
     pub sent: Arc<AtomicU32>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     server: tokio::task::JoinHandle<()>,
@@ -195,6 +203,7 @@ impl Harness {
         );
         let (release, release_rx) = watch::channel(false);
         let started = Arc::new(Mutex::new(Vec::new()));
+        let received = Arc::new(Mutex::new(Vec::new()));
         let sent = Arc::new(AtomicU32::new(0));
         let pool = Pool::new(Some("mock".into()));
         let single = o.versions.len() == 1;
@@ -204,6 +213,12 @@ impl Harness {
                     name: "mock".into(),
                     version: version.clone(),
                     context_length: 4096,
+                    defaults: o
+                        .defaults
+                        .iter()
+                        .find(|(v, _)| v == version)
+                        .map(|(_, d)| d.clone())
+                        .unwrap_or_default(),
                 },
                 location: if single {
                     "mock".into()
@@ -212,6 +227,7 @@ impl Harness {
                 },
                 release: release_rx.clone(),
                 started: Arc::clone(&started),
+                received: Arc::clone(&received),
                 token_delay: o.token_delay,
                 script: o.script.clone(),
                 sent: Arc::clone(&sent),
@@ -251,6 +267,7 @@ impl Harness {
             url,
             release,
             started,
+            received,
             sent,
             stop: Some(stop),
             server,
