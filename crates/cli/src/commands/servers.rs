@@ -78,14 +78,30 @@ impl<T> Shared<T> {
 type Weights = Shared<BatchedLlama>;
 
 async fn load_engine(settings: &Settings, path: PathBuf, weights: Arc<Weights>) -> anyhow::Result<Arc<EngineHandle>> {
-    load_engine_reporting(settings, path, weights, Arc::new(|_| {})).await
+    load_engine_reporting(settings, path, weights, Arc::new(|_| {}), Foreground).await
 }
+
+/// Niceness of the thread that reads a version's weights while other versions serve. The kernel then gives
+/// the CPU to the serving threads first: on a small machine a load slows generation less, and takes
+/// longer itself.
+const BACKGROUND_LOAD_NICENESS: i32 = 10;
+
+/// Whether a load runs while the server serves other versions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LoadPriority {
+    /// At startup, when nothing else runs yet.
+    Foreground,
+    /// `LoadVersion` and configured versions: on a thread of its own with a lower priority.
+    Background,
+}
+use LoadPriority::{Background, Foreground};
 
 async fn load_engine_reporting(
     settings: &Settings,
     path: PathBuf,
     weights: Arc<Weights>,
     progress: LoadProgress,
+    priority: LoadPriority,
 ) -> anyhow::Result<Arc<EngineHandle>> {
     let spec = ModelSpec {
         name: settings.model_name.clone(),
@@ -94,18 +110,37 @@ async fn load_engine_reporting(
         device: settings.device,
         defaults: settings.defaults.clone(),
     };
-    let engine = settings.engine.clone();
-    tokio::task::spawn_blocking(move || {
+    let load = move || {
         let shared = weights.get(&spec.path);
         if shared.is_some() {
             tracing::info!(path = %spec.path.display(), version = %spec.version, "sharing the weights of a version already loaded from this file");
         }
         let model = LoadedModel::load_reporting(&spec, shared, &*progress)?;
         weights.put(&spec.path, &model.model);
-        anyhow::Ok(Arc::new(EngineHandle::start(model, engine)))
-    })
-    .await
-    .context("model loading panicked")?
+        anyhow::Ok(model)
+    };
+    let model = match priority {
+        Foreground => tokio::task::spawn_blocking(load)
+            .await
+            .context("model loading panicked")??,
+        Background => {
+            // A thread of its own: a lowered priority cannot be raised again without privileges, so it
+            // must not go back to a pool. Linux threads inherit their creator's priority, so the engine
+            // thread is started from here, not from the loading thread.
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            std::thread::Builder::new()
+                .name("version-load".into())
+                .spawn(move || {
+                    if let Err(e) = rustix::process::setpriority_process(None, BACKGROUND_LOAD_NICENESS) {
+                        tracing::debug!(error = %e, "could not lower the loading thread's priority");
+                    }
+                    let _ = tx.send(load());
+                })
+                .context("spawning the loading thread")?;
+            rx.await.context("model loading panicked")??
+        }
+    };
+    Ok(Arc::new(EngineHandle::start(model, settings.engine.clone())))
 }
 
 /// Runs `server` while `load` brings the model up. A failed load ends the server with that error; a server
@@ -199,7 +234,7 @@ impl VersionLoader for EngineLoader {
         }
         let weights = Arc::clone(&self.weights);
         Box::pin(async move {
-            let engine = load_engine_reporting(&settings, spec.path, weights, progress)
+            let engine = load_engine_reporting(&settings, spec.path, weights, progress, Background)
                 .await
                 .map_err(|e| format!("{e:#}"))?;
             Ok(engine as Arc<dyn Backend>)
