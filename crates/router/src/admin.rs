@@ -393,7 +393,8 @@ impl Admin for AdminService {
         self.authorize(&request)?;
         let plan = versions::rollout_plan(&self.pool, request.into_inner())?;
         let (traffic, observations) = (Arc::clone(&self.traffic), Arc::clone(&self.observations));
-        Ok(Response::new(self.rollouts.start(plan, traffic, observations)))
+        let pool = Arc::clone(&self.pool);
+        Ok(Response::new(self.rollouts.start(plan, traffic, observations, pool)))
     }
 
     async fn get_rollout(&self, request: Request<pb::GetRolloutRequest>) -> Result<Response<pb::RolloutState>, Status> {

@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 use ferroserve_proto::v1 as pb;
 use ferroserve_telemetry::names;
 
+use crate::ModelSelector;
 use crate::observe::{Observations, Summary};
+use crate::pool::Pool;
 use crate::traffic::Traffic;
 
 /// How often a running rollout is judged.
@@ -116,6 +118,7 @@ impl Rollouts {
         plan: Plan,
         traffic: Arc<Traffic>,
         observations: Arc<Observations>,
+        pool: Arc<Pool>,
     ) -> pb::RolloutState {
         let id = {
             let mut next = self.next_id.lock().expect("rollout lock");
@@ -142,7 +145,7 @@ impl Rollouts {
         self.enter_step(&model, id, 0, &traffic);
         let state = self.state(&model);
         let rollouts = Arc::clone(self);
-        tokio::spawn(async move { rollouts.control(model, id, traffic, observations).await });
+        tokio::spawn(async move { rollouts.control(model, id, traffic, observations, pool).await });
         state
     }
 
@@ -205,7 +208,14 @@ impl Rollouts {
         }
     }
 
-    async fn control(self: Arc<Self>, model: String, id: u64, traffic: Arc<Traffic>, observations: Arc<Observations>) {
+    async fn control(
+        self: Arc<Self>,
+        model: String,
+        id: u64,
+        traffic: Arc<Traffic>,
+        observations: Arc<Observations>,
+        pool: Arc<Pool>,
+    ) {
         let mut step_started = Instant::now();
         let mut tick = tokio::time::interval(TICK);
         loop {
@@ -257,7 +267,8 @@ impl Rollouts {
                 continue;
             }
             if run.step + 1 == run.plan.steps.len() {
-                let decision = format!("promoted: canary {} has all traffic", run.plan.canary);
+                let baseline = take_drift_baseline(&pool, &model, &run.plan.canary).await;
+                let decision = format!("promoted: canary {} has all traffic; {baseline}", run.plan.canary);
                 self.finish(&model, id, "promoted", decision);
                 return;
             }
@@ -265,6 +276,30 @@ impl Rollouts {
             step_started = Instant::now();
         }
     }
+}
+
+/// Takes the promoted version's drift baseline on each of its workers, so that token drift is measured
+/// against the distribution it was promoted with; says what was taken.
+async fn take_drift_baseline(pool: &Pool, model: &str, version: &str) -> String {
+    let selector = ModelSelector::Pinned {
+        name: model.to_string(),
+        version: version.to_string(),
+    };
+    let (mut workers, mut tokens, mut failed) = (0, 0, 0);
+    for backend in pool.matching(&selector).unwrap_or_default() {
+        match backend.snapshot_drift_baseline().await {
+            Ok(n) => (workers, tokens) = (workers + 1, tokens + n),
+            Err(e) => {
+                failed += 1;
+                tracing::warn!(%model, %version, worker = backend.location(), error = %e, "drift baseline not taken");
+            }
+        }
+    }
+    let mut said = format!("drift baseline taken on {workers} worker(s) ({tokens} tokens)");
+    if failed > 0 {
+        said.push_str(&format!(", {failed} worker(s) failed"));
+    }
+    said
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use ferroserve_telemetry::names;
 use tokio::sync::watch;
 
 /// Changes kept in the history.
@@ -130,6 +131,7 @@ impl Traffic {
         let before = state.policies.get(model).cloned().unwrap_or_default();
         let mut after = before.clone();
         edit(&mut after);
+        publish(model, action, &before, &after);
         let undo = state.undo.entry(model.to_string()).or_default();
         undo.push(before);
         if undo.len() > UNDO {
@@ -144,6 +146,8 @@ impl Traffic {
     pub fn rollback(&self, model: &str, who: &str, reason: &str) -> Option<Policy> {
         let mut state = self.state.write().expect("traffic lock");
         let previous = state.undo.get_mut(model)?.pop()?;
+        let current = state.policies.get(model).cloned().unwrap_or_default();
+        publish(model, "rollback", &current, &previous);
         state.policies.insert(model.to_string(), previous.clone());
         record(&mut state, model, who, "rollback", &previous, reason);
         Some(previous)
@@ -205,6 +209,42 @@ impl InFlight {
         if let Some(tx) = self.versions.lock().expect("in-flight lock").get(qualified) {
             tx.send_modify(|n| *n += 1);
         }
+    }
+}
+
+/// Publishes a change of `model`'s policy: the change counter, and each version's share and disabled gauge
+/// (versions that left the policy read 0).
+fn publish(model: &str, action: &str, before: &Policy, after: &Policy) {
+    metrics::counter!(
+        names::TRAFFIC_POLICY_CHANGES_TOTAL,
+        names::LABEL_MODEL => model.to_string(),
+        names::LABEL_ACTION => action.to_string(),
+    )
+    .increment(1);
+    let enabled = |v: &str| {
+        if after.disabled.contains(v) {
+            0
+        } else {
+            after.weights.get(v).copied().unwrap_or(0)
+        }
+    };
+    let total: u64 = after.weights.keys().map(|v| u64::from(enabled(v))).sum();
+    let versions: BTreeSet<&String> = [before, after]
+        .iter()
+        .flat_map(|p| p.weights.keys().chain(&p.disabled))
+        .collect();
+    for v in versions {
+        let labels = [
+            (names::LABEL_MODEL, model.to_string()),
+            (names::LABEL_VERSION, v.clone()),
+        ];
+        let share = if total == 0 {
+            0.0
+        } else {
+            f64::from(enabled(v)) / total as f64
+        };
+        metrics::gauge!(names::VERSION_TRAFFIC_SHARE_RATIO, &labels).set(share);
+        metrics::gauge!(names::VERSION_DISABLED, &labels).set(if after.disabled.contains(v) { 1.0 } else { 0.0 });
     }
 }
 
@@ -334,5 +374,63 @@ mod tests {
         assert_eq!(t.choose("m", ask("y"), &["canary".to_string()]).unwrap(), "canary");
         // No policy for a model: the pool decides.
         assert_eq!(t.choose("other", ask("z"), &versions()), None);
+    }
+
+    #[test]
+    fn shares_and_the_kill_switch_are_published_per_version() {
+        use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let t = Traffic::default();
+        let gauges = || {
+            let mut g: Vec<(String, String, f64)> = snapshotter
+                .snapshot()
+                .into_vec()
+                .into_iter()
+                .filter_map(|(k, _, _, v)| {
+                    let key = k.key();
+                    let version = key
+                        .labels()
+                        .find(|l| l.key() == names::LABEL_VERSION)?
+                        .value()
+                        .to_string();
+                    match v {
+                        DebugValue::Gauge(x) => Some((key.name().to_string(), version, x.into_inner())),
+                        _ => None,
+                    }
+                })
+                .collect();
+            g.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            g
+        };
+        let (share, disabled) = (names::VERSION_TRAFFIC_SHARE_RATIO, names::VERSION_DISABLED);
+        metrics::with_local_recorder(&recorder, || split(&t, 75, 25));
+        assert_eq!(
+            gauges(),
+            [
+                (disabled.into(), "canary".into(), 0.0),
+                (disabled.into(), "stable".into(), 0.0),
+                (share.into(), "canary".into(), 0.25),
+                (share.into(), "stable".into(), 0.75),
+            ]
+        );
+        metrics::with_local_recorder(&recorder, || {
+            t.change("m", "ops", "disable", "", |p| {
+                p.disabled.insert("canary".into());
+            })
+        });
+        let after_disable = gauges();
+        assert!(after_disable.contains(&(disabled.into(), "canary".into(), 1.0)));
+        assert!(after_disable.contains(&(share.into(), "canary".into(), 0.0)));
+        assert!(after_disable.contains(&(share.into(), "stable".into(), 1.0)));
+        metrics::with_local_recorder(&recorder, || t.rollback("m", "ops", ""));
+        assert!(gauges().contains(&(share.into(), "canary".into(), 0.25)));
+        let changes = snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .filter(|(k, _, _, _)| k.key().name() == names::TRAFFIC_POLICY_CHANGES_TOTAL)
+            .count();
+        assert_eq!(changes, 3, "one counter per action: set, disable, rollback");
     }
 }

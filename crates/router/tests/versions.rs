@@ -377,6 +377,18 @@ async fn a_healthy_canary_is_promoted_step_by_step() {
     assert_eq!(failed, 0);
     assert_eq!(state.decisions.len(), 4, "{:?}", state.decisions);
     assert!(state.decisions[2].contains("100 %"));
+    assert!(
+        state.decisions[3].contains(&format!(
+            "drift baseline taken on 1 worker(s) ({MOCK_BASELINE_TOKENS} tokens)"
+        )),
+        "{:?}",
+        state.decisions
+    );
+    assert_eq!(
+        *h.baselines.lock().unwrap(),
+        ["mock@canary"],
+        "the promoted version's baseline"
+    );
     let traffic = admin
         .get_traffic(admin_request(pb::GetTrafficRequest::default(), "admin"))
         .await

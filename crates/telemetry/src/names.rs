@@ -111,6 +111,13 @@ pub const COST_PER_MILLION_TOKENS: &str = "ferroserve_cost_per_million_tokens";
 pub const ROLLOUT_CANARY_WEIGHT: &str = "ferroserve_rollout_canary_weight";
 /// Decisions of the automatic canary analysis, by `model` and `decision` (`promote`, `rollback`).
 pub const ROLLOUT_DECISIONS_TOTAL: &str = "ferroserve_rollout_decisions_total";
+/// A version's share of unpinned traffic under the model's split (0 to 1; 0 when disabled or left out),
+/// by `model` and `version`.
+pub const VERSION_TRAFFIC_SHARE_RATIO: &str = "ferroserve_version_traffic_share_ratio";
+/// 1 while an operator or the canary analysis has a version disabled (kill switch), else 0.
+pub const VERSION_DISABLED: &str = "ferroserve_version_disabled";
+/// Traffic policy changes, by `model` and `action` (`set`, `disable`, `enable`, `rollback`, `unload`).
+pub const TRAFFIC_POLICY_CHANGES_TOTAL: &str = "ferroserve_traffic_policy_changes_total";
 
 /// Every metric name above, for checks that dashboards and alerts use only real names.
 pub const ALL: &[&str] = &[
@@ -154,6 +161,9 @@ pub const ALL: &[&str] = &[
     COST_PER_MILLION_TOKENS,
     ROLLOUT_CANARY_WEIGHT,
     ROLLOUT_DECISIONS_TOTAL,
+    VERSION_TRAFFIC_SHARE_RATIO,
+    VERSION_DISABLED,
+    TRAFFIC_POLICY_CHANGES_TOTAL,
 ];
 
 // --- Labels ---
@@ -289,6 +299,16 @@ pub fn describe() {
     describe_counter!(
         ROLLOUT_DECISIONS_TOTAL,
         "Automatic canary analysis decisions, by decision."
+    );
+    describe_gauge!(
+        VERSION_TRAFFIC_SHARE_RATIO,
+        "A version's share of unpinned traffic under its model's split (0 to 1)."
+    );
+    describe_gauge!(VERSION_DISABLED, "1 while a version is disabled (kill switch).");
+    describe_counter!(
+        TRAFFIC_POLICY_CHANGES_TOTAL,
+        Unit::Count,
+        "Traffic policy changes, by action."
     );
     describe_histogram!(
         ENGINE_STEP_SECONDS,

@@ -28,6 +28,8 @@ use tonic::transport::Channel;
 pub const WAIT: Duration = Duration::from_secs(30);
 /// Tokens the mock reports for any prompt.
 pub const MOCK_PROMPT_TOKENS: u32 = 3;
+/// Tokens a mock worker's drift baseline holds.
+pub const MOCK_BASELINE_TOKENS: u64 = 64;
 /// Without a script, the mock stops after this many tokens, as a model stops at EOS.
 pub const MOCK_MAX_OUTPUT: u32 = 4;
 
@@ -40,6 +42,8 @@ pub struct MockBackend {
     started: Arc<Mutex<Vec<String>>>,
     /// Every request as the router handed it over, defaults applied.
     received: Arc<Mutex<Vec<ValidRequest>>>,
+    /// `name@version` of each drift baseline taken.
+    baselines: Arc<Mutex<Vec<String>>>,
     token_delay: Duration,
     script: Option<Vec<String>>,
     /// Tokens sent to routers, over all generations: shows when a generation was cancelled.
@@ -120,7 +124,8 @@ impl Backend for MockBackend {
     }
 
     fn snapshot_drift_baseline(&self) -> BoxFuture<'_, Result<u64, BackendError>> {
-        async { Ok(0) }.boxed()
+        self.baselines.lock().unwrap().push(self.info.qualified());
+        async { Ok(MOCK_BASELINE_TOKENS) }.boxed()
     }
 }
 
@@ -185,6 +190,8 @@ pub struct Harness {
     pub started: Arc<Mutex<Vec<String>>>,
     /// Every request the mock workers received, as the router completed it.
     pub received: Arc<Mutex<Vec<ValidRequest>>>,
+    /// `name@version` of each drift baseline the mock workers took.
+    pub baselines: Arc<Mutex<Vec<String>>>,
     pub sent: Arc<AtomicU32>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     server: tokio::task::JoinHandle<()>,
@@ -204,6 +211,7 @@ impl Harness {
         let (release, release_rx) = watch::channel(false);
         let started = Arc::new(Mutex::new(Vec::new()));
         let received = Arc::new(Mutex::new(Vec::new()));
+        let baselines = Arc::new(Mutex::new(Vec::new()));
         let sent = Arc::new(AtomicU32::new(0));
         let pool = Pool::new(Some("mock".into()));
         let single = o.versions.len() == 1;
@@ -228,6 +236,7 @@ impl Harness {
                 release: release_rx.clone(),
                 started: Arc::clone(&started),
                 received: Arc::clone(&received),
+                baselines: Arc::clone(&baselines),
                 token_delay: o.token_delay,
                 script: o.script.clone(),
                 sent: Arc::clone(&sent),
@@ -268,6 +277,7 @@ impl Harness {
             release,
             started,
             received,
+            baselines,
             sent,
             stop: Some(stop),
             server,
