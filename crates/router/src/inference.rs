@@ -106,6 +106,10 @@ impl InferenceService {
             ModelSelector::Name(name) => (name.clone(), None),
             ModelSelector::Pinned { name, version } => (name.clone(), Some(version.as_str())),
         };
+        // The common case, no policy: skip collecting the serving versions.
+        if !self.traffic.has_policy(&name) {
+            return selector;
+        }
         let ask = VersionAsk {
             pinned,
             session: Some(session).filter(|s| !s.is_empty()),

@@ -114,6 +114,11 @@ impl Traffic {
             .unwrap_or_default()
     }
 
+    /// Whether `model` has a policy at all (most servers have none: the pool alone chooses).
+    pub fn has_policy(&self, model: &str) -> bool {
+        self.state.read().expect("traffic lock").policies.contains_key(model)
+    }
+
     /// The change history, oldest first.
     pub fn history(&self) -> Vec<Change> {
         self.state
