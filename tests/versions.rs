@@ -6,7 +6,7 @@
 
 mod support;
 
-use ferroserve::config::{FileConfig, VersionSection};
+use ferroserve::config::{FileConfig, TrafficSection, VersionSection};
 use ferroserve_model::derive::{Target, derive};
 use ferroserve_proto::v1 as pb;
 use ferroserve_proto::v1::admin_client::AdminClient;
@@ -62,6 +62,11 @@ async fn versions_load_and_unload_while_serving() {
         // A version's own stop string: its answers end at the first space.
         stop: Some(vec![" ".into()]),
     });
+    // The startup split: all unpinned traffic on q4_1, the `beta` cohort on the configured version.
+    file.model.traffic = Some(TrafficSection {
+        weights: [("q4_1".to_string(), 100)].into(),
+        cohorts: [("beta".to_string(), "configured".to_string())].into(),
+    });
     let server = ferroserve::commands::servers::start_serve(file.validate().unwrap(), source)
         .await
         .unwrap();
@@ -100,6 +105,19 @@ async fn versions_load_and_unload_while_serving() {
     assert!(!configured.text.contains(' '));
     let base = c.generate(pinned("q4_1")).await.unwrap().into_inner();
     assert!(base.text.trim().contains(' '), "{base:?}");
+    // The config's split applies from the start, recorded as a change by `config`.
+    let mut beta = tonic::Request::new(chat("Hi", 2));
+    beta.metadata_mut()
+        .insert("x-ferroserve-cohort", "beta".parse().unwrap());
+    let cohort = c.generate(beta).await.unwrap().into_inner();
+    assert_eq!(cohort.model_version, "smollm2-135m-instruct@configured");
+    let traffic = admin
+        .get_traffic(pb::GetTrafficRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(traffic.history[0].who, "config");
+    assert_eq!(traffic.weights["q4_1"], 100);
 
     // Defaults that a request could not carry are refused, naming the field.
     let bad_sampling = admin

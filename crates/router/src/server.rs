@@ -15,7 +15,7 @@ use crate::inference::InferenceService;
 use crate::live::Live;
 use crate::observe::Observations;
 use crate::registry::{LoadSpec, Registry, VersionLoader};
-use crate::traffic::{InFlight, Traffic};
+use crate::traffic::{InFlight, Policy, Traffic};
 use crate::{Limits, Pool};
 use ferroserve_filter::FilterHub;
 
@@ -45,6 +45,8 @@ pub struct RouterParts {
     pub loader: Option<Arc<dyn VersionLoader>>,
     /// Versions to load in the background once serving (with `loader`).
     pub preload: Vec<LoadSpec>,
+    /// Traffic policies to start with, by model name (recorded in the history as changes by `config`).
+    pub policies: Vec<(String, Policy)>,
 }
 
 /// Serves the public API on `listener` until `shutdown` completes, then stops accepting new requests and
@@ -62,6 +64,7 @@ pub async fn serve(
         config,
         loader,
         preload,
+        policies,
     } = parts;
     let budgets = tokio::spawn({
         let admission = Arc::clone(live.admission());
@@ -101,6 +104,9 @@ pub async fn serve(
     });
     let reflection = ferroserve_worker::reflection_service();
     let traffic = Arc::new(Traffic::default());
+    for (model, policy) in policies {
+        traffic.change(&model, "config", "set", "from the config at startup", |p| *p = policy);
+    }
     let observations = Arc::new(Observations::default());
     let in_flight = Arc::new(InFlight::default());
     let inference = InferenceServer::new(InferenceService {

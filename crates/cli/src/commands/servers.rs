@@ -207,6 +207,12 @@ fn router_parts(
         filters,
         config: settings.router,
         preload: settings.versions.clone(),
+        policies: settings
+            .traffic
+            .clone()
+            .map(|p| (settings.model_name.clone(), p))
+            .into_iter()
+            .collect(),
         loader,
     })
 }

@@ -15,12 +15,12 @@ use ferroserve_core::GenerationDefaults;
 use ferroserve_engine::{BatchLimits, EngineConfig};
 use ferroserve_model::device::DeviceSpec;
 use ferroserve_model::fetch;
-use ferroserve_router::{Limits, LoadSpec, RouterConfig};
+use ferroserve_router::{Limits, LoadSpec, Policy, RouterConfig};
 use ferroserve_telemetry::cost::Price;
 use serde::Deserialize;
 
-mod defaults;
-pub use defaults::SamplingSection;
+mod versions;
+pub use versions::{SamplingSection, TrafficSection, VersionSection};
 
 /// The config file as written. Unknown keys are errors, so typos do not pass silently.
 #[derive(Debug, Default, Deserialize)]
@@ -270,25 +270,8 @@ pub struct ModelSection {
     pub stop: Vec<String>,
     /// More versions of this model that `serve` loads at startup, in the background (`[[model.versions]]`).
     pub versions: Vec<VersionSection>,
-}
-
-/// `[[model.versions]]`: another version of the model, served beside the first; a split gives it traffic.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VersionSection {
-    /// Its label, e.g. `q8_0`.
-    pub version: String,
-    /// Its GGUF file.
-    pub path: PathBuf,
-    /// Its system prompt [default: `model.system_prompt`].
-    #[serde(default)]
-    pub system_prompt: Option<String>,
-    /// Its sampling for requests that send none [default: `model.sampling`].
-    #[serde(default)]
-    pub sampling: Option<SamplingSection>,
-    /// Its stop strings [default: `model.stop`].
-    #[serde(default)]
-    pub stop: Option<Vec<String>>,
+    /// The traffic policy between versions at startup (`[model.traffic]`).
+    pub traffic: Option<TrafficSection>,
 }
 
 /// The default system prompt. SmolLM2's own template default ("You are a helpful AI assistant named
@@ -308,6 +291,7 @@ impl Default for ModelSection {
             sampling: None,
             stop: Vec::new(),
             versions: Vec::new(),
+            traffic: None,
         }
     }
 }
@@ -447,6 +431,8 @@ pub struct Settings {
     pub defaults: GenerationDefaults,
     /// More versions `serve` loads at startup, their defaults resolved.
     pub versions: Vec<LoadSpec>,
+    /// The traffic policy set at startup, recorded as a change by `config`.
+    pub traffic: Option<Policy>,
     /// Engine settings.
     pub engine: EngineConfig,
     /// Router settings.
@@ -604,23 +590,6 @@ impl FileConfig {
                 ),
             ));
         }
-        let mut labels = vec![self.model.version.as_str()];
-        for (i, v) in self.model.versions.iter().enumerate() {
-            let key = format!("model.versions[{i}]");
-            if v.version.is_empty() || v.version.contains('@') || labels.contains(&v.version.as_str()) {
-                return Err(err(
-                    &format!("{key}.version"),
-                    "must be non-empty, contain no `@` and differ from the other versions",
-                ));
-            }
-            labels.push(&v.version);
-            if !v.path.is_file() {
-                return Err(err(
-                    &format!("{key}.path"),
-                    format!("{} is not a file", v.path.display()),
-                ));
-            }
-        }
         if self.engine.queue_capacity == 0 {
             return Err(err("engine.queue_capacity", "must be at least 1"));
         }
@@ -641,28 +610,8 @@ impl FileConfig {
             max_stop_bytes: self.router.max_stop_bytes,
             ..Limits::default()
         };
-        let m = &self.model;
-        let model_defaults = defaults::resolve("model", &m.system_prompt, m.sampling, m.stop.clone(), &limits)?;
-        let versions = m
-            .versions
-            .iter()
-            .enumerate()
-            .map(|(i, v)| {
-                let defaults = defaults::resolve(
-                    &format!("model.versions[{i}]"),
-                    v.system_prompt.as_deref().unwrap_or(&m.system_prompt),
-                    v.sampling.or(m.sampling),
-                    v.stop.clone().unwrap_or_else(|| m.stop.clone()),
-                    &limits,
-                )?;
-                Ok(LoadSpec {
-                    name: m.name.clone(),
-                    version: v.version.clone(),
-                    path: v.path.clone(),
-                    defaults,
-                })
-            })
-            .collect::<Result<Vec<_>, ConfigError>>()?;
+        let (model_defaults, versions, traffic) =
+            versions::resolve(&self.model, &limits, !self.router.workers.is_empty())?;
         for (i, w) in self.router.workers.iter().enumerate() {
             if !(w.starts_with("http://") || w.starts_with("https://")) || w.parse::<tonic::transport::Uri>().is_err() {
                 return Err(err(
@@ -726,6 +675,7 @@ impl FileConfig {
             device,
             defaults: model_defaults,
             versions,
+            traffic,
             engine: EngineConfig {
                 queue_capacity: self.engine.queue_capacity,
                 drift_window_tokens: self.engine.drift_window_tokens,

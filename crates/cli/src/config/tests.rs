@@ -171,3 +171,24 @@ fn versions_inherit_the_models_generation_defaults_unless_they_set_their_own() {
     let unknown = parse("[model]\nsampling = { temprature = 1.0 }\n").unwrap_err();
     assert!(unknown.to_string().contains("temprature"), "{unknown}");
 }
+
+#[test]
+fn the_startup_split_names_declared_versions() {
+    let ok = parse(
+        "[model]\nversion = \"a\"\n[[model.versions]]\nversion = \"b\"\npath = \"Cargo.toml\"\n\
+         [model.traffic]\nweights = { a = 95, b = 5 }\ncohorts = { beta = \"b\" }\n",
+    )
+    .unwrap();
+    let policy = ok.traffic.unwrap();
+    assert_eq!((policy.weights["a"], policy.weights["b"]), (95, 5));
+    assert_eq!(policy.cohorts["beta"], "b");
+    let unknown = parse("[model]\nversion = \"a\"\n[model.traffic]\nweights = { a = 1, c = 1 }\n").unwrap_err();
+    assert!(unknown.to_string().contains("model.traffic.weights.c"), "{unknown}");
+    let cohort = parse("[model]\nversion = \"a\"\n[model.traffic]\ncohorts = { x = \"z\" }\n").unwrap_err();
+    assert!(cohort.to_string().contains("model.traffic.cohorts.x"), "{cohort}");
+    let zero = parse("[model]\nversion = \"a\"\n[model.traffic]\nweights = { a = 0 }\n").unwrap_err();
+    assert!(zero.to_string().contains("model.traffic.weights"), "{zero}");
+    // A router of remote workers: the workers declare the versions.
+    let remote = parse("[router]\nworkers = [\"http://127.0.0.1:1\"]\n[model.traffic]\nweights = { w = 1 }\n").unwrap();
+    assert_eq!(remote.traffic.unwrap().weights["w"], 1);
+}

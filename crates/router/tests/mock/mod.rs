@@ -261,6 +261,7 @@ impl Harness {
             },
             loader: None,
             preload: Vec::new(),
+            policies: Vec::new(),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
