@@ -1,6 +1,6 @@
 //! Automatic canary analysis. A rollout moves unpinned traffic from a baseline version to a canary in steps
 //! (a weight and a minimum duration each). Every tick it compares the canary's requests in the current
-//! step with the baseline's ([`Observations`]) on error rate, p95 TTFT and ITL, output-filter block rate
+//! step (or in a sliding window of the step's last `window_ms`) with the baseline's ([`Observations`]) on error rate, p95 TTFT and ITL, output-filter block rate
 //! and token drift (mean sampled-token logprob and entropy, output length):
 //! - a breach of any threshold rolls back at once: the canary is disabled, the baseline takes all
 //!   traffic, and the reason goes into the traffic history and the rollout's decisions;
@@ -241,8 +241,9 @@ impl Rollouts {
                 return;
             }
             let qualified = |v: &str| format!("{model}@{v}");
-            let canary = observations.summary(&qualified(&run.plan.canary), step_started);
-            let baseline = observations.summary(&qualified(&run.plan.baseline), step_started);
+            let since = window_start(step_started, Instant::now(), run.plan.thresholds.window_ms);
+            let canary = observations.summary(&qualified(&run.plan.canary), since);
+            let baseline = observations.summary(&qualified(&run.plan.baseline), since);
             let min = run.plan.thresholds.min_requests.max(1) as usize;
             if canary.requests < min {
                 continue;
@@ -276,6 +277,15 @@ impl Rollouts {
             step_started = Instant::now();
         }
     }
+}
+
+/// Where the judged window starts: the step's start, or `window_ms` before `now` when that is later.
+fn window_start(step_started: Instant, now: Instant, window_ms: u64) -> Instant {
+    if window_ms == 0 {
+        return step_started;
+    }
+    now.checked_sub(Duration::from_millis(window_ms))
+        .map_or(step_started, |w| w.max(step_started))
 }
 
 /// Takes the promoted version's drift baseline on each of its workers, so that token drift is measured
@@ -364,5 +374,14 @@ mod tests {
         assert_eq!(breach(&t, &with_entropy(0.01, 100.0, -1.0, 50.0, 0.2), &base), None);
         let off = pb::RolloutThresholds::default();
         assert_eq!(breach(&off, &summary(0.9, 1e6, -50.0, 1.0), &base), None);
+    }
+
+    #[test]
+    fn the_window_slides_within_the_step() {
+        let start = Instant::now();
+        let now = start + Duration::from_secs(300);
+        assert_eq!(window_start(start, now, 0), start, "0: the whole step");
+        assert_eq!(window_start(start, now, 60_000), now - Duration::from_secs(60));
+        assert_eq!(window_start(start, now, 600_000), start, "never before the step began");
     }
 }

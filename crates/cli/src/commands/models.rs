@@ -145,6 +145,7 @@ struct ThresholdsFile {
     max_logprob_drop: f64,
     max_length_change: f64,
     max_entropy_increase: f64,
+    window_secs: f64,
 }
 
 fn read_plan(a: &RolloutArgs, model: &str) -> anyhow::Result<pb::StartRolloutRequest> {
@@ -172,6 +173,7 @@ fn read_plan(a: &RolloutArgs, model: &str) -> anyhow::Result<pb::StartRolloutReq
             max_logprob_drop: t.max_logprob_drop,
             max_length_change: t.max_length_change,
             max_entropy_increase: t.max_entropy_increase,
+            window_ms: (t.window_secs.max(0.0) * 1000.0) as u64,
         }),
     })
 }
@@ -436,7 +438,7 @@ mod tests {
         assert_eq!(weights, [5, 25, 100]);
         assert_eq!(r.steps[0].min_duration_ms, 60_000);
         let t = r.thresholds.unwrap();
-        assert_eq!(t.min_requests, 20);
+        assert_eq!((t.min_requests, t.window_ms), (20, 60_000));
         assert!(t.max_logprob_drop > 0.0 && t.max_error_rate_increase > 0.0);
     }
 
