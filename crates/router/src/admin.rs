@@ -17,10 +17,9 @@ use crate::inference::authorization;
 use crate::live::Live;
 use crate::observe::Observations;
 use crate::pool::Pool;
-use crate::registry::{Registry, VersionLoader};
 use crate::rollout::Rollouts;
-use crate::traffic::{InFlight, Traffic};
-use crate::versions;
+use crate::traffic::InFlight;
+use crate::versions::{self, Versions};
 use crate::{ModelSelector, RouterError};
 
 /// The admin service.
@@ -31,20 +30,14 @@ pub(crate) struct AdminService {
     pub live: Arc<Live>,
     /// The content filter it controls.
     pub filters: Arc<FilterHub>,
-    /// The traffic policy between model versions.
-    pub traffic: Arc<Traffic>,
     /// Each version's recent outcomes.
     pub observations: Arc<Observations>,
     /// The automatic canary analyses.
     pub rollouts: Arc<Rollouts>,
-    /// Versions loaded and unloaded here.
-    pub registry: Arc<Registry>,
-    /// How to load a version into this server, when it can.
-    pub loader: Option<Arc<dyn VersionLoader>>,
+    /// The traffic policy, the versions' workers and their loads.
+    pub versions: Versions,
     /// Cancels requests in flight on a disabled version.
     pub in_flight: Arc<InFlight>,
-    /// Request shape limits, which a loaded version's stop strings also meet.
-    pub limits: crate::Limits,
 }
 
 fn filters_to_wire(hub: &FilterHub) -> pb::ListFiltersResponse {
@@ -312,34 +305,18 @@ impl Admin for AdminService {
         request: Request<pb::ListVersionsRequest>,
     ) -> Result<Response<pb::ListVersionsResponse>, Status> {
         self.authorize(&request)?;
-        Ok(Response::new(versions::list(
-            &self.traffic,
-            &self.pool,
-            &self.registry,
-            request.get_ref(),
-        )?))
+        Ok(Response::new(self.versions.list(request.get_ref())?))
     }
 
     async fn get_traffic(&self, request: Request<pb::GetTrafficRequest>) -> Result<Response<pb::TrafficState>, Status> {
         self.authorize(&request)?;
-        Ok(Response::new(versions::get(
-            &self.traffic,
-            &self.pool,
-            &self.registry,
-            request.get_ref(),
-        )?))
+        Ok(Response::new(self.versions.get(request.get_ref())?))
     }
 
     async fn set_traffic(&self, request: Request<pb::SetTrafficRequest>) -> Result<Response<pb::TrafficState>, Status> {
         self.authorize(&request)?;
         let who = versions::operator(request.metadata());
-        Ok(Response::new(versions::set(
-            &self.traffic,
-            &self.pool,
-            &self.registry,
-            &who,
-            request.into_inner(),
-        )?))
+        Ok(Response::new(self.versions.set(&who, request.into_inner())?))
     }
 
     async fn disable_version(
@@ -350,7 +327,7 @@ impl Admin for AdminService {
         let who = versions::operator(request.metadata());
         let r = request.into_inner();
         let (cancel, version) = (r.cancel_in_flight, r.version.clone());
-        let state = versions::switch(&self.traffic, &self.pool, &self.registry, &who, r, true)?;
+        let state = self.versions.switch(&who, r, true)?;
         if cancel {
             // After the switch: nothing new reaches the version, and what runs there now ends.
             self.in_flight.cancel(&format!("{}@{version}", state.model));
@@ -361,10 +338,7 @@ impl Admin for AdminService {
     async fn enable_version(&self, request: Request<pb::VersionRequest>) -> Result<Response<pb::TrafficState>, Status> {
         self.authorize(&request)?;
         let who = versions::operator(request.metadata());
-        Ok(Response::new(versions::switch(
-            &self.traffic,
-            &self.pool,
-            &self.registry,
+        Ok(Response::new(self.versions.switch(
             &who,
             request.into_inner(),
             false,
@@ -377,13 +351,7 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::TrafficState>, Status> {
         self.authorize(&request)?;
         let who = versions::operator(request.metadata());
-        Ok(Response::new(versions::rollback(
-            &self.traffic,
-            &self.pool,
-            &self.registry,
-            &who,
-            request.into_inner(),
-        )?))
+        Ok(Response::new(self.versions.rollback(&who, request.into_inner())?))
     }
 
     async fn start_rollout(
@@ -392,7 +360,7 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::RolloutState>, Status> {
         self.authorize(&request)?;
         let plan = versions::rollout_plan(&self.pool, request.into_inner())?;
-        let (traffic, observations) = (Arc::clone(&self.traffic), Arc::clone(&self.observations));
+        let (traffic, observations) = (Arc::clone(&self.versions.traffic), Arc::clone(&self.observations));
         let pool = Arc::clone(&self.pool);
         Ok(Response::new(self.rollouts.start(plan, traffic, observations, pool)))
     }
@@ -408,22 +376,14 @@ impl Admin for AdminService {
         request: Request<pb::LoadVersionRequest>,
     ) -> Result<Response<pb::TrafficState>, Status> {
         self.authorize(&request)?;
-        let r = request.into_inner();
-        let state = versions::load(
-            &self.traffic,
-            &self.pool,
-            &self.registry,
-            self.loader.as_ref(),
-            &self.limits,
-            r,
-        )?;
+        let state = self.versions.load(request.into_inner())?;
         Ok(Response::new(state))
     }
 
     async fn unload_version(&self, request: Request<pb::VersionRequest>) -> Result<Response<pb::TrafficState>, Status> {
         self.authorize(&request)?;
         let who = versions::operator(request.metadata());
-        let state = versions::unload(&self.traffic, &self.pool, &self.registry, &who, request.into_inner())?;
+        let state = self.versions.unload(&who, request.into_inner())?;
         Ok(Response::new(state))
     }
 }

@@ -16,6 +16,7 @@ use crate::live::Live;
 use crate::observe::Observations;
 use crate::registry::{LoadSpec, Registry, VersionLoader};
 use crate::traffic::{InFlight, Policy, Traffic};
+use crate::versions::Versions;
 use crate::{Limits, Pool};
 use ferroserve_filter::FilterHub;
 
@@ -118,10 +119,16 @@ pub async fn serve(
         observations: Arc::clone(&observations),
         in_flight: Arc::clone(&in_flight),
     });
-    let registry = Arc::new(Registry::default());
-    if let Some(loader) = &loader {
+    let versions = Versions {
+        traffic,
+        pool: Arc::clone(&pool),
+        registry: Arc::new(Registry::default()),
+        loader,
+        limits: config.limits,
+    };
+    if let Some(loader) = &versions.loader {
         for spec in preload {
-            crate::versions::start_load(&pool, &registry, loader, spec);
+            versions.start_load(loader, spec);
         }
     } else if !preload.is_empty() {
         tracing::warn!("this router has no in-process workers; the configured extra versions are not loaded");
@@ -130,13 +137,10 @@ pub async fn serve(
         pool,
         live,
         filters,
-        traffic,
         observations,
         rollouts: Arc::default(),
-        registry,
-        loader,
+        versions,
         in_flight,
-        limits: config.limits,
     });
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()

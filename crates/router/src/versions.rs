@@ -6,11 +6,11 @@ use std::sync::Arc;
 
 use ferroserve_proto::v1 as pb;
 
-use crate::RouterError;
 use crate::pool::Pool;
 use crate::registry::{LoadSpec, Progress, Registry, VersionLoader};
 use crate::rollout::Plan;
 use crate::traffic::{Policy, Traffic};
+use crate::{Limits, RouterError};
 
 /// The admin call's header naming the operator, for the history.
 pub(crate) const OPERATOR_HEADER: &str = "x-ferroserve-operator";
@@ -70,180 +70,269 @@ fn check_version(pool: &Pool, name: &str, version: &str, field: &str) -> Result<
     })
 }
 
-/// The traffic state of `name`: its policy, each version's state, share and workers, and the history.
-pub(crate) fn state(traffic: &Traffic, pool: &Pool, registry: &Registry, name: &str) -> pb::TrafficState {
-    let policy = traffic.policy(name);
-    let workers = pool.workers();
-    let mut versions = served(pool, name);
-    for v in policy.weights.keys().cloned().chain(registry.versions(name)) {
-        if !versions.contains(&v) {
-            versions.push(v);
-        }
-    }
-    let enabled_weight = |v: &str| {
-        if policy.disabled.contains(v) {
-            0
-        } else {
-            u64::from(policy.weights.get(v).copied().unwrap_or(0))
-        }
-    };
-    let total: u64 = versions.iter().map(|v| enabled_weight(v)).sum();
-    let version_states = versions
-        .iter()
-        .map(|v| {
-            let of_version = workers.iter().filter(|w| w.model.name == name && w.model.version == *v);
-            let in_flight: u32 = of_version.clone().map(|w| w.in_flight).sum();
-            let defaults = of_version
-                .clone()
-                .next()
-                .map(|w| w.model.defaults.clone())
-                .unwrap_or_default();
-            let state = if policy.disabled.contains(v) {
-                if in_flight > 0 { "draining" } else { "disabled" }.to_string()
-            } else if of_version.clone().next().is_some() {
-                "ready".to_string()
-            } else {
-                registry
-                    .get(&format!("{name}@{v}"))
-                    .unwrap_or_else(|| "unloaded".into())
-            };
-            pb::VersionState {
-                version: v.clone(),
-                state,
-                share: if total == 0 {
-                    0.0
-                } else {
-                    enabled_weight(v) as f64 / total as f64
-                },
-                disabled: policy.disabled.contains(v),
-                healthy_workers: of_version.clone().filter(|w| w.healthy).count() as u32,
-                workers: of_version.count() as u32,
-                in_flight,
-                system_prompt: defaults.system_prompt.unwrap_or_default(),
-                sampling: defaults.sampling.map(|s| pb::SamplingParams {
-                    temperature: s.temperature,
-                    top_p: Some(s.top_p),
-                    top_k: s.top_k,
-                    seed: None,
-                    repetition_penalty: Some(s.repetition_penalty),
-                    ignore_eos: false,
-                }),
-                stop: defaults.stop,
+/// The version controls behind the `Admin` RPCs: the traffic policy, the workers, and the loads.
+pub(crate) struct Versions {
+    /// Which version takes a request.
+    pub traffic: Arc<Traffic>,
+    /// The workers, of every version.
+    pub pool: Arc<Pool>,
+    /// Load states, for versions loaded or unloaded here.
+    pub registry: Arc<Registry>,
+    /// How to load a version into this server, when it can.
+    pub loader: Option<Arc<dyn VersionLoader>>,
+    /// Request shape limits, which a loaded version's stop strings also meet.
+    pub limits: Limits,
+}
+
+impl Versions {
+    /// The traffic state of `name`: its policy, each version's state, share and workers, and the history.
+    fn state(&self, name: &str) -> pb::TrafficState {
+        let policy = self.traffic.policy(name);
+        let workers = self.pool.workers();
+        let mut versions = served(&self.pool, name);
+        for v in policy.weights.keys().cloned().chain(self.registry.versions(name)) {
+            if !versions.contains(&v) {
+                versions.push(v);
             }
-        })
-        .collect();
-    pb::TrafficState {
-        model: name.to_string(),
-        weights: policy.weights.iter().map(|(k, v)| (k.clone(), *v)).collect(),
-        cohorts: policy.cohorts.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-        versions: version_states,
-        history: traffic
-            .history()
-            .into_iter()
-            .map(|c| pb::PolicyChange {
-                at_unix_ms: c.at_unix_ms,
-                who: c.who,
-                action: c.action,
-                summary: c.summary,
+        }
+        let enabled_weight = |v: &str| {
+            if policy.disabled.contains(v) {
+                0
+            } else {
+                u64::from(policy.weights.get(v).copied().unwrap_or(0))
+            }
+        };
+        let total: u64 = versions.iter().map(|v| enabled_weight(v)).sum();
+        let version_states = versions
+            .iter()
+            .map(|v| {
+                let of_version = workers.iter().filter(|w| w.model.name == name && w.model.version == *v);
+                let in_flight: u32 = of_version.clone().map(|w| w.in_flight).sum();
+                let defaults = of_version
+                    .clone()
+                    .next()
+                    .map(|w| w.model.defaults.clone())
+                    .unwrap_or_default();
+                let state = if policy.disabled.contains(v) {
+                    if in_flight > 0 { "draining" } else { "disabled" }.to_string()
+                } else if of_version.clone().next().is_some() {
+                    "ready".to_string()
+                } else {
+                    self.registry
+                        .get(&format!("{name}@{v}"))
+                        .unwrap_or_else(|| "unloaded".into())
+                };
+                pb::VersionState {
+                    version: v.clone(),
+                    state,
+                    share: if total == 0 {
+                        0.0
+                    } else {
+                        enabled_weight(v) as f64 / total as f64
+                    },
+                    disabled: policy.disabled.contains(v),
+                    healthy_workers: of_version.clone().filter(|w| w.healthy).count() as u32,
+                    workers: of_version.count() as u32,
+                    in_flight,
+                    system_prompt: defaults.system_prompt.unwrap_or_default(),
+                    sampling: defaults.sampling.map(|s| pb::SamplingParams {
+                        temperature: s.temperature,
+                        top_p: Some(s.top_p),
+                        top_k: s.top_k,
+                        seed: None,
+                        repetition_penalty: Some(s.repetition_penalty),
+                        ignore_eos: false,
+                    }),
+                    stop: defaults.stop,
+                }
             })
-            .collect(),
+            .collect();
+        pb::TrafficState {
+            model: name.to_string(),
+            weights: policy.weights.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            cohorts: policy.cohorts.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            versions: version_states,
+            history: self
+                .traffic
+                .history()
+                .into_iter()
+                .map(|c| pb::PolicyChange {
+                    at_unix_ms: c.at_unix_ms,
+                    who: c.who,
+                    action: c.action,
+                    summary: c.summary,
+                })
+                .collect(),
+        }
     }
-}
 
-/// `ListVersions`: the versions part of the traffic state.
-pub(crate) fn list(
-    traffic: &Traffic,
-    pool: &Pool,
-    registry: &Registry,
-    r: &pb::ListVersionsRequest,
-) -> Result<pb::ListVersionsResponse, RouterError> {
-    let name = model(pool, &r.model)?;
-    let s = state(traffic, pool, registry, &name);
-    Ok(pb::ListVersionsResponse {
-        model: s.model,
-        versions: s.versions,
-    })
-}
-
-/// `GetTraffic`.
-pub(crate) fn get(
-    traffic: &Traffic,
-    pool: &Pool,
-    registry: &Registry,
-    r: &pb::GetTrafficRequest,
-) -> Result<pb::TrafficState, RouterError> {
-    let name = model(pool, &r.model)?;
-    Ok(state(traffic, pool, registry, &name))
-}
-
-/// `SetTraffic`: every version named must be served, and some weight must be above zero.
-pub(crate) fn set(
-    traffic: &Traffic,
-    pool: &Pool,
-    registry: &Registry,
-    who: &str,
-    r: pb::SetTrafficRequest,
-) -> Result<pb::TrafficState, RouterError> {
-    let name = model(pool, &r.model)?;
-    for version in r.weights.keys() {
-        check_version(pool, &name, version, &format!("weights[{version}]"))?;
+    /// `ListVersions`: the versions part of the traffic state.
+    pub(crate) fn list(&self, r: &pb::ListVersionsRequest) -> Result<pb::ListVersionsResponse, RouterError> {
+        let name = model(&self.pool, &r.model)?;
+        let s = self.state(&name);
+        Ok(pb::ListVersionsResponse {
+            model: s.model,
+            versions: s.versions,
+        })
     }
-    for (cohort, version) in &r.cohorts {
-        check_version(pool, &name, version, &format!("cohorts[{cohort}]"))?;
+
+    /// `GetTraffic`.
+    pub(crate) fn get(&self, r: &pb::GetTrafficRequest) -> Result<pb::TrafficState, RouterError> {
+        let name = model(&self.pool, &r.model)?;
+        Ok(self.state(&name))
     }
-    if !r.weights.is_empty() && r.weights.values().all(|w| *w == 0) {
-        return Err(RouterError::Invalid {
-            field: "weights".into(),
-            message: "at least one version needs a weight above 0".into(),
+
+    /// `SetTraffic`: every version named must be served, and some weight must be above zero.
+    pub(crate) fn set(&self, who: &str, r: pb::SetTrafficRequest) -> Result<pb::TrafficState, RouterError> {
+        let name = model(&self.pool, &r.model)?;
+        for version in r.weights.keys() {
+            check_version(&self.pool, &name, version, &format!("weights[{version}]"))?;
+        }
+        for (cohort, version) in &r.cohorts {
+            check_version(&self.pool, &name, version, &format!("cohorts[{cohort}]"))?;
+        }
+        if !r.weights.is_empty() && r.weights.values().all(|w| *w == 0) {
+            return Err(RouterError::Invalid {
+                field: "weights".into(),
+                message: "at least one version needs a weight above 0".into(),
+            });
+        }
+        let weights: BTreeMap<String, u32> = r.weights.into_iter().collect();
+        let cohorts: BTreeMap<String, String> = r.cohorts.into_iter().collect();
+        self.traffic.change(&name, who, "set", &r.reason, |p: &mut Policy| {
+            p.weights = weights;
+            p.cohorts = cohorts;
+        });
+        Ok(self.state(&name))
+    }
+
+    /// `DisableVersion` and `EnableVersion`.
+    pub(crate) fn switch(
+        &self,
+        who: &str,
+        r: pb::VersionRequest,
+        disable: bool,
+    ) -> Result<pb::TrafficState, RouterError> {
+        let name = model(&self.pool, &r.model)?;
+        check_version(&self.pool, &name, &r.version, "version")?;
+        let action = if disable { "disable" } else { "enable" };
+        self.traffic.change(&name, who, action, &r.reason, |p| {
+            if disable {
+                p.disabled.insert(r.version.clone());
+            } else {
+                p.disabled.remove(&r.version);
+            }
+        });
+        Ok(self.state(&name))
+    }
+
+    /// `RollbackTraffic`.
+    pub(crate) fn rollback(&self, who: &str, r: pb::RollbackTrafficRequest) -> Result<pb::TrafficState, RouterError> {
+        let name = model(&self.pool, &r.model)?;
+        self.traffic
+            .rollback(&name, who, &r.reason)
+            .ok_or_else(|| RouterError::Invalid {
+                field: "model".into(),
+                message: format!("{name} has no earlier traffic policy to roll back to"),
+            })?;
+        Ok(self.state(&name))
+    }
+
+    /// `LoadVersion`: checks the request, then loads in the background; the state says `loading` at once.
+    pub(crate) fn load(&self, r: pb::LoadVersionRequest) -> Result<pb::TrafficState, RouterError> {
+        let invalid = |field: &str, message: String| RouterError::Invalid {
+            field: field.into(),
+            message,
+        };
+        let loader = self.loader.as_ref().ok_or_else(|| {
+            invalid(
+                "path",
+                "this router has no in-process workers and cannot load a model; start `ferroserve worker \
+             --model-path FILE --model-version V` and route to it"
+                    .into(),
+            )
+        })?;
+        let name = model(&self.pool, &r.model)?;
+        if r.version.is_empty() || r.version.contains('@') {
+            return Err(invalid("version", "give a label without `@`, e.g. q8_0".into()));
+        }
+        let qualified = format!("{name}@{}", r.version);
+        if served(&self.pool, &name).contains(&r.version) || self.registry.get(&qualified).as_deref() == Some("loading")
+        {
+            return Err(invalid(
+                "version",
+                format!("{qualified} is already loaded or loading; unload it first"),
+            ));
+        }
+        let path = std::path::PathBuf::from(&r.path);
+        if !path.is_file() {
+            return Err(invalid("path", format!("{} is not a file on the server", r.path)));
+        }
+        if !r.validation_report.is_empty() {
+            check_validation(&r.validation_report, &path)?;
+        }
+        let defaults = crate::generation_defaults(&r.system_prompt, r.sampling, r.stop, &self.limits)?;
+        let spec = LoadSpec {
+            name: name.clone(),
+            version: r.version,
+            path,
+            defaults,
+        };
+        self.start_load(loader, spec);
+        Ok(self.state(&name))
+    }
+
+    /// Loads `spec` in the background: `loading`, then `ready` (it joins the pool) or `failed: why` (nothing
+    /// else changes).
+    pub(crate) fn start_load(&self, loader: &Arc<dyn VersionLoader>, spec: LoadSpec) {
+        let qualified = format!("{}@{}", spec.name, spec.version);
+        self.registry.set(&qualified, "loading");
+        let progress: Progress = {
+            let (registry, qualified) = (Arc::clone(&self.registry), qualified.clone());
+            Arc::new(move |done: f32| registry.set(&qualified, format!("loading {:.0} %", done * 100.0)))
+        };
+        let (pool, registry, load) = (
+            Arc::clone(&self.pool),
+            Arc::clone(&self.registry),
+            loader.load(spec, progress),
+        );
+        tokio::spawn(async move {
+            match load.await {
+                Ok(backend) => {
+                    pool.add(backend);
+                    registry.set(&qualified, "ready");
+                }
+                Err(e) => {
+                    tracing::warn!(version = %qualified, error = %e, "loading a version failed; nothing changed");
+                    registry.set(&qualified, format!("failed: {e}"));
+                }
+            }
         });
     }
-    let weights: BTreeMap<String, u32> = r.weights.into_iter().collect();
-    let cohorts: BTreeMap<String, String> = r.cohorts.into_iter().collect();
-    traffic.change(&name, who, "set", &r.reason, |p: &mut Policy| {
-        p.weights = weights;
-        p.cohorts = cohorts;
-    });
-    Ok(state(traffic, pool, registry, &name))
-}
 
-/// `DisableVersion` and `EnableVersion`.
-pub(crate) fn switch(
-    traffic: &Traffic,
-    pool: &Pool,
-    registry: &Registry,
-    who: &str,
-    r: pb::VersionRequest,
-    disable: bool,
-) -> Result<pb::TrafficState, RouterError> {
-    let name = model(pool, &r.model)?;
-    check_version(pool, &name, &r.version, "version")?;
-    let action = if disable { "disable" } else { "enable" };
-    traffic.change(&name, who, action, &r.reason, |p| {
-        if disable {
-            p.disabled.insert(r.version.clone());
-        } else {
-            p.disabled.remove(&r.version);
+    /// `UnloadVersion`: refused for a model's last version, so that unloading never leaves it unserved.
+    pub(crate) fn unload(&self, who: &str, r: pb::VersionRequest) -> Result<pb::TrafficState, RouterError> {
+        let name = model(&self.pool, &r.model)?;
+        check_version(&self.pool, &name, &r.version, "version")?;
+        if served(&self.pool, &name).len() < 2 {
+            return Err(RouterError::Invalid {
+                field: "version".into(),
+                message: format!(
+                    "{name}@{} is the last version serving {name}; load another first",
+                    r.version
+                ),
+            });
         }
-    });
-    Ok(state(traffic, pool, registry, &name))
-}
-
-/// `RollbackTraffic`.
-pub(crate) fn rollback(
-    traffic: &Traffic,
-    pool: &Pool,
-    registry: &Registry,
-    who: &str,
-    r: pb::RollbackTrafficRequest,
-) -> Result<pb::TrafficState, RouterError> {
-    let name = model(pool, &r.model)?;
-    traffic
-        .rollback(&name, who, &r.reason)
-        .ok_or_else(|| RouterError::Invalid {
-            field: "model".into(),
-            message: format!("{name} has no earlier traffic policy to roll back to"),
-        })?;
-    Ok(state(traffic, pool, registry, &name))
+        let version = r.version.clone();
+        self.traffic.change(&name, who, "unload", &r.reason, |p| {
+            p.weights.remove(&version);
+            p.cohorts.retain(|_, v| *v != version);
+            p.disabled.remove(&version);
+        });
+        self.pool.remove_version(&name, &r.version);
+        self.registry.set(&format!("{name}@{}", r.version), "unloaded");
+        Ok(self.state(&name))
+    }
 }
 
 /// `StartRollout`: both versions served and different, at least one step, weights 1 to 100.
@@ -282,80 +371,6 @@ pub(crate) fn rollout_plan(pool: &Pool, r: pb::StartRolloutRequest) -> Result<Pl
     })
 }
 
-/// `LoadVersion`: checks the request, then loads in the background; the state says `loading` at once.
-pub(crate) fn load(
-    traffic: &Traffic,
-    pool: &Arc<Pool>,
-    registry: &Arc<Registry>,
-    loader: Option<&Arc<dyn VersionLoader>>,
-    limits: &crate::Limits,
-    r: pb::LoadVersionRequest,
-) -> Result<pb::TrafficState, RouterError> {
-    let invalid = |field: &str, message: String| RouterError::Invalid {
-        field: field.into(),
-        message,
-    };
-    let loader = loader.ok_or_else(|| {
-        invalid(
-            "path",
-            "this router has no in-process workers and cannot load a model; start `ferroserve worker \
-             --model-path FILE --model-version V` and route to it"
-                .into(),
-        )
-    })?;
-    let name = model(pool, &r.model)?;
-    if r.version.is_empty() || r.version.contains('@') {
-        return Err(invalid("version", "give a label without `@`, e.g. q8_0".into()));
-    }
-    let qualified = format!("{name}@{}", r.version);
-    if served(pool, &name).contains(&r.version) || registry.get(&qualified).as_deref() == Some("loading") {
-        return Err(invalid(
-            "version",
-            format!("{qualified} is already loaded or loading; unload it first"),
-        ));
-    }
-    let path = std::path::PathBuf::from(&r.path);
-    if !path.is_file() {
-        return Err(invalid("path", format!("{} is not a file on the server", r.path)));
-    }
-    if !r.validation_report.is_empty() {
-        check_validation(&r.validation_report, &path)?;
-    }
-    let defaults = crate::generation_defaults(&r.system_prompt, r.sampling, r.stop, limits)?;
-    let spec = LoadSpec {
-        name: name.clone(),
-        version: r.version,
-        path,
-        defaults,
-    };
-    start_load(pool, registry, loader, spec);
-    Ok(state(traffic, pool, registry, &name))
-}
-
-/// Loads `spec` in the background: `loading`, then `ready` (it joins the pool) or `failed: why` (nothing
-/// else changes).
-pub(crate) fn start_load(pool: &Arc<Pool>, registry: &Arc<Registry>, loader: &Arc<dyn VersionLoader>, spec: LoadSpec) {
-    let qualified = format!("{}@{}", spec.name, spec.version);
-    registry.set(&qualified, "loading");
-    let progress: Progress = {
-        let (registry, qualified) = (Arc::clone(registry), qualified.clone());
-        Arc::new(move |done: f32| registry.set(&qualified, format!("loading {:.0} %", done * 100.0)))
-    };
-    let (pool, registry, load) = (Arc::clone(pool), Arc::clone(registry), loader.load(spec, progress));
-    tokio::spawn(async move {
-        match load.await {
-            Ok(backend) => {
-                pool.add(backend);
-                registry.set(&qualified, "ready");
-            }
-            Err(e) => {
-                tracing::warn!(version = %qualified, error = %e, "loading a version failed; nothing changed");
-                registry.set(&qualified, format!("failed: {e}"));
-            }
-        }
-    });
-}
-
 /// The report must be a passed validation of this very file.
 fn check_validation(report: &str, candidate: &std::path::Path) -> Result<(), RouterError> {
     let invalid = |message: String| RouterError::Invalid {
@@ -382,34 +397,4 @@ fn check_validation(report: &str, candidate: &std::path::Path) -> Result<(), Rou
         )));
     }
     Ok(())
-}
-
-/// `UnloadVersion`: refused for a model's last version, so that unloading never leaves it unserved.
-pub(crate) fn unload(
-    traffic: &Traffic,
-    pool: &Pool,
-    registry: &Registry,
-    who: &str,
-    r: pb::VersionRequest,
-) -> Result<pb::TrafficState, RouterError> {
-    let name = model(pool, &r.model)?;
-    check_version(pool, &name, &r.version, "version")?;
-    if served(pool, &name).len() < 2 {
-        return Err(RouterError::Invalid {
-            field: "version".into(),
-            message: format!(
-                "{name}@{} is the last version serving {name}; load another first",
-                r.version
-            ),
-        });
-    }
-    let version = r.version.clone();
-    traffic.change(&name, who, "unload", &r.reason, |p| {
-        p.weights.remove(&version);
-        p.cohorts.retain(|_, v| *v != version);
-        p.disabled.remove(&version);
-    });
-    pool.remove_version(&name, &r.version);
-    registry.set(&format!("{name}@{}", r.version), "unloaded");
-    Ok(state(traffic, pool, registry, &name))
 }
