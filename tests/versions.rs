@@ -180,6 +180,12 @@ async fn versions_load_and_unload_while_serving() {
         .into_inner();
     let loading = started.versions.iter().find(|v| v.version == "q8_0").unwrap();
     assert!(loading.state.starts_with("loading"), "{}", loading.state);
+    let twice = admin.load_version(load("q8_0", &q8, "")).await.unwrap_err();
+    assert!(
+        twice.message().contains("already loaded or loading"),
+        "{}",
+        twice.message()
+    );
     let during = c.generate(pinned("q4_1")).await.unwrap().into_inner();
     assert_eq!(during.model_version, "smollm2-135m-instruct@q4_1");
     let state = until_state(&mut admin, "q8_0", "ready").await;

@@ -196,10 +196,19 @@ impl Pool {
 
     /// The versions of `name` that have a healthy worker, in join order.
     pub fn healthy_versions(&self, name: &str) -> Vec<String> {
+        self.versions_where(name, |m| m.healthy.load(Ordering::Relaxed))
+    }
+
+    /// Every version of `name` some worker serves, healthy or not, in join order.
+    pub fn versions(&self, name: &str) -> Vec<String> {
+        self.versions_where(name, |_| true)
+    }
+
+    fn versions_where(&self, name: &str, keep: impl Fn(&Member) -> bool) -> Vec<String> {
         let mut versions: Vec<String> = Vec::new();
         for m in self.members() {
             let info = m.backend.model();
-            if info.name == name && m.healthy.load(Ordering::Relaxed) && !versions.contains(&info.version) {
+            if info.name == name && keep(&m) && !versions.contains(&info.version) {
                 versions.push(info.version.clone());
             }
         }

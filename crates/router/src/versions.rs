@@ -45,19 +45,8 @@ pub(crate) fn model(pool: &Pool, requested: &str) -> Result<String, RouterError>
     }
 }
 
-/// Every version of `name` some worker serves, healthy or not.
-fn served(pool: &Pool, name: &str) -> Vec<String> {
-    let mut versions: Vec<String> = Vec::new();
-    for m in pool.models() {
-        if m.name == name && !versions.contains(&m.version) {
-            versions.push(m.version);
-        }
-    }
-    versions
-}
-
 fn check_version(pool: &Pool, name: &str, version: &str, field: &str) -> Result<(), RouterError> {
-    let served = served(pool, name);
+    let served = pool.versions(name);
     if served.iter().any(|v| v == version) {
         return Ok(());
     }
@@ -89,7 +78,7 @@ impl Versions {
     fn state(&self, name: &str) -> pb::TrafficState {
         let policy = self.traffic.policy(name);
         let workers = self.pool.workers();
-        let mut versions = served(&self.pool, name);
+        let mut versions = self.pool.versions(name);
         for v in policy.weights.keys().cloned().chain(self.registry.versions(name)) {
             if !versions.contains(&v) {
                 versions.push(v);
@@ -257,7 +246,8 @@ impl Versions {
             return Err(invalid("version", "give a label without `@`, e.g. q8_0".into()));
         }
         let qualified = format!("{name}@{}", r.version);
-        if served(&self.pool, &name).contains(&r.version) || self.registry.get(&qualified).as_deref() == Some("loading")
+        if self.pool.versions(&name).contains(&r.version)
+            || self.registry.get(&qualified).is_some_and(|s| s.starts_with("loading"))
         {
             return Err(invalid(
                 "version",
@@ -314,7 +304,7 @@ impl Versions {
     pub(crate) fn unload(&self, who: &str, r: pb::VersionRequest) -> Result<pb::TrafficState, RouterError> {
         let name = model(&self.pool, &r.model)?;
         check_version(&self.pool, &name, &r.version, "version")?;
-        if served(&self.pool, &name).len() < 2 {
+        if self.pool.versions(&name).len() < 2 {
             return Err(RouterError::Invalid {
                 field: "version".into(),
                 message: format!(
