@@ -30,15 +30,16 @@ pub struct GenerateArgs {
     /// Most tokens to generate.
     #[arg(long, default_value_t = 256)]
     pub max_tokens: u32,
-    /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
-    pub temperature: f32,
+    /// Sampling temperature; 0 is greedy. Without any sampling flag the serving version's default sampling
+    /// applies (greedy unless the version sets one).
+    #[arg(long)]
+    pub temperature: Option<f32>,
     /// Nucleus sampling mass in (0, 1].
     #[arg(long)]
     pub top_p: Option<f32>,
     /// Keep only the k most likely tokens (0: no limit).
-    #[arg(long, default_value_t = 0)]
-    pub top_k: u32,
+    #[arg(long)]
+    pub top_k: Option<u32>,
     /// Sampler seed, for reproducible sampling.
     #[arg(long)]
     pub seed: Option<u64>,
@@ -78,6 +79,24 @@ pub struct GenerateArgs {
 }
 
 impl GenerateArgs {
+    /// The sampling settings the flags ask for; `None` without any flag, so that the version's apply.
+    fn sampling(&self) -> Option<pb::SamplingParams> {
+        let any = self.temperature.is_some()
+            || self.top_p.is_some()
+            || self.top_k.is_some()
+            || self.seed.is_some()
+            || self.repetition_penalty.is_some()
+            || self.ignore_eos;
+        any.then(|| pb::SamplingParams {
+            temperature: self.temperature.unwrap_or(0.0),
+            top_p: self.top_p,
+            top_k: self.top_k.unwrap_or(0),
+            seed: self.seed,
+            repetition_penalty: self.repetition_penalty,
+            ignore_eos: self.ignore_eos,
+        })
+    }
+
     fn request(&self) -> anyhow::Result<pb::GenerateRequest> {
         let mut messages = Vec::new();
         let mut prompt = String::new();
@@ -112,14 +131,7 @@ impl GenerateArgs {
             prompt,
             messages,
             max_tokens: self.max_tokens,
-            sampling: Some(pb::SamplingParams {
-                temperature: self.temperature,
-                top_p: self.top_p,
-                top_k: self.top_k,
-                seed: self.seed,
-                repetition_penalty: self.repetition_penalty,
-                ignore_eos: self.ignore_eos,
-            }),
+            sampling: self.sampling(),
             stop: self.stop.clone(),
             request_id: self.request_id.clone(),
             priority: self.priority,
@@ -256,4 +268,37 @@ pub async fn run(args: GenerateArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: GenerateArgs,
+    }
+
+    fn request(flags: &[&str]) -> pb::GenerateRequest {
+        let mut argv = vec!["generate"];
+        argv.extend_from_slice(flags);
+        argv.push("Hi");
+        Cli::try_parse_from(argv).unwrap().args.request().unwrap()
+    }
+
+    #[test]
+    fn without_sampling_flags_the_versions_defaults_apply() {
+        assert_eq!(request(&[]).sampling, None);
+        let s = request(&["--temperature", "0.8", "--top-k", "40"]).sampling.unwrap();
+        assert_eq!((s.temperature, s.top_k, s.top_p), (0.8, 40, None));
+        let greedy = request(&["--temperature", "0"]).sampling.unwrap();
+        assert_eq!(
+            greedy.temperature, 0.0,
+            "explicitly greedy, whatever the version's default"
+        );
+        assert!(request(&["--seed", "7"]).sampling.is_some());
+    }
 }

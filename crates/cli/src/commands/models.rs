@@ -243,7 +243,8 @@ pub async fn run(a: ModelsArgs) -> anyhow::Result<()> {
                 .list_versions(request(&a.conn, &a.operator, message)?)
                 .await
                 .map_err(status_error)?;
-            print_versions(&list.into_inner());
+            let list = list.into_inner();
+            print_versions(&list.model, &list.versions);
             return Ok(());
         }
         ModelsCommand::History => {
@@ -351,13 +352,13 @@ pub async fn run(a: ModelsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_versions(l: &pb::ListVersionsResponse) {
-    println!("{}", l.model);
+fn print_versions(model: &str, versions: &[pb::VersionState]) {
+    println!("{model}");
     println!(
         "  {:<16} {:<12} {:>7} {:>8} {:>9}  defaults",
         "version", "state", "share", "workers", "in flight"
     );
-    for v in &l.versions {
+    for v in versions {
         println!(
             "  {:<16} {:<12} {:>6.1}% {:>4}/{:<3} {:>9}  {}",
             v.version,
@@ -394,18 +395,7 @@ fn defaults_summary(v: &pb::VersionState) -> String {
 }
 
 fn print_state(s: &pb::TrafficState) {
-    println!("{}", s.model);
-    println!("  {:<16} {:>7} {:>8}  state", "version", "share", "workers");
-    for v in &s.versions {
-        println!(
-            "  {:<16} {:>6.1}% {:>4}/{:<3}  {}",
-            v.version,
-            v.share * 100.0,
-            v.healthy_workers,
-            v.workers,
-            v.state
-        );
-    }
+    print_versions(&s.model, &s.versions);
     if s.weights.is_empty() {
         println!("  no split: unpinned requests go to the least loaded worker of any version");
     }
