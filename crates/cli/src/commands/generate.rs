@@ -30,22 +30,13 @@ pub struct GenerateArgs {
     /// Most tokens to generate.
     #[arg(long, default_value_t = 256)]
     pub max_tokens: u32,
-    /// Sampling temperature; 0 is greedy. Without any sampling flag the serving version's default sampling
-    /// applies (greedy unless the version sets one).
-    #[arg(long)]
-    pub temperature: Option<f32>,
-    /// Nucleus sampling mass in (0, 1].
-    #[arg(long)]
-    pub top_p: Option<f32>,
-    /// Keep only the k most likely tokens (0: no limit).
-    #[arg(long)]
-    pub top_k: Option<u32>,
+    /// Sampling. Without any sampling flag the serving version's default sampling applies (greedy unless
+    /// the version sets one).
+    #[command(flatten)]
+    pub sampling: super::SamplingFlags,
     /// Sampler seed, for reproducible sampling.
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Penalty for tokens already in the context (1: none).
-    #[arg(long)]
-    pub repetition_penalty: Option<f32>,
     /// Keep generating past the end-of-sequence token, up to --max-tokens (for benchmarks).
     #[arg(long)]
     pub ignore_eos: bool,
@@ -81,19 +72,11 @@ pub struct GenerateArgs {
 impl GenerateArgs {
     /// The sampling settings the flags ask for; `None` without any flag, so that the version's apply.
     fn sampling(&self) -> Option<pb::SamplingParams> {
-        let any = self.temperature.is_some()
-            || self.top_p.is_some()
-            || self.top_k.is_some()
-            || self.seed.is_some()
-            || self.repetition_penalty.is_some()
-            || self.ignore_eos;
+        let any = self.sampling.any() || self.seed.is_some() || self.ignore_eos;
         any.then(|| pb::SamplingParams {
-            temperature: self.temperature.unwrap_or(0.0),
-            top_p: self.top_p,
-            top_k: self.top_k.unwrap_or(0),
             seed: self.seed,
-            repetition_penalty: self.repetition_penalty,
             ignore_eos: self.ignore_eos,
+            ..self.sampling.to_wire()
         })
     }
 

@@ -81,19 +81,10 @@ pub struct LoadArgs {
     /// The version's system prompt [default: the server's].
     #[arg(long, default_value = "")]
     pub system_prompt: String,
-    /// Its sampling temperature for requests that send no sampling; any sampling flag sets the version's
-    /// sampling (the others at their request defaults) [default: the server's].
-    #[arg(long)]
-    pub temperature: Option<f32>,
-    /// Its nucleus sampling mass.
-    #[arg(long)]
-    pub top_p: Option<f32>,
-    /// Its top-k limit.
-    #[arg(long)]
-    pub top_k: Option<u32>,
-    /// Its repetition penalty.
-    #[arg(long)]
-    pub repetition_penalty: Option<f32>,
+    /// Its sampling for requests that send none; any flag sets the version's sampling, the others at their
+    /// request defaults [default: the server's].
+    #[command(flatten)]
+    pub sampling: super::SamplingFlags,
     /// A stop string added to every request's own; repeat for more [default: the server's].
     #[arg(long = "stop", value_name = "TEXT")]
     pub stop: Vec<String>,
@@ -298,17 +289,7 @@ pub async fn run(a: ModelsArgs) -> anyhow::Result<()> {
                 version: l.label,
                 path: absolute(&l.path).display().to_string(),
                 system_prompt: l.system_prompt,
-                sampling: (l.temperature.is_some()
-                    || l.top_p.is_some()
-                    || l.top_k.is_some()
-                    || l.repetition_penalty.is_some())
-                .then(|| pb::SamplingParams {
-                    temperature: l.temperature.unwrap_or(0.0),
-                    top_p: l.top_p,
-                    top_k: l.top_k.unwrap_or(0),
-                    repetition_penalty: l.repetition_penalty,
-                    ..Default::default()
-                }),
+                sampling: l.sampling.any().then(|| l.sampling.to_wire()),
                 stop: l.stop,
                 validation_report: l
                     .validation_report
