@@ -21,7 +21,8 @@ use crate::config::Settings;
 /// request, the server's for a version.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct SamplingFlags {
-    /// Sampling temperature; 0 is greedy.
+    /// Sampling temperature; 0 is greedy. With no sampling flag at all, sampling is left to the serving
+    /// version's default (`generate`) or the server's (`models load`).
     #[arg(long)]
     pub temperature: Option<f32>,
     /// Nucleus sampling mass in (0, 1].
