@@ -41,7 +41,6 @@ async fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<TcpListe
         .with_context(|| format!("cannot listen on {addr} for the {what}; is another server using it?"))
 }
 
-/// Loads the model on a blocking thread and starts its engine.
 /// Things already loaded in this process, by canonical file path, held weakly: versions loaded from the
 /// same file (differing only in their generation defaults) share one copy of the weights.
 struct Shared<T>(Mutex<HashMap<PathBuf, Weak<T>>>);
@@ -77,6 +76,7 @@ impl<T> Shared<T> {
 /// The model weights loaded in this process.
 type Weights = Shared<BatchedLlama>;
 
+/// Loads the model on a blocking thread and starts its engine.
 async fn load_engine(settings: &Settings, path: PathBuf, weights: Arc<Weights>) -> anyhow::Result<Arc<EngineHandle>> {
     load_engine_reporting(settings, path, weights, Arc::new(|_| {}), Foreground).await
 }
@@ -96,6 +96,8 @@ enum LoadPriority {
 }
 use LoadPriority::{Background, Foreground};
 
+/// Loads the model at `priority`, reporting progress, sharing weights already loaded from the same file,
+/// and starts its engine.
 async fn load_engine_reporting(
     settings: &Settings,
     path: PathBuf,
