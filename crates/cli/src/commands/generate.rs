@@ -33,7 +33,7 @@ pub struct GenerateArgs {
     /// Sampling. Without any sampling flag the serving version's default sampling applies (greedy unless
     /// the version sets one).
     #[command(flatten)]
-    pub sampling: super::SamplingFlags,
+    pub sampling: crate::config::SamplingSettings,
     /// Sampler seed, for reproducible sampling.
     #[arg(long)]
     pub seed: Option<u64>,

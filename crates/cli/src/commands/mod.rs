@@ -16,44 +16,6 @@ use ferroserve_model::fetch::{self, Progress};
 
 use crate::config::Settings;
 
-/// Sampling flags, shared by `generate` (a request's sampling) and `models load` (a version's default).
-/// Giving none leaves sampling unset, so that the level above applies: the version's default for a
-/// request, the server's for a version.
-#[derive(Debug, Clone, Default, clap::Args)]
-pub struct SamplingFlags {
-    /// Sampling temperature; 0 is greedy. With no sampling flag at all, sampling is left to the serving
-    /// version's default (`generate`) or the server's (`models load`).
-    #[arg(long)]
-    pub temperature: Option<f32>,
-    /// Nucleus sampling mass in (0, 1].
-    #[arg(long)]
-    pub top_p: Option<f32>,
-    /// Keep only the k most likely tokens (0: no limit).
-    #[arg(long)]
-    pub top_k: Option<u32>,
-    /// Penalty for tokens already in the context (1: none).
-    #[arg(long)]
-    pub repetition_penalty: Option<f32>,
-}
-
-impl SamplingFlags {
-    /// Whether any flag was given.
-    pub fn any(&self) -> bool {
-        self.temperature.is_some() || self.top_p.is_some() || self.top_k.is_some() || self.repetition_penalty.is_some()
-    }
-
-    /// The flags as sampling settings, the ones not given at their request defaults.
-    pub fn to_wire(&self) -> ferroserve_proto::v1::SamplingParams {
-        ferroserve_proto::v1::SamplingParams {
-            temperature: self.temperature.unwrap_or(0.0),
-            top_p: self.top_p,
-            top_k: self.top_k.unwrap_or(0),
-            repetition_penalty: self.repetition_penalty,
-            ..Default::default()
-        }
-    }
-}
-
 /// The GGUF to serve: `model.path` if set, else the default model, fetched into the cache if absent.
 pub fn resolve_model(settings: &Settings, progress: &dyn Progress) -> anyhow::Result<PathBuf> {
     match &settings.model_path {

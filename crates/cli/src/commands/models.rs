@@ -84,7 +84,7 @@ pub struct LoadArgs {
     /// Its sampling for requests that send none; any flag sets the version's sampling, the others at their
     /// request defaults [default: the server's].
     #[command(flatten)]
-    pub sampling: super::SamplingFlags,
+    pub sampling: crate::config::SamplingSettings,
     /// A stop string added to every request's own; repeat for more [default: the server's].
     #[arg(long = "stop", value_name = "TEXT")]
     pub stop: Vec<String>,

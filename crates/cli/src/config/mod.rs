@@ -20,7 +20,7 @@ use ferroserve_telemetry::cost::Price;
 use serde::Deserialize;
 
 mod versions;
-pub use versions::{SamplingSection, TrafficSection, VersionSection};
+pub use versions::{SamplingSettings, TrafficSection, VersionSection};
 
 /// The config file as written. Unknown keys are errors, so typos do not pass silently.
 #[derive(Debug, Default, Deserialize)]
@@ -265,7 +265,7 @@ pub struct ModelSection {
     /// System message for conversations that bring none; empty leaves it to the model's chat template.
     pub system_prompt: String,
     /// Sampling for requests that send none [default: greedy].
-    pub sampling: Option<SamplingSection>,
+    pub sampling: Option<SamplingSettings>,
     /// Stop strings added to every request's own.
     pub stop: Vec<String>,
     /// More versions of this model that `serve` loads at startup, in the background (`[[model.versions]]`).

@@ -25,33 +25,46 @@ pub struct VersionSection {
     pub system_prompt: Option<String>,
     /// Its sampling for requests that send none [default: `model.sampling`].
     #[serde(default)]
-    pub sampling: Option<SamplingSection>,
+    pub sampling: Option<SamplingSettings>,
     /// Its stop strings [default: `model.stop`].
     #[serde(default)]
     pub stop: Option<Vec<String>>,
 }
 
-/// `sampling = { temperature = 0.7, top_p = 0.9 }`: how a version samples for requests that send no
-/// sampling settings. Leaving it out means greedy.
-#[derive(Debug, Clone, Copy, Default, Deserialize)]
+/// Sampling settings left open where not given, in the config (`sampling = { temperature = 0.7,
+/// top_p = 0.9 }`, a version's default for requests that send none) and on the command line (`generate`'s
+/// request sampling, `models load`'s version default). Giving none leaves sampling to the level above: the
+/// version's default for a request, the server's for a version, greedy for the server.
+#[derive(Debug, Clone, Copy, Default, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields, default)]
-pub struct SamplingSection {
-    /// 0 means greedy.
-    pub temperature: f32,
-    /// Nucleus mass in (0, 1] [default: 1].
+pub struct SamplingSettings {
+    /// Sampling temperature; 0 is greedy. With no sampling flag at all, sampling is left to the serving
+    /// version's default (`generate`) or the server's (`models load`).
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    /// Nucleus sampling mass in (0, 1].
+    #[arg(long)]
     pub top_p: Option<f32>,
-    /// 0 means no limit.
-    pub top_k: u32,
-    /// Above 1 discourages repeats [default: 1].
+    /// Keep only the k most likely tokens (0: no limit).
+    #[arg(long)]
+    pub top_k: Option<u32>,
+    /// Penalty for tokens already in the context (1: none).
+    #[arg(long)]
     pub repetition_penalty: Option<f32>,
 }
 
-impl SamplingSection {
-    fn to_wire(self) -> pb::SamplingParams {
+impl SamplingSettings {
+    /// Whether any setting was given.
+    pub fn any(&self) -> bool {
+        self.temperature.is_some() || self.top_p.is_some() || self.top_k.is_some() || self.repetition_penalty.is_some()
+    }
+
+    /// The settings on the wire, the ones not given at their request defaults.
+    pub fn to_wire(&self) -> pb::SamplingParams {
         pb::SamplingParams {
-            temperature: self.temperature,
+            temperature: self.temperature.unwrap_or(0.0),
             top_p: self.top_p,
-            top_k: self.top_k,
+            top_k: self.top_k.unwrap_or(0),
             repetition_penalty: self.repetition_penalty,
             ..Default::default()
         }
@@ -156,11 +169,17 @@ fn traffic(t: &TrafficSection, labels: &[&str], remote: bool) -> Result<Policy, 
 fn defaults(
     key: &str,
     system_prompt: &str,
-    sampling: Option<SamplingSection>,
+    sampling: Option<SamplingSettings>,
     stop: Vec<String>,
     limits: &Limits,
 ) -> Result<GenerationDefaults, ConfigError> {
-    generation_defaults(system_prompt, sampling.map(SamplingSection::to_wire), stop, limits).map_err(|e| match e {
+    generation_defaults(
+        system_prompt,
+        sampling.as_ref().map(SamplingSettings::to_wire),
+        stop,
+        limits,
+    )
+    .map_err(|e| match e {
         RouterError::Invalid { field, message } => err(&format!("{key}.{field}"), message),
         other => err(key, other.to_string()),
     })
