@@ -27,6 +27,14 @@ fn limits() -> AdmissionLimits {
     }
 }
 
+/// A version request naming the canary, other fields at their defaults.
+fn canary_request() -> pb::VersionRequest {
+    pb::VersionRequest {
+        version: "canary".into(),
+        ..Default::default()
+    }
+}
+
 async fn harness() -> Harness {
     let h = Harness::start(Options {
         versions: vec!["stable".into(), "canary".into()],
@@ -171,9 +179,8 @@ async fn disable_and_rollback_under_streaming_load_fail_no_request() {
         let state = admin
             .disable_version(operator(
                 pb::VersionRequest {
-                    version: "canary".into(),
                     reason: "error rate".into(),
-                    ..Default::default()
+                    ..canary_request()
                 },
                 "bob",
             ))
@@ -483,9 +490,8 @@ async fn disable_drains_requests_in_flight_or_cancels_them_with_a_reason() {
         let disabled = admin
             .disable_version(admin_request(
                 pb::VersionRequest {
-                    version: "canary".into(),
                     cancel_in_flight: cancel,
-                    ..Default::default()
+                    ..canary_request()
                 },
                 "admin",
             ))
@@ -545,13 +551,7 @@ async fn disable_drains_requests_in_flight_or_cancels_them_with_a_reason() {
             assert_eq!(state, "disabled");
         }
         admin
-            .enable_version(admin_request(
-                pb::VersionRequest {
-                    version: "canary".into(),
-                    ..Default::default()
-                },
-                "admin",
-            ))
+            .enable_version(admin_request(canary_request(), "admin"))
             .await
             .unwrap();
     }
@@ -564,13 +564,7 @@ async fn an_operators_kill_switch_stops_a_rollout_instead_of_being_overridden() 
     let mut admin = h.admin().await;
     start_rollout(&mut admin).await;
     admin
-        .disable_version(admin_request(
-            pb::VersionRequest {
-                version: "canary".into(),
-                ..Default::default()
-            },
-            "admin",
-        ))
+        .disable_version(admin_request(canary_request(), "admin"))
         .await
         .unwrap();
     let (state, failed) = drive(&h, &mut admin).await;
