@@ -38,8 +38,19 @@ impl Sampler {
         }
     }
 
-    /// Picks the next token from `logits` (modified in place) and records it in the context.
+    /// Picks the next token from `logits` (modified in place) and records it in the context. Any logits
+    /// are handled: NaN counts as impossible, +inf as the largest finite value, and when nothing is
+    /// possible every token is equally likely, so the choice is always a token of the vocabulary and the
+    /// reported figures are finite.
     pub fn sample(&mut self, logits: &mut [f32]) -> Sampled {
+        if logits.is_empty() {
+            return Sampled {
+                token: 0,
+                logprob: 0.0,
+                entropy: 0.0,
+            };
+        }
+        sanitize(logits);
         let (lse, entropy) = lse_and_entropy(logits);
         // The penalty rewrites logits; keep the originals of the tokens it touches for the logprob.
         let mut originals = Vec::new();
@@ -51,26 +62,32 @@ impl Sampler {
                     *l = if *l > 0.0 { *l / p } else { *l * p };
                 }
             }
+            sanitize(logits);
         }
-        let token = if self.params.is_greedy() {
+        let inv_t = 1.0 / self.params.temperature;
+        let token = if self.params.is_greedy() || !inv_t.is_finite() {
             argmax(logits)
         } else {
-            self.sample_random(logits)
+            self.sample_random(logits, inv_t)
         };
         self.seen.insert(token);
         let raw = originals
             .iter()
             .find(|(t, _)| *t == token)
             .map_or(logits[token as usize], |(_, l)| *l);
+        let logprob = raw - lse;
         Sampled {
             token,
-            logprob: raw - lse,
+            logprob: if logprob.is_finite() {
+                logprob.min(0.0)
+            } else {
+                f32::MIN
+            },
             entropy,
         }
     }
 
-    fn sample_random(&mut self, logits: &[f32]) -> u32 {
-        let inv_t = 1.0 / self.params.temperature;
+    fn sample_random(&mut self, logits: &[f32], inv_t: f32) -> u32 {
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         // Candidates as (token, unnormalised probability), most likely first once truncated.
         let mut cands: Vec<(u32, f32)> = logits
@@ -111,16 +128,39 @@ impl Sampler {
     }
 }
 
+/// NaN becomes impossible (-inf) and +inf the largest finite logit; when no token is possible, all are
+/// equally likely (0).
+fn sanitize(logits: &mut [f32]) {
+    let mut any = false;
+    for l in logits.iter_mut() {
+        if l.is_nan() {
+            *l = f32::NEG_INFINITY;
+        } else if *l == f32::INFINITY {
+            *l = f32::MAX;
+        }
+        any |= *l > f32::NEG_INFINITY;
+    }
+    if !any {
+        logits.fill(0.0);
+    }
+}
+
 /// `log Σ exp(l)` and the entropy `-Σ p log p` of `softmax(logits)`, in one pass over the vocabulary:
-/// with `m = max l`, `Z = Σ e^(l-m)` and `S = Σ e^(l-m)·l`, `lse = m + ln Z` and `H = lse - S/Z`.
+/// with `m = max l`, `Z = Σ e^(l-m)` and `S = Σ e^(l-m)·(l-m)`, `lse = m + ln Z` and `H = ln Z - S/Z`.
+/// Impossible tokens (-inf) add nothing. Expects [`sanitize`]d logits (some finite).
 fn lse_and_entropy(logits: &[f32]) -> (f32, f32) {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let (z, s) = logits.iter().fold((0.0f32, 0.0f32), |(z, s), &l| {
-        let e = (l - max).exp();
-        (z + e, s + e * l)
-    });
+    let (z, s) = logits
+        .iter()
+        .filter(|l| **l > f32::NEG_INFINITY)
+        .fold((0.0f32, 0.0f32), |(z, s), &l| {
+            let d = l - max;
+            let e = d.exp();
+            (z + e, s + e * d)
+        });
     let lse = max + z.ln();
-    (lse, (lse - s / z).max(0.0))
+    let entropy = z.ln() - s / z;
+    (lse, if entropy.is_finite() { entropy.max(0.0) } else { 0.0 })
 }
 
 fn argmax(logits: &[f32]) -> u32 {
@@ -208,5 +248,36 @@ mod tests {
         assert_eq!(s.sample(&mut [3.0, 2.0]).token, 1);
         // Now 1 is seen too; a negative logit is pushed further down.
         assert_eq!(s.sample(&mut [-1.0, -0.6, -1.0]).token, 2);
+    }
+
+    #[test]
+    fn hostile_logits_and_settings_still_give_a_token_and_finite_figures() {
+        let cases: Vec<Vec<f32>> = vec![
+            vec![f32::NAN; 5],
+            vec![f32::NEG_INFINITY; 5],
+            vec![f32::INFINITY, 1.0, f32::INFINITY],
+            vec![f32::MIN_POSITIVE / 4.0, f32::NAN, -3.0],
+            vec![f32::MAX, -f32::MAX, 0.0],
+        ];
+        for temperature in [0.0, 1e-38, 1e-5, 1.0, 100.0] {
+            for penalty in [1.0, 1e-30, 100.0] {
+                for logits in &cases {
+                    let p = Sampling {
+                        temperature,
+                        repetition_penalty: penalty,
+                        top_p: 0.9,
+                        top_k: 2,
+                        ..Sampling::GREEDY
+                    };
+                    let out = Sampler::new(p, &[0, 1]).sample(&mut logits.clone());
+                    assert!(
+                        (out.token as usize) < logits.len(),
+                        "{logits:?} t={temperature} p={penalty}"
+                    );
+                    assert!(out.logprob.is_finite() && out.logprob <= 0.0, "{out:?} {logits:?}");
+                    assert!(out.entropy.is_finite() && out.entropy >= 0.0, "{out:?} {logits:?}");
+                }
+            }
+        }
     }
 }
