@@ -20,6 +20,10 @@ use governor::nanos::Nanos;
 use governor::state::{NotKeyed, StateStore};
 use governor::{Quota, RateLimiter};
 
+/// The slowest rate a bucket takes: one cell a day. Slower ones overflow governor's clock arithmetic, and a
+/// limit that low is a mistake; switch the limit off instead.
+const MAX_INTERVAL: Duration = Duration::from_secs(86_400);
+
 /// A rate with a burst: `amount` cells every `per`, at most `burst` at once.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Rate {
@@ -32,9 +36,14 @@ pub struct Rate {
 }
 
 impl Rate {
-    /// The time one cell takes to replenish.
+    /// The time one cell takes to replenish; `None` when it overflows a `Duration` (a rate too small).
+    fn checked_interval(&self) -> Option<Duration> {
+        Duration::try_from_secs_f64(self.per.as_secs_f64() / self.amount).ok()
+    }
+
+    /// The time one cell takes to replenish. [`Rate::check`] guarantees it is representable.
     fn interval(&self) -> Duration {
-        self.per.div_f64(self.amount)
+        self.checked_interval().unwrap_or(MAX_INTERVAL)
     }
 
     /// governor's quota for this rate.
@@ -53,12 +62,16 @@ impl Rate {
         if self.burst == 0 {
             return Err(format!("{what} burst must be at least 1"));
         }
-        if self.interval() < Duration::from_nanos(1) {
-            return Err(format!(
+        match self.checked_interval() {
+            Some(i) if i < Duration::from_nanos(1) => Err(format!(
                 "{what} is too high to enforce (one cell per nanosecond at most)"
-            ));
+            )),
+            Some(i) if i <= MAX_INTERVAL => Ok(()),
+            _ => Err(format!(
+                "{what} is too low to enforce (at least one per day; got {})",
+                self.amount
+            )),
         }
-        Ok(())
     }
 }
 

@@ -195,6 +195,20 @@ mod tests {
     }
 
     #[test]
+    fn rates_too_small_or_too_large_are_refused_not_panicked_on() {
+        for amount in [1e-300, 1e-9, f64::MIN_POSITIVE, 1e300, f64::MAX] {
+            let r = rate(amount, Duration::from_secs(1), Some(1), "requests_per_second");
+            assert!(r.is_err(), "{amount}");
+        }
+        let patch = LimitsPatch {
+            requests_per_second: Some(1e-300),
+            ..LimitsPatch::default()
+        };
+        assert!(TenantLimits::default().patched(&patch).is_err());
+        assert!(rate(1.0 / 86_400.0, Duration::from_secs(1), Some(1), "x").is_ok());
+    }
+
+    #[test]
     fn the_server_keeps_a_concurrency_cap() {
         let e = ServerLimits::default()
             .patched(&LimitsPatch {
