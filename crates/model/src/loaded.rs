@@ -39,26 +39,80 @@ pub struct TextCodec {
 }
 
 impl TextCodec {
-    /// The prompt token ids for an input: raw text as-is, or a conversation through the chat template.
+    /// The prompt token ids for an input: raw text as-is (control tokens in it are the caller's own
+    /// formatting), or a conversation through the chat template, where what a message says is only ever
+    /// text: a `<|im_start|>` inside a message cannot open a forged turn.
     pub fn prompt_ids(&self, input: &Input) -> Result<Vec<u32>, ModelError> {
         match input {
             Input::Prompt(text) => self.tokenizer.encode(text),
             Input::Chat(messages) => {
-                let rendered = match &self.system_prompt {
+                let with_system;
+                let messages = match &self.system_prompt {
                     Some(system) if messages.iter().all(|m| m.role != Role::System) => {
-                        let mut with_system = Vec::with_capacity(messages.len() + 1);
-                        with_system.push(ChatMessage {
+                        with_system = std::iter::once(ChatMessage {
                             role: Role::System,
                             content: system.clone(),
-                        });
-                        with_system.extend_from_slice(messages);
-                        self.chat.render(&with_system, true)?
+                        })
+                        .chain(messages.iter().cloned())
+                        .collect::<Vec<_>>();
+                        &with_system[..]
                     }
-                    _ => self.chat.render(messages, true)?,
+                    _ => messages,
                 };
-                self.tokenizer.encode(&rendered)
+                if messages.iter().all(|m| self.tokenizer.special_in(&m.content).is_none()) {
+                    // The common case: nothing in the contents can become a control token.
+                    return self.tokenizer.encode(&self.chat.render(messages, true)?);
+                }
+                self.encode_chat_literal(messages)
             }
         }
+    }
+
+    /// Renders `messages` with a placeholder for each content, then encodes the template's own text with
+    /// its control tokens and each content as plain text. A template that changes or drops a placeholder
+    /// cannot be rendered this way, so the request is refused rather than let a control token through.
+    fn encode_chat_literal(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, ModelError> {
+        // A fresh random nonce (std's hasher keys are random per instance), so no content can spell it.
+        let random = std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), messages.len());
+        let nonce = format!("@@ferroserve-content-{random:016x}-");
+        let marked: Vec<ChatMessage> = (0..messages.len())
+            .map(|i| ChatMessage {
+                role: messages[i].role,
+                content: format!("{nonce}{i}@@"),
+            })
+            .collect();
+        let rendered = self.chat.render(&marked, true)?;
+        let mut ids = Vec::new();
+        let mut seen = vec![false; messages.len()];
+        let mut rest = rendered.as_str();
+        while let Some(at) = rest.find(&nonce) {
+            ids.extend(self.tokenizer.encode(&rest[..at])?);
+            let after = &rest[at + nonce.len()..];
+            let digits = after.find("@@").map(|end| &after[..end]);
+            let i = digits
+                .and_then(|d| d.parse::<usize>().ok())
+                .filter(|i| *i < messages.len());
+            let (Some(i), Some(digits)) = (i, digits) else {
+                return Err(ModelError::Template(
+                    "the chat template changed a message placeholder".into(),
+                ));
+            };
+            seen[i] = true;
+            ids.extend(self.tokenizer.encode_literal(&messages[i].content)?);
+            rest = &after[digits.len() + 2..];
+        }
+        ids.extend(self.tokenizer.encode(rest)?);
+        if let Some(i) = (0..messages.len()).find(|&i| !seen[i] && !messages[i].content.is_empty()) {
+            let special = self
+                .tokenizer
+                .special_in(&messages[i].content)
+                .unwrap_or("a control token");
+            return Err(ModelError::Template(format!(
+                "message {i} contains `{special}`, and this model's chat template cannot carry it as plain text; \
+                 remove it from the message"
+            )));
+        }
+        Ok(ids)
     }
 }
 

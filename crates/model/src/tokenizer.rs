@@ -21,6 +21,10 @@ const TOKEN_TYPE_CONTROL: u32 = 3;
 pub struct TextTokenizer {
     /// The assembled BPE pipeline.
     inner: Tokenizer,
+    /// The same pipeline with control-token strings read as plain text: for what a client wrote.
+    literal: Tokenizer,
+    /// The control tokens' strings (`<|im_start|>` and friends).
+    specials: Vec<String>,
     /// Ids that end generation: the GGUF's EOS and, for chat models, the end-of-turn token.
     stop_ids: Vec<u32>,
     /// The EOS token's text, for chat templates that mention it.
@@ -63,15 +67,18 @@ impl TextTokenizer {
             ByteLevel::new(false, true, true).into(),
         ])));
         inner.with_decoder(Some(ByteLevelDecoder::default()));
-        let specials: Vec<AddedToken> = tokens
+        let specials: Vec<String> = tokens
             .iter()
             .zip(&types)
             .filter(|(_, ty)| **ty == TOKEN_TYPE_CONTROL)
-            .map(|(t, _)| AddedToken::from(t.clone(), true))
+            .map(|(t, _)| t.clone())
             .collect();
+        let added: Vec<AddedToken> = specials.iter().map(|t| AddedToken::from(t.clone(), true)).collect();
         inner
-            .add_special_tokens(specials)
+            .add_special_tokens(added)
             .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        let mut literal = inner.clone();
+        literal.set_encode_special_tokens(true);
 
         let token_text = |id: u32| tokens.get(id as usize).cloned().unwrap_or_default();
         let mut stop_ids = vec![eos_id];
@@ -84,6 +91,8 @@ impl TextTokenizer {
             eos_token: token_text(eos_id),
             bos_token: token_text(bos_id),
             inner,
+            literal,
+            specials,
             stop_ids,
         })
     }
@@ -94,6 +103,20 @@ impl TextTokenizer {
             .encode(text, false)
             .map(|e| e.get_ids().to_vec())
             .map_err(|e| ModelError::Tokenizer(e.to_string()))
+    }
+
+    /// Token ids for `text` read as plain text: a control-token string in it is spelled out in ordinary
+    /// tokens, never turned into the control token. For text a client wrote.
+    pub fn encode_literal(&self, text: &str) -> Result<Vec<u32>, ModelError> {
+        self.literal
+            .encode(text, false)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))
+    }
+
+    /// The first control-token string that occurs in `text`, if any.
+    pub fn special_in(&self, text: &str) -> Option<&str> {
+        self.specials.iter().map(String::as_str).find(|s| text.contains(s))
     }
 
     /// Text for `ids`, with special tokens left out.
