@@ -5,11 +5,15 @@
 //! filter under a request in flight. A swap replaces the selection atomically (arc-swap). Configs are
 //! compiled and validated before they enter the library, so a bad file never replaces a good filter.
 //! The shadow filter runs on its own thread from a bounded queue: it sees the same texts as the active one
-//! but can neither change a response nor slow one down.
+//! but can neither change a response nor slow one down. The queue is bounded in texts and in bytes, and
+//! shares each text with the request rather than copying it.
+//!
+//! The hub decides where a check runs: a heavy filter's full check (embeddings take milliseconds) goes to
+//! the blocking pool, never the async threads, for input and output alike; a cheap one runs inline.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
@@ -138,7 +142,9 @@ struct ShadowJob {
     active_id: String,
     active_blocked: bool,
     stage: Stage,
-    text: String,
+    text: Arc<str>,
+    /// Where the queued bytes are counted, released once judged.
+    queued: Arc<AtomicUsize>,
 }
 
 /// The live filter state.
@@ -155,16 +161,21 @@ pub struct FilterHub {
     capacity: usize,
     /// Texts queued for the shadow thread; full means the shadow skips a text (counted).
     shadow_tx: SyncSender<ShadowJob>,
+    /// Bytes of the texts queued for the shadow thread.
+    shadow_bytes: Arc<AtomicUsize>,
     /// Agreement of the current shadow, reset when the shadow changes.
     shadow_stats: ArcSwap<ShadowStats>,
 }
 
 /// Texts the shadow queue holds before it starts skipping.
-const SHADOW_QUEUE: usize = 1024;
+const SHADOW_QUEUE: usize = 256;
+/// Bytes of text the shadow queue holds before it starts skipping.
+const SHADOW_QUEUE_BYTES: usize = 4 << 20;
 
 fn shadow_worker(rx: std::sync::mpsc::Receiver<ShadowJob>) {
     while let Ok(job) = rx.recv() {
         let v = job.shadow.filter.check(&job.text);
+        job.queued.fetch_sub(job.text.len(), Ordering::Relaxed);
         let shadow_blocked = v.action == Action::Block;
         let (outcome, count) = match (job.active_blocked, shadow_blocked) {
             (true, true) => ("agree_block", &job.stats.agree_block),
@@ -230,6 +241,7 @@ impl FilterHub {
             recent: Mutex::new(VecDeque::new()),
             capacity: capacity.max(1),
             shadow_tx,
+            shadow_bytes: Arc::new(AtomicUsize::new(0)),
             shadow_stats: ArcSwap::from_pointee(ShadowStats::default()),
         })
     }
@@ -350,14 +362,34 @@ impl FilterHub {
     }
 
     /// Judges `text` with the selection a request holds; `None` when filtering is off. Records the
-    /// verdict, counts it, and queues the text for the shadow filter.
-    pub fn check(&self, selection: &Selection, stage: Stage, text: &str) -> Option<Verdict> {
-        self.judge(selection, stage, text, true)
+    /// verdict's latency and queues the text for the shadow filter. A heavy filter's full check runs on
+    /// the blocking pool; with `full` false (streamed output mid-sentence) the filter may run only its
+    /// cheap part, inline.
+    pub async fn check(
+        self: &Arc<Self>,
+        selection: &Arc<Selection>,
+        stage: Stage,
+        text: Arc<str>,
+        full: bool,
+    ) -> Option<Verdict> {
+        let heavy = full && selection.active.as_ref().is_some_and(|a| a.filter.is_heavy());
+        if !heavy {
+            return self.judge(selection, stage, &text, full);
+        }
+        let (hub, selection) = (Arc::clone(self), Arc::clone(selection));
+        match tokio::task::spawn_blocking(move || hub.judge(&selection, stage, &text, full)).await {
+            Ok(verdict) => verdict,
+            Err(e) => {
+                // A panic inside a filter: counted and logged; the request goes on unjudged.
+                tracing::error!(error = %e, stage = stage.label(), "filter check panicked; the text passes unjudged");
+                metrics::counter!(names::FILTER_FAILURES_TOTAL, names::LABEL_STAGE => stage.label()).increment(1);
+                None
+            }
+        }
     }
 
-    /// Like [`FilterHub::check`]; with `full` false (streamed output mid-sentence) the filter may run only
-    /// its cheap part.
-    pub fn judge(&self, selection: &Selection, stage: Stage, text: &str, full: bool) -> Option<Verdict> {
+    /// The check itself, on the caller's thread.
+    fn judge(&self, selection: &Selection, stage: Stage, text: &Arc<str>, full: bool) -> Option<Verdict> {
         let active = selection.active.as_ref().filter(|_| selection.enabled)?;
         let started = Instant::now();
         let verdict = if full {
@@ -373,17 +405,26 @@ impl FilterHub {
         Some(verdict)
     }
 
-    fn shadow(&self, shadow: &Arc<Loaded>, active: &Loaded, stage: Stage, text: &str, active_blocked: bool) {
+    fn shadow(&self, shadow: &Arc<Loaded>, active: &Loaded, stage: Stage, text: &Arc<str>, active_blocked: bool) {
+        let skipped = || metrics::counter!(names::FILTER_SHADOW_SKIPPED_TOTAL).increment(1);
+        let len = text.len();
+        if self.shadow_bytes.fetch_add(len, Ordering::Relaxed) + len > SHADOW_QUEUE_BYTES {
+            self.shadow_bytes.fetch_sub(len, Ordering::Relaxed);
+            skipped();
+            return;
+        }
         let job = ShadowJob {
             stats: self.shadow_stats.load_full(),
             shadow: Arc::clone(shadow),
             active_id: active.id.clone(),
             active_blocked,
             stage,
-            text: text.to_string(),
+            text: Arc::clone(text),
+            queued: Arc::clone(&self.shadow_bytes),
         };
-        if let Err(TrySendError::Full(_)) = self.shadow_tx.try_send(job) {
-            metrics::counter!(names::FILTER_SHADOW_SKIPPED_TOTAL).increment(1);
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = self.shadow_tx.try_send(job) {
+            self.shadow_bytes.fetch_sub(len, Ordering::Relaxed);
+            skipped();
         }
     }
 

@@ -59,12 +59,12 @@ impl OutputGuard {
 
     /// Judges the output so far with `chunk` added. Returns the text that may go to the client now, or the
     /// blocking verdict (recorded): send nothing more and stop the generation.
-    pub fn push(&mut self, chunk: &str) -> Result<String, Verdict> {
+    pub async fn push(&mut self, chunk: &str) -> Result<String, Verdict> {
         self.text.push_str(chunk);
-        let window = &self.text[tail_start(&self.text, WINDOW_CHARS)..];
+        let window: Arc<str> = Arc::from(&self.text[tail_start(&self.text, WINDOW_CHARS)..]);
         // The full check (embeddings too) at sentence ends; the cheap one in between.
         let full = chunk.contains(['.', '!', '?', '\n']);
-        self.judge(window.to_string(), full)?;
+        self.judge(window, full).await?;
         // Release up to the last character that ends a word.
         let pending = &self.text[self.released..];
         let cut = pending
@@ -78,9 +78,9 @@ impl OutputGuard {
     }
 
     /// The generation ended: judges the whole tail once more and releases what was held back.
-    pub fn finish(&mut self) -> Result<String, Verdict> {
-        let window = self.text[tail_start(&self.text, WINDOW_CHARS)..].to_string();
-        self.judge(window, true)?;
+    pub async fn finish(&mut self) -> Result<String, Verdict> {
+        let window: Arc<str> = Arc::from(&self.text[tail_start(&self.text, WINDOW_CHARS)..]);
+        self.judge(window, true).await?;
         let out = self.text[self.released..].to_string();
         self.released = self.text.len();
         if !self.done {
@@ -91,8 +91,8 @@ impl OutputGuard {
         Ok(out)
     }
 
-    fn judge(&mut self, window: String, full: bool) -> Result<(), Verdict> {
-        let Some(v) = self.hub.judge(&self.selection, Stage::Output, &window, full) else {
+    async fn judge(&mut self, window: Arc<str>, full: bool) -> Result<(), Verdict> {
+        let Some(v) = self.hub.check(&self.selection, Stage::Output, window, full).await else {
             return Ok(());
         };
         match v.action {
