@@ -4,8 +4,12 @@
 
 mod backend;
 mod event;
+mod limits;
 mod request;
 
 pub use backend::{Backend, BackendError, EventStream, ModelInfo, StatsStream, WorkerStats};
 pub use event::{Completion, Event, FinishReason, Timings, TokenChunk, Usage};
+pub use limits::{
+    GREEDY_BELOW_TEMPERATURE, MAX_REPETITION_PENALTY, MAX_TEMPERATURE, RequestLimits, Violation, check_sampling, echo,
+};
 pub use request::{ChatMessage, GenerationDefaults, Input, Role, Sampling, ValidRequest};

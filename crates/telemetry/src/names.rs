@@ -78,6 +78,8 @@ pub const FILTER_DURATION_SECONDS: &str = "ferroserve_filter_duration_seconds";
 pub const FILTER_SHADOW_TOTAL: &str = "ferroserve_filter_shadow_total";
 /// Texts the shadow filter skipped because its queue was full.
 pub const FILTER_SHADOW_SKIPPED_TOTAL: &str = "ferroserve_filter_shadow_skipped_total";
+/// Filter checks that failed (a panic inside a filter), by `stage`; the text passed unjudged.
+pub const FILTER_FAILURES_TOTAL: &str = "ferroserve_filter_failures_total";
 /// Reviewer feedback on past verdicts, by `filter` (name@version) and `kind` (`false_positive`,
 /// `false_negative`).
 pub const FILTER_FEEDBACK_TOTAL: &str = "ferroserve_filter_feedback_total";
@@ -151,6 +153,7 @@ pub const ALL: &[&str] = &[
     FILTER_DURATION_SECONDS,
     FILTER_SHADOW_TOTAL,
     FILTER_SHADOW_SKIPPED_TOTAL,
+    FILTER_FAILURES_TOTAL,
     FILTER_FEEDBACK_TOTAL,
     WORKER_HEALTHY,
     TOKEN_LOGPROB,
@@ -164,7 +167,21 @@ pub const ALL: &[&str] = &[
     VERSION_TRAFFIC_SHARE_RATIO,
     VERSION_DISABLED,
     TRAFFIC_POLICY_CHANGES_TOTAL,
+    CONNECTIONS_OPEN,
+    CONNECTIONS_REFUSED_TOTAL,
+    TLS_RELOADS_TOTAL,
 ];
+
+// --- Connections (every listener) ---
+
+/// Connections open now, by `listener` (`grpc`, `worker`, `metrics`).
+pub const CONNECTIONS_OPEN: &str = "ferroserve_connections_open";
+/// Connections closed before serving, by `listener` and `reason`: `limit` (the connection cap),
+/// `handshake_timeout` (no TLS handshake or HTTP/2 preface in time) or `tls` (a failed handshake).
+pub const CONNECTIONS_REFUSED_TOTAL: &str = "ferroserve_connections_refused_total";
+/// Certificate reloads (SIGHUP), by `listener` and `outcome` (`ok` or `error`; on an error the running
+/// certificate stays).
+pub const TLS_RELOADS_TOTAL: &str = "ferroserve_tls_reloads_total";
 
 // --- Labels ---
 
@@ -202,6 +219,8 @@ pub const LABEL_WORKER_KIND: &str = "worker_kind";
 pub const LABEL_PHASE: &str = "phase";
 /// A rollout decision: `promote` or `rollback`.
 pub const LABEL_DECISION: &str = "decision";
+/// Which listener of the process: `grpc`, `worker` or `metrics`.
+pub const LABEL_LISTENER: &str = "listener";
 
 // --- Buckets ---
 
@@ -310,6 +329,17 @@ pub fn describe() {
         Unit::Count,
         "Traffic policy changes, by action."
     );
+    describe_gauge!(CONNECTIONS_OPEN, Unit::Count, "Connections open, by listener.");
+    describe_counter!(
+        CONNECTIONS_REFUSED_TOTAL,
+        Unit::Count,
+        "Connections closed before serving, by listener and reason."
+    );
+    describe_counter!(
+        TLS_RELOADS_TOTAL,
+        Unit::Count,
+        "Certificate reloads, by listener and outcome."
+    );
     describe_histogram!(
         ENGINE_STEP_SECONDS,
         Unit::Seconds,
@@ -375,6 +405,11 @@ pub fn describe() {
         FILTER_SHADOW_SKIPPED_TOTAL,
         Unit::Count,
         "Texts the shadow filter skipped (queue full)."
+    );
+    describe_counter!(
+        FILTER_FAILURES_TOTAL,
+        Unit::Count,
+        "Filter checks that failed; the text passed unjudged."
     );
     describe_counter!(
         FILTER_FEEDBACK_TOTAL,

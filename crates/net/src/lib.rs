@@ -1,0 +1,24 @@
+//! Server plumbing written once, for every listener Ferroserve opens (the public gRPC port, the worker
+//! port, `/metrics`), and TLS for its clients:
+//!
+//! - [`incoming`]: accepting connections under a cap, with TCP keepalive and NODELAY, a TLS handshake and
+//!   the HTTP/2 preface bounded by a handshake timeout;
+//! - [`ConnectionLimits`]: HTTP/2 limits set explicitly (streams per connection, resets, header size,
+//!   keepalive, connection age), with hyper's defaults;
+//! - [`ServerTls`]: rustls, reloadable while serving (SIGHUP), optionally verifying client certificates;
+//!   [`ClientTlsFiles`] for the client side;
+//! - [`reflection_services`], [`OversizeIsInvalid`] and [`drain_bounded`], which every gRPC server uses.
+#![forbid(unsafe_code)]
+
+mod grpc;
+mod incoming;
+mod limits;
+pub mod metrics;
+mod tls;
+mod token;
+
+pub use grpc::{OversizeIsInvalid, OversizeService, drain_bounded, reflection_services};
+pub use incoming::{Conn, H2_PREFACE_BYTES, Listen, incoming};
+pub use limits::ConnectionLimits;
+pub use tls::{ALPN_H2, ALPN_HTTP1, ClientTlsFiles, ServerTls, TlsError, TlsFiles, endpoint};
+pub use token::TokenHash;
