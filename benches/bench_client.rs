@@ -64,6 +64,7 @@ async fn measure(url: &str, level: Level, requests: u32, max_tokens: u32) -> (Ru
         label: url.to_string(),
         target: TargetSpec::parse(url, false, false).expect("mock URL"),
         api_key: None,
+        tls: Default::default(),
         config,
         show_progress: false,
     };

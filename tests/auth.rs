@@ -76,3 +76,223 @@ async fn keys_open_the_data_plane_and_only_the_admin_credential_opens_admin() {
     assert_eq!(workers.into_inner().workers.len(), 1);
     server.shutdown().await.unwrap();
 }
+
+/// How the server under test is configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Setup {
+    /// No keys, no admin credential, loopback only.
+    Open,
+    /// A tenant key and an admin credential.
+    Keyed,
+    /// No keys and no admin credential, configured to listen beyond loopback with
+    /// `--allow-unauthenticated`. (The key store is built for 0.0.0.0; the test itself binds loopback.)
+    Exposed,
+}
+
+/// What a call presents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Credential {
+    None,
+    Wrong,
+    Tenant,
+    Admin,
+}
+
+impl Credential {
+    const ALL: [Credential; 4] = [
+        Credential::None,
+        Credential::Wrong,
+        Credential::Tenant,
+        Credential::Admin,
+    ];
+
+    fn header(self) -> Option<&'static str> {
+        match self {
+            Credential::None => None,
+            Credential::Wrong => Some("Bearer not-a-key"),
+            Credential::Tenant => Some("Bearer matrix-tenant-key"),
+            Credential::Admin => Some("Bearer matrix-admin-token"),
+        }
+    }
+}
+
+/// What each RPC answers an authorized caller that sends the empty (default) message. Every RPC of every
+/// service in the descriptor sets must be here: a new RPC fails this test until its row is written.
+fn authorized(path: &str) -> Code {
+    use Code::*;
+    match path {
+        "/ferroserve.v1.Inference/Generate" | "/ferroserve.v1.Inference/GenerateStream" => InvalidArgument,
+        "/ferroserve.v1.Inference/ListModels" => Ok,
+        "/ferroserve.v1.Admin/ListWorkers"
+        | "/ferroserve.v1.Admin/WatchWorkers"
+        | "/ferroserve.v1.Admin/SnapshotDriftBaseline"
+        | "/ferroserve.v1.Admin/GetLimits"
+        | "/ferroserve.v1.Admin/SetLimits"
+        | "/ferroserve.v1.Admin/ListFilters"
+        | "/ferroserve.v1.Admin/EnableFilter"
+        | "/ferroserve.v1.Admin/DisableFilter"
+        | "/ferroserve.v1.Admin/SetShadowFilter"
+        | "/ferroserve.v1.Admin/ReloadFilters"
+        | "/ferroserve.v1.Admin/ListVersions"
+        | "/ferroserve.v1.Admin/GetTraffic"
+        | "/ferroserve.v1.Admin/GetRollout" => Ok,
+        "/ferroserve.v1.Admin/ReloadConfig"
+        | "/ferroserve.v1.Admin/SwapFilter"
+        | "/ferroserve.v1.Admin/SetTraffic"
+        | "/ferroserve.v1.Admin/DisableVersion"
+        | "/ferroserve.v1.Admin/EnableVersion"
+        | "/ferroserve.v1.Admin/RollbackTraffic"
+        | "/ferroserve.v1.Admin/StartRollout"
+        | "/ferroserve.v1.Admin/LoadVersion"
+        | "/ferroserve.v1.Admin/UnloadVersion" => InvalidArgument,
+        "/ferroserve.v1.Admin/ReportFilterFeedback" => NotFound,
+        "/grpc.health.v1.Health/Check" | "/grpc.health.v1.Health/Watch" => Ok,
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
+        | "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo" => Ok,
+        "/ferroserve.worker.v1.Worker/Generate" => InvalidArgument,
+        "/ferroserve.worker.v1.Worker/Describe"
+        | "/ferroserve.worker.v1.Worker/WatchStats"
+        | "/ferroserve.worker.v1.Worker/SnapshotDriftBaseline" => Ok,
+        other => panic!("{other} has no row in the auth matrix; add what an authorized empty call answers"),
+    }
+}
+
+/// The expected status of one cell: the RPC's authorized answer, unless the credential is refused.
+fn expected(setup: Setup, service: &str, credential: Credential, path: &str) -> Code {
+    use Credential::*;
+    let ok = authorized(path);
+    match service {
+        // Probes and schema: open to every caller, always.
+        "grpc.health.v1.Health"
+        | "grpc.reflection.v1.ServerReflection"
+        | "grpc.reflection.v1alpha.ServerReflection" => ok,
+        "ferroserve.v1.Inference" => match (setup, credential) {
+            (Setup::Keyed, None | Wrong) => Code::Unauthenticated,
+            (Setup::Keyed, Admin) => Code::PermissionDenied,
+            _ => ok,
+        },
+        "ferroserve.v1.Admin" => match (setup, credential) {
+            (Setup::Open, _) | (Setup::Keyed, Admin) => ok,
+            (Setup::Keyed, None | Wrong) => Code::Unauthenticated,
+            (Setup::Keyed, Tenant) | (Setup::Exposed, _) => Code::PermissionDenied,
+        },
+        other => panic!("{other} is not a service of the public server; give the matrix its rules"),
+    }
+}
+
+fn matrix_settings(setup: Setup) -> ferroserve::config::Settings {
+    let mut file = FileConfig::default();
+    file.server.listen = "127.0.0.1:0".into();
+    file.server.metrics_listen = String::new();
+    match setup {
+        Setup::Open => {}
+        Setup::Keyed => {
+            file.auth.admin_token_sha256 = Some(sha256_hex("matrix-admin-token"));
+            file.auth.keys = vec![KeySection {
+                tenant: "matrix".into(),
+                key_sha256: sha256_hex("matrix-tenant-key"),
+                ..KeySection::default()
+            }];
+        }
+        Setup::Exposed => {
+            file.server.listen = "0.0.0.0:0".into();
+            file.auth.allow_unauthenticated = true;
+        }
+    }
+    let mut settings = file.validate().unwrap();
+    settings.listen = "127.0.0.1:0".parse().unwrap();
+    settings
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rpc_of_every_service_answers_each_credential_as_the_matrix_says() {
+    use support::raw::{call, methods};
+    let all = methods(&[
+        ferroserve_proto::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+    ]);
+    let public: Vec<_> = all
+        .iter()
+        .filter(|m| !m.service.starts_with("ferroserve.worker"))
+        .collect();
+    assert!(public.len() >= 30, "{} RPCs", public.len());
+    let mut failures = Vec::new();
+    let mut table = String::new();
+    for setup in [Setup::Open, Setup::Keyed, Setup::Exposed] {
+        let server = ferroserve::commands::servers::start_serve(matrix_settings(setup), model_path())
+            .await
+            .unwrap();
+        wait_serving(&server.url()).await;
+        let channel = tonic::transport::Channel::from_shared(server.url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        for m in &public {
+            let mut row = format!("{setup:?}\t{}", m.path);
+            for cred in Credential::ALL {
+                let got = tokio::time::timeout(WAIT, call(channel.clone(), m, Vec::new(), cred.header()))
+                    .await
+                    .expect("call answered in time");
+                let want = expected(setup, &m.service, cred, &m.path);
+                row.push_str(&format!("\t{got:?}"));
+                if got != want {
+                    failures.push(format!("{setup:?} {} {cred:?}: got {got:?}, expected {want:?}", m.path));
+                }
+            }
+            table.push_str(&row);
+            table.push('\n');
+        }
+        server.shutdown().await.unwrap();
+    }
+    println!("setup\trpc\tnone\twrong\ttenant\tadmin\n{table}");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_contract_needs_the_internal_token_on_every_rpc() {
+    use support::raw::{call, methods};
+    let mut file = FileConfig::default();
+    file.worker.listen = "127.0.0.1:0".into();
+    file.worker.metrics_listen = String::new();
+    file.worker.token_sha256 = Some(sha256_hex("internal-token"));
+    let worker = ferroserve::commands::servers::start_worker(file.validate().unwrap(), model_path())
+        .await
+        .unwrap();
+    wait_serving(&worker.url()).await;
+    let channel = tonic::transport::Channel::from_shared(worker.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let all = methods(&[
+        ferroserve_proto::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+    ]);
+    let mut checked = 0;
+    for m in all
+        .iter()
+        .filter(|m| m.service == "ferroserve.worker.v1.Worker" || m.service.starts_with("grpc."))
+    {
+        for (header, refused) in [
+            (None, true),
+            (Some("Bearer wrong-token"), true),
+            (Some("Bearer internal-token"), false),
+        ] {
+            let got = tokio::time::timeout(WAIT, call(channel.clone(), m, Vec::new(), header))
+                .await
+                .expect("call answered in time");
+            let want = if refused && m.service.starts_with("ferroserve") {
+                Code::Unauthenticated
+            } else {
+                authorized(&m.path)
+            };
+            assert_eq!(got, want, "{} with {header:?}", m.path);
+            checked += 1;
+        }
+    }
+    assert!(checked >= 18, "{checked} cells");
+    worker.shutdown().await.unwrap();
+}

@@ -2,6 +2,8 @@
 //! Every wait is bounded; nothing sleeps.
 #![allow(dead_code)]
 
+pub mod raw;
+
 use std::path::PathBuf;
 use std::time::Duration;
 

@@ -1,5 +1,7 @@
 //! API keys and the admin credential.
 
+use std::ops::RangeInclusive;
+
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -32,6 +34,25 @@ pub struct Tenant {
     pub name: String,
     /// Its scheduling class.
     pub priority: Priority,
+    /// The request `priority` values it may ask for; others are clamped into this range, so that a
+    /// tenant cannot jump the engine's queue unless an operator allowed it.
+    pub request_priorities: RangeInclusive<i32>,
+}
+
+impl Tenant {
+    /// A tenant of this class that may only send the default request priority (0).
+    pub fn new(name: impl Into<String>, priority: Priority) -> Tenant {
+        Tenant {
+            name: name.into(),
+            priority,
+            request_priorities: 0..=0,
+        }
+    }
+
+    /// `asked` clamped into the tenant's allowed request priorities.
+    pub fn clamp_priority(&self, asked: i32) -> i32 {
+        asked.clamp(*self.request_priorities.start(), *self.request_priorities.end())
+    }
 }
 
 /// One configured key: the tenant it belongs to and the sha256 of the key.
@@ -57,11 +78,12 @@ pub enum AuthError {
 /// What the `Admin` service accepts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AdminAccess {
-    /// No credentials are configured anywhere: the server runs open (loopback only, with a warning).
+    /// No credentials are configured and the server listens on loopback only: open to local callers.
     Open,
     /// Only this credential, given as a bearer token (sha256 stored).
     Token([u8; 32]),
-    /// Data-plane keys exist but no admin credential: nobody may use `Admin`.
+    /// No admin credential, and either data-plane keys exist or the server listens beyond loopback:
+    /// nobody may use `Admin`, whatever `allow_unauthenticated` says.
     Closed,
 }
 
@@ -72,6 +94,8 @@ pub struct KeyStore {
     keys: Vec<TenantKey>,
     /// The admin rule.
     admin: AdminAccess,
+    /// What requests run as when no keys are configured.
+    anonymous: Tenant,
 }
 
 /// The sha256 of `text`, lower-case hex: what the config stores for a key.
@@ -111,14 +135,31 @@ fn bearer(header: Option<&str>) -> Result<&str, AuthError> {
 }
 
 impl KeyStore {
-    /// A store with these keys and admin rule. With no keys and no admin token, everything is open.
-    pub fn new(keys: Vec<TenantKey>, admin_token_sha256: Option<[u8; 32]>) -> KeyStore {
-        let admin = match (admin_token_sha256, keys.is_empty()) {
+    /// A store with these keys and admin rule. With no keys and no admin token, the data plane is open, and
+    /// `Admin` too when `loopback_only` (the server listens on loopback); a server reachable from the network
+    /// keeps `Admin` closed until an admin credential is configured.
+    pub fn new(keys: Vec<TenantKey>, admin_token_sha256: Option<[u8; 32]>, loopback_only: bool) -> KeyStore {
+        let admin = match (admin_token_sha256, keys.is_empty() && loopback_only) {
             (Some(hash), _) => AdminAccess::Token(hash),
             (None, true) => AdminAccess::Open,
             (None, false) => AdminAccess::Closed,
         };
-        KeyStore { keys, admin }
+        KeyStore {
+            keys,
+            admin,
+            anonymous: Tenant::new("anonymous", Priority::Interactive),
+        }
+    }
+
+    /// The same store, with requests of an open server (no keys) allowed these request priorities.
+    pub fn with_anonymous_priorities(mut self, allowed: RangeInclusive<i32>) -> KeyStore {
+        self.anonymous.request_priorities = allowed;
+        self
+    }
+
+    /// The admin rule in force.
+    pub fn admin_access(&self) -> &AdminAccess {
+        &self.admin
     }
 
     /// How many data-plane keys are configured.
@@ -135,10 +176,7 @@ impl KeyStore {
     /// run as the tenant `anonymous`.
     pub fn authenticate(&self, authorization: Option<&str>) -> Result<Tenant, AuthError> {
         if self.is_open() {
-            return Ok(Tenant {
-                name: "anonymous".into(),
-                priority: Priority::Interactive,
-            });
+            return Ok(self.anonymous.clone());
         }
         let presented: [u8; 32] = Sha256::digest(bearer(authorization)?.as_bytes()).into();
         // Compare against every key, without stopping at a match, so timing does not reveal which
@@ -169,7 +207,9 @@ impl KeyStore {
             AdminAccess::Token(hash) => hash,
             AdminAccess::Closed => {
                 return Err(AuthError::PermissionDenied(
-                    "no admin credential is configured; set auth.admin_token_sha256 to enable the Admin service".into(),
+                    "no admin credential is configured, and this server has API keys or listens beyond loopback; \
+                     set auth.admin_token_sha256 to enable the Admin service"
+                        .into(),
                 ));
             }
         };
@@ -192,10 +232,7 @@ mod tests {
 
     fn key(tenant: &str, plaintext: &str) -> TenantKey {
         TenantKey {
-            tenant: Tenant {
-                name: tenant.into(),
-                priority: Priority::Interactive,
-            },
+            tenant: Tenant::new(tenant, Priority::Interactive),
             key_sha256: parse_sha256(&sha256_hex(plaintext)).unwrap(),
         }
     }
@@ -204,6 +241,7 @@ mod tests {
         KeyStore::new(
             vec![key("alpha", "demo-key-alpha"), key("beta", "demo-key-beta")],
             Some(parse_sha256(&sha256_hex("demo-admin-token")).unwrap()),
+            true,
         )
     }
 
@@ -252,15 +290,35 @@ mod tests {
 
     #[test]
     fn no_credentials_means_open_and_keys_without_admin_close_admin() {
-        let open = KeyStore::new(vec![], None);
+        let open = KeyStore::new(vec![], None, true);
         assert!(open.is_open());
         assert_eq!(open.authenticate(None).unwrap().name, "anonymous");
         assert_eq!(open.authorize_admin(None), Ok(()));
-        let closed = KeyStore::new(vec![key("alpha", "k")], None);
+        // Reachable from the network with no admin credential: the data plane may be open on purpose
+        // (--allow-unauthenticated), Admin never is.
+        let exposed = KeyStore::new(vec![], None, false);
+        assert!(exposed.authenticate(None).is_ok());
+        assert!(matches!(
+            exposed.authorize_admin(None),
+            Err(AuthError::PermissionDenied(_))
+        ));
+        let closed = KeyStore::new(vec![key("alpha", "k")], None, true);
         assert!(matches!(
             closed.authorize_admin(Some("Bearer k")),
             Err(AuthError::PermissionDenied(_))
         ));
+    }
+
+    #[test]
+    fn request_priorities_are_clamped_to_the_tenant_range() {
+        let mut t = Tenant::new("t", Priority::Batch);
+        assert_eq!(t.clamp_priority(i32::MAX), 0);
+        assert_eq!(t.clamp_priority(-3), 0);
+        t.request_priorities = -5..=5;
+        assert_eq!(t.clamp_priority(9), 5);
+        assert_eq!(t.clamp_priority(-3), -3);
+        let open = KeyStore::new(vec![], None, true).with_anonymous_priorities(0..=10);
+        assert_eq!(open.authenticate(None).unwrap().clamp_priority(20), 10);
     }
 
     #[test]

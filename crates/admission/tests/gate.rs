@@ -14,10 +14,7 @@ type Gate = Arc<Admission<FakeRelativeClock>>;
 
 fn ask(name: &str, priority: Priority, tokens: u32) -> Ask {
     Ask {
-        tenant: Tenant {
-            name: name.into(),
-            priority,
-        },
+        tenant: Tenant::new(name, priority),
         tokens,
         max_tokens: tokens,
         deadline: None,

@@ -17,10 +17,7 @@ const TPM: f64 = 6000.0;
 const TOKEN_BURST: u32 = 500;
 
 fn tenant(name: &str) -> Tenant {
-    Tenant {
-        name: name.into(),
-        priority: Priority::Interactive,
-    }
+    Tenant::new(name, Priority::Interactive)
 }
 
 fn limited() -> TenantLimits {

@@ -20,6 +20,8 @@ pub struct Bench {
     pub target: TargetSpec,
     /// Sent as `Bearer`; never written to the result.
     pub api_key: Option<String>,
+    /// TLS for a `grpcs://` target (the CA to trust).
+    pub tls: ferroserve_net::ClientTlsFiles,
     /// Generation, prompts, load and SLO.
     pub config: RunConfig,
     /// Draw progress bars on stderr.
@@ -37,7 +39,7 @@ pub async fn run(
     if bench.config.generation.max_tokens == 0 {
         return Err(BenchError::setting("max-tokens", "must be at least 1"));
     }
-    let client = Client::connect(&bench.target, bench.api_key.as_deref()).await?;
+    let client = Client::connect(&bench.target, bench.api_key.as_deref(), &bench.tls).await?;
     let started_unix_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);

@@ -1,12 +1,13 @@
 //! The servers the load tester can drive, and one timed request to each.
 //!
-//! - `grpc://host:port`: Ferroserve's `ferroserve.v1.Inference/GenerateStream`;
+//! - `grpc://host:port` (`grpcs://` with TLS): Ferroserve's `ferroserve.v1.Inference/GenerateStream`;
 //! - `http://host:port/v1/completions` and `http://host:port/v1/chat/completions`: any OpenAI-compatible
 //!   server (llama.cpp's llama-server, vLLM, TGI), streamed over SSE.
 
 mod grpc;
 mod openai;
 
+use ferroserve_net::ClientTlsFiles;
 use serde::{Deserialize, Serialize};
 
 use crate::BenchError;
@@ -54,10 +55,10 @@ impl TargetSpec {
     /// Reads `grpc://host:port` or `http://host:port[/v1/completions | /v1/chat/completions]`. A bare HTTP
     /// base URL means chat completions when the prompts are conversations, else completions.
     pub fn parse(url: &str, chat_prompts: bool, authenticated: bool) -> Result<Self, BenchError> {
-        let api = if let Some(rest) = url.strip_prefix("grpc://") {
+        let api = if let Some(rest) = url.strip_prefix("grpc://").or_else(|| url.strip_prefix("grpcs://")) {
             if rest.is_empty() || rest.contains('/') {
                 return Err(BenchError::Target(format!(
-                    "{url:?}: a gRPC target is grpc://host:port, with no path"
+                    "{url:?}: a gRPC target is grpc://host:port (grpcs:// for TLS), with no path"
                 )));
             }
             Api::Grpc
@@ -93,7 +94,10 @@ impl TargetSpec {
     /// The HTTP endpoint to send to (OpenAI targets) or connect to (gRPC).
     fn endpoint(&self) -> String {
         match self.api {
-            Api::Grpc => format!("http://{}", &self.url["grpc://".len()..]),
+            Api::Grpc => match self.url.strip_prefix("grpcs://") {
+                Some(host) => format!("https://{host}"),
+                None => format!("http://{}", &self.url["grpc://".len()..]),
+            },
             Api::OpenaiCompletions | Api::OpenaiChat => {
                 let base = self.url.trim_end_matches('/');
                 let base = base
@@ -124,11 +128,11 @@ pub enum Client {
 
 impl Client {
     /// Connects (gRPC) or prepares the HTTP client (a new connection per request). `api_key` is sent as
-    /// `Bearer`.
-    pub async fn connect(spec: &TargetSpec, api_key: Option<&str>) -> Result<Self, BenchError> {
+    /// `Bearer`; `tls` applies to a `grpcs://` target.
+    pub async fn connect(spec: &TargetSpec, api_key: Option<&str>, tls: &ClientTlsFiles) -> Result<Self, BenchError> {
         let endpoint = spec.endpoint();
         match spec.api {
-            Api::Grpc => Ok(Client::Grpc(grpc::GrpcClient::connect(&endpoint, api_key).await?)),
+            Api::Grpc => Ok(Client::Grpc(grpc::GrpcClient::connect(&endpoint, api_key, tls).await?)),
             Api::OpenaiCompletions => Ok(Client::OpenAi(Box::new(openai::OpenAiClient::new(
                 &endpoint, false, api_key,
             )?))),
@@ -155,6 +159,11 @@ mod tests {
     fn target_urls() {
         let t = TargetSpec::parse("grpc://127.0.0.1:50051", false, false).unwrap();
         assert_eq!((t.api, t.endpoint()), (Api::Grpc, "http://127.0.0.1:50051".to_string()));
+        let t = TargetSpec::parse("grpcs://localhost:50051", false, false).unwrap();
+        assert_eq!(
+            (t.api, t.endpoint()),
+            (Api::Grpc, "https://localhost:50051".to_string())
+        );
         let t = TargetSpec::parse("http://127.0.0.1:8080", false, false).unwrap();
         assert_eq!(
             (t.api, t.endpoint()),

@@ -44,6 +44,7 @@ async fn measure(url: &str, config: RunConfig) -> RunResult {
         label: "mock".into(),
         target,
         api_key: None,
+        tls: Default::default(),
         config,
         show_progress: false,
     };

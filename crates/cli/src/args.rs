@@ -75,9 +75,22 @@ pub struct ServerArgs {
     /// worker.metrics_listen for `worker`).
     #[arg(long, env = "FERROSERVE_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
-    /// Allow a non-loopback address with no API keys configured (overrides auth.allow_unauthenticated).
+    /// Allow a non-loopback address with no API keys configured (overrides auth.allow_unauthenticated), or
+    /// a worker with no internal-plane authentication. `Admin` stays closed there without an admin
+    /// credential.
     #[arg(long)]
     pub allow_unauthenticated: bool,
+    /// PEM certificate chain for TLS (overrides server.tls_cert, or worker.tls_cert for `worker`); reloaded
+    /// on SIGHUP.
+    #[arg(long, env = "FERROSERVE_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert (overrides server.tls_key, or worker.tls_key for `worker`).
+    #[arg(long, env = "FERROSERVE_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// A file holding the internal-plane token the router sends to its workers (overrides
+    /// router.worker_token_file).
+    #[arg(long, env = "FERROSERVE_WORKER_TOKEN_FILE")]
+    pub worker_token_file: Option<PathBuf>,
 }
 
 /// Options of the router command.
@@ -146,6 +159,19 @@ impl ServerArgs {
         }
         if self.allow_unauthenticated {
             file.auth.allow_unauthenticated = true;
+        }
+        let tls = match role {
+            Role::Router => (&mut file.server.tls_cert, &mut file.server.tls_key),
+            Role::Worker => (&mut file.worker.tls_cert, &mut file.worker.tls_key),
+        };
+        if let Some(c) = &self.tls_cert {
+            *tls.0 = Some(c.clone());
+        }
+        if let Some(k) = &self.tls_key {
+            *tls.1 = Some(k.clone());
+        }
+        if let Some(t) = &self.worker_token_file {
+            file.router.worker_token_file = Some(t.clone());
         }
         if !workers.is_empty() {
             file.router.workers = workers.to_vec();

@@ -113,35 +113,15 @@ impl EngineHandle {
     }
 
     /// Tokenizes and checks `request`, then queues it. Fails at once when the prompt does not fit the
-    /// context or the queue is full.
+    /// context or the queue is full. Runs on the caller's thread: [`Backend::generate`] calls it on the
+    /// blocking pool, since rendering and tokenizing a long prompt takes milliseconds.
     pub fn submit(&self, request: ValidRequest) -> Result<EventStream, BackendError> {
-        let prompt = self
-            .text
-            .prompt_ids(&request.input)
-            .map_err(|e| BackendError::InvalidRequest {
-                field: "messages".into(),
-                message: format!("cannot render the input for this model: {e}"),
-            })?;
-        if prompt.is_empty() {
-            return Err(BackendError::InvalidRequest {
-                field: "prompt".into(),
-                message: "the input encodes to zero tokens; send some text".into(),
-            });
-        }
-        let context = self.info.context_length as usize;
-        let wanted = prompt.len() + request.max_tokens as usize;
-        if wanted > context {
-            return Err(BackendError::InvalidRequest {
-                field: "max_tokens".into(),
-                message: format!(
-                    "prompt ({} tokens) plus max_tokens ({}) is {wanted} tokens, over the context length of \
-                     {context} tokens for {}; shorten the prompt or lower max_tokens",
-                    prompt.len(),
-                    request.max_tokens,
-                    self.info.qualified()
-                ),
-            });
-        }
+        let prompt = prompt_ids(&self.text, &self.info, &request)?;
+        self.enqueue(request, prompt)
+    }
+
+    /// Queues a tokenized request for the engine thread.
+    fn enqueue(&self, request: ValidRequest, prompt: Vec<u32>) -> Result<EventStream, BackendError> {
         // One event per generated token, plus a possible flush of held text, plus the completion: the
         // engine never blocks on a slow client, and the channel can hold no more than that.
         let (events, rx) = mpsc::channel(request.max_tokens as usize + 2);
@@ -181,6 +161,37 @@ impl EngineHandle {
     }
 }
 
+/// `request`'s prompt tokens, checked against `info`'s context length.
+fn prompt_ids(text: &TextCodec, info: &ModelInfo, request: &ValidRequest) -> Result<Vec<u32>, BackendError> {
+    let prompt = text
+        .prompt_ids(&request.input)
+        .map_err(|e| BackendError::InvalidRequest {
+            field: "messages".into(),
+            message: format!("cannot render the input for this model: {e}"),
+        })?;
+    if prompt.is_empty() {
+        return Err(BackendError::InvalidRequest {
+            field: "prompt".into(),
+            message: "the input encodes to zero tokens; send some text".into(),
+        });
+    }
+    let context = info.context_length as usize;
+    let wanted = prompt.len() + request.max_tokens as usize;
+    if wanted > context {
+        return Err(BackendError::InvalidRequest {
+            field: "max_tokens".into(),
+            message: format!(
+                "prompt ({} tokens) plus max_tokens ({}) is {wanted} tokens, over the context length of \
+                 {context} tokens for {}; shorten the prompt or lower max_tokens",
+                prompt.len(),
+                request.max_tokens,
+                info.qualified()
+            ),
+        });
+    }
+    Ok(prompt)
+}
+
 impl Backend for EngineHandle {
     fn model(&self) -> &ModelInfo {
         &self.info
@@ -191,8 +202,17 @@ impl Backend for EngineHandle {
     }
 
     fn generate(&self, request: ValidRequest) -> BoxFuture<'_, Result<EventStream, BackendError>> {
-        let submitted = self.submit(request);
-        Box::pin(async move { submitted })
+        let (text, info) = (Arc::clone(&self.text), self.info.clone());
+        Box::pin(async move {
+            // Template rendering and tokenization off the async threads: a long prompt takes milliseconds.
+            let (request, prompt) = tokio::task::spawn_blocking(move || {
+                let prompt = prompt_ids(&text, &info, &request)?;
+                Ok::<_, BackendError>((request, prompt))
+            })
+            .await
+            .map_err(|e| BackendError::Internal(format!("tokenizing the request failed: {e}")))??;
+            self.enqueue(request, prompt)
+        })
     }
 
     fn snapshot_drift_baseline(&self) -> BoxFuture<'_, Result<u64, BackendError>> {

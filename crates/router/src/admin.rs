@@ -1,5 +1,6 @@
 //! `ferroserve.v1.Admin`: the operator's view and controls: workers, drift baselines, admission limits and
-//! config reloads. Every call needs the admin credential.
+//! config reloads. Every call needs the admin credential, checked by the interceptor in server.rs before
+//! the request body is decoded.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -13,7 +14,6 @@ use tonic::{Request, Response, Status};
 use ferroserve_admission::{LimitsPatch, LimitsView};
 use ferroserve_filter::{Feedback, FilterHub};
 
-use crate::inference::authorization;
 use crate::live::Live;
 use crate::observe::Observations;
 use crate::pool::Pool;
@@ -64,15 +64,6 @@ fn filters_to_wire(hub: &FilterHub) -> pb::ListFiltersResponse {
                 active_only_block,
             }
         }),
-    }
-}
-
-impl AdminService {
-    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        self.live
-            .keys()
-            .authorize_admin(authorization(request.metadata()))
-            .map_err(|e| RouterError::from(e).into())
     }
 }
 
@@ -134,9 +125,8 @@ impl Admin for AdminService {
 
     async fn list_workers(
         &self,
-        request: Request<pb::ListWorkersRequest>,
+        _: Request<pb::ListWorkersRequest>,
     ) -> Result<Response<pb::ListWorkersResponse>, Status> {
-        self.authorize(&request)?;
         Ok(Response::new(report(&self.pool)))
     }
 
@@ -144,7 +134,6 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::SnapshotDriftBaselineRequest>,
     ) -> Result<Response<pb::SnapshotDriftBaselineResponse>, Status> {
-        self.authorize(&request)?;
         let selector = ModelSelector::parse(&request.into_inner().model)?;
         let backends = self.pool.matching(&selector)?;
         let mut reply = pb::SnapshotDriftBaselineResponse::default();
@@ -158,19 +147,14 @@ impl Admin for AdminService {
 
     async fn watch_workers(
         &self,
-        request: Request<pb::ListWorkersRequest>,
+        _: Request<pb::ListWorkersRequest>,
     ) -> Result<Response<Self::WatchWorkersStream>, Status> {
-        self.authorize(&request)?;
         let pool = Arc::clone(&self.pool);
         let changes = WatchStream::new(self.pool.watch_healthy());
         Ok(Response::new(changes.map(move |_| Ok(report(&pool))).boxed()))
     }
 
-    async fn get_limits(
-        &self,
-        request: Request<pb::GetLimitsRequest>,
-    ) -> Result<Response<pb::GetLimitsResponse>, Status> {
-        self.authorize(&request)?;
+    async fn get_limits(&self, _: Request<pb::GetLimitsRequest>) -> Result<Response<pb::GetLimitsResponse>, Status> {
         let snapshot = self.live.admission().snapshot();
         let mut server = limits_to_wire(snapshot.server);
         if let Some(l) = server.limits.as_mut() {
@@ -188,7 +172,6 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::SetLimitsRequest>,
     ) -> Result<Response<pb::SetLimitsResponse>, Status> {
-        self.authorize(&request)?;
         let request = request.into_inner();
         let patch = patch_from_wire(request.limits.unwrap_or_default());
         let tenant = Some(request.tenant.as_str()).filter(|t| !t.is_empty());
@@ -201,18 +184,16 @@ impl Admin for AdminService {
 
     async fn reload_config(
         &self,
-        request: Request<pb::ReloadConfigRequest>,
+        _: Request<pb::ReloadConfigRequest>,
     ) -> Result<Response<pb::ReloadConfigResponse>, Status> {
-        self.authorize(&request)?;
         let summary = self.live.reload().map_err(RouterError::Reload)?;
         Ok(Response::new(pb::ReloadConfigResponse { summary }))
     }
 
     async fn list_filters(
         &self,
-        request: Request<pb::ListFiltersRequest>,
+        _: Request<pb::ListFiltersRequest>,
     ) -> Result<Response<pb::ListFiltersResponse>, Status> {
-        self.authorize(&request)?;
         Ok(Response::new(filters_to_wire(&self.filters)))
     }
 
@@ -220,7 +201,6 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::SwapFilterRequest>,
     ) -> Result<Response<pb::ListFiltersResponse>, Status> {
-        self.authorize(&request)?;
         self.filters
             .swap_checked(&request.into_inner().name)
             .map_err(RouterError::from)?;
@@ -229,18 +209,16 @@ impl Admin for AdminService {
 
     async fn enable_filter(
         &self,
-        request: Request<pb::EnableFilterRequest>,
+        _: Request<pb::EnableFilterRequest>,
     ) -> Result<Response<pb::ListFiltersResponse>, Status> {
-        self.authorize(&request)?;
         self.filters.set_enabled(true);
         Ok(Response::new(filters_to_wire(&self.filters)))
     }
 
     async fn disable_filter(
         &self,
-        request: Request<pb::DisableFilterRequest>,
+        _: Request<pb::DisableFilterRequest>,
     ) -> Result<Response<pb::ListFiltersResponse>, Status> {
-        self.authorize(&request)?;
         self.filters.set_enabled(false);
         Ok(Response::new(filters_to_wire(&self.filters)))
     }
@@ -249,7 +227,6 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::SetShadowFilterRequest>,
     ) -> Result<Response<pb::ListFiltersResponse>, Status> {
-        self.authorize(&request)?;
         let name = request.into_inner().name;
         self.filters
             .set_shadow(Some(name.as_str()).filter(|n| !n.is_empty()))
@@ -259,9 +236,8 @@ impl Admin for AdminService {
 
     async fn reload_filters(
         &self,
-        request: Request<pb::ReloadFiltersRequest>,
+        _: Request<pb::ReloadFiltersRequest>,
     ) -> Result<Response<pb::ReloadFiltersResponse>, Status> {
-        self.authorize(&request)?;
         let refused = self.filters.reload();
         Ok(Response::new(pb::ReloadFiltersResponse {
             refused,
@@ -273,7 +249,6 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::ReportFilterFeedbackRequest>,
     ) -> Result<Response<pb::ReportFilterFeedbackResponse>, Status> {
-        self.authorize(&request)?;
         let request = request.into_inner();
         let kind = match pb::FeedbackKind::try_from(request.kind) {
             Ok(pb::FeedbackKind::FalsePositive) => Feedback::FalsePositive,
@@ -304,17 +279,14 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::ListVersionsRequest>,
     ) -> Result<Response<pb::ListVersionsResponse>, Status> {
-        self.authorize(&request)?;
         Ok(Response::new(self.versions.list(request.get_ref())?))
     }
 
     async fn get_traffic(&self, request: Request<pb::GetTrafficRequest>) -> Result<Response<pb::TrafficState>, Status> {
-        self.authorize(&request)?;
         Ok(Response::new(self.versions.get(request.get_ref())?))
     }
 
     async fn set_traffic(&self, request: Request<pb::SetTrafficRequest>) -> Result<Response<pb::TrafficState>, Status> {
-        self.authorize(&request)?;
         let who = versions::operator(request.metadata());
         Ok(Response::new(self.versions.set(&who, request.into_inner())?))
     }
@@ -323,7 +295,6 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::VersionRequest>,
     ) -> Result<Response<pb::TrafficState>, Status> {
-        self.authorize(&request)?;
         let who = versions::operator(request.metadata());
         let r = request.into_inner();
         let (cancel, version) = (r.cancel_in_flight, r.version.clone());
@@ -336,7 +307,6 @@ impl Admin for AdminService {
     }
 
     async fn enable_version(&self, request: Request<pb::VersionRequest>) -> Result<Response<pb::TrafficState>, Status> {
-        self.authorize(&request)?;
         let who = versions::operator(request.metadata());
         Ok(Response::new(self.versions.switch(
             &who,
@@ -349,7 +319,6 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::RollbackTrafficRequest>,
     ) -> Result<Response<pb::TrafficState>, Status> {
-        self.authorize(&request)?;
         let who = versions::operator(request.metadata());
         Ok(Response::new(self.versions.rollback(&who, request.into_inner())?))
     }
@@ -358,7 +327,6 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::StartRolloutRequest>,
     ) -> Result<Response<pb::RolloutState>, Status> {
-        self.authorize(&request)?;
         let plan = versions::rollout_plan(&self.pool, request.into_inner())?;
         let (traffic, observations) = (Arc::clone(&self.versions.traffic), Arc::clone(&self.observations));
         let pool = Arc::clone(&self.pool);
@@ -366,7 +334,6 @@ impl Admin for AdminService {
     }
 
     async fn get_rollout(&self, request: Request<pb::GetRolloutRequest>) -> Result<Response<pb::RolloutState>, Status> {
-        self.authorize(&request)?;
         let model = versions::model(&self.pool, &request.get_ref().model)?;
         Ok(Response::new(self.rollouts.state(&model)))
     }
@@ -375,13 +342,11 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::LoadVersionRequest>,
     ) -> Result<Response<pb::TrafficState>, Status> {
-        self.authorize(&request)?;
         let state = self.versions.load(request.into_inner())?;
         Ok(Response::new(state))
     }
 
     async fn unload_version(&self, request: Request<pb::VersionRequest>) -> Result<Response<pb::TrafficState>, Status> {
-        self.authorize(&request)?;
         let who = versions::operator(request.metadata());
         let state = self.versions.unload(&who, request.into_inner())?;
         Ok(Response::new(state))

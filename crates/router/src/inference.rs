@@ -1,10 +1,14 @@
 //! `ferroserve.v1.Inference`: validate, choose a worker, stream its events back.
+//!
+//! A request reads top to bottom through named stages (the caller was authenticated by the interceptor in
+//! server.rs, before its body was decoded): [`InferenceService::validate`], [`InferenceService::admit`],
+//! [`InferenceService::screen_input`], [`InferenceService::route`] and [`InferenceService::hand_off`].
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use ferroserve_admission::{Admitted, Ask};
-use ferroserve_core::{BackendError, Input};
+use ferroserve_admission::{Admitted, Ask, AuthError, Permit, Tenant};
+use ferroserve_core::{BackendError, Input, RequestLimits};
 use ferroserve_filter::{Action, FilterHub, OutputGuard, Stage};
 use ferroserve_proto::v1 as pb;
 use ferroserve_proto::v1::inference_server::Inference;
@@ -18,7 +22,7 @@ use crate::observe::Observations;
 use crate::pool::Pool;
 use crate::relay::{Dispatched, Relay, Relayed, record_outcome, until, verdict_to_wire};
 use crate::traffic::{InFlight, Traffic, VersionAsk};
-use crate::validate::{Limits, validate};
+use crate::validate::{Checked, validate};
 use crate::{ModelSelector, RouterError, deadline};
 
 /// How many workers a request may be offered to before it fails as unavailable.
@@ -38,7 +42,7 @@ pub(crate) struct InferenceService {
     /// Who may send them, and how much (keys and admission limits, changeable live).
     pub live: Arc<Live>,
     /// Request shape limits.
-    pub limits: Limits,
+    pub limits: RequestLimits,
     /// The content filter, swappable live.
     pub filters: Arc<FilterHub>,
     /// Which version takes a request, changeable live.
@@ -60,15 +64,35 @@ enum Start {
     Filtered(pb::GenerationComplete),
 }
 
+/// What the transport tells about a request besides its body.
+struct Arrival {
+    /// When the router took it.
+    at: Instant,
+    /// The authenticated caller.
+    tenant: Tenant,
+    /// The client's deadline, as time left at arrival.
+    budget: Option<Duration>,
+    /// The A/B cohort header, if sent.
+    cohort: Option<String>,
+}
+
+impl Arrival {
+    fn deadline(&self) -> Option<Instant> {
+        self.budget.map(|d| self.at + d)
+    }
+}
+
 /// The text the input filter judges: the raw prompt, or every message of a conversation.
-fn filter_text(input: &Input) -> String {
+fn filter_text(input: &Input) -> Arc<str> {
     match input {
-        Input::Prompt(text) => text.clone(),
-        Input::Chat(messages) => messages
-            .iter()
-            .map(|m| m.content.as_str())
-            .collect::<Vec<_>>()
-            .join("\n"),
+        Input::Prompt(text) => Arc::from(text.as_str()),
+        Input::Chat(messages) => Arc::from(
+            messages
+                .iter()
+                .map(|m| m.content.as_str())
+                .collect::<Vec<_>>()
+                .join("\n"),
+        ),
     }
 }
 
@@ -94,10 +118,120 @@ fn new_request_id() -> String {
     format!("req-{:016x}", rand::random::<u64>())
 }
 
+/// The completion of a request the input filter blocked: nothing ran.
+fn input_filtered(request_id: String, arrived: Instant, verdict: pb::FilterVerdict) -> pb::GenerationComplete {
+    pb::GenerationComplete {
+        finish_reason: pb::FinishReason::Filtered as i32,
+        usage: Some(pb::Usage::default()),
+        model_version: String::new(),
+        request_id,
+        timings: Some(pb::Timings {
+            total_ms: arrived.elapsed().as_secs_f64() * 1000.0,
+            ..Default::default()
+        }),
+        filtered: Some(verdict),
+    }
+}
+
 impl InferenceService {
+    /// [`InferenceService::dispatch`], counting a failure by its status.
+    async fn start(&self, request: Request<pb::GenerateRequest>) -> Result<Start, Status> {
+        self.dispatch(request).await.map_err(|e| {
+            let status = Status::from(e);
+            record_outcome(&Err(status.clone()), None);
+            status
+        })
+    }
+
+    /// The request path, stage by stage.
+    async fn dispatch(&self, request: Request<pb::GenerateRequest>) -> Result<Start, RouterError> {
+        let (metadata, extensions, body) = request.into_parts();
+        let arrival = Arrival {
+            at: Instant::now(),
+            tenant: extensions.get::<Tenant>().cloned().ok_or_else(|| {
+                AuthError::Unauthenticated("the request reached the service without authentication".into())
+            })?,
+            budget: deadline::from_metadata(&metadata),
+            cohort: metadata
+                .get(COHORT_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
+        };
+        let checked = self.validate(body, &arrival.tenant)?;
+        let permit = self.admit(&checked, &arrival).await?;
+        if let Some(done) = self.screen_input(&checked, &arrival).await {
+            // Nothing ran: the permit drops unsettled, which refunds the whole token reservation.
+            return Ok(Start::Filtered(done));
+        }
+        let selector = self.route(&checked, &arrival);
+        self.hand_off(checked, selector, permit, arrival).await
+    }
+
+    /// Validation, before any budget is spent: the fields' rules, the tenant's priority range, and the
+    /// model's context, so that a request that can never succeed is refused as invalid rather than shed
+    /// as a retryable overload.
+    fn validate(&self, body: pb::GenerateRequest, tenant: &Tenant) -> Result<Checked, RouterError> {
+        let mut checked = validate(body, new_request_id, &self.limits)?;
+        checked.request.priority = tenant.clamp_priority(checked.request.priority);
+        let context = self.pool.context_length(&checked.selector)?;
+        let max_tokens = checked.request.max_tokens;
+        if max_tokens >= context {
+            return Err(RouterError::Invalid {
+                field: "max_tokens".into(),
+                message: format!(
+                    "max_tokens ({max_tokens}) leaves no room for a prompt within the context length of {context} \
+                     tokens; lower max_tokens below {context}"
+                ),
+            });
+        }
+        Ok(checked)
+    }
+
+    /// Admission: rate limits, concurrency caps and the waiting queue, within the client's deadline.
+    async fn admit(&self, checked: &Checked, arrival: &Arrival) -> Result<Permit, RouterError> {
+        let valid = &checked.request;
+        let ask = Ask {
+            tenant: arrival.tenant.clone(),
+            tokens: estimate_prompt_tokens(&valid.input).saturating_add(valid.max_tokens),
+            max_tokens: valid.max_tokens,
+            deadline: arrival.budget,
+        };
+        match self.live.admission().admit(ask)? {
+            Admitted::Now(permit) => Ok(permit),
+            Admitted::Queued(waiting) => tokio::select! {
+                granted = waiting.granted() => Ok(granted?),
+                () = until(arrival.deadline()) => Err(RouterError::DeadlineExceeded {
+                    elapsed_ms: arrival.at.elapsed().as_millis() as u64,
+                    completion_tokens: 0,
+                }),
+            },
+        }
+    }
+
+    /// The input filter; the completion to send when it blocks. The filter this request starts with is the
+    /// one it finishes with, whatever is swapped meanwhile.
+    async fn screen_input(&self, checked: &Checked, arrival: &Arrival) -> Option<pb::GenerationComplete> {
+        let selection = self.filters.selection();
+        let request_id = &checked.request.request_id;
+        let verdict = self
+            .filters
+            .check(&selection, Stage::Input, filter_text(&checked.request.input), true)
+            .await?;
+        let filter = selection.active.as_ref().map(|a| a.id.clone()).unwrap_or_default();
+        self.filters.record(&filter, Stage::Input, request_id, &verdict);
+        if verdict.action != Action::Block {
+            return None;
+        }
+        tracing::info!(request_id = %request_id, %filter, category = ?verdict.category, "input filtered");
+        record_outcome(&Ok(()), None);
+        let wire = verdict_to_wire(&filter, Stage::Input.label(), &verdict);
+        Some(input_filtered(request_id.clone(), arrival.at, wire))
+    }
+
     /// The version the traffic policy sends this request to, as a pin; the request's own selector when
     /// the model has no policy.
-    fn route(&self, selector: ModelSelector, session: &str, cohort: Option<&str>, request_id: &str) -> ModelSelector {
+    fn route(&self, checked: &Checked, arrival: &Arrival) -> ModelSelector {
+        let selector = checked.selector.clone();
         let (name, pinned) = match &selector {
             ModelSelector::Default => match self.pool.default_name() {
                 Some(name) => (name, None),
@@ -112,9 +246,9 @@ impl InferenceService {
         }
         let ask = VersionAsk {
             pinned,
-            session: Some(session).filter(|s| !s.is_empty()),
-            cohort,
-            request_id,
+            session: Some(checked.session.as_str()).filter(|s| !s.is_empty()),
+            cohort: arrival.cohort.as_deref(),
+            request_id: &checked.request.request_id,
         };
         match self.traffic.choose(&name, ask, &self.pool.healthy_versions(&name)) {
             Some(version) => ModelSelector::Pinned { name, version },
@@ -122,89 +256,18 @@ impl InferenceService {
         }
     }
 
-    /// [`InferenceService::dispatch`], counting a failure by its status.
-    async fn start(&self, request: Request<pb::GenerateRequest>) -> Result<Start, Status> {
-        self.dispatch(request).await.map_err(|e| {
-            let status = Status::from(e);
-            record_outcome(&Err(status.clone()), None);
-            status
-        })
-    }
-
-    /// The request path: authenticate, validate, admit, filter the input, then hand the request to a
-    /// worker, trying another if one is full or unreachable.
-    async fn dispatch(&self, request: Request<pb::GenerateRequest>) -> Result<Start, RouterError> {
-        let arrived = Instant::now();
-        // Authentication first: an unknown caller costs nothing further.
-        let tenant = self.live.keys().authenticate(authorization(request.metadata()))?;
-        let budget = deadline::from_metadata(request.metadata());
-        let deadline = budget.map(|d| arrived + d);
-        let cohort = request
-            .metadata()
-            .get(COHORT_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        let request = request.into_inner();
-        let session = request.session.clone();
-        let request_id = if request.request_id.is_empty() {
-            new_request_id()
-        } else {
-            request.request_id.clone()
-        };
-        // Validation before rate limits, so that a malformed request never spends a tenant's budget.
-        let checked = validate(request, request_id.clone(), &self.limits)?;
+    /// Hands the request to the least loaded worker of its version, trying another if one is full or
+    /// unreachable.
+    async fn hand_off(
+        &self,
+        checked: Checked,
+        selector: ModelSelector,
+        permit: Permit,
+        arrival: Arrival,
+    ) -> Result<Start, RouterError> {
         let valid = &checked.request;
-        let prompt_estimate = estimate_prompt_tokens(&valid.input);
-        let ask = Ask {
-            tenant: tenant.clone(),
-            tokens: prompt_estimate.saturating_add(valid.max_tokens),
-            max_tokens: valid.max_tokens,
-            deadline: budget,
-        };
-        let permit = match self.live.admission().admit(ask)? {
-            Admitted::Now(permit) => permit,
-            Admitted::Queued(waiting) => tokio::select! {
-                granted = waiting.granted() => granted?,
-                () = until(deadline) => return Err(RouterError::DeadlineExceeded {
-                    elapsed_ms: arrived.elapsed().as_millis() as u64,
-                    completion_tokens: 0,
-                }),
-            },
-        };
-        // The filter this request starts with is the one it finishes with, whatever is swapped meanwhile.
-        let selection = self.filters.selection();
-        let text = filter_text(&valid.input);
-        let verdict = if selection.active.as_ref().is_some_and(|a| a.filter.is_heavy()) {
-            // Embeddings take milliseconds: off the async threads.
-            let (hub, selection) = (Arc::clone(&self.filters), Arc::clone(&selection));
-            tokio::task::spawn_blocking(move || hub.check(&selection, Stage::Input, &text))
-                .await
-                .map_err(|e| RouterError::Backend(ferroserve_core::BackendError::Internal(e.to_string())))?
-        } else {
-            self.filters.check(&selection, Stage::Input, &text)
-        };
-        if let Some(v) = verdict {
-            let filter = selection.active.as_ref().map(|a| a.id.clone()).unwrap_or_default();
-            self.filters.record(&filter, Stage::Input, &request_id, &v);
-            if v.action == Action::Block {
-                tracing::info!(request_id = %request_id, %filter, category = ?v.category, "input filtered");
-                record_outcome(&Ok(()), None);
-                // Nothing ran: the permit drops unsettled, which refunds the whole token reservation.
-                return Ok(Start::Filtered(pb::GenerationComplete {
-                    finish_reason: pb::FinishReason::Filtered as i32,
-                    usage: Some(pb::Usage::default()),
-                    model_version: String::new(),
-                    request_id,
-                    timings: Some(pb::Timings {
-                        total_ms: arrived.elapsed().as_secs_f64() * 1000.0,
-                        ..Default::default()
-                    }),
-                    filtered: Some(verdict_to_wire(&filter, Stage::Input.label(), &v)),
-                }));
-            }
-        }
-        let selector = self.route(checked.selector.clone(), &session, cohort.as_deref(), &request_id);
-        let mut guard = OutputGuard::new(Arc::clone(&self.filters), selection, &request_id);
+        let request_id = valid.request_id.clone();
+        let mut guard = OutputGuard::new(Arc::clone(&self.filters), self.filters.selection(), &request_id);
         let mut tried = Vec::new();
         loop {
             let lease = self.pool.pick(&selector, &tried)?;
@@ -213,16 +276,16 @@ impl InferenceService {
             let request = backend.model().defaults.apply(valid, checked.sampling_given);
             match backend.generate(request).await {
                 Ok(events) => {
-                    tracing::debug!(request_id = %request_id, tenant = %tenant.name, worker = backend.location(), "dispatched");
+                    tracing::debug!(request_id = %request_id, tenant = %arrival.tenant.name, worker = backend.location(), "dispatched");
                     return Ok(Start::Dispatched(Box::new(Dispatched {
                         _lease: lease,
                         permit,
-                        prompt_estimate,
+                        prompt_estimate: estimate_prompt_tokens(&valid.input),
                         events,
                         model: backend.model().clone(),
                         request_id,
-                        arrived,
-                        deadline,
+                        arrived: arrival.at,
+                        deadline: arrival.deadline(),
                         guard: guard.take(),
                         observations: Arc::clone(&self.observations),
                         cancel: self.in_flight.watch(&backend.model().qualified()),
@@ -292,14 +355,7 @@ impl Inference for InferenceService {
         Ok(Response::new(ReceiverStream::new(rx).boxed()))
     }
 
-    async fn list_models(
-        &self,
-        request: Request<pb::ListModelsRequest>,
-    ) -> Result<Response<pb::ListModelsResponse>, Status> {
-        self.live
-            .keys()
-            .authenticate(authorization(request.metadata()))
-            .map_err(RouterError::from)?;
+    async fn list_models(&self, _: Request<pb::ListModelsRequest>) -> Result<Response<pb::ListModelsResponse>, Status> {
         let default = self.pool.default_name();
         let models = self
             .pool

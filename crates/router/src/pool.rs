@@ -260,6 +260,17 @@ impl Pool {
         })
     }
 
+    /// The largest context length among the versions serving `selector`: a request that does not fit it
+    /// fits no version. NOT_FOUND or UNAVAILABLE as [`Pool::pick`] would answer.
+    pub fn context_length(&self, selector: &ModelSelector) -> Result<u32, RouterError> {
+        let (serving, _) = self.serving(selector)?;
+        Ok(serving
+            .iter()
+            .map(|m| m.backend.model().context_length)
+            .max()
+            .unwrap_or(0))
+    }
+
     /// The healthy backends serving `selector`'s model.
     pub fn matching(&self, selector: &ModelSelector) -> Result<Vec<Arc<dyn Backend>>, RouterError> {
         let (serving, _) = self.serving(selector)?;

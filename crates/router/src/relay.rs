@@ -254,27 +254,35 @@ impl Relay {
             Some(Ok(Event::Token(t))) => {
                 self.clock.tokens(t.token_ids.len());
                 self.clock.drift(&t.logprobs, &t.entropies);
-                let text = match self.d.guard.as_mut().map(|g| g.push(&t.text)) {
+                let text = match self.d.guard.as_mut() {
                     None => t.text,
-                    Some(Ok(released)) => released,
-                    Some(Err(verdict)) => return Some(self.filtered(&verdict)),
+                    Some(g) => match g.push(&t.text).await {
+                        Ok(released) => released,
+                        Err(verdict) => return Some(self.filtered(&verdict)),
+                    },
                 };
                 Relayed::Token(pb::TokenDelta {
                     text,
                     token_ids: t.token_ids,
                 })
             }
-            Some(Ok(Event::Complete(c))) => match self.d.guard.as_mut().map(OutputGuard::finish) {
-                Some(Err(verdict)) => self.filtered(&verdict),
-                Some(Ok(rest)) if !rest.is_empty() => {
-                    self.pending = Some(c);
-                    Relayed::Token(pb::TokenDelta {
-                        text: rest,
-                        token_ids: Vec::new(),
-                    })
+            Some(Ok(Event::Complete(c))) => {
+                let rest = match self.d.guard.as_mut() {
+                    None => Ok(String::new()),
+                    Some(g) => g.finish().await,
+                };
+                match rest {
+                    Err(verdict) => self.filtered(&verdict),
+                    Ok(rest) if !rest.is_empty() => {
+                        self.pending = Some(c);
+                        Relayed::Token(pb::TokenDelta {
+                            text: rest,
+                            token_ids: Vec::new(),
+                        })
+                    }
+                    Ok(_) => self.complete(c),
                 }
-                _ => self.complete(c),
-            },
+            }
             Some(Err(e)) => self.fail(RouterError::from(e).into()),
             None => self.fail(Status::internal("the worker ended the stream without a completion")),
         })

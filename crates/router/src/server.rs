@@ -1,35 +1,78 @@
 //! Assembling the router's gRPC server: Inference, Admin, health and reflection, with graceful drain.
+//!
+//! The layers, outermost first, and why each sits where it does:
+//! - the accept loop (ferroserve-net): connection cap, TLS and the HTTP/2 preface under a handshake
+//!   timeout, before a connection costs a task of the server's;
+//! - HTTP/2 limits (streams per connection, resets, header size, keepalive, connection age);
+//! - [`OversizeIsInvalid`]: a request over `max_request_bytes` is refused before it is read, as the
+//!   client's mistake (INVALID_ARGUMENT), not tonic's OUT_OF_RANGE;
+//! - the credential interceptors: a caller is authenticated from its headers before its body is decoded,
+//!   so an unknown caller costs no decoding;
+//! - the services.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferroserve_core::RequestLimits;
+use ferroserve_net::{ConnectionLimits, H2_PREFACE_BYTES, Listen, OversizeIsInvalid, ServerTls};
 use ferroserve_proto::v1::admin_server::AdminServer;
 use ferroserve_proto::v1::inference_server::InferenceServer;
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
+use tonic::service::interceptor::InterceptedService;
+use tonic::{Request, Status};
 use tonic_health::ServingStatus;
 
 use crate::admin::AdminService;
-use crate::inference::InferenceService;
+use crate::inference::{InferenceService, authorization};
 use crate::live::Live;
 use crate::observe::Observations;
 use crate::registry::{LoadSpec, Registry, VersionLoader};
+use crate::relay::record_outcome;
 use crate::traffic::{InFlight, Policy, Traffic};
 use crate::versions::Versions;
-use crate::{Limits, Pool};
+use crate::{Pool, RouterError};
 use ferroserve_filter::FilterHub;
 
 /// How often the remaining-budget gauges are refreshed: buckets refill between requests.
 const BUDGET_GAUGE_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Router settings from the `[router]` and `[server]` config sections.
-#[derive(Debug, Clone, Copy)]
+/// Router settings from the `[router]`, `[server]` and `[connections]` config sections.
+#[derive(Clone)]
 pub struct RouterConfig {
     /// Request shape limits.
-    pub limits: Limits,
+    pub limits: RequestLimits,
     /// After shutdown is signalled, how long in-flight streams may run before the server stops anyway.
     pub drain_timeout: Duration,
+    /// Connection and HTTP/2 limits of the public listener.
+    pub connections: ConnectionLimits,
+    /// TLS on the public listener, if configured (reloaded on SIGHUP by the binary).
+    pub tls: Option<Arc<ServerTls>>,
+}
+
+/// Authenticates an `Inference` call from its headers and hands the tenant to the handler.
+fn inference_auth(live: Arc<Live>) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
+    move |mut request: Request<()>| match live.keys().authenticate(authorization(request.metadata())) {
+        Ok(tenant) => {
+            request.extensions_mut().insert(tenant);
+            Ok(request)
+        }
+        Err(e) => {
+            let status = Status::from(RouterError::from(e));
+            record_outcome(&Err(status.clone()), None);
+            Err(status)
+        }
+    }
+}
+
+/// Checks an `Admin` call's credential from its headers.
+fn admin_auth(live: Arc<Live>) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
+    move |request: Request<()>| {
+        live.keys()
+            .authorize_admin(authorization(request.metadata()))
+            .map_err(|e| Status::from(RouterError::from(e)))?;
+        Ok(request)
+    }
 }
 
 /// What the router serves with.
@@ -103,13 +146,14 @@ pub async fn serve(
             }
         }
     });
-    let reflection = ferroserve_worker::reflection_service();
+    let (reflection_v1, reflection_v1alpha) = ferroserve_net::reflection_services();
     let traffic = Arc::new(Traffic::default());
     for (model, policy) in policies {
         traffic.change(&model, "config", "set", "from the config at startup", |p| *p = policy);
     }
     let observations = Arc::new(Observations::default());
     let in_flight = Arc::new(InFlight::default());
+    let max_request_bytes = config.limits.max_request_bytes;
     let inference = InferenceServer::new(InferenceService {
         pool: Arc::clone(&pool),
         live: Arc::clone(&live),
@@ -118,7 +162,9 @@ pub async fn serve(
         traffic: Arc::clone(&traffic),
         observations: Arc::clone(&observations),
         in_flight: Arc::clone(&in_flight),
-    });
+    })
+    .max_decoding_message_size(max_request_bytes);
+    let inference = InterceptedService::new(inference, inference_auth(Arc::clone(&live)));
     let versions = Versions {
         traffic,
         pool: Arc::clone(&pool),
@@ -133,6 +179,7 @@ pub async fn serve(
     } else if !preload.is_empty() {
         tracing::warn!("this router has no in-process workers; the configured extra versions are not loaded");
     }
+    let admin_auth = admin_auth(Arc::clone(&live));
     let admin = AdminServer::new(AdminService {
         pool,
         live,
@@ -141,16 +188,26 @@ pub async fn serve(
         rollouts: Arc::default(),
         versions,
         in_flight,
-    });
+    })
+    .max_decoding_message_size(max_request_bytes);
+    let admin = InterceptedService::new(admin, admin_auth);
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tonic::transport::Server::builder()
+    let listen = Listen {
+        name: "grpc",
+        limits: config.connections,
+        tls: config.tls.clone(),
+        first_bytes: H2_PREFACE_BYTES,
+    };
+    let server = config
+        .connections
+        .grpc_server()
+        .layer(OversizeIsInvalid)
         .add_service(health)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(inference)
         .add_service(admin)
-        // TCP_NODELAY: a token is a small write; without it, Nagle holds the next one until the client's
-        // delayed ACK (up to 40 ms on Linux), which shows up in TTFT and inter-token latency.
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), async move {
+        .serve_with_incoming_shutdown(ferroserve_net::incoming(listener, listen), async move {
             shutdown.await;
             tracing::info!(drain_timeout = ?config.drain_timeout, "shutting down: no new connections, draining streams");
             health_task.abort();
@@ -158,5 +215,5 @@ pub async fn serve(
             reporter.set_service_status("", ServingStatus::NotServing).await;
             let _ = drain_tx.send(());
         });
-    ferroserve_worker::drain_bounded(server, drain_rx, config.drain_timeout).await
+    ferroserve_net::drain_bounded(server, drain_rx, config.drain_timeout).await
 }

@@ -1,34 +1,17 @@
 //! Client input to [`ValidRequest`]: every rule a request must meet before it costs any model work, each
-//! failure naming the field and the limit. Context-length checks need the tokenizer and happen in the
-//! engine, which answers with the same INVALID_ARGUMENT.
+//! failure naming the field and the limit. The shape limits are [`RequestLimits`], which workers check
+//! again; the context length is checked against the served model before admission (inference.rs), and
+//! exactly, once tokenized, by the engine.
 
 use std::time::SystemTime;
 
-use ferroserve_core::{ChatMessage, GenerationDefaults, Input, Role, Sampling, ValidRequest};
+use ferroserve_core::{
+    ChatMessage, GREEDY_BELOW_TEMPERATURE, GenerationDefaults, Input, RequestLimits, Role, Sampling, ValidRequest,
+    Violation, check_sampling, echo,
+};
 use ferroserve_proto::v1 as pb;
 
 use crate::RouterError;
-
-/// Limits on request shape, from the `[router]` config section.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
-    /// Most stop strings per request.
-    pub max_stop_sequences: usize,
-    /// Longest stop string, in bytes.
-    pub max_stop_bytes: usize,
-    /// Longest client-supplied request id, in bytes.
-    pub max_request_id_bytes: usize,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            max_stop_sequences: 16,
-            max_stop_bytes: 256,
-            max_request_id_bytes: 128,
-        }
-    }
-}
 
 /// Which model a request wants, parsed from its `model` field.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,10 +32,6 @@ pub enum ModelSelector {
 impl ModelSelector {
     /// Parses the `model` field.
     pub fn parse(model: &str) -> Result<ModelSelector, RouterError> {
-        let invalid = |message: &str| RouterError::Invalid {
-            field: "model".into(),
-            message: message.to_string(),
-        };
         match model.split_once('@') {
             _ if model.is_empty() => Ok(ModelSelector::Default),
             None => Ok(ModelSelector::Name(model.to_string())),
@@ -62,9 +41,13 @@ impl ModelSelector {
                     version: version.to_string(),
                 })
             }
-            Some(_) => Err(invalid(&format!(
-                "`{model}` is not a model name; use `name` or `name@version` (e.g. smollm2-135m-instruct@q4_1)"
-            ))),
+            Some(_) => Err(invalid(
+                "model",
+                format!(
+                    "`{}` is not a model name; use `name` or `name@version` (e.g. smollm2-135m-instruct@q4_1)",
+                    echo(model)
+                ),
+            )),
         }
     }
 }
@@ -73,6 +56,15 @@ fn invalid(field: impl Into<String>, message: impl Into<String>) -> RouterError 
     RouterError::Invalid {
         field: field.into(),
         message: message.into(),
+    }
+}
+
+impl From<Violation> for RouterError {
+    fn from(v: Violation) -> RouterError {
+        RouterError::Invalid {
+            field: v.field,
+            message: v.message,
+        }
     }
 }
 
@@ -86,66 +78,38 @@ pub(crate) struct Checked {
     pub request: ValidRequest,
     /// The client sent sampling settings, so the version's default sampling does not apply.
     pub sampling_given: bool,
+    /// The sticky-assignment key, checked.
+    pub session: String,
 }
 
-/// Checks a client request and resolves its defaults. `request_id` is the id to use (the client's, checked
-/// here, or one the caller made).
+/// Checks a client request and resolves its defaults. `request_id` is the id to use when the client sent
+/// none. The cheap length checks come first, so that an oversized field costs nothing further.
 pub(crate) fn validate(
     request: pb::GenerateRequest,
-    request_id: String,
-    limits: &Limits,
+    request_id: impl FnOnce() -> String,
+    limits: &RequestLimits,
 ) -> Result<Checked, RouterError> {
-    let model = ModelSelector::parse(&request.model)?;
-    if request_id.len() > limits.max_request_id_bytes {
-        return Err(invalid(
-            "request_id",
-            format!(
-                "is {} bytes; the limit is {}",
-                request_id.len(),
-                limits.max_request_id_bytes
-            ),
-        ));
-    }
-    let input = match (request.prompt.is_empty(), request.messages.is_empty()) {
-        (false, false) => {
-            return Err(invalid(
-                "prompt",
-                "set exactly one of `prompt` and `messages`, not both",
-            ));
-        }
-        (true, true) => {
-            return Err(invalid(
-                "prompt",
-                "the prompt is empty; set `prompt` to some text, or `messages` to a conversation",
-            ));
-        }
-        (false, true) => Input::Prompt(request.prompt),
-        (true, false) => Input::Chat(
-            request
-                .messages
-                .into_iter()
-                .enumerate()
-                .map(|(i, m)| {
-                    let role = Role::parse(&m.role).ok_or_else(|| {
-                        invalid(
-                            format!("messages[{i}].role"),
-                            format!("unknown role `{}`; use one of system, user, assistant", m.role),
-                        )
-                    })?;
-                    Ok(ChatMessage {
-                        role,
-                        content: m.content,
-                    })
-                })
-                .collect::<Result<_, RouterError>>()?,
-        ),
+    RequestLimits::check_label("model", &request.model, limits.max_model_bytes, "max_model_bytes")?;
+    RequestLimits::check_label(
+        "session",
+        &request.session,
+        limits.max_session_bytes,
+        "max_session_bytes",
+    )?;
+    let request_id = if request.request_id.is_empty() {
+        request_id()
+    } else {
+        limits.check_request_id(&request.request_id)?;
+        request.request_id
     };
+    let model = ModelSelector::parse(&request.model)?;
+    let input = input(request.prompt, request.messages, limits)?;
     if request.max_tokens == 0 {
         return Err(invalid("max_tokens", "must be at least 1 (got 0)"));
     }
     let sampling_given = request.sampling.is_some();
     let sampling = sampling(request.sampling.unwrap_or_default())?;
-    check_stop(&request.stop, limits)?;
+    limits.check_stop(&request.stop)?;
     Ok(Checked {
         selector: model,
         request: ValidRequest {
@@ -158,29 +122,60 @@ pub(crate) fn validate(
             priority: request.priority,
         },
         sampling_given,
+        session: request.session,
     })
 }
 
-fn check_stop(stop: &[String], limits: &Limits) -> Result<(), RouterError> {
-    if stop.len() > limits.max_stop_sequences {
-        return Err(invalid(
-            "stop",
-            format!(
-                "{} stop strings given; the limit is {}",
-                stop.len(),
-                limits.max_stop_sequences
-            ),
-        ));
-    }
-    for (i, s) in stop.iter().enumerate() {
-        if s.is_empty() || s.len() > limits.max_stop_bytes {
+/// Exactly one of a prompt and a conversation, with known roles, within the input limits.
+fn input(prompt: String, messages: Vec<pb::ChatMessage>, limits: &RequestLimits) -> Result<Input, RouterError> {
+    let input = match (prompt.is_empty(), messages.is_empty()) {
+        (false, false) => {
             return Err(invalid(
-                format!("stop[{i}]"),
-                format!("must be 1 to {} bytes long (got {})", limits.max_stop_bytes, s.len()),
+                "prompt",
+                "set exactly one of `prompt` and `messages`, not both",
             ));
         }
-    }
-    Ok(())
+        (true, true) => {
+            return Err(invalid(
+                "prompt",
+                "the prompt is empty; set `prompt` to some text, or `messages` to a conversation",
+            ));
+        }
+        (false, true) => Input::Prompt(prompt),
+        (true, false) => {
+            // The count first: a huge list of empty messages is refused before it is walked.
+            if messages.len() > limits.max_messages {
+                return Err(invalid(
+                    "messages",
+                    format!(
+                        "{} messages given; the limit max_messages is {}",
+                        messages.len(),
+                        limits.max_messages
+                    ),
+                ));
+            }
+            Input::Chat(
+                messages
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, m)| {
+                        let role = Role::parse(&m.role).ok_or_else(|| {
+                            invalid(
+                                format!("messages[{i}].role"),
+                                format!("unknown role `{}`; use one of system, user, assistant", echo(&m.role)),
+                            )
+                        })?;
+                        Ok(ChatMessage {
+                            role,
+                            content: m.content,
+                        })
+                    })
+                    .collect::<Result<_, RouterError>>()?,
+            )
+        }
+    };
+    limits.check_input(&input)?;
+    Ok(input)
 }
 
 /// A version's generation defaults from an operator (the config or `LoadVersion`), checked by the rules a
@@ -190,9 +185,9 @@ pub fn generation_defaults(
     system_prompt: &str,
     sampling_params: Option<pb::SamplingParams>,
     stop: Vec<String>,
-    limits: &Limits,
+    limits: &RequestLimits,
 ) -> Result<GenerationDefaults, RouterError> {
-    check_stop(&stop, limits)?;
+    limits.check_stop(&stop)?;
     Ok(GenerationDefaults {
         system_prompt: Some(system_prompt.to_string()).filter(|s| !s.is_empty()),
         sampling: sampling_params
@@ -202,35 +197,24 @@ pub fn generation_defaults(
     })
 }
 
+/// The wire's sampling settings resolved and range-checked. A temperature too small to divide by is
+/// greedy, as vLLM treats it.
 fn sampling(s: pb::SamplingParams) -> Result<Sampling, RouterError> {
-    if !s.temperature.is_finite() || s.temperature < 0.0 {
-        return Err(invalid(
-            "sampling.temperature",
-            format!("must be a finite number >= 0, 0 meaning greedy (got {})", s.temperature),
-        ));
-    }
-    let top_p = s.top_p.unwrap_or(1.0);
-    if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(invalid(
-            "sampling.top_p",
-            format!("must be in (0, 1], or unset for 1.0 (got {top_p})"),
-        ));
-    }
-    let repetition_penalty = s.repetition_penalty.unwrap_or(1.0);
-    if !(repetition_penalty.is_finite() && repetition_penalty > 0.0) {
-        return Err(invalid(
-            "sampling.repetition_penalty",
-            format!("must be a finite number > 0, 1 meaning none (got {repetition_penalty})"),
-        ));
-    }
-    Ok(Sampling {
-        temperature: s.temperature,
-        top_p,
+    let temperature = if s.temperature >= 0.0 && s.temperature < GREEDY_BELOW_TEMPERATURE {
+        0.0
+    } else {
+        s.temperature
+    };
+    let sampling = Sampling {
+        temperature,
+        top_p: s.top_p.unwrap_or(1.0),
         top_k: s.top_k,
         seed: s.seed.unwrap_or_else(rand::random),
-        repetition_penalty,
+        repetition_penalty: s.repetition_penalty.unwrap_or(1.0),
         ignore_eos: s.ignore_eos,
-    })
+    };
+    check_sampling(&sampling)?;
+    Ok(sampling)
 }
 
 #[cfg(test)]
@@ -246,7 +230,7 @@ mod tests {
     }
 
     fn field_of(r: pb::GenerateRequest) -> String {
-        match validate(r, "id".into(), &Limits::default()) {
+        match validate(r, || "id".into(), &RequestLimits::default()) {
             Err(RouterError::Invalid { field, .. }) => field,
             other => panic!("expected invalid, got {other:?}"),
         }
@@ -254,7 +238,7 @@ mod tests {
 
     #[test]
     fn a_plain_prompt_passes_with_defaults_resolved() {
-        let c = validate(base(), "id".into(), &Limits::default()).unwrap();
+        let c = validate(base(), || "id".into(), &RequestLimits::default()).unwrap();
         let (model, v) = (c.selector, c.request);
         assert!(!c.sampling_given, "the version's default sampling may apply");
         assert_eq!(model, ModelSelector::Default);
@@ -338,14 +322,14 @@ mod tests {
             seed: Some(99),
             ..Default::default()
         });
-        let c = validate(r, "id".into(), &Limits::default()).unwrap();
+        let c = validate(r, || "id".into(), &RequestLimits::default()).unwrap();
         assert_eq!(c.request.sampling.seed, 99);
         assert!(c.sampling_given);
     }
 
     #[test]
     fn operator_defaults_meet_the_request_rules() {
-        let l = Limits::default();
+        let l = RequestLimits::default();
         let d = generation_defaults(
             "",
             Some(pb::SamplingParams {

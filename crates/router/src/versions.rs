@@ -6,11 +6,12 @@ use std::sync::Arc;
 
 use ferroserve_proto::v1 as pb;
 
+use crate::RouterError;
 use crate::pool::Pool;
 use crate::registry::{LoadSpec, Progress, Registry, VersionLoader};
 use crate::rollout::Plan;
 use crate::traffic::{Policy, Traffic};
-use crate::{Limits, RouterError};
+use ferroserve_core::RequestLimits;
 
 /// The admin call's header naming the operator, for the history.
 pub(crate) const OPERATOR_HEADER: &str = "x-ferroserve-operator";
@@ -70,7 +71,7 @@ pub(crate) struct Versions {
     /// How to load a version into this server, when it can.
     pub loader: Option<Arc<dyn VersionLoader>>,
     /// Request shape limits, which a loaded version's stop strings also meet.
-    pub limits: Limits,
+    pub limits: RequestLimits,
 }
 
 impl Versions {

@@ -331,6 +331,7 @@ async fn a_reload_swaps_keys_and_limits_atomically() {
             keys: KeyStore::new(
                 vec![key("delta", Priority::Batch)],
                 Some(parse_sha256(&sha256_hex("admin")).unwrap()),
+                true,
             ),
             limits: AdmissionLimits {
                 server: server_limits(4, 4),

@@ -10,6 +10,6 @@ mod remote;
 mod server;
 mod slot;
 
-pub use remote::RemoteWorker;
-pub use server::{WorkerServerConfig, drain_bounded, reflection_service, serve};
+pub use remote::{AddToken, RemoteWorker, WorkerClientConfig};
+pub use server::{WorkerServerConfig, check_work_request, serve};
 pub use slot::BackendSlot;

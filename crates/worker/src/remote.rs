@@ -3,13 +3,47 @@
 use std::time::Duration;
 
 use ferroserve_core::{Backend, BackendError, EventStream, ModelInfo, StatsStream, ValidRequest};
+use ferroserve_net::ClientTlsFiles;
 use ferroserve_proto::worker as pb;
 use ferroserve_proto::worker::worker_client::WorkerClient;
 use futures::StreamExt;
 use futures::future::BoxFuture;
-use tonic::transport::{Channel, Endpoint};
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
 
 use crate::convert::{describe_from_wire, event_from_wire, request_to_wire, stats_from_wire, status_to_error};
+
+/// How a router reaches its workers: TLS for `https://` addresses, and the shared secret.
+#[derive(Clone, Default)]
+pub struct WorkerClientConfig {
+    /// CA and client certificate (mTLS) for `https://` workers.
+    pub tls: ClientTlsFiles,
+    /// The internal-plane token, sent as a bearer token on every call.
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for WorkerClientConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerClientConfig")
+            .field("tls", &self.tls)
+            .field("token", &self.token.as_ref().map(|_| "(set)"))
+            .finish()
+    }
+}
+
+/// Adds the internal-plane token to every call.
+#[derive(Clone)]
+pub struct AddToken(Option<MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for AddToken {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            request.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(request)
+    }
+}
 
 /// A connected worker. The channel reconnects by itself if the worker restarts.
 pub struct RemoteWorker {
@@ -18,20 +52,25 @@ pub struct RemoteWorker {
     /// The model it reported when we connected.
     info: ModelInfo,
     /// Cheap to clone; one HTTP/2 connection multiplexes every request.
-    client: WorkerClient<Channel>,
+    client: WorkerClient<InterceptedService<Channel, AddToken>>,
 }
 
 impl RemoteWorker {
     /// Connects to `address` and asks which model it serves. Fails if the worker is unreachable or still
     /// loading; callers retry.
-    pub async fn connect(address: &str) -> Result<RemoteWorker, BackendError> {
+    pub async fn connect(address: &str, config: &WorkerClientConfig) -> Result<RemoteWorker, BackendError> {
         let unavailable = |e: &dyn std::fmt::Display| BackendError::Unavailable(format!("worker {address}: {e}"));
-        let endpoint = Endpoint::from_shared(address.to_string())
+        let endpoint = ferroserve_net::endpoint(address, &config.tls)
             .map_err(|e| unavailable(&e))?
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true);
+            .connect_timeout(Duration::from_secs(5));
         let channel = endpoint.connect().await.map_err(|e| unavailable(&e))?;
-        let mut client = WorkerClient::new(channel);
+        let token = config
+            .token
+            .as_ref()
+            .map(|t| format!("Bearer {t}").parse())
+            .transpose()
+            .map_err(|_| unavailable(&"the worker token is not valid header text"))?;
+        let mut client = WorkerClient::with_interceptor(channel, AddToken(token));
         let described = client
             .describe(pb::DescribeRequest {})
             .await

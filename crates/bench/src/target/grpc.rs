@@ -20,7 +20,11 @@ pub struct GrpcClient {
 }
 
 impl GrpcClient {
-    pub(super) async fn connect(endpoint: &str, api_key: Option<&str>) -> Result<Self, BenchError> {
+    pub(super) async fn connect(
+        endpoint: &str,
+        api_key: Option<&str>,
+        tls: &ferroserve_net::ClientTlsFiles,
+    ) -> Result<Self, BenchError> {
         let auth = api_key
             .map(|k| {
                 format!("Bearer {k}")
@@ -28,9 +32,8 @@ impl GrpcClient {
                     .map_err(|_| BenchError::Target("the API key has characters a header cannot carry".into()))
             })
             .transpose()?;
-        let channel = Channel::from_shared(endpoint.to_string())
-            .map_err(|e| BenchError::Target(format!("{endpoint}: {e}")))?
-            .tcp_nodelay(true)
+        let channel = ferroserve_net::endpoint(endpoint, tls)
+            .map_err(BenchError::Target)?
             .connect()
             .await
             .map_err(|e| BenchError::Target(format!("cannot connect to {endpoint}: {e}")))?;

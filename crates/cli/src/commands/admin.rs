@@ -9,9 +9,12 @@ use ferroserve_proto::v1::admin_client::AdminClient;
 /// Where the Admin service is and how to get in.
 #[derive(Debug, Args)]
 pub struct AdminConn {
-    /// Server address.
+    /// Server address (`https://` for TLS).
     #[arg(long, env = "FERROSERVE_ADDR", default_value = "http://127.0.0.1:50051")]
     pub addr: String,
+    /// CA certificate (PEM) to trust for an https:// address [default: the system's roots].
+    #[arg(long, env = "FERROSERVE_TLS_CA")]
+    pub tls_ca: Option<std::path::PathBuf>,
     /// The admin credential, sent as `authorization: Bearer <token>`.
     #[arg(long, env = "FERROSERVE_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
@@ -64,9 +67,7 @@ pub(crate) fn with_token<T>(message: T, token: &Option<String>) -> anyhow::Resul
 }
 
 pub(crate) async fn connect(conn: &AdminConn) -> anyhow::Result<AdminClient<tonic::transport::Channel>> {
-    AdminClient::connect(conn.addr.clone())
-        .await
-        .with_context(|| format!("cannot reach {}; is the server running?", conn.addr))
+    Ok(AdminClient::new(super::channel(&conn.addr, &conn.tls_ca).await?))
 }
 
 pub(crate) fn status_error(status: tonic::Status) -> anyhow::Error {

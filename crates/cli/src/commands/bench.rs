@@ -50,9 +50,13 @@ pub enum BenchCommand {
 /// `ferroserve bench`: measure a server.
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// grpc://host:port (Ferroserve) or http://host:port[/v1/completions | /v1/chat/completions].
+    /// grpc://host:port (Ferroserve; grpcs:// for TLS) or http://host:port[/v1/completions |
+    /// /v1/chat/completions].
     #[arg(long, default_value = "grpc://127.0.0.1:50051")]
     pub target: String,
+    /// CA certificate (PEM) to trust for a grpcs:// target [default: the system's roots].
+    #[arg(long, env = "FERROSERVE_TLS_CA")]
+    pub tls_ca: Option<std::path::PathBuf>,
     /// API key, sent as `authorization: Bearer`.
     #[arg(long, env = "FERROSERVE_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
@@ -203,6 +207,10 @@ async fn measure(a: RunArgs) -> anyhow::Result<()> {
         label: a.label,
         target,
         api_key: a.api_key,
+        tls: ferroserve_net::ClientTlsFiles {
+            ca: a.tls_ca,
+            ..Default::default()
+        },
         config: RunConfig {
             generation: Generation {
                 model: a.model,

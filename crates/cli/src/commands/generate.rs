@@ -46,7 +46,8 @@ pub struct GenerateArgs {
     /// Request id to send (the server makes one if omitted).
     #[arg(long, default_value = "")]
     pub request_id: String,
-    /// Admission priority in the worker's queue: higher goes first, ties first come first served.
+    /// Admission priority in the worker's queue: higher goes first, ties first come first served. Clamped
+    /// to the range the API key allows (`request_priorities`; default 0 only).
     #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
     pub priority: i32,
     /// Sticky key (user or session id): the same key gets the same model version of a split.
@@ -55,9 +56,12 @@ pub struct GenerateArgs {
     /// API key, sent as `authorization: Bearer <key>`.
     #[arg(long, env = "FERROSERVE_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
-    /// Server address.
+    /// Server address (`https://` for TLS).
     #[arg(long, env = "FERROSERVE_ADDR", default_value = "http://127.0.0.1:50051")]
     pub addr: String,
+    /// CA certificate (PEM) to trust for an https:// address [default: the system's roots].
+    #[arg(long, env = "FERROSERVE_TLS_CA")]
+    pub tls_ca: Option<std::path::PathBuf>,
     /// Print machine-readable JSON lines instead of text.
     #[arg(long)]
     pub json: bool,
@@ -180,9 +184,7 @@ fn summary(c: &pb::GenerationComplete, elapsed: Duration) -> String {
 /// Runs the command.
 pub async fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let request = args.request()?;
-    let mut client = InferenceClient::connect(args.addr.clone())
-        .await
-        .with_context(|| format!("cannot connect to {}; is `ferroserve serve` running?", args.addr))?;
+    let mut client = InferenceClient::new(super::channel(&args.addr, &args.tls_ca).await?);
     let mut request = tonic::Request::new(request);
     if let Some(t) = args.timeout_secs {
         request.set_timeout(Duration::from_secs_f64(t));

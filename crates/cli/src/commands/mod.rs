@@ -4,6 +4,7 @@ pub mod admin;
 pub mod bench;
 pub mod filter;
 pub mod generate;
+mod listen;
 pub mod model;
 pub mod models;
 pub mod servers;
@@ -15,6 +16,19 @@ use ferroserve_model::embed;
 use ferroserve_model::fetch::{self, Progress};
 
 use crate::config::Settings;
+
+/// A gRPC channel to `addr`, with TLS for `https://` (trusting `tls_ca`, else the system's roots).
+pub(crate) async fn channel(addr: &str, tls_ca: &Option<PathBuf>) -> anyhow::Result<tonic::transport::Channel> {
+    let tls = ferroserve_net::ClientTlsFiles {
+        ca: tls_ca.clone(),
+        ..Default::default()
+    };
+    ferroserve_net::endpoint(addr, &tls)
+        .map_err(anyhow::Error::msg)?
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to {addr}; is the server running (and is it TLS or not)?"))
+}
 
 /// The GGUF to serve: `model.path` if set, else the default model, fetched into the cache if absent.
 pub fn resolve_model(settings: &Settings, progress: &dyn Progress) -> anyhow::Result<PathBuf> {

@@ -14,32 +14,16 @@ use ferroserve_engine::EngineHandle;
 use ferroserve_filter::FilterHub;
 use ferroserve_model::batched::BatchedLlama;
 use ferroserve_model::{LoadedModel, ModelSpec};
+use ferroserve_net::{ALPN_H2, ALPN_HTTP1};
 use ferroserve_router::{
-    Live, LiveSettings, LoadSpec, Pool, Progress as LoadProgress, Reloader, RouterParts, VersionLoader,
+    Live, LiveSettings, LoadSpec, Pool, Progress as LoadProgress, Reloader, RouterConfig, RouterParts, VersionLoader,
 };
 use ferroserve_worker::{BackendSlot, RemoteWorker, WorkerServerConfig};
 use futures::future::BoxFuture;
-use tokio::net::TcpListener;
 
+use super::listen::{Hangup, bind, load_tls, metrics};
 use crate::config::Settings;
 use crate::running::{Running, Stop};
-
-/// Starts `/metrics` on `addr` if enabled; it stops with the server.
-async fn metrics(addr: Option<std::net::SocketAddr>, stop: &Stop) -> anyhow::Result<Option<std::net::SocketAddr>> {
-    match addr {
-        None => Ok(None),
-        Some(a) => ferroserve_telemetry::exporter::spawn_metrics_server(a, stop.wait())
-            .await
-            .map(Some)
-            .with_context(|| format!("cannot listen on {a} for /metrics; set another address or \"\" to disable")),
-    }
-}
-
-async fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr} for the {what}; is another server using it?"))
-}
 
 /// Things already loaded in this process, by canonical file path, held weakly: versions loaded from the
 /// same file (differing only in their generation defaults) share one copy of the weights.
@@ -160,13 +144,37 @@ async fn serve_while_loading(
     server.await.with_context(|| format!("{what} server failed"))
 }
 
-/// The router's parts, warning when it runs without credentials. When the settings came from a file, a
-/// SIGHUP re-reads it (until `stopped`) and applies its keys and limits live.
+/// The public listeners' TLS: the gRPC port's and `/metrics`' (same certificate, their own ALPN).
+struct PublicTls {
+    grpc: Option<Arc<ferroserve_net::ServerTls>>,
+    metrics: Option<Arc<ferroserve_net::ServerTls>>,
+}
+
+impl PublicTls {
+    fn load(settings: &Settings) -> anyhow::Result<PublicTls> {
+        Ok(PublicTls {
+            grpc: load_tls(&settings.tls, &[ALPN_H2], "server.tls_cert")?,
+            metrics: load_tls(&settings.tls, &[ALPN_HTTP1], "server.tls_cert")?,
+        })
+    }
+
+    /// Both, by listener name, for SIGHUP.
+    fn certs(&self) -> Vec<(&'static str, Arc<ferroserve_net::ServerTls>)> {
+        let grpc = self.grpc.clone().map(|t| ("grpc", t));
+        let metrics = self.metrics.clone().map(|t| ("metrics", t));
+        grpc.into_iter().chain(metrics).collect()
+    }
+}
+
+/// The router's parts, warning when it runs without credentials. A SIGHUP (until `stopped`) re-reads the
+/// config file, when the settings came from one, and applies its keys and limits live, and reloads the
+/// certificates in `certs`.
 fn router_parts(
     settings: &Settings,
     pool: Arc<Pool>,
     stopped: &Stop,
     loader: Option<Arc<dyn VersionLoader>>,
+    tls: &PublicTls,
 ) -> anyhow::Result<RouterParts> {
     if settings.keys.is_open() {
         tracing::warn!(
@@ -189,9 +197,11 @@ fn router_parts(
         Admission::new(settings.admission.clone()),
         reload,
     );
-    if has_reload {
-        tokio::spawn(reload_on_sighup(Arc::clone(&live), stopped.wait()));
+    Hangup {
+        live: has_reload.then(|| Arc::clone(&live)),
+        certs: tls.certs(),
     }
+    .spawn(stopped.wait());
     let filters = filter_hub(settings)?;
     if let Some(every) = settings.filter.watch_interval
         && settings.filter.dir.is_dir()
@@ -207,7 +217,12 @@ fn router_parts(
         pool,
         live,
         filters,
-        config: settings.router,
+        config: RouterConfig {
+            limits: settings.request_limits,
+            drain_timeout: settings.drain_timeout,
+            connections: settings.connections,
+            tls: tls.grpc.clone(),
+        },
         preload: settings.versions.clone(),
         policies: settings
             .traffic
@@ -314,38 +329,19 @@ async fn watch_filters(hub: Arc<FilterHub>, dir: PathBuf, every: Duration, stopp
     }
 }
 
-/// Applies the config file again on each SIGHUP, until `stopped`.
-async fn reload_on_sighup(live: Arc<Live>, stopped: impl Future<Output = ()>) {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let Ok(mut hangups) = signal(SignalKind::hangup()) else {
-            tracing::warn!("cannot listen for SIGHUP; reload with Admin.ReloadConfig instead");
-            return;
-        };
-        tokio::pin!(stopped);
-        loop {
-            tokio::select! {
-                () = &mut stopped => return,
-                Some(()) = hangups.recv() => match live.reload() {
-                    Ok(summary) => tracing::info!(%summary, "SIGHUP: configuration reloaded"),
-                    Err(e) => tracing::error!(error = %e, "SIGHUP: configuration not reloaded; the running settings stay"),
-                },
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = (live, stopped);
-    }
-}
-
 /// Router plus one in-process engine serving `model_path`.
 pub async fn start_serve(settings: Settings, model_path: PathBuf) -> anyhow::Result<Running> {
+    let tls = PublicTls::load(&settings)?;
     let listener = bind(settings.listen, "router").await?;
     let addr = listener.local_addr()?;
     let (stop, stopped) = Stop::new();
-    let metrics_addr = metrics(settings.metrics_listen, &stopped).await?;
+    let metrics_addr = metrics(
+        settings.metrics_listen,
+        tls.metrics.clone(),
+        settings.connections,
+        &stopped,
+    )
+    .await?;
     let pool = Pool::new(Some(settings.model_name.clone()));
     let slot = BackendSlot::new();
     let weights = Arc::new(Weights::default());
@@ -363,7 +359,7 @@ pub async fn start_serve(settings: Settings, model_path: PathBuf) -> anyhow::Res
                 settings: settings.clone(),
                 weights: Arc::clone(&weights),
             });
-            let parts = router_parts(&settings, Arc::clone(&pool), &stopped, Some(loader))?;
+            let parts = router_parts(&settings, Arc::clone(&pool), &stopped, Some(loader), &tls)?;
             let server = ferroserve_router::serve(listener, parts, stopped.wait());
             serve_while_loading(server, load, "router").await
         }
@@ -373,14 +369,27 @@ pub async fn start_serve(settings: Settings, model_path: PathBuf) -> anyhow::Res
 
 /// A worker process: the internal contract around one engine.
 pub async fn start_worker(settings: Settings, model_path: PathBuf) -> anyhow::Result<Running> {
+    let tls = load_tls(&settings.worker_tls, &[ALPN_H2], "worker.tls_cert")?;
     let listener = bind(settings.worker_listen, "worker").await?;
     let addr = listener.local_addr()?;
     let (stop, stopped) = Stop::new();
-    let metrics_addr = metrics(settings.worker_metrics_listen, &stopped).await?;
+    let metrics_addr = metrics(settings.worker_metrics_listen, None, settings.connections, &stopped).await?;
     let slot = BackendSlot::new();
     let (loaded, ready) = tokio::sync::oneshot::channel::<()>();
+    if settings.worker_token.is_none() && !tls.as_ref().is_some_and(|t| t.files().client_ca.is_some()) {
+        tracing::warn!(listen = %settings.worker_listen, "the worker accepts any caller (no worker.token_sha256, no mTLS)");
+    }
+    Hangup {
+        live: None,
+        certs: tls.clone().map(|t| ("worker", t)).into_iter().collect(),
+    }
+    .spawn(stopped.wait());
     let config = WorkerServerConfig {
         drain_timeout: settings.drain_timeout,
+        connections: settings.connections,
+        tls,
+        token: settings.worker_token,
+        limits: settings.request_limits,
     };
     let task = tokio::spawn({
         let slot = slot.clone();
@@ -413,17 +422,25 @@ pub async fn start_router(settings: Settings) -> anyhow::Result<Running> {
         !settings.workers.is_empty(),
         "the router needs at least one worker: pass --worker http://host:port or set router.workers"
     );
+    let tls = PublicTls::load(&settings)?;
     let listener = bind(settings.listen, "router").await?;
     let addr = listener.local_addr()?;
     let (stop, stopped) = Stop::new();
-    let metrics_addr = metrics(settings.metrics_listen, &stopped).await?;
+    let metrics_addr = metrics(
+        settings.metrics_listen,
+        tls.metrics.clone(),
+        settings.connections,
+        &stopped,
+    )
+    .await?;
     let pool = Pool::new(Some(settings.model_name.clone()));
     for address in settings.workers.clone() {
         let pool = Arc::clone(&pool);
+        let client = settings.worker_client.clone();
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(100);
             loop {
-                match RemoteWorker::connect(&address).await {
+                match RemoteWorker::connect(&address, &client).await {
                     Ok(w) => {
                         pool.add(Arc::new(w));
                         return;
@@ -437,7 +454,7 @@ pub async fn start_router(settings: Settings) -> anyhow::Result<Running> {
             }
         });
     }
-    let parts = router_parts(&settings, pool, &stopped, None)?;
+    let parts = router_parts(&settings, pool, &stopped, None, &tls)?;
     let task = tokio::spawn(async move {
         ferroserve_router::serve(listener, parts, stopped.wait())
             .await

@@ -12,14 +12,19 @@ use ferroserve_admission::{
     AdmissionLimits, KeyStore, Priority, ServerLimits, Tenant, TenantKey, TenantLimits, parse_sha256, rate,
 };
 use ferroserve_core::GenerationDefaults;
+use ferroserve_core::RequestLimits;
 use ferroserve_engine::{BatchLimits, EngineConfig};
 use ferroserve_model::device::DeviceSpec;
 use ferroserve_model::fetch;
-use ferroserve_router::{Limits, LoadSpec, Policy, RouterConfig};
+use ferroserve_net::{ConnectionLimits, TlsFiles, TokenHash};
+use ferroserve_router::{LoadSpec, Policy};
 use ferroserve_telemetry::cost::Price;
+use ferroserve_worker::WorkerClientConfig;
 use serde::Deserialize;
 
+mod network;
 mod versions;
+pub use network::{ConnectionsSection, ServerSection, WorkerSection};
 pub use versions::{SamplingSettings, TrafficSection, VersionSection};
 
 /// The config file as written. Unknown keys are errors, so typos do not pass silently.
@@ -44,6 +49,8 @@ pub struct FileConfig {
     pub admission: AdmissionSection,
     /// `[filter]`: the content filter.
     pub filter: FilterSection,
+    /// `[connections]`: connection and HTTP/2 limits of every listener.
+    pub connections: ConnectionsSection,
 }
 
 /// `[filter]`.
@@ -186,8 +193,11 @@ pub struct AuthSection {
     pub admin_token_sha256: Option<String>,
     /// Data-plane keys, one table per key.
     pub keys: Vec<KeySection>,
-    /// Allow binding a non-loopback address with no keys (also `--allow-unauthenticated`).
+    /// Allow binding a non-loopback address with no keys (also `--allow-unauthenticated`). `Admin` stays
+    /// closed there until `admin_token_sha256` is set.
     pub allow_unauthenticated: bool,
+    /// `[min, max]` request priorities allowed when no keys are configured [default: `[0, 0]`].
+    pub anonymous_request_priorities: Option<[i32; 2]>,
 }
 
 /// `[[auth.keys]]`.
@@ -201,6 +211,10 @@ pub struct KeySection {
     /// `interactive` (default) or `batch`.
     #[serde(default)]
     pub priority: Option<String>,
+    /// `[min, max]` of the request `priority` values this tenant may send; others are clamped into it
+    /// [default: `[0, 0]`, so that a tenant cannot jump the engine's queue].
+    #[serde(default)]
+    pub request_priorities: Option<[i32; 2]>,
     /// The tenant's requests per second. Several keys of one tenant (during a rotation) share one set of
     /// buckets, so they must give the same limits.
     pub requests_per_second: Option<f64>,
@@ -222,28 +236,6 @@ impl KeySection {
             tokens_per_minute: self.tokens_per_minute,
             token_burst: self.token_burst,
             max_in_flight: self.max_in_flight,
-        }
-    }
-}
-
-/// `[server]`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ServerSection {
-    /// Public gRPC address.
-    pub listen: String,
-    /// Seconds in-flight streams may run after SIGINT/SIGTERM.
-    pub drain_timeout_secs: f64,
-    /// Prometheus `/metrics` address of `serve` and `router`; empty disables it.
-    pub metrics_listen: String,
-}
-
-impl Default for ServerSection {
-    fn default() -> Self {
-        ServerSection {
-            listen: "127.0.0.1:50051".into(),
-            drain_timeout_secs: 30.0,
-            metrics_listen: "127.0.0.1:9464".into(),
         }
     }
 }
@@ -349,41 +341,92 @@ impl Default for CostSection {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RouterSection {
-    /// Worker addresses for `ferroserve router`, e.g. `http://127.0.0.1:50061`.
+    /// Worker addresses for `ferroserve router`, e.g. `http://127.0.0.1:50061` (`https://` for TLS).
     pub workers: Vec<String>,
+    /// Largest encoded request message, in bytes; refused before it is read.
+    pub max_request_bytes: usize,
+    /// Largest prompt, or all messages' contents together, in bytes.
+    pub max_prompt_bytes: usize,
+    /// Most chat messages per request.
+    pub max_messages: usize,
+    /// Longest `model` field.
+    pub max_model_bytes: usize,
+    /// Longest `session` field.
+    pub max_session_bytes: usize,
+    /// Longest client request id.
+    pub max_request_id_bytes: usize,
     /// Most stop strings per request.
     pub max_stop_sequences: usize,
     /// Longest stop string in bytes.
     pub max_stop_bytes: usize,
+    /// A file holding the internal-plane token sent to workers (their `worker.token_sha256`).
+    pub worker_token_file: Option<PathBuf>,
+    /// CA (PEM) that signed the workers' certificates, for `https://` workers [default: system roots].
+    pub worker_tls_ca: Option<PathBuf>,
+    /// The router's client certificate for mTLS to workers (with `worker_tls_key`).
+    pub worker_tls_cert: Option<PathBuf>,
+    /// The client certificate's key.
+    pub worker_tls_key: Option<PathBuf>,
 }
 
 impl Default for RouterSection {
     fn default() -> Self {
-        let l = Limits::default();
+        let l = RequestLimits::default();
         RouterSection {
             workers: Vec::new(),
+            max_request_bytes: l.max_request_bytes,
+            max_prompt_bytes: l.max_prompt_bytes,
+            max_messages: l.max_messages,
+            max_model_bytes: l.max_model_bytes,
+            max_session_bytes: l.max_session_bytes,
+            max_request_id_bytes: l.max_request_id_bytes,
             max_stop_sequences: l.max_stop_sequences,
             max_stop_bytes: l.max_stop_bytes,
+            worker_token_file: None,
+            worker_tls_ca: None,
+            worker_tls_cert: None,
+            worker_tls_key: None,
         }
     }
 }
 
-/// `[worker]`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct WorkerSection {
-    /// Worker gRPC address for `ferroserve worker`.
-    pub listen: String,
-    /// Prometheus `/metrics` address of `ferroserve worker`; empty disables it.
-    pub metrics_listen: String,
-}
-
-impl Default for WorkerSection {
-    fn default() -> Self {
-        WorkerSection {
-            listen: "127.0.0.1:50061".into(),
-            metrics_listen: "127.0.0.1:9465".into(),
+impl RouterSection {
+    /// The request shape limits; each must be at least 1.
+    fn limits(&self) -> Result<RequestLimits, ConfigError> {
+        let limits = RequestLimits {
+            max_request_bytes: self.max_request_bytes,
+            max_prompt_bytes: self.max_prompt_bytes,
+            max_messages: self.max_messages,
+            max_model_bytes: self.max_model_bytes,
+            max_session_bytes: self.max_session_bytes,
+            max_request_id_bytes: self.max_request_id_bytes,
+            max_stop_sequences: self.max_stop_sequences,
+            max_stop_bytes: self.max_stop_bytes,
+        };
+        for (key, value) in [
+            ("router.max_request_bytes", limits.max_request_bytes),
+            ("router.max_prompt_bytes", limits.max_prompt_bytes),
+            ("router.max_messages", limits.max_messages),
+            ("router.max_model_bytes", limits.max_model_bytes),
+            ("router.max_session_bytes", limits.max_session_bytes),
+            ("router.max_request_id_bytes", limits.max_request_id_bytes),
+            ("router.max_stop_sequences", limits.max_stop_sequences),
+            ("router.max_stop_bytes", limits.max_stop_bytes),
+        ] {
+            if value == 0 {
+                return Err(err(key, "must be at least 1"));
+            }
         }
+        if limits.max_prompt_bytes >= limits.max_request_bytes {
+            return Err(err(
+                "router.max_prompt_bytes",
+                format!(
+                    "must be below max_request_bytes ({}), which bounds the whole encoded request",
+                    limits.max_request_bytes
+                ),
+            ));
+        }
+        Ok(limits)
     }
 }
 
@@ -435,8 +478,18 @@ pub struct Settings {
     pub traffic: Option<Policy>,
     /// Engine settings.
     pub engine: EngineConfig,
-    /// Router settings.
-    pub router: RouterConfig,
+    /// Request shape limits (router and workers).
+    pub request_limits: RequestLimits,
+    /// Connection and HTTP/2 limits of every listener.
+    pub connections: ConnectionLimits,
+    /// TLS of the public listener and `/metrics`.
+    pub tls: Option<TlsFiles>,
+    /// TLS (and mTLS) of the worker listener.
+    pub worker_tls: Option<TlsFiles>,
+    /// The internal-plane token a worker requires, as a hash.
+    pub worker_token: Option<TokenHash>,
+    /// How a router reaches its workers: TLS and the token.
+    pub worker_client: WorkerClientConfig,
     /// Remote workers (router command).
     pub workers: Vec<String>,
     /// Credentials.
@@ -488,13 +541,10 @@ impl AuthSection {
                     .parse()
                     .map_err(|m: String| err(&format!("auth.keys[{i}].priority"), m))?,
             };
-            keys.push(TenantKey {
-                tenant: Tenant {
-                    name: k.tenant,
-                    priority,
-                },
-                key_sha256,
-            });
+            let mut tenant = Tenant::new(k.tenant, priority);
+            tenant.request_priorities =
+                priority_range(&format!("auth.keys[{i}].request_priorities"), k.request_priorities)?;
+            keys.push(TenantKey { tenant, key_sha256 });
         }
         let admin = self
             .admin_token_sha256
@@ -518,7 +568,21 @@ impl AuthSection {
                 format!("tenant `{}` has keys with different priorities", k.tenant.name),
             ));
         }
-        Ok((KeyStore::new(keys, admin), tenants))
+        let anonymous = priority_range("auth.anonymous_request_priorities", self.anonymous_request_priorities)?;
+        let store = KeyStore::new(keys, admin, listen.ip().is_loopback()).with_anonymous_priorities(anonymous);
+        Ok((store, tenants))
+    }
+}
+
+/// A `[min, max]` request-priority range; `[0, 0]` when unset.
+fn priority_range(key: &str, range: Option<[i32; 2]>) -> Result<std::ops::RangeInclusive<i32>, ConfigError> {
+    match range {
+        None => Ok(0..=0),
+        Some([min, max]) if min <= max => Ok(min..=max),
+        Some([min, max]) => Err(err(
+            key,
+            format!("[{min}, {max}] is not a range; write [min, max] with min <= max"),
+        )),
     }
 }
 
@@ -602,24 +666,27 @@ impl FileConfig {
                 return Err(err(key, "must be at least 1"));
             }
         }
-        if self.router.max_stop_sequences == 0 || self.router.max_stop_bytes == 0 {
-            return Err(err("router.max_stop_sequences", "stop limits must be at least 1"));
-        }
-        let limits = Limits {
-            max_stop_sequences: self.router.max_stop_sequences,
-            max_stop_bytes: self.router.max_stop_bytes,
-            ..Limits::default()
-        };
+        let limits = self.router.limits()?;
         let (model_defaults, versions, traffic) =
             versions::resolve(&self.model, &limits, !self.router.workers.is_empty())?;
         for (i, w) in self.router.workers.iter().enumerate() {
             if !(w.starts_with("http://") || w.starts_with("https://")) || w.parse::<tonic::transport::Uri>().is_err() {
                 return Err(err(
                     &format!("router.workers[{i}]"),
-                    format!("`{w}` is not a worker URL; use http://host:port"),
+                    format!("`{w}` is not a worker URL; use http://host:port, or https://host:port for TLS"),
                 ));
             }
         }
+        let r = &self.router;
+        let worker_client = network::worker_client(
+            &r.worker_tls_ca,
+            &r.worker_tls_cert,
+            &r.worker_tls_key,
+            &r.worker_token_file,
+        )?;
+        let connections = self.connections.validate()?;
+        let tls = self.server.tls()?;
+        let (worker_tls, worker_token) = self.worker.protection(worker_listen, self.auth.allow_unauthenticated)?;
         let f = &self.filter;
         if f.recent_verdicts == 0 {
             return Err(err("filter.recent_verdicts", "must be at least 1"));
@@ -689,7 +756,12 @@ impl FileConfig {
                     usd_per_hour: price,
                 },
             },
-            router: RouterConfig { limits, drain_timeout },
+            request_limits: limits,
+            connections,
+            tls,
+            worker_tls,
+            worker_token,
+            worker_client,
             workers: self.router.workers,
             keys,
             admission,

@@ -6,8 +6,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use ferroserve_core::GenerationDefaults;
+use ferroserve_core::RequestLimits;
 use ferroserve_proto::v1 as pb;
-use ferroserve_router::{Limits, LoadSpec, Policy, RouterError, generation_defaults};
+use ferroserve_router::{LoadSpec, Policy, RouterError, generation_defaults};
 use serde::Deserialize;
 
 use super::{ConfigError, ModelSection, err};
@@ -86,7 +87,7 @@ pub struct TrafficSection {
 /// startup traffic policy. `remote`: a router of remote workers, whose versions the config does not list.
 pub(super) fn resolve(
     model: &ModelSection,
-    limits: &Limits,
+    limits: &RequestLimits,
     remote: bool,
 ) -> Result<(GenerationDefaults, Vec<LoadSpec>, Option<Policy>), ConfigError> {
     let m = model;
@@ -171,7 +172,7 @@ fn defaults(
     system_prompt: &str,
     sampling: Option<SamplingSettings>,
     stop: Vec<String>,
-    limits: &Limits,
+    limits: &RequestLimits,
 ) -> Result<GenerationDefaults, ConfigError> {
     generation_defaults(
         system_prompt,

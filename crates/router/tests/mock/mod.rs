@@ -132,10 +132,7 @@ impl Backend for MockBackend {
 /// A tenant key whose plaintext is `key-<tenant>`.
 pub fn key(tenant: &str, priority: Priority) -> TenantKey {
     TenantKey {
-        tenant: Tenant {
-            name: tenant.into(),
-            priority,
-        },
+        tenant: Tenant::new(tenant, priority),
         key_sha256: parse_sha256(&sha256_hex(&format!("key-{tenant}"))).unwrap(),
     }
 }
@@ -207,6 +204,7 @@ impl Harness {
                 key("batch", Priority::Batch),
             ],
             Some(parse_sha256(&sha256_hex("admin")).unwrap()),
+            true,
         );
         let (release, release_rx) = watch::channel(false);
         let started = Arc::new(Mutex::new(Vec::new()));
@@ -258,6 +256,8 @@ impl Harness {
             config: RouterConfig {
                 limits: Default::default(),
                 drain_timeout: Duration::from_secs(5),
+                connections: Default::default(),
+                tls: None,
             },
             loader: None,
             preload: Vec::new(),
