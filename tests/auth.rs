@@ -135,17 +135,20 @@ fn authorized(path: &str) -> Code {
         | "/ferroserve.v1.Admin/ReloadFilters"
         | "/ferroserve.v1.Admin/ListVersions"
         | "/ferroserve.v1.Admin/GetTraffic"
-        | "/ferroserve.v1.Admin/GetRollout" => Ok,
-        "/ferroserve.v1.Admin/ReloadConfig"
-        | "/ferroserve.v1.Admin/SwapFilter"
+        // An empty split of the default model, and a rollback with no earlier policy, change nothing.
         | "/ferroserve.v1.Admin/SetTraffic"
+        | "/ferroserve.v1.Admin/RollbackTraffic"
+        | "/ferroserve.v1.Admin/GetRollout" => Ok,
+        // No config file to re-read; no version named; no feedback kind.
+        "/ferroserve.v1.Admin/ReloadConfig"
         | "/ferroserve.v1.Admin/DisableVersion"
         | "/ferroserve.v1.Admin/EnableVersion"
-        | "/ferroserve.v1.Admin/RollbackTraffic"
         | "/ferroserve.v1.Admin/StartRollout"
         | "/ferroserve.v1.Admin/LoadVersion"
-        | "/ferroserve.v1.Admin/UnloadVersion" => InvalidArgument,
-        "/ferroserve.v1.Admin/ReportFilterFeedback" => NotFound,
+        | "/ferroserve.v1.Admin/UnloadVersion"
+        | "/ferroserve.v1.Admin/ReportFilterFeedback" => InvalidArgument,
+        // No filter of the empty name.
+        "/ferroserve.v1.Admin/SwapFilter" => NotFound,
         "/grpc.health.v1.Health/Check" | "/grpc.health.v1.Health/Watch" => Ok,
         "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
         | "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo" => Ok,

@@ -82,9 +82,9 @@ pub fn methods(sets: &[&[u8]]) -> Vec<Method> {
     for set in sets {
         let set = prost_types::FileDescriptorSet::decode(*set).expect("a valid descriptor set");
         for file in set.file {
-            for service in file.service {
+            for service in &file.service {
                 let name = format!("{}.{}", file.package(), service.name());
-                for m in service.method {
+                for m in &service.method {
                     let kind = match (m.client_streaming(), m.server_streaming()) {
                         (false, false) => Kind::Unary,
                         (false, true) => Kind::ServerStreaming,
@@ -110,25 +110,25 @@ pub async fn call(channel: Channel, method: &Method, body: Vec<u8>, authorizatio
         panic!("channel not ready: {e}");
     }
     let path = tonic::codegen::http::uri::PathAndQuery::try_from(method.path.as_str()).expect("a path");
-    let with_auth = |mut r: tonic::Request<_>| {
+    fn with_auth<T>(mut r: tonic::Request<T>, authorization: Option<&str>) -> tonic::Request<T> {
         if let Some(a) = authorization {
             r.metadata_mut()
                 .insert("authorization", a.parse().expect("header text"));
         }
         r
-    };
+    }
     let result = match method.kind {
         Kind::Unary => grpc
-            .unary(with_auth(tonic::Request::new(body)), path, RawCodec)
+            .unary(with_auth(tonic::Request::new(body), authorization), path, RawCodec)
             .await
             .map(|_| ()),
         Kind::ServerStreaming => grpc
-            .server_streaming(with_auth(tonic::Request::new(body)), path, RawCodec)
+            .server_streaming(with_auth(tonic::Request::new(body), authorization), path, RawCodec)
             .await
             .map(|_| ()),
         Kind::ClientStreaming => {
             let requests = futures::stream::iter([body]);
-            grpc.streaming(with_auth(tonic::Request::new(requests)), path, RawCodec)
+            grpc.streaming(with_auth(tonic::Request::new(requests), authorization), path, RawCodec)
                 .await
                 .map(|_| ())
         }
