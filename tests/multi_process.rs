@@ -3,83 +3,11 @@
 
 mod support;
 
-use std::process::Stdio;
-
-use ferroserve_proto::v1::ListWorkersRequest;
-use ferroserve_proto::v1::admin_client::AdminClient;
 use ferroserve_proto::worker::WatchStatsRequest;
 use ferroserve_proto::worker::worker_client::WorkerClient;
 use futures::StreamExt;
+use support::procs::{run_to_end, spawn, wait_workers_healthy};
 use support::*;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
-
-/// A child process that is killed when dropped, so a failing test leaves nothing running.
-struct Proc {
-    child: Child,
-    url: String,
-}
-
-async fn spawn(args: &[&str]) -> Proc {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ferroserve"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start ferroserve");
-    let stdout = child.stdout.take().expect("stdout piped");
-    let mut lines = BufReader::new(stdout).lines();
-    let addr = tokio::time::timeout(WAIT, async {
-        while let Some(line) = lines.next_line().await.expect("read stdout") {
-            if let Some(addr) = line.split("listening on ").nth(1) {
-                return addr.trim().to_string();
-            }
-        }
-        panic!("process exited before announcing its address");
-    })
-    .await
-    .expect("process announced its address in time");
-    // Keep draining stdout so the child never writes into a closed pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Proc {
-        child,
-        url: format!("http://{addr}"),
-    }
-}
-
-impl Proc {
-    /// SIGTERM, then wait (bounded) for a clean exit.
-    async fn stop(mut self) {
-        let pid = self.child.id().expect("running") as i32;
-        let status = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status();
-        assert!(status.is_ok_and(|s| s.success()));
-        let exit = tokio::time::timeout(WAIT, self.child.wait())
-            .await
-            .expect("exited in time")
-            .unwrap();
-        assert!(exit.success(), "graceful exit status: {exit:?}");
-    }
-}
-
-/// Follows the router's worker report (bounded) until `n` workers are healthy in its pool.
-async fn wait_workers_healthy(router_url: &str, n: usize) {
-    let mut admin = AdminClient::connect(router_url.to_string()).await.unwrap();
-    let mut reports = admin.watch_workers(ListWorkersRequest {}).await.unwrap().into_inner();
-    tokio::time::timeout(WAIT, async {
-        while let Some(r) = reports.message().await.unwrap() {
-            if r.workers.iter().filter(|w| w.healthy).count() >= n {
-                return;
-            }
-        }
-        panic!("worker report stream ended");
-    })
-    .await
-    .expect("workers joined the router in time");
-}
 
 async fn completed_on(worker_url: &str) -> u64 {
     let mut w = WorkerClient::connect(worker_url.to_string()).await.unwrap();
@@ -151,53 +79,45 @@ async fn router_spreads_concurrent_requests_across_two_worker_processes() {
     w2.stop().await;
 }
 
-/// Runs the binary to completion (bounded) and returns its exit status and stderr.
-async fn run_to_end(args: &[&str]) -> (std::process::ExitStatus, String) {
-    let out = tokio::time::timeout(
-        WAIT,
-        Command::new(env!("CARGO_BIN_EXE_ferroserve"))
-            .args(args)
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("exited in time")
-    .expect("ran");
-    (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_configuration_exits_before_binding_and_names_the_key() {
     let dir = std::env::temp_dir().join(format!("ferroserve-badcfg-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join("bad.toml");
     std::fs::write(&cfg, "[engine]\nqueue_capacity = 0\n").unwrap();
-    let (status, stderr) = run_to_end(&["serve", "--config", cfg.to_str().unwrap()]).await;
+    let (status, _, stderr) = run_to_end(&["serve", "--config", cfg.to_str().unwrap()]).await;
     assert!(!status.success());
     assert!(stderr.contains("engine.queue_capacity"), "{stderr}");
 
     std::fs::write(&cfg, "[server]\nlisten = \"127.0.0.1:0\"\nlisten_typo = 1\n").unwrap();
-    let (status, stderr) = run_to_end(&["serve", "--config", cfg.to_str().unwrap()]).await;
+    let (status, _, stderr) = run_to_end(&["serve", "--config", cfg.to_str().unwrap()]).await;
     assert!(!status.success());
     assert!(stderr.contains("listen_typo"), "{stderr}");
 
-    let (status, stderr) = run_to_end(&["worker", "--listen", "127.0.0.1:0", "--device", "cuda:0"]).await;
+    let (status, _, stderr) = run_to_end(&["worker", "--listen", "127.0.0.1:0", "--device", "cuda:0"]).await;
     assert!(!status.success());
     assert!(
         stderr.contains("model.device") && stderr.contains("not built with CUDA"),
         "{stderr}"
     );
 
+    // A worker reachable beyond loopback with no internal-plane authentication does not start.
+    let (status, _, stderr) = run_to_end(&["worker", "--listen", "0.0.0.0:0", "--metrics-listen", ""]).await;
+    assert!(!status.success());
+    assert!(
+        stderr.contains("worker.token_sha256") && stderr.contains("tls_client_ca"),
+        "{stderr}"
+    );
+
     // Secure default: no keys on a non-loopback address is refused before anything is bound.
-    let (status, stderr) = run_to_end(&["serve", "--listen", "0.0.0.0:0", "--metrics-listen", ""]).await;
+    let (status, _, stderr) = run_to_end(&["serve", "--listen", "0.0.0.0:0", "--metrics-listen", ""]).await;
     assert!(!status.success());
     assert!(
         stderr.contains("auth.keys") && stderr.contains("--allow-unauthenticated"),
         "{stderr}"
     );
 
-    let (status, stderr) = run_to_end(&["serve", "--config", dir.join("missing.toml").to_str().unwrap()]).await;
+    let (status, _, stderr) = run_to_end(&["serve", "--config", dir.join("missing.toml").to_str().unwrap()]).await;
     assert!(!status.success());
     assert!(
         stderr.contains("--config") && stderr.contains("missing.toml"),
@@ -215,7 +135,7 @@ async fn a_derived_version_serves_beside_the_original_and_pins_reach_it() {
     std::fs::create_dir_all(&dir).unwrap();
     let derived = dir.join("smollm2.Q8_0.gguf");
     let model = model_path();
-    let (status, stderr) = run_to_end(&[
+    let (status, _, stderr) = run_to_end(&[
         "model",
         "derive",
         "--to",

@@ -2,6 +2,8 @@
 //! Every wait is bounded; nothing sleeps.
 #![allow(dead_code)]
 
+pub mod certs;
+pub mod procs;
 pub mod raw;
 
 use std::path::PathBuf;

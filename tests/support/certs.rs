@@ -1,0 +1,62 @@
+//! A throwaway PKI for TLS tests: a CA, a server certificate for localhost and 127.0.0.1, and a client
+//! certificate, written as PEM files.
+
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+};
+
+/// The PEM files of one test PKI.
+pub struct Pki {
+    /// The CA certificate, to trust.
+    pub ca: PathBuf,
+    /// The server's certificate and key.
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    /// A client certificate and key (mTLS).
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+fn leaf(names: &[&str], usage: ExtendedKeyUsagePurpose, issuer: &Issuer<'_, KeyPair>) -> (String, String) {
+    let key = KeyPair::generate().expect("a key");
+    let mut params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).expect("names");
+    params.distinguished_name.push(DnType::CommonName, names[0]);
+    params.extended_key_usages = vec![usage];
+    let cert = params.signed_by(&key, issuer).expect("signed");
+    (cert.pem(), key.serialize_pem())
+}
+
+impl Pki {
+    /// Issues a fresh CA (named `name`) and its two leaves into `dir`.
+    pub fn issue(dir: &Path, name: &str) -> Pki {
+        std::fs::create_dir_all(dir).expect("certificate dir");
+        let ca_key = KeyPair::generate().expect("a CA key");
+        let mut ca = CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(DnType::CommonName, format!("{name} test CA"));
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+        let ca_pem = ca.self_signed(&ca_key).expect("a CA").pem();
+        let issuer = Issuer::new(ca, ca_key);
+        let (server, server_key) = leaf(
+            &["localhost", "127.0.0.1"],
+            ExtendedKeyUsagePurpose::ServerAuth,
+            &issuer,
+        );
+        let (client, client_key) = leaf(&["ferroserve-router"], ExtendedKeyUsagePurpose::ClientAuth, &issuer);
+        let write = |file: &str, text: &str| {
+            let path = dir.join(file);
+            std::fs::write(&path, text).expect("write PEM");
+            path
+        };
+        Pki {
+            ca: write("ca.pem", &ca_pem),
+            server_cert: write("server.pem", &server),
+            server_key: write("server.key", &server_key),
+            client_cert: write("client.pem", &client),
+            client_key: write("client.key", &client_key),
+        }
+    }
+}
