@@ -80,3 +80,29 @@ async fn metrics_follow_traffic_with_bounded_labels() {
     assert_eq!(unknown.code(), tonic::Code::NotFound);
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scraper_that_never_finishes_its_headers_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut settings = settings();
+    settings.connections.handshake_timeout = std::time::Duration::from_millis(500);
+    let server = ferroserve::commands::servers::start_serve(settings, model_path())
+        .await
+        .unwrap();
+    let metrics = server.metrics_addr.expect("metrics enabled");
+    let mut slow = tokio::net::TcpStream::connect(metrics).await.unwrap();
+    slow.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let mut rest = Vec::new();
+    // The server closes the connection at the header-read timeout (with or without a 408 first).
+    let read = tokio::time::timeout(WAIT, slow.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "the half-sent request was cut off");
+    let text = String::from_utf8_lossy(&rest);
+    assert!(
+        !text.contains("ferroserve_"),
+        "no metrics for an unfinished request: {text}"
+    );
+    // A prompt scraper is still served.
+    let (status, _) = http_get(metrics, "/metrics").await;
+    assert_eq!(status, 200);
+    server.shutdown().await.unwrap();
+}

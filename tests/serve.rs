@@ -273,10 +273,62 @@ async fn list_models_reports_the_default_and_reflection_lists_services() {
         assert!(names.contains(&wanted), "{wanted} missing from {names:?}");
     }
 
+    // The same answer on v1alpha, which Postman, grpcui and older grpcurl builds ask for.
+    {
+        use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+        use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+        let channel = tonic::transport::Channel::from_shared(server.url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut replies = ServerReflectionClient::new(channel)
+            .server_reflection_info(futures::stream::iter([request]))
+            .await
+            .unwrap()
+            .into_inner();
+        let Some(MessageResponse::ListServicesResponse(list)) =
+            replies.message().await.unwrap().unwrap().message_response
+        else {
+            panic!("expected a v1alpha service list");
+        };
+        assert!(list.service.iter().any(|s| s.name == "ferroserve.v1.Inference"));
+    }
+
     // Pinning the exact version works.
     let mut req = chat("Hi", 2);
     req.model = "smollm2-135m-instruct@q4_1".into();
     assert!(c.generate(req).await.is_ok());
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_advertises_a_bounded_stream_limit() {
+    let server = start_serve().await;
+    // A raw HTTP/2 client reads the server's SETTINGS: streams per connection are bounded (hyper's 200,
+    // which tonic would otherwise override with "unlimited").
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let (send, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let mut send = send.ready().await.unwrap();
+    let request = http::Request::post(format!("{}/grpc.health.v1.Health/Check", server.url()))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (response, mut body) = send.send_request(request, false).unwrap();
+    // An empty HealthCheckRequest: the 5-byte gRPC frame header of a zero-length message.
+    body.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]), true)
+        .unwrap();
+    let response = tokio::time::timeout(WAIT, response).await.unwrap().unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(send.current_max_send_streams(), 200);
     server.shutdown().await.unwrap();
 }
 

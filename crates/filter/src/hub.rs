@@ -527,3 +527,107 @@ fn read_dir(dir: &Path) -> Result<(BTreeMap<String, Loaded>, Vec<String>), Strin
     }
     Ok((loaded, errors))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc::{Receiver, channel};
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A heavy filter whose check waits for a signal that only another task on the runtime can send.
+    struct WaitsForTheRuntime(Mutex<Receiver<()>>);
+
+    impl Filter for WaitsForTheRuntime {
+        fn id(&self) -> &str {
+            "waits@1"
+        }
+
+        fn check(&self, _: &str) -> Verdict {
+            let rx = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            match rx.recv_timeout(Duration::from_secs(10)) {
+                Ok(()) => Verdict::allow(),
+                Err(_) => Verdict {
+                    action: Action::Block,
+                    category: Some("blocked the runtime".into()),
+                    evidence: String::new(),
+                },
+            }
+        }
+
+        fn is_heavy(&self) -> bool {
+            true
+        }
+    }
+
+    /// A cheap filter that lets everything through.
+    struct AllowAll;
+
+    impl Filter for AllowAll {
+        fn id(&self) -> &str {
+            "waits@1"
+        }
+
+        fn check(&self, _: &str) -> Verdict {
+            Verdict::allow()
+        }
+    }
+
+    fn hub_with(filter: Arc<dyn Filter>) -> Arc<FilterHub> {
+        let hub = FilterHub::empty(None, 8);
+        hub.insert(Loaded {
+            id: "waits@1".into(),
+            name: "waits".into(),
+            description: String::new(),
+            path: None,
+            filter,
+        });
+        hub.swap("waits").unwrap();
+        hub
+    }
+
+    #[test]
+    fn a_heavy_check_runs_off_the_async_thread() {
+        let (go, wait) = channel();
+        let hub = hub_with(Arc::new(WaitsForTheRuntime(Mutex::new(wait))));
+        // One async thread: had the check run on it, the task that sends `go` could never run.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let verdict = runtime.block_on(async {
+            let selection = hub.selection();
+            let check = tokio::spawn({
+                let hub = Arc::clone(&hub);
+                async move { hub.check(&selection, Stage::Output, Arc::from("text."), true).await }
+            });
+            tokio::task::yield_now().await;
+            go.send(()).unwrap();
+            check.await.unwrap()
+        });
+        assert_eq!(verdict.map(|v| v.action), Some(Action::Allow));
+    }
+
+    #[test]
+    fn the_shadow_queue_is_bounded_in_bytes() {
+        let (_go, wait) = channel();
+        let hub = hub_with(Arc::new(AllowAll));
+        hub.insert(Loaded {
+            id: "slow@1".into(),
+            name: "slow".into(),
+            description: String::new(),
+            path: None,
+            filter: Arc::new(WaitsForTheRuntime(Mutex::new(wait))),
+        });
+        hub.set_shadow(Some("slow")).unwrap();
+        let selection = hub.selection();
+        let text: Arc<str> = Arc::from("x".repeat(1 << 20));
+        // The shadow thread takes the first text and waits; the queue then fills to its byte budget.
+        for _ in 0..16 {
+            hub.judge(&selection, Stage::Input, &text, true);
+        }
+        let queued = hub.shadow_bytes.load(Ordering::Relaxed);
+        assert!(queued <= SHADOW_QUEUE_BYTES, "{queued} bytes queued");
+        assert!(queued >= SHADOW_QUEUE_BYTES - (1 << 20), "{queued} bytes queued");
+    }
+}

@@ -362,3 +362,38 @@ async fn a_reload_swaps_keys_and_limits_atomically() {
     assert_eq!(status.code(), Code::Unauthenticated, "alpha's key was removed");
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_cannot_jump_the_queue_beyond_its_priority_range() {
+    let h = Harness::start(Options::new(AdmissionLimits {
+        server: server_limits(8, 8),
+        tenants: BTreeMap::new(),
+    }))
+    .await;
+    h.release.send(true).unwrap();
+    let mut c = h.client().await;
+    for (tenant, id, asked) in [
+        ("alpha", "p1", 100),
+        ("beta", "p2", 100),
+        ("beta", "p3", -100),
+        ("beta", "p4", 3),
+    ] {
+        let mut r = request(tenant, id, 2);
+        r.get_mut().priority = asked;
+        c.generate(r).await.unwrap();
+    }
+    let got: Vec<(String, i32)> = h
+        .received
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| (r.request_id.clone(), r.priority))
+        .collect();
+    for (id, priority) in [("p1", 0), ("p2", 5), ("p3", -5), ("p4", 3)] {
+        assert!(
+            got.contains(&(id.to_string(), priority)),
+            "{id} should run at {priority}: {got:?}"
+        );
+    }
+    h.stop().await;
+}

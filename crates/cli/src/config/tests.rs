@@ -192,3 +192,57 @@ fn the_startup_split_names_declared_versions() {
     let remote = parse("[router]\nworkers = [\"http://127.0.0.1:1\"]\n[model.traffic]\nweights = { w = 1 }\n").unwrap();
     assert_eq!(remote.traffic.unwrap().weights["w"], 1);
 }
+
+#[test]
+fn network_settings_are_checked_by_key() {
+    let e = parse("[worker]\nlisten = \"0.0.0.0:50061\"").unwrap_err();
+    assert_eq!(e.key, "worker.token_sha256");
+    let token = ferroserve_admission::sha256_hex("t");
+    assert!(
+        parse(&format!(
+            "[worker]\nlisten = \"0.0.0.0:50061\"\ntoken_sha256 = \"{token}\""
+        ))
+        .is_ok()
+    );
+    assert!(parse("[worker]\nlisten = \"0.0.0.0:50061\"\n[auth]\nallow_unauthenticated = true").is_ok());
+    let e = parse("[worker]\ntoken_sha256 = \"abc\"").unwrap_err();
+    assert_eq!(e.key, "worker.token_sha256");
+    let e = parse("[server]\ntls_cert = \"/nonexistent.pem\"\ntls_key = \"/nonexistent.key\"").unwrap_err();
+    assert_eq!(e.key, "server.tls_cert");
+    let e = parse("[server]\ntls_key = \"Cargo.toml\"").unwrap_err();
+    assert_eq!(e.key, "server.tls_cert");
+    let e = parse("[worker]\ntls_client_ca = \"Cargo.toml\"").unwrap_err();
+    assert_eq!(e.key, "worker.tls_client_ca");
+    let e = parse("[router]\nworker_token_file = \"/nonexistent-token\"").unwrap_err();
+    assert_eq!(e.key, "router.worker_token_file");
+    let e = parse("[connections]\nkeepalive_interval_secs = 0").unwrap_err();
+    assert_eq!(e.key, "connections.keepalive_interval_secs");
+    let e = parse("[connections]\nmax_connections = 0").unwrap_err();
+    assert_eq!(e.key, "connections.max_connections");
+    let s = parse("[connections]\nmax_connection_age_secs = 600").unwrap();
+    assert_eq!(s.connections.max_connection_age, Some(Duration::from_secs(600)));
+}
+
+#[test]
+fn request_limits_and_priority_ranges_are_checked() {
+    let e = parse("[router]\nmax_messages = 0").unwrap_err();
+    assert_eq!(e.key, "router.max_messages");
+    let e = parse("[router]\nmax_prompt_bytes = 2000000").unwrap_err();
+    assert_eq!(e.key, "router.max_prompt_bytes");
+    let s = parse("[router]\nmax_request_bytes = 4194304\nmax_prompt_bytes = 2000000").unwrap();
+    assert_eq!(s.request_limits.max_prompt_bytes, 2_000_000);
+    let key = ferroserve_admission::sha256_hex("k");
+    let e = parse(&format!(
+        "[[auth.keys]]\ntenant = \"a\"\nkey_sha256 = \"{key}\"\nrequest_priorities = [5, 1]"
+    ))
+    .unwrap_err();
+    assert_eq!(e.key, "auth.keys[0].request_priorities");
+    let s = parse(&format!(
+        "[[auth.keys]]\ntenant = \"a\"\nkey_sha256 = \"{key}\"\nrequest_priorities = [-2, 7]"
+    ))
+    .unwrap();
+    let tenant = s.keys.authenticate(Some("Bearer k")).unwrap();
+    assert_eq!((tenant.clamp_priority(100), tenant.clamp_priority(-100)), (7, -2));
+    let open = parse("").unwrap();
+    assert_eq!(open.keys.authenticate(None).unwrap().clamp_priority(9), 0);
+}

@@ -199,7 +199,14 @@ impl Harness {
         let keys = KeyStore::new(
             vec![
                 key("alpha", Priority::Interactive),
-                key("beta", Priority::Interactive),
+                // beta may order its own requests within -5..=5; the others may only send 0.
+                TenantKey {
+                    tenant: Tenant {
+                        request_priorities: -5..=5,
+                        ..Tenant::new("beta", Priority::Interactive)
+                    },
+                    ..key("beta", Priority::Interactive)
+                },
                 key("gamma", Priority::Interactive),
                 key("batch", Priority::Batch),
             ],
