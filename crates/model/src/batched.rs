@@ -228,6 +228,64 @@ fn format_err(path: &std::path::Path, e: impl std::fmt::Display) -> ModelError {
     }
 }
 
+/// The llama hyperparameters read from a file's metadata, before anything is sized by them.
+struct Hyper {
+    heads: usize,
+    kv_heads: usize,
+    layers: usize,
+    dim: usize,
+    rope_dim: usize,
+    eps: f64,
+    base: f32,
+}
+
+/// Bounds no model this engine runs exceeds; a file claiming more is corrupt or hostile, and must not make
+/// the loader allocate for it.
+const MAX_LAYERS: usize = 1024;
+const MAX_DIM: usize = 1 << 16;
+
+impl Hyper {
+    /// The same values when they describe a model the forward can run: heads dividing the width, key/value
+    /// heads dividing the heads, RoPE over the whole head, and a layer count the file's tensors can hold.
+    fn checked(self, tensors: usize) -> Result<Hyper, String> {
+        let Hyper {
+            heads,
+            kv_heads,
+            layers,
+            dim,
+            rope_dim,
+            ..
+        } = self;
+        if !(1..=MAX_DIM).contains(&dim) || heads == 0 || dim % heads != 0 {
+            return Err(format!(
+                "embedding width {dim} with {heads} heads: need 1..={MAX_DIM}, a multiple of heads"
+            ));
+        }
+        if kv_heads == 0 || kv_heads > heads || heads % kv_heads != 0 {
+            return Err(format!(
+                "{kv_heads} key/value heads for {heads} heads: need a divisor of heads"
+            ));
+        }
+        if rope_dim != dim / heads || rope_dim % 2 != 0 {
+            return Err(format!(
+                "RoPE over {rope_dim} dimensions of {}-wide heads: need the whole (even) head",
+                dim / heads
+            ));
+        }
+        // Nine tensors a block, plus the embedding and the final norm.
+        if layers == 0 || layers > MAX_LAYERS || layers.saturating_mul(9).saturating_add(2) > tensors {
+            return Err(format!("{layers} blocks, with {tensors} tensors in the file"));
+        }
+        if !(self.eps.is_finite() && self.eps > 0.0 && self.base.is_finite() && self.base > 0.0) {
+            return Err(format!(
+                "norm epsilon {} and RoPE base {}: need finite values above 0",
+                self.eps, self.base
+            ));
+        }
+        Ok(self)
+    }
+}
+
 /// RoPE tables for positions `0..MAX_POSITIONS`.
 fn rope_tables(dim: usize, base: f32, device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
     let inv: Vec<f32> = (0..dim)
@@ -271,21 +329,36 @@ impl BatchedLlama {
         if arch != "llama" {
             return Err(format_err(&path, format!("architecture {arch:?}, not llama")));
         }
-        let heads = num("llama.attention.head_count")?;
-        let kv_heads = num("llama.attention.head_count_kv")?;
-        let layers = num("llama.block_count")?;
-        let dim = num("llama.embedding_length")?;
-        let rope_dim = num("llama.rope.dimension_count")?;
         let eps = md("llama.attention.layer_norm_rms_epsilon")?
             .to_f32()
             .map_err(|e| format_err(&path, e))? as f64;
         let base = md("llama.rope.freq_base").and_then(|v| v.to_f32().map_err(|e| format_err(&path, e)));
-        let (cos, sin) = rope_tables(rope_dim, base.unwrap_or(10_000.0), device).map_err(err)?;
+        let h = Hyper {
+            heads: num("llama.attention.head_count")?,
+            kv_heads: num("llama.attention.head_count_kv")?,
+            layers: num("llama.block_count")?,
+            dim: num("llama.embedding_length")?,
+            rope_dim: num("llama.rope.dimension_count")?,
+            eps,
+            base: base.unwrap_or(10_000.0),
+        }
+        .checked(gguf.content.tensor_infos.len())
+        .map_err(|m| format_err(&path, m))?;
+        let (heads, kv_heads, layers, dim) = (h.heads, h.kv_heads, h.layers, h.dim);
+        let (cos, sin) = rope_tables(h.rope_dim, h.base, device).map_err(err)?;
 
         let GgufFile { content, file, .. } = gguf;
         let mut tensor = |name: &str| content.tensor(file, name, device).map_err(err);
         let embed_q = tensor("token_embd.weight")?;
-        let vocab = embed_q.shape().dims()[0];
+        let vocab = match embed_q.shape().dims() {
+            [vocab, d] if *d == dim && *vocab > 0 => *vocab,
+            other => {
+                return Err(format_err(
+                    &path,
+                    format!("token_embd.weight is {other:?}, not [vocab, {dim}]"),
+                ));
+            }
+        };
         let norm = RmsNorm::from_qtensor(tensor("output_norm.weight")?, eps).map_err(err)?;
         // Ask before reading: Candle's error for a missing tensor captures a backtrace, and symbolizing it
         // loads the binary's debug info, which then stays resident (127 MB) for the life of the process.
@@ -313,11 +386,31 @@ impl BatchedLlama {
         };
         let mut blocks = Vec::with_capacity(layers);
         for i in 0..layers {
-            let mut q = |name: &str| -> Result<Linear, ModelError> {
-                Linear::new(tensor(&format!("blk.{i}.{name}.weight"))?, device).map_err(err)
+            // Each matrix's [out, in] shape, checked before use: a forward over mismatched shapes would index
+            // out of bounds.
+            let head_dim = dim / heads;
+            let mut q = |name: &str, out: usize, inp: usize| -> Result<Linear, ModelError> {
+                let t = tensor(&format!("blk.{i}.{name}.weight"))?;
+                match t.shape().dims() {
+                    [o, n] if *o == out && *n == inp => Linear::new(t, device).map_err(err),
+                    other => Err(format_err(
+                        &path,
+                        format!("blk.{i}.{name}.weight is {other:?}, not [{out}, {inp}]"),
+                    )),
+                }
             };
-            let (wq, wk, wv, wo) = (q("attn_q")?, q("attn_k")?, q("attn_v")?, q("attn_output")?);
-            let (gate, down, up) = (q("ffn_gate")?, q("ffn_down")?, q("ffn_up")?);
+            let kv_dim = kv_heads * head_dim;
+            let (wq, wk, wv) = (
+                q("attn_q", dim, dim)?,
+                q("attn_k", kv_dim, dim)?,
+                q("attn_v", kv_dim, dim)?,
+            );
+            let wo = q("attn_output", dim, dim)?;
+            let ff = content
+                .tensor_infos
+                .get(&format!("blk.{i}.ffn_gate.weight"))
+                .map_or(0, |t| t.shape.dims().first().copied().unwrap_or(0));
+            let (gate, down, up) = (q("ffn_gate", ff, dim)?, q("ffn_down", dim, ff)?, q("ffn_up", ff, dim)?);
             let attn_norm = RmsNorm::from_qtensor(tensor(&format!("blk.{i}.attn_norm.weight"))?, eps).map_err(err)?;
             let ffn_norm = RmsNorm::from_qtensor(tensor(&format!("blk.{i}.ffn_norm.weight"))?, eps).map_err(err)?;
             blocks.push(Block {

@@ -150,11 +150,30 @@ impl LoadedModel {
         let tokenizer = TextTokenizer::from_gguf(&gguf)?;
         let template = gguf.string("tokenizer.chat_template").unwrap_or(CHATML);
         let chat = ChatTemplate::new(template, tokenizer.bos_token(), tokenizer.eos_token())?;
-        let context_length = gguf.u32("llama.context_length")?;
+        let declared = gguf.u32("llama.context_length")?;
+        // Positions past the RoPE tables cannot be computed: a longer declared context is served shorter.
+        let context_length = declared.min(crate::batched::MAX_POSITIONS as u32);
+        if context_length < declared {
+            tracing::warn!(
+                declared,
+                context_length,
+                "the model's declared context is longer than the engine's"
+            );
+        }
         let model = match weights {
             Some(shared) => shared,
             None => Arc::new(BatchedLlama::load_reporting(&mut gguf, &device, progress)?),
         };
+        if tokenizer.vocab_size() > model.shape().vocab {
+            return Err(ModelError::Format {
+                path: spec.path.clone(),
+                message: format!(
+                    "the tokenizer has {} tokens but the embedding only {} rows",
+                    tokenizer.vocab_size(),
+                    model.shape().vocab
+                ),
+            });
+        }
         tracing::info!(path = %spec.path.display(), %spec.device, context_length, "model loaded");
         Ok(LoadedModel {
             info: ModelInfo {

@@ -34,4 +34,4 @@ pub use registry::{LoadSpec, Progress, Registry, VersionLoader};
 pub use rollout::{Plan, Rollouts, breach};
 pub use server::{RouterConfig, RouterParts, serve};
 pub use traffic::{Change, Policy, Traffic, VersionAsk};
-pub use validate::{ModelSelector, generation_defaults};
+pub use validate::{ModelSelector, check_request, generation_defaults};

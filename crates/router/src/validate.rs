@@ -126,6 +126,17 @@ pub(crate) fn validate(
     })
 }
 
+/// What validation makes of a client request, before any version or worker is involved: the model it
+/// asks for and the request with the client's own settings. For tools and fuzzing; the service runs the
+/// same function.
+pub fn check_request(
+    request: pb::GenerateRequest,
+    limits: &RequestLimits,
+) -> Result<(ModelSelector, ValidRequest), RouterError> {
+    let checked = validate(request, || "req-check".to_string(), limits)?;
+    Ok((checked.selector, checked.request))
+}
+
 /// Exactly one of a prompt and a conversation, with known roles, within the input limits.
 fn input(prompt: String, messages: Vec<pb::ChatMessage>, limits: &RequestLimits) -> Result<Input, RouterError> {
     let input = match (prompt.is_empty(), messages.is_empty()) {
