@@ -70,3 +70,11 @@ fn saved_crashes_stay_fixed() {
         detokenizer::run(&input);
     }
 }
+
+/// Writes the GGUF seed where `FERROSERVE_FUZZ_SEED` says, for `scripts/fuzz.sh`.
+#[test]
+#[ignore = "writes the fuzzer's seed file; run by scripts/fuzz.sh"]
+fn write_the_gguf_seed() {
+    let path = std::env::var("FERROSERVE_FUZZ_SEED").expect("FERROSERVE_FUZZ_SEED names the file to write");
+    std::fs::write(path, seed()).unwrap();
+}
