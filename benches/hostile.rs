@@ -103,7 +103,11 @@ async fn start() -> (tokio::process::Child, String) {
         .expect("start ferroserve serve");
     let mut lines = BufReader::new(server.stdout.take().unwrap()).lines();
     let addr = loop {
-        let line = lines.next_line().await.unwrap().expect("the server announced its address");
+        let line = lines
+            .next_line()
+            .await
+            .unwrap()
+            .expect("the server announced its address");
         if let Some(a) = line.split("listening on ").nth(1) {
             break a.trim().to_string();
         }
@@ -137,7 +141,10 @@ async fn main() {
         for _ in 0..REFUSALS {
             let request = hostile(kind);
             let sent = Instant::now();
-            let status = client.generate(request).await.expect_err("a hostile request is refused");
+            let status = client
+                .generate(request)
+                .await
+                .expect_err("a hostile request is refused");
             h.record(sent.elapsed().as_micros() as u64).unwrap();
             code = status.code();
         }

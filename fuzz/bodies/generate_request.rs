@@ -24,10 +24,10 @@ pub fn limits() -> RequestLimits {
 /// Validates a decoded request.
 pub fn check(request: pb::GenerateRequest) {
     let limits = limits();
-    if let Ok((_, valid)) = ferroserve_router::check_request(request, &limits) {
-        if let Err(v) = limits.check(&valid) {
-            panic!("the router accepted a request a worker would refuse: {v}");
-        }
+    if let Ok((_, valid)) = ferroserve_router::check_request(request, &limits)
+        && let Err(v) = limits.check(&valid)
+    {
+        panic!("the router accepted a request a worker would refuse: {v}");
     }
 }
 

@@ -376,7 +376,7 @@ pub async fn start_worker(settings: Settings, model_path: PathBuf) -> anyhow::Re
     let metrics_addr = metrics(settings.worker_metrics_listen, None, settings.connections, &stopped).await?;
     let slot = BackendSlot::new();
     let (loaded, ready) = tokio::sync::oneshot::channel::<()>();
-    if settings.worker_token.is_none() && !tls.as_ref().is_some_and(|t| t.files().client_ca.is_some()) {
+    if settings.worker_token.is_none() && tls.as_ref().is_none_or(|t| t.files().client_ca.is_none()) {
         tracing::warn!(listen = %settings.worker_listen, "the worker accepts any caller (no worker.token_sha256, no mTLS)");
     }
     Hangup {
