@@ -25,7 +25,7 @@ FERROSERVE_FUZZ_SEED="$PWD/fuzz/corpus/gguf/seed.gguf" \
   cargo test -q -p ferroserve-model --test fuzz_mirror -- --ignored write_the_gguf_seed >/dev/null
 
 cd fuzz
-cargo fuzz build -O
+cargo fuzz build
 summary=()
 for t in $(cargo fuzz list); do
   mkdir -p "corpus/$t"
@@ -33,7 +33,7 @@ for t in $(cargo fuzz list); do
   mkdir -p artifacts
   echo "== $t ($secs s)"
   status=ok
-  if ! cargo fuzz run -O "$t" "corpus/$t" -- -max_total_time="$secs" -rss_limit_mb=3072 -max_len=65536 \
+  if ! cargo fuzz run "$t" "corpus/$t" -- -max_total_time="$secs" -rss_limit_mb=3072 -max_len=65536 \
       -print_final_stats=1 >"$log" 2>&1; then
     status="CRASH (see $log and fuzz/artifacts/$t/)"
   fi
