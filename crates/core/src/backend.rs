@@ -30,6 +30,18 @@ pub trait Backend: Send + Sync + 'static {
     /// Freezes the backend's recent token distribution as the drift baseline of its version; returns how
     /// many tokens the baseline holds.
     fn snapshot_drift_baseline(&self) -> BoxFuture<'_, Result<u64, BackendError>>;
+
+    /// Starts draining: requests that have not started end with `Unavailable` (so that they go elsewhere)
+    /// and new ones are refused the same way; running ones finish. Nothing for a remote backend, which
+    /// drains itself when its process is told to.
+    fn drain(&self) {}
+
+    /// Asks the backend again who it is: a worker that restarted may serve another model or version. A
+    /// changed identity comes back as a new backend to put in the pool in place of this one; `None` when
+    /// nothing changed or the backend cannot be asked (an in-process engine never changes).
+    fn reidentify(&self) -> BoxFuture<'_, Option<std::sync::Arc<dyn Backend>>> {
+        Box::pin(async { None })
+    }
 }
 
 /// Identity, limits and generation defaults of a served model version.

@@ -202,6 +202,16 @@ impl RequestLimits {
         if r.max_tokens == 0 {
             return Err(violation("max_tokens", "must be at least 1 (got 0)"));
         }
+        if r.continuation.len() > r.max_tokens as usize {
+            return Err(violation(
+                "continuation",
+                format!(
+                    "{} tokens already generated, more than max_tokens ({})",
+                    r.continuation.len(),
+                    r.max_tokens
+                ),
+            ));
+        }
         check_sampling(&r.sampling)?;
         self.check_stop(&r.stop)
     }

@@ -20,6 +20,10 @@ pub struct ValidRequest {
     pub arrived: SystemTime,
     /// Engine admission order: higher first; equal priorities are first come, first served.
     pub priority: i32,
+    /// Tokens already generated (and streamed) for this request by a worker that failed: the engine
+    /// continues after them, as if it had generated them itself, with the sampler advanced past them, so
+    /// that a seeded stream goes on exactly. Empty for a new request. At most `max_tokens`.
+    pub continuation: Vec<u32>,
 }
 
 /// The two ways to give a model its input.
@@ -154,6 +158,7 @@ impl ValidRequest {
             stop: Vec::new(),
             arrived: SystemTime::now(),
             priority: 0,
+            continuation: Vec::new(),
         }
     }
 }

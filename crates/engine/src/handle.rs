@@ -1,5 +1,6 @@
 //! The engine's front door: checks requests on the caller's task and queues them for the engine thread.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -28,6 +29,9 @@ pub struct EngineConfig {
     pub price: Price,
     /// Continuous batching: sequences, tokens per step, KV budget.
     pub batch: BatchLimits,
+    /// Test-only fault injection (`FERROSERVE_TEST_FAULT=engine-panic:<marker>`): the engine thread panics
+    /// on a request whose text contains the marker. Never set in a real deployment.
+    pub test_fault_marker: Option<String>,
 }
 
 impl Default for EngineConfig {
@@ -40,6 +44,7 @@ impl Default for EngineConfig {
                 usd_per_hour: 0.0,
             },
             batch: BatchLimits::default(),
+            test_fault_marker: None,
         }
     }
 }
@@ -54,9 +59,38 @@ pub(crate) struct Shared {
     pub drift: Mutex<DriftMonitor>,
     /// Busy time and tokens, priced.
     pub cost: Arc<CostMeter>,
+    /// Set when the server drains: what has not started is handed back, and new requests are refused.
+    pub draining: AtomicBool,
+    /// False once the supervisor gave up on the engine thread.
+    pub alive: watch::Sender<bool>,
 }
 
 impl Shared {
+    /// True while draining.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Marks the engine dead: its stats stream ends, so its pool member turns unhealthy.
+    pub fn die(&self) {
+        self.alive.send_replace(false);
+    }
+
+    /// Counts one more waiting request, unless `capacity` are waiting already (in the channel and in the
+    /// engine's own queue together). Atomic with other counter changes.
+    pub fn take_waiting_place(&self, capacity: usize) -> bool {
+        let taken = self.stats.send_if_modified(|s| {
+            if s.waiting as usize >= capacity {
+                return false;
+            }
+            s.waiting += 1;
+            s.accepted += 1;
+            true
+        });
+        self.update(|_| {});
+        taken
+    }
+
     /// Changes the counters and mirrors the queue gauges into the metrics.
     pub fn update(&self, f: impl FnOnce(&mut WorkerStats)) {
         self.stats.send_modify(f);
@@ -76,6 +110,8 @@ pub struct EngineHandle {
     jobs: SyncSender<Job>,
     /// Counters, metrics and drift, shared with the engine thread.
     shared: Arc<Shared>,
+    /// Requests that may wait at once, in the channel and in the engine's queue together.
+    queue_capacity: usize,
 }
 
 impl EngineHandle {
@@ -88,28 +124,48 @@ impl EngineHandle {
             metrics: EngineMetrics::new(&info),
             drift: Mutex::new(DriftMonitor::new(config.drift_window_tokens)),
             cost: cost::meter(&config.price),
+            draining: AtomicBool::new(false),
+            alive: watch::Sender::new(true),
         });
         let engine = EngineLoop {
             model,
             text: Arc::clone(&text),
             limits: config.batch,
             shared: Arc::clone(&shared),
+            test_fault_marker: config.test_fault_marker.clone(),
         };
         thread::Builder::new()
             .name("ferroserve-engine".into())
-            .spawn(move || engine.run(&queue))
+            .spawn(move || crate::supervise::supervise(engine, queue))
             .expect("spawning the engine thread");
         EngineHandle {
             info,
             text,
             jobs,
             shared,
+            queue_capacity: config.queue_capacity,
         }
+    }
+
+    /// Starts draining: requests that have not started are handed back with UNAVAILABLE (the router sends
+    /// them elsewhere), new ones are refused the same way; running ones finish.
+    pub fn start_draining(&self) {
+        // An idle engine thread holds nothing to hand back; a busy one checks the flag every step.
+        self.shared.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// False once the engine thread has failed for good.
+    pub fn is_alive(&self) -> bool {
+        *self.shared.alive.borrow()
     }
 
     /// Freezes the recent token distribution as this version's drift baseline; returns its token count.
     pub fn snapshot_drift_baseline(&self) -> u64 {
-        self.shared.drift.lock().expect("drift lock").snapshot_baseline() as u64
+        self.shared
+            .drift
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .snapshot_baseline() as u64
     }
 
     /// Tokenizes and checks `request`, then queues it. Fails at once when the prompt does not fit the
@@ -125,16 +181,33 @@ impl EngineHandle {
         // One event per generated token, plus a possible flush of held text, plus the completion: the
         // engine never blocks on a slow client, and the channel can hold no more than that.
         let (events, rx) = mpsc::channel(request.max_tokens as usize + 2);
+        let prompt_len = prompt.len();
+        let mut prompt = prompt;
+        prompt.extend_from_slice(&request.continuation);
         let job = Job {
             request,
             prompt,
+            prompt_len,
             events,
         };
-        // Count it as waiting before the engine can see it, so the engine never decrements first.
-        self.shared.update(|s| {
-            s.waiting += 1;
-            s.accepted += 1;
-        });
+        if self.shared.is_draining() {
+            return Err(BackendError::Unavailable(
+                "this worker is draining; retry on another".into(),
+            ));
+        }
+        if !self.is_alive() {
+            return Err(BackendError::Unavailable(
+                "the engine has stopped after repeated failures".into(),
+            ));
+        }
+        // Count it as waiting before the engine can see it, so the engine never decrements first. The
+        // count covers the channel and the engine's own queue: `queue_capacity` bounds both together.
+        if !self.shared.take_waiting_place(self.queue_capacity) {
+            return Err(BackendError::Overloaded(format!(
+                "the engine queue is full ({} requests waiting); retry later",
+                self.queue_capacity
+            )));
+        }
         let refused = |s: &mut WorkerStats| {
             s.waiting -= 1;
             s.accepted -= 1;
@@ -145,7 +218,7 @@ impl EngineHandle {
                 self.shared.update(refused);
                 Err(BackendError::Overloaded(format!(
                     "the engine queue is full ({} requests waiting); retry later",
-                    self.shared.stats.borrow().waiting
+                    self.queue_capacity
                 )))
             }
             Err(TrySendError::Disconnected(_)) => {
@@ -220,7 +293,16 @@ impl Backend for EngineHandle {
         Box::pin(async move { Ok(tokens) })
     }
 
+    fn drain(&self) {
+        self.start_draining();
+    }
+
     fn watch_stats(&self) -> StatsStream {
-        WatchStream::new(self.shared.stats.subscribe()).boxed()
+        // Ends when the engine dies, so that whoever follows it sees the worker go.
+        let mut alive = self.shared.alive.subscribe();
+        let dead = async move {
+            let _ = alive.wait_for(|a| !*a).await;
+        };
+        WatchStream::new(self.shared.stats.subscribe()).take_until(dead).boxed()
     }
 }

@@ -14,6 +14,7 @@ mod run;
 pub mod sampler;
 pub mod schedule;
 pub mod stop;
+mod supervise;
 
 pub use handle::{EngineConfig, EngineHandle};
 pub use schedule::BatchLimits;

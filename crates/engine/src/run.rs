@@ -25,10 +25,57 @@ use crate::stop::StopMatcher;
 pub(crate) struct Job {
     /// The validated request.
     pub request: ValidRequest,
-    /// Its prompt, already tokenized and checked against the context length.
+    /// Its prompt, already tokenized and checked against the context length, followed by its
+    /// continuation (tokens a failed worker already generated), which is prefilled with it.
     pub prompt: Vec<u32>,
+    /// Tokens of `prompt` that are the prompt proper (usage counts these as prompt tokens).
+    pub prompt_len: usize,
     /// Where its events go. Closed means the client left.
     pub events: mpsc::Sender<Result<Event, BackendError>>,
+}
+
+impl Job {
+    /// Tokens already generated elsewhere.
+    fn resumed(&self) -> usize {
+        self.prompt.len() - self.prompt_len
+    }
+
+    /// Whether the request's text contains the test fault marker.
+    fn has_marker(&self, marker: &str) -> bool {
+        match &self.request.input {
+            ferroserve_core::Input::Prompt(t) => t.contains(marker),
+            ferroserve_core::Input::Chat(m) => m.iter().any(|m| m.content.contains(marker)),
+        }
+    }
+}
+
+/// The requests the engine holds: waiting for a place in the batch, and running. They live outside the
+/// loop so that after a panic the supervisor can tell each of them what happened.
+#[derive(Default)]
+pub(crate) struct Queues {
+    /// Accepted, not yet in the batch, in admission order.
+    waiting: VecDeque<Job>,
+    /// In the batch.
+    running: Vec<Seq>,
+}
+
+impl Queues {
+    /// Ends every request held with `error` (UNAVAILABLE: another worker may take it) and takes them out
+    /// of the counters. Returns how many there were.
+    pub fn fail_all(&mut self, shared: &Shared, error: &BackendError) -> usize {
+        let (waiting, running) = (self.waiting.len(), self.running.len());
+        for job in self.waiting.drain(..) {
+            let _ = job.events.try_send(Err(error.clone()));
+        }
+        for seq in self.running.drain(..) {
+            let _ = seq.job.events.try_send(Err(error.clone()));
+        }
+        shared.update(|s| {
+            s.waiting -= waiting as u32;
+            s.running -= running as u32;
+        });
+        waiting + running
+    }
 }
 
 /// How a sequence ended, for the counters.
@@ -64,6 +111,19 @@ struct Seq {
 }
 
 impl Seq {
+    /// Brings the decoder, the stop matcher and the sampler to where the failed worker left them, from
+    /// the continuation alone: each is deterministic in the tokens it saw. The text it would release was
+    /// streamed already, so it is dropped; a partial stop string stays held, as it was there.
+    fn resume(&mut self, text: &TextCodec) -> Result<(), ModelError> {
+        let continuation = self.job.prompt[self.job.prompt_len..].to_vec();
+        for id in continuation {
+            let piece = self.detok.push(&text.tokenizer, id)?;
+            self.stops.push(&piece);
+            self.sampler.skip_draw();
+        }
+        Ok(())
+    }
+
     fn view(&self) -> SeqView {
         SeqView {
             prompt: self.job.prompt.len(),
@@ -83,6 +143,9 @@ pub(crate) struct EngineLoop {
     pub limits: BatchLimits,
     /// Counters, metrics, drift and cost, shared with the handle.
     pub shared: Arc<Shared>,
+    /// Test-only fault injection: the engine panics when it admits a request whose text contains this
+    /// marker (the chaos suite's engine-thread panic). `None` in every real deployment.
+    pub test_fault_marker: Option<String>,
 }
 
 fn ms_since(t: SystemTime) -> f64 {
@@ -97,22 +160,31 @@ fn enqueue(waiting: &mut VecDeque<Job>, job: Job) {
 
 impl EngineLoop {
     /// Runs until every handle is gone and the queue and the batch are empty.
-    pub fn run(mut self, queue: &Receiver<Job>) {
-        let mut waiting: VecDeque<Job> = VecDeque::new();
-        let mut running: Vec<Seq> = Vec::new();
+    pub fn run(&mut self, queue: &Receiver<Job>, q: &mut Queues) {
         loop {
-            if running.is_empty() && waiting.is_empty() {
+            if q.running.is_empty() && q.waiting.is_empty() {
                 match queue.recv() {
-                    Ok(job) => enqueue(&mut waiting, job),
+                    Ok(job) => enqueue(&mut q.waiting, job),
                     Err(_) => break,
                 }
             }
             while let Ok(job) = queue.try_recv() {
-                enqueue(&mut waiting, job);
+                enqueue(&mut q.waiting, job);
             }
-            self.admit(&mut waiting, &mut running);
-            if !running.is_empty() {
-                self.step(&mut running);
+            if self.shared.is_draining() && !q.waiting.is_empty() {
+                // Draining: what has not started goes back to the router, which sends it elsewhere.
+                let mut not_started = Queues {
+                    waiting: std::mem::take(&mut q.waiting),
+                    running: Vec::new(),
+                };
+                not_started.fail_all(
+                    &self.shared,
+                    &BackendError::Unavailable("this worker is draining; the request had not started".into()),
+                );
+            }
+            self.admit(&mut q.waiting, &mut q.running);
+            if !q.running.is_empty() {
+                self.step(&mut q.running);
             }
         }
         tracing::debug!("engine thread exiting: all handles dropped");
@@ -132,10 +204,18 @@ impl EngineLoop {
                 });
                 continue;
             }
-            let need = job.prompt.len() + job.request.max_tokens as usize;
+            // The KV cache holds the prompt, the continuation, and what is left to generate.
+            let need = job.prompt_len + job.request.max_tokens as usize;
             let views: Vec<SeqView> = running.iter().map(Seq::view).collect();
             if !schedule::admits(&self.limits, &views, need) {
                 break;
+            }
+            if let Some(marker) = &self.test_fault_marker
+                && job.has_marker(marker)
+            {
+                // Test-only: the chaos suite's engine-thread panic. The job is still queued, so the
+                // supervisor answers it with the rest.
+                panic!("test fault: a request carried the engine panic marker");
             }
             let job = waiting.pop_front().expect("front exists");
             self.shared.update(|s| {
@@ -144,19 +224,37 @@ impl EngineLoop {
             });
             let queue_ms = ms_since(job.request.arrived);
             m.queue_duration.record(queue_ms / 1e3);
+            let resumed = job.resumed();
             match self.model.new_cache(need) {
-                Ok(cache) => running.push(Seq {
-                    sampler: Sampler::new(job.request.sampling, &job.prompt),
-                    stops: StopMatcher::new(&job.request.stop),
-                    detok: IncrementalDecoder::default(),
-                    job,
-                    cache,
-                    prefilled: 0,
-                    next: [0],
-                    generated: 0,
-                    queue_ms,
-                    ttft_ms: 0.0,
-                }),
+                Ok(cache) => {
+                    let mut seq = Seq {
+                        sampler: Sampler::new(job.request.sampling, &job.prompt),
+                        stops: StopMatcher::new(&job.request.stop),
+                        detok: IncrementalDecoder::default(),
+                        job,
+                        cache,
+                        prefilled: 0,
+                        next: [0],
+                        generated: resumed as u32,
+                        queue_ms,
+                        ttft_ms: 0.0,
+                    };
+                    match seq.resume(&self.text) {
+                        Err(e) => {
+                            self.fail(&seq.job, &e);
+                            self.shared.update(|s| s.running -= 1);
+                        }
+                        Ok(()) if seq.generated >= seq.job.request.max_tokens => {
+                            // Migrated after its last token: nothing is left but the completion.
+                            self.complete(&mut seq, FinishReason::Length);
+                            self.shared.update(|s| {
+                                s.running -= 1;
+                                s.completed += 1;
+                            });
+                        }
+                        Ok(()) => running.push(seq),
+                    }
+                }
                 Err(e) => {
                     self.fail(&job, &e);
                     self.shared.update(|s| s.running -= 1);
@@ -258,7 +356,7 @@ impl EngineLoop {
         self.shared
             .drift
             .lock()
-            .expect("drift lock")
+            .unwrap_or_else(|e| e.into_inner())
             .observe(f64::from(pick.logprob), f64::from(pick.entropy));
         if seq.generated == 0 {
             seq.ttft_ms = ms_since(request.arrived);
@@ -295,11 +393,7 @@ impl EngineLoop {
     /// Flushes held text and sends the completion.
     fn complete(&self, seq: &mut Seq, finish: FinishReason) -> Outcome {
         let m = &self.shared.metrics;
-        let Job {
-            request,
-            prompt,
-            events,
-        } = &seq.job;
+        let Job { request, events, .. } = &seq.job;
         let tail = seq.stops.finish();
         if !tail.is_empty() {
             let _ = events.try_send(Ok(Event::Token(TokenChunk {
@@ -307,10 +401,11 @@ impl EngineLoop {
                 ..TokenChunk::default()
             })));
         }
+        let prompt_tokens = seq.job.prompt_len as u32;
         let completion = Completion {
             finish,
             usage: Usage {
-                prompt_tokens: prompt.len() as u32,
+                prompt_tokens,
                 completion_tokens: seq.generated,
             },
             timings: Timings {
@@ -319,12 +414,12 @@ impl EngineLoop {
                 total_ms: ms_since(request.arrived),
             },
         };
-        m.prompt_tokens_total.increment(prompt.len() as u64);
+        m.prompt_tokens_total.increment(u64::from(prompt_tokens));
         m.generation_tokens_total.increment(u64::from(seq.generated));
-        m.request_prompt_tokens.record(prompt.len() as f64);
+        m.request_prompt_tokens.record(f64::from(prompt_tokens));
         m.request_generation_tokens.record(f64::from(seq.generated));
         m.finished(finish);
-        let score = self.shared.drift.lock().expect("drift lock").score();
+        let score = self.shared.drift.lock().unwrap_or_else(|e| e.into_inner()).score();
         m.drift_score.set(score);
         tracing::debug!(request_id = %request.request_id, generated = seq.generated, finish = finish.as_str(), "request complete");
         let _ = events.try_send(Ok(Event::Complete(completion)));

@@ -64,11 +64,10 @@ impl Sampler {
             }
             sanitize(logits);
         }
-        let inv_t = 1.0 / self.params.temperature;
-        let token = if self.params.is_greedy() || !inv_t.is_finite() {
-            argmax(logits)
+        let token = if self.draws() {
+            self.sample_random(logits, 1.0 / self.params.temperature)
         } else {
-            self.sample_random(logits, inv_t)
+            argmax(logits)
         };
         self.seen.insert(token);
         let raw = originals
@@ -85,6 +84,19 @@ impl Sampler {
             },
             entropy,
         }
+    }
+
+    /// Advances the random stream as one [`Sampler::sample`] would, without logits: how a sequence that
+    /// continues another worker's tokens gets the random state that worker had.
+    pub fn skip_draw(&mut self) {
+        if self.draws() {
+            let _: f32 = self.rng.random();
+        }
+    }
+
+    /// True when sampling draws from the random stream (exactly once per token).
+    fn draws(&self) -> bool {
+        !self.params.is_greedy() && (1.0 / self.params.temperature).is_finite()
     }
 
     fn sample_random(&mut self, logits: &[f32], inv_t: f32) -> u32 {
@@ -248,6 +260,23 @@ mod tests {
         assert_eq!(s.sample(&mut [3.0, 2.0]).token, 1);
         // Now 1 is seen too; a negative logit is pushed further down.
         assert_eq!(s.sample(&mut [-1.0, -0.6, -1.0]).token, 2);
+    }
+
+    #[test]
+    fn skipping_draws_continues_the_same_random_stream() {
+        let logits: Vec<f32> = (0..50).map(|i| (i % 5) as f32 * 0.4).collect();
+        let p = params(1.0, 0, 1.0, 11);
+        let mut whole = Sampler::new(p, &[]);
+        let all: Vec<u32> = (0..20).map(|_| whole.sample(&mut logits.clone()).token).collect();
+        let mut resumed = Sampler::new(p, &[]);
+        for _ in 0..12 {
+            resumed.skip_draw();
+        }
+        for t in all[..12].iter() {
+            resumed.seen.insert(*t);
+        }
+        let rest: Vec<u32> = (0..8).map(|_| resumed.sample(&mut logits.clone()).token).collect();
+        assert_eq!(rest, all[12..]);
     }
 
     #[test]

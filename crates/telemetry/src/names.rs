@@ -46,6 +46,14 @@ pub const KV_CACHE_BLOCKS_CAPACITY: &str = "ferroserve_kv_cache_blocks_capacity"
 /// Wall time of one engine step (one batched forward and its sampling), by `phase`: `prefill` (only
 /// prompt chunks), `decode` (only generated tokens) or `mixed`.
 pub const ENGINE_STEP_SECONDS: &str = "ferroserve_engine_step_seconds";
+/// Engine-thread panics caught by the supervisor (each ended its requests with UNAVAILABLE and restarted
+/// the loop, or, after repeated panics, stopped the engine).
+pub const ENGINE_RESTARTS_TOTAL: &str = "ferroserve_engine_restarts_total";
+/// Streams continued on another worker after theirs failed, by `outcome`: `resumed` (after tokens had been
+/// sent), `redispatched` (before any), or `failed` (no worker could take it).
+pub const MIGRATIONS_TOTAL: &str = "ferroserve_migrations_total";
+/// Client streams given up on because the client took nothing for the stall timeout.
+pub const CLIENT_STALLS_TOTAL: &str = "ferroserve_client_stalls_total";
 /// Generations stopped because the client left or its deadline passed.
 pub const CANCELLED_REQUESTS_TOTAL: &str = "ferroserve_cancelled_requests_total";
 
@@ -78,7 +86,11 @@ pub const FILTER_DURATION_SECONDS: &str = "ferroserve_filter_duration_seconds";
 pub const FILTER_SHADOW_TOTAL: &str = "ferroserve_filter_shadow_total";
 /// Texts the shadow filter skipped because its queue was full.
 pub const FILTER_SHADOW_SKIPPED_TOTAL: &str = "ferroserve_filter_shadow_skipped_total";
-/// Filter checks that failed (a panic inside a filter), by `stage`; the text passed unjudged.
+/// Panics caught in the embedding thread (each failed its batch's texts, which got the filter's
+/// `on_error`).
+pub const EMBEDDING_PANICS_TOTAL: &str = "ferroserve_embedding_panics_total";
+/// Filter checks that failed, by `stage` (`input`, `output`: a panic inside a filter, the text passed
+/// unjudged; `semantic`: a text that could not be embedded) and `action` (what the text got).
 pub const FILTER_FAILURES_TOTAL: &str = "ferroserve_filter_failures_total";
 /// Reviewer feedback on past verdicts, by `filter` (name@version) and `kind` (`false_positive`,
 /// `false_negative`).
@@ -154,6 +166,7 @@ pub const ALL: &[&str] = &[
     FILTER_SHADOW_TOTAL,
     FILTER_SHADOW_SKIPPED_TOTAL,
     FILTER_FAILURES_TOTAL,
+    EMBEDDING_PANICS_TOTAL,
     FILTER_FEEDBACK_TOTAL,
     WORKER_HEALTHY,
     TOKEN_LOGPROB,
@@ -168,6 +181,9 @@ pub const ALL: &[&str] = &[
     VERSION_DISABLED,
     TRAFFIC_POLICY_CHANGES_TOTAL,
     CONNECTIONS_OPEN,
+    ENGINE_RESTARTS_TOTAL,
+    MIGRATIONS_TOTAL,
+    CLIENT_STALLS_TOTAL,
     CONNECTIONS_REFUSED_TOTAL,
     TLS_RELOADS_TOTAL,
 ];
@@ -331,6 +347,21 @@ pub fn describe() {
     );
     describe_gauge!(CONNECTIONS_OPEN, Unit::Count, "Connections open, by listener.");
     describe_counter!(
+        ENGINE_RESTARTS_TOTAL,
+        Unit::Count,
+        "Engine-thread panics caught by the supervisor."
+    );
+    describe_counter!(
+        MIGRATIONS_TOTAL,
+        Unit::Count,
+        "Streams continued on another worker, by outcome."
+    );
+    describe_counter!(
+        CLIENT_STALLS_TOTAL,
+        Unit::Count,
+        "Client streams ended because the client stopped reading."
+    );
+    describe_counter!(
         CONNECTIONS_REFUSED_TOTAL,
         Unit::Count,
         "Connections closed before serving, by listener and reason."
@@ -405,6 +436,11 @@ pub fn describe() {
         FILTER_SHADOW_SKIPPED_TOTAL,
         Unit::Count,
         "Texts the shadow filter skipped (queue full)."
+    );
+    describe_counter!(
+        EMBEDDING_PANICS_TOTAL,
+        Unit::Count,
+        "Panics caught in the embedding thread."
     );
     describe_counter!(
         FILTER_FAILURES_TOTAL,
