@@ -33,6 +33,7 @@ pub(crate) fn request_to_wire(r: &ValidRequest) -> pb::WorkRequest {
         stop: r.stop.clone(),
         arrived_unix_ms: r.arrived.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
         priority: r.priority,
+        continuation: r.continuation.clone(),
     }
 }
 
@@ -66,6 +67,7 @@ pub(crate) fn request_from_wire(r: pb::WorkRequest) -> Result<ValidRequest, Stat
         stop: r.stop,
         arrived: UNIX_EPOCH + Duration::from_millis(r.arrived_unix_ms),
         priority: r.priority,
+        continuation: r.continuation,
     })
 }
 
@@ -236,7 +238,10 @@ pub(crate) fn error_to_status(e: BackendError) -> Status {
     }
 }
 
-/// The router side: a worker's status back into the backend error it stood for.
+/// The router side: a worker's status back into the backend error it stood for. A broken connection (a
+/// worker that died, a reset stream: UNKNOWN or UNAVAILABLE, CANCELLED) is `Unavailable`, which the
+/// router answers by moving the request to another worker, never with INTERNAL or UNKNOWN. Messages name
+/// no internal address; the address goes to the router's log.
 pub(crate) fn status_to_error(s: Status, address: &str) -> BackendError {
     match s.code() {
         Code::InvalidArgument => BackendError::InvalidRequest {
@@ -248,12 +253,22 @@ pub(crate) fn status_to_error(s: Status, address: &str) -> BackendError {
                 .to_string(),
             message: s.message().to_string(),
         },
-        Code::ResourceExhausted => BackendError::Overloaded(format!("worker {address}: {}", s.message())),
-        Code::Unavailable | Code::Cancelled | Code::DeadlineExceeded => {
-            BackendError::Unavailable(format!("worker {address}: {}", s.message()))
+        Code::ResourceExhausted => BackendError::Overloaded(format!("a worker is full: {}", s.message())),
+        Code::Unavailable | Code::Cancelled | Code::DeadlineExceeded | Code::Unknown => {
+            tracing::warn!(worker = address, code = ?s.code(), message = s.message(), "worker call failed");
+            BackendError::Unavailable(format!("a worker failed or went away: {}", scrub(s.message(), address)))
         }
-        _ => BackendError::Internal(format!("worker {address}: {} ({:?})", s.message(), s.code())),
+        _ => {
+            tracing::warn!(worker = address, code = ?s.code(), message = s.message(), "worker error");
+            BackendError::Internal(format!("a worker failed the request: {}", scrub(s.message(), address)))
+        }
     }
+}
+
+/// `message` without the worker's address (as `http://host:port` or `host:port`).
+fn scrub(message: &str, address: &str) -> String {
+    let host_port = address.split("://").nth(1).unwrap_or(address);
+    message.replace(address, "<worker>").replace(host_port, "<worker>")
 }
 
 #[cfg(test)]
@@ -271,6 +286,7 @@ mod tests {
         r.sampling.seed = 42;
         r.arrived = UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
         r.priority = -3;
+        r.continuation = vec![5, 6];
         assert_eq!(request_from_wire(request_to_wire(&r)).unwrap(), r);
     }
 
@@ -316,6 +332,26 @@ mod tests {
             },
         });
         assert_eq!(event_from_wire(event_to_wire(c.clone())).unwrap(), c);
+    }
+
+    #[test]
+    fn a_broken_stream_is_a_worker_failure_and_names_no_address() {
+        let e = status_to_error(
+            Status::unknown("h2 protocol error: connection to http://10.1.2.3:50061 reset"),
+            "http://10.1.2.3:50061",
+        );
+        assert!(
+            matches!(&e, BackendError::Unavailable(m) if !m.contains("10.1.2.3")),
+            "{e:?}"
+        );
+        let e = status_to_error(
+            Status::internal("model failed at 10.1.2.3:50061"),
+            "http://10.1.2.3:50061",
+        );
+        assert!(
+            matches!(&e, BackendError::Internal(m) if !m.contains("10.1.2.3")),
+            "{e:?}"
+        );
     }
 
     #[test]

@@ -15,12 +15,28 @@ use tonic::transport::Channel;
 use crate::convert::{describe_from_wire, event_from_wire, request_to_wire, stats_from_wire, status_to_error};
 
 /// How a router reaches its workers: TLS for `https://` addresses, and the shared secret.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct WorkerClientConfig {
     /// CA and client certificate (mTLS) for `https://` workers.
     pub tls: ClientTlsFiles,
     /// The internal-plane token, sent as a bearer token on every call.
     pub token: Option<String>,
+    /// HTTP/2 keepalive pings on the worker connection: their interval, and how long one may go unanswered
+    /// before the connection (and every stream on it) is closed.
+    pub keepalive: (Duration, Duration),
+    /// A worker whose stats stream (heartbeat every second) is silent this long is marked unhealthy.
+    pub heartbeat_timeout: Duration,
+}
+
+impl Default for WorkerClientConfig {
+    fn default() -> Self {
+        WorkerClientConfig {
+            tls: ClientTlsFiles::default(),
+            token: None,
+            keepalive: (Duration::from_secs(10), Duration::from_secs(5)),
+            heartbeat_timeout: Duration::from_secs(5),
+        }
+    }
 }
 
 impl std::fmt::Debug for WorkerClientConfig {
@@ -53,6 +69,8 @@ pub struct RemoteWorker {
     info: ModelInfo,
     /// Cheap to clone; one HTTP/2 connection multiplexes every request.
     client: WorkerClient<InterceptedService<Channel, AddToken>>,
+    /// Silence on the stats stream for this long ends it.
+    heartbeat_timeout: Duration,
 }
 
 impl RemoteWorker {
@@ -60,9 +78,14 @@ impl RemoteWorker {
     /// loading; callers retry.
     pub async fn connect(address: &str, config: &WorkerClientConfig) -> Result<RemoteWorker, BackendError> {
         let unavailable = |e: &dyn std::fmt::Display| BackendError::Unavailable(format!("worker {address}: {e}"));
+        let (every, answer_within) = config.keepalive;
         let endpoint = ferroserve_net::endpoint(address, &config.tls)
             .map_err(|e| unavailable(&e))?
-            .connect_timeout(Duration::from_secs(5));
+            .connect_timeout(Duration::from_secs(5))
+            .http2_keep_alive_interval(every)
+            .keep_alive_timeout(answer_within)
+            .keep_alive_while_idle(true)
+            .tcp_keepalive(Some(Duration::from_secs(30)));
         let channel = endpoint.connect().await.map_err(|e| unavailable(&e))?;
         let token = config
             .token
@@ -80,6 +103,7 @@ impl RemoteWorker {
             address: address.to_string(),
             info: describe_from_wire(described),
             client,
+            heartbeat_timeout: config.heartbeat_timeout,
         })
     }
 }
@@ -123,13 +147,40 @@ impl Backend for RemoteWorker {
         })
     }
 
+    fn reidentify(&self) -> BoxFuture<'_, Option<std::sync::Arc<dyn Backend>>> {
+        let mut client = self.client.clone();
+        Box::pin(async move {
+            let described = client.describe(pb::DescribeRequest {}).await.ok()?.into_inner();
+            let info = describe_from_wire(described);
+            (info != self.info).then(|| {
+                tracing::info!(worker = %self.address, was = %self.info.qualified(), now = %info.qualified(), "the worker came back serving something else");
+                std::sync::Arc::new(RemoteWorker {
+                    address: self.address.clone(),
+                    info,
+                    client: self.client.clone(),
+                    heartbeat_timeout: self.heartbeat_timeout,
+                }) as std::sync::Arc<dyn Backend>
+            })
+        })
+    }
+
     fn watch_stats(&self) -> StatsStream {
         let mut client = self.client.clone();
-        futures::stream::once(async move { client.watch_stats(pb::WatchStatsRequest {}).await })
+        let heartbeat = self.heartbeat_timeout;
+        let stats = futures::stream::once(async move { client.watch_stats(pb::WatchStatsRequest {}).await })
             .filter_map(|r| async move { r.ok().map(|resp| resp.into_inner()) })
             .flatten()
             .take_while(|r| futures::future::ready(r.is_ok()))
             .filter_map(|r| async move { r.ok().map(stats_from_wire) })
-            .boxed()
+            .boxed();
+        // The worker sends at least one message a second; silence for `heartbeat` means it stopped
+        // answering (a hung process, a partition without a reset), and the stream ends.
+        futures::stream::unfold(stats, move |mut stats| async move {
+            match tokio::time::timeout(heartbeat, stats.next()).await {
+                Ok(Some(s)) => Some((s, stats)),
+                Ok(None) | Err(_) => None,
+            }
+        })
+        .boxed()
     }
 }

@@ -10,7 +10,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferroserve_core::RequestLimits;
-use ferroserve_net::{ConnectionLimits, H2_PREFACE_BYTES, Listen, OversizeIsInvalid, ServerTls, TokenHash};
+use ferroserve_net::{
+    ConnectionLimits, Drain, DrainPlan, DrainWatch, H2_PREFACE_BYTES, Listen, OversizeIsInvalid, Phase, ServerTls,
+    Serving, TokenHash,
+};
 use ferroserve_proto::worker as pb;
 use ferroserve_proto::worker::worker_server::{Worker, WorkerServer};
 use futures::{Stream, StreamExt};
@@ -19,17 +22,18 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
-use tonic_health::ServingStatus;
-use tonic_health::server::HealthReporter;
 
 use crate::BackendSlot;
 use crate::convert::{describe_to_wire, error_to_status, event_to_wire, request_from_wire, stats_to_wire};
 
+/// How often `WatchStats` repeats the latest counters when nothing changes.
+const HEARTBEAT: Duration = Duration::from_secs(1);
+
 /// How the worker server behaves.
 #[derive(Clone)]
 pub struct WorkerServerConfig {
-    /// After shutdown is signalled, how long in-flight streams may run before the server stops anyway.
-    pub drain_timeout: Duration,
+    /// After shutdown is signalled: the pre-stop delay, then how long in-flight streams may run.
+    pub drain: DrainPlan,
     /// Connection and HTTP/2 limits of the worker listener.
     pub connections: ConnectionLimits,
     /// TLS on the worker listener; with a client CA, routers must present a certificate (mTLS).
@@ -60,6 +64,8 @@ struct WorkerService {
     backend: BackendSlot,
     /// The field limits, checked again here.
     limits: RequestLimits,
+    /// The server's shutdown: at its deadline, streams still open end with UNAVAILABLE.
+    drain: DrainWatch,
 }
 
 type BoxStream<T> = std::pin::Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -84,10 +90,17 @@ impl Worker for WorkerService {
         // Forward through a bounded channel; when the router goes away the send fails or `closed()` fires,
         // this task ends and drops `events`, which cancels the generation in the engine.
         let (tx, rx) = mpsc::channel(16);
+        let cut_off = self.drain.reached(Phase::CutOff);
         tokio::spawn(async move {
+            tokio::pin!(cut_off);
             loop {
                 tokio::select! {
                     _ = tx.closed() => break,
+                    () = &mut cut_off => {
+                        // The router continues it on another worker.
+                        let _ = tx.try_send(Err(Status::unavailable("this worker's drain deadline passed")));
+                        return;
+                    }
                     next = events.next() => match next {
                         Some(item) => {
                             if tx.send(item.map(event_to_wire).map_err(error_to_status)).await.is_err() {
@@ -121,17 +134,26 @@ impl Worker for WorkerService {
 
     async fn watch_stats(&self, _: Request<pb::WatchStatsRequest>) -> Result<Response<Self::WatchStatsStream>, Status> {
         let stats = self.backend()?.watch_stats();
-        Ok(Response::new(stats.map(|s| Ok(stats_to_wire(s))).boxed()))
+        // Each change at once, and the latest again every HEARTBEAT when nothing changes: the router
+        // takes silence as a hung worker. The stream ends when the backend's does (a dead engine).
+        let beats = futures::stream::unfold((stats, None), |(mut stats, last)| async move {
+            let next = match last {
+                None => stats.next().await,
+                Some(last) => match tokio::time::timeout(HEARTBEAT, stats.next()).await {
+                    Ok(next) => next,
+                    Err(_) => Some(last),
+                },
+            }?;
+            Some((next, (stats, Some(next))))
+        });
+        Ok(Response::new(beats.map(|s| Ok(stats_to_wire(s))).boxed()))
     }
 }
 
-/// Marks the worker service SERVING once its backend is in the slot.
-async fn mark_serving(reporter: &HealthReporter) {
-    reporter.set_serving::<WorkerServer<WorkerService>>().await;
-}
-
-/// Serves the worker contract on `listener` until `shutdown` completes, then drains for at most
-/// `drain_timeout`. Health is NOT_SERVING until `backend` is filled and `ready` resolves.
+/// Serves the worker contract on `listener` until `shutdown` completes, then drains as
+/// [`ferroserve_net::Drain`] describes; work that had not started goes back to the router, which sends
+/// it to another worker. Health is NOT_SERVING until `backend` is filled and `ready` resolves, and again
+/// if the engine dies.
 pub async fn serve(
     listener: TcpListener,
     backend: BackendSlot,
@@ -139,31 +161,43 @@ pub async fn serve(
     config: WorkerServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
-    let (reporter, health) = tonic_health::server::health_reporter();
-    reporter.set_service_status("", ServingStatus::NotServing).await;
-    reporter.set_not_serving::<WorkerServer<WorkerService>>().await;
+    let (switch, health) =
+        ferroserve_net::health_service(&[<WorkerServer<WorkerService> as tonic::server::NamedService>::NAME]);
     let (reflection_v1, reflection_v1alpha) = ferroserve_net::reflection_services();
     let health_task = tokio::spawn({
-        let reporter = reporter.clone();
+        let (switch, backend) = (switch.clone(), backend.clone());
         async move {
             ready.await;
-            mark_serving(&reporter).await;
-            reporter.set_service_status("", ServingStatus::Serving).await;
+            let Some(backend) = backend.get() else { return };
+            switch.set(Serving::Serving);
+            // The backend's stats stream ends when its engine dies for good.
+            let mut stats = backend.watch_stats();
+            while stats.next().await.is_some() {}
+            tracing::error!("the engine has stopped; the worker reports NOT_SERVING");
+            switch.set(Serving::NotServing);
         }
     });
+    let drain = Drain::new(config.drain, switch);
     let service = WorkerServer::new(WorkerService {
-        backend,
+        backend: backend.clone(),
         limits: config.limits,
+        drain: drain.watch(),
     })
     .max_decoding_message_size(config.limits.max_request_bytes);
     let service = InterceptedService::new(service, token_check(config.token));
-    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
     let listen = Listen {
         name: "worker",
         limits: config.connections,
         tls: config.tls.clone(),
         first_bytes: H2_PREFACE_BYTES,
     };
+    let signal = drain.signal(async move {
+        shutdown.await;
+        // What has not started goes back to the router now, while the listener still accepts.
+        if let Some(b) = backend.get() {
+            b.drain();
+        }
+    });
     let server = config
         .connections
         .grpc_server()
@@ -172,12 +206,8 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(service)
-        .serve_with_incoming_shutdown(ferroserve_net::incoming(listener, listen), async move {
-            shutdown.await;
-            reporter.set_service_status("", ServingStatus::NotServing).await;
-            let _ = drain_tx.send(());
-        });
-    let result = ferroserve_net::drain_bounded(server, drain_rx, config.drain_timeout).await;
+        .serve_with_incoming_shutdown(ferroserve_net::incoming(listener, listen), signal);
+    let result = drain.run(server).await;
     health_task.abort();
     result
 }

@@ -34,9 +34,10 @@ fn request() -> impl Strategy<Value = pb::WorkRequest> {
         proptest::option::of(sampling),
         proptest::collection::vec("\\PC{0,20}", 0..20),
         any::<i32>(),
+        proptest::collection::vec(any::<u32>(), 0..8),
     )
         .prop_map(
-            |(request_id, input, max_tokens, sampling, stop, priority)| pb::WorkRequest {
+            |(request_id, input, max_tokens, sampling, stop, priority, continuation)| pb::WorkRequest {
                 request_id,
                 input,
                 max_tokens,
@@ -44,6 +45,7 @@ fn request() -> impl Strategy<Value = pb::WorkRequest> {
                 stop,
                 arrived_unix_ms: 0,
                 priority,
+                continuation,
             },
         )
 }
