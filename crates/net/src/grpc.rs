@@ -4,7 +4,6 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use http::HeaderValue;
 use tower_layer::Layer;
@@ -27,28 +26,6 @@ pub fn reflection_services() -> (
             .build_v1alpha()
             .expect("the compiled-in descriptor sets are valid"),
     )
-}
-
-/// Runs a server future; once shutdown starts (`started` fires), gives it at most `timeout` to finish
-/// draining.
-pub async fn drain_bounded<E>(
-    server: impl Future<Output = Result<(), E>>,
-    started: tokio::sync::oneshot::Receiver<()>,
-    timeout: Duration,
-) -> Result<(), E> {
-    tokio::pin!(server);
-    tokio::select! {
-        r = &mut server => r,
-        _ = async { if started.await.is_err() { std::future::pending::<()>().await } } => {
-            match tokio::time::timeout(timeout, &mut server).await {
-                Ok(r) => r,
-                Err(_) => {
-                    tracing::warn!(?timeout, "drain timeout passed; stopping with streams still open");
-                    Ok(())
-                }
-            }
-        }
-    }
 }
 
 /// tonic refuses a request message over `max_decoding_message_size` before reading it, but with

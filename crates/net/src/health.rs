@@ -85,7 +85,11 @@ impl HealthService {
             Err(Status::not_found(format!(
                 "unknown service `{}`; this server reports on: {}",
                 echo(service),
-                self.services.iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(", ")
+                self.services
+                    .iter()
+                    .map(|s| format!("`{s}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )))
         }
     }
