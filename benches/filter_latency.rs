@@ -45,7 +45,7 @@ fn main() {
     let texts: Vec<String> = read_examples(&data).unwrap().into_iter().map(|e| e.text).collect();
     let files = fetch::ensure_all(&embed::MINILM, &fetch::default_cache_dir(), &fetch::Quiet).unwrap();
     let embedder = embed::Embedder::load(&files[0], &files[1], &files[2]).unwrap();
-    ferroserve_filter::semantic::install(ferroserve_filter::semantic::EmbedService::start(embedder));
+    ferroserve_filter::semantic::install(ferroserve_filter::semantic::EmbedService::start(embedder, None));
     let config = FilterConfig::load(std::path::Path::new(&format!("{root}/configs/filters/default.toml"))).unwrap();
 
     let mut rules = config.clone();

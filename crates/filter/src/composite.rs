@@ -47,4 +47,11 @@ impl Filter for CompositeFilter {
     fn is_heavy(&self) -> bool {
         self.semantic.is_some()
     }
+
+    fn failures(&self) -> Option<(u64, &'static str)> {
+        self.semantic.as_ref().map(|s| {
+            let (n, on_error) = s.failures();
+            (n, on_error.label())
+        })
+    }
 }

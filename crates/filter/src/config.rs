@@ -48,6 +48,31 @@ pub struct SemanticConfig {
     /// The categories.
     #[serde(default)]
     pub categories: Vec<SemanticCategory>,
+    /// What a text gets when it cannot be embedded (the embedding thread failed): `allow` (fail open; the
+    /// rules still ran) or `block` (fail closed). Either way it is counted and shown by `ListFilters`.
+    #[serde(default)]
+    pub on_error: OnError,
+}
+
+/// What the semantic filter decides when it cannot embed a text.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    /// Fail open: the text passes (the rules still judged it).
+    #[default]
+    Allow,
+    /// Fail closed: the text is blocked.
+    Block,
+}
+
+impl OnError {
+    /// The config's spelling.
+    pub fn label(self) -> &'static str {
+        match self {
+            OnError::Allow => "allow",
+            OnError::Block => "block",
+        }
+    }
 }
 
 /// `[[semantic.categories]]`.

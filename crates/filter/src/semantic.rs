@@ -5,12 +5,14 @@
 //! category's threshold and beats its best similarity to the allowed look-alikes by the margin. Embeddings
 //! are computed on one thread that batches the texts of concurrent requests into one forward pass.
 
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, OnceLock};
 
 use ferroserve_model::embed::{Embedder, cosine};
 
-use crate::config::SemanticConfig;
+use crate::config::{OnError, SemanticConfig};
 use crate::normalize::normalize;
 use crate::verdict::{Action, Verdict};
 
@@ -30,7 +32,10 @@ pub struct EmbedService {
     tx: SyncSender<Job>,
 }
 
-fn batcher(embedder: Embedder, rx: Receiver<Job>) {
+/// Embeds queued texts in batches until every sender is gone. A panic inside one batch (a bug, a corrupt
+/// model, or the test-only fault marker) fails that batch's texts with an error and is counted; the
+/// thread goes on with the next batch.
+fn batcher(embedder: Embedder, rx: Receiver<Job>, test_fault_marker: Option<String>) {
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         while jobs.len() < MAX_BATCH {
@@ -40,7 +45,23 @@ fn batcher(embedder: Embedder, rx: Receiver<Job>) {
             }
         }
         let texts: Vec<&str> = jobs.iter().map(|j| j.text.as_str()).collect();
-        match embedder.embed(&texts) {
+        let embedded = catch_unwind(AssertUnwindSafe(|| {
+            if let Some(marker) = &test_fault_marker
+                && texts.iter().any(|t| t.contains(marker.as_str()))
+            {
+                panic!("test fault: a text carried the embedding panic marker");
+            }
+            embedder.embed(&texts).map_err(|e| e.to_string())
+        }))
+        .unwrap_or_else(|_| {
+            tracing::error!(
+                texts = texts.len(),
+                "the embedding thread panicked; those texts get the filter's on_error"
+            );
+            metrics::counter!(ferroserve_telemetry::names::EMBEDDING_PANICS_TOTAL).increment(1);
+            Err("the embedding thread panicked".to_string())
+        });
+        match embedded {
             Ok(vectors) => {
                 for (job, v) in jobs.iter().zip(vectors) {
                     let _ = job.reply.send(Ok(v));
@@ -48,7 +69,7 @@ fn batcher(embedder: Embedder, rx: Receiver<Job>) {
             }
             Err(e) => {
                 for job in &jobs {
-                    let _ = job.reply.send(Err(e.to_string()));
+                    let _ = job.reply.send(Err(e.clone()));
                 }
             }
         }
@@ -56,12 +77,13 @@ fn batcher(embedder: Embedder, rx: Receiver<Job>) {
 }
 
 impl EmbedService {
-    /// Starts the batching thread around a loaded model.
-    pub fn start(embedder: Embedder) -> Arc<EmbedService> {
+    /// Starts the batching thread around a loaded model. `test_fault_marker` is test-only fault
+    /// injection (the chaos suite): a text containing it panics the thread.
+    pub fn start(embedder: Embedder, test_fault_marker: Option<String>) -> Arc<EmbedService> {
         let (tx, rx) = sync_channel(QUEUE);
         std::thread::Builder::new()
             .name("filter-embed".into())
-            .spawn(move || batcher(embedder, rx))
+            .spawn(move || batcher(embedder, rx, test_fault_marker))
             .expect("spawn the embedding thread");
         Arc::new(EmbedService { tx })
     }
@@ -111,6 +133,10 @@ pub struct SemanticFilter {
     categories: Vec<Category>,
     allow: Vec<Vec<f32>>,
     margin: f32,
+    /// What a text that cannot be embedded gets.
+    on_error: OnError,
+    /// Texts that could not be embedded.
+    failures: AtomicU64,
 }
 
 fn best(v: &[f32], set: &[Vec<f32>]) -> f32 {
@@ -142,16 +168,37 @@ impl SemanticFilter {
             categories,
             allow,
             margin: config.margin,
+            on_error: config.on_error,
+            failures: AtomicU64::new(0),
         })
     }
 
-    /// Judges a text; an embedding failure allows it (and is logged), since the rules still run.
+    /// Texts that could not be embedded, and what they got.
+    pub fn failures(&self) -> (u64, OnError) {
+        (self.failures.load(Ordering::Relaxed), self.on_error)
+    }
+
+    /// Judges a text. One that cannot be embedded gets `on_error` (the rules still judged it), counted.
     pub fn check(&self, text: &str) -> Verdict {
         let v = match self.service.embed(&normalize(text)) {
             Ok(v) => v,
             Err(e) => {
-                tracing::error!(error = %e, "semantic filter could not embed a text; allowing it");
-                return Verdict::allow();
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(
+                    ferroserve_telemetry::names::FILTER_FAILURES_TOTAL,
+                    ferroserve_telemetry::names::LABEL_STAGE => "semantic",
+                    ferroserve_telemetry::names::LABEL_ACTION => self.on_error.label()
+                )
+                .increment(1);
+                tracing::error!(error = %e, on_error = self.on_error.label(), "semantic filter could not embed a text");
+                return match self.on_error {
+                    OnError::Allow => Verdict::allow(),
+                    OnError::Block => Verdict {
+                        action: Action::Block,
+                        category: Some("filter_unavailable".into()),
+                        evidence: format!("semantic: the text could not be embedded ({e})"),
+                    },
+                };
             }
         };
         let allow = if self.allow.is_empty() {

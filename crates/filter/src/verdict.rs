@@ -65,4 +65,10 @@ pub trait Filter: Send + Sync {
     fn is_heavy(&self) -> bool {
         false
     }
+
+    /// Checks that could not run (the embedding thread failed), and what those texts got (`allow` or
+    /// `block`); `None` for a filter that cannot fail that way.
+    fn failures(&self) -> Option<(u64, &'static str)> {
+        None
+    }
 }

@@ -19,7 +19,7 @@ fn embeddings() {
     let files = fetch::ensure_all(&embed::MINILM, &fetch::default_cache_dir(), &fetch::Quiet)
         .expect("the embedding model is needed for these tests; see the README");
     let embedder = embed::Embedder::load(&files[0], &files[1], &files[2]).unwrap();
-    ferroserve_filter::semantic::install(ferroserve_filter::semantic::EmbedService::start(embedder));
+    ferroserve_filter::semantic::install(ferroserve_filter::semantic::EmbedService::start(embedder, None));
 }
 
 fn default_filter() -> impl Filter {
