@@ -38,6 +38,8 @@ pub(crate) struct AdminService {
     pub versions: Versions,
     /// Cancels requests in flight on a disabled version.
     pub in_flight: Arc<InFlight>,
+    /// The server's shutdown: watch streams end as soon as it drains.
+    pub drain: ferroserve_net::DrainWatch,
 }
 
 fn filters_to_wire(hub: &FilterHub) -> pb::ListFiltersResponse {
@@ -46,10 +48,15 @@ fn filters_to_wire(hub: &FilterHub) -> pb::ListFiltersResponse {
         loaded: hub
             .library()
             .iter()
-            .map(|l| pb::FilterInfo {
-                id: l.id.clone(),
-                description: l.description.clone(),
-                path: l.path.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+            .map(|l| {
+                let (failures, on_failure) = l.filter.failures().unwrap_or((0, ""));
+                pb::FilterInfo {
+                    id: l.id.clone(),
+                    description: l.description.clone(),
+                    path: l.path.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+                    failures,
+                    on_failure: on_failure.to_string(),
+                }
             })
             .collect(),
         active: selection.active.as_ref().map(|a| a.id.clone()).unwrap_or_default(),
@@ -151,7 +158,11 @@ impl Admin for AdminService {
     ) -> Result<Response<Self::WatchWorkersStream>, Status> {
         let pool = Arc::clone(&self.pool);
         let changes = WatchStream::new(self.pool.watch_healthy());
-        Ok(Response::new(changes.map(move |_| Ok(report(&pool))).boxed()))
+        // A watch must not hold a drain open: it ends as soon as the server drains.
+        let draining = self.drain.reached(ferroserve_net::Phase::Draining);
+        Ok(Response::new(
+            changes.map(move |_| Ok(report(&pool))).take_until(draining).boxed(),
+        ))
     }
 
     async fn get_limits(&self, _: Request<pb::GetLimitsRequest>) -> Result<Response<pb::GetLimitsResponse>, Status> {

@@ -18,6 +18,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::live::Live;
+use crate::migrate::Handoff;
 use crate::observe::Observations;
 use crate::pool::Pool;
 use crate::relay::{Dispatched, Relay, Relayed, record_outcome, until, verdict_to_wire};
@@ -51,6 +52,12 @@ pub(crate) struct InferenceService {
     pub observations: Arc<Observations>,
     /// Cancels requests in flight on a disabled version.
     pub in_flight: Arc<InFlight>,
+    /// How long a streaming client may take no message before it is given up on.
+    pub client_stall: Duration,
+    /// How long a worker may send no event before the request moves to another.
+    pub worker_stall: Duration,
+    /// The server's shutdown: at its deadline, streams still open end with UNAVAILABLE.
+    pub drain: ferroserve_net::DrainWatch,
 }
 
 /// The request header that puts a request in an A/B cohort of the traffic policy.
@@ -274,21 +281,30 @@ impl InferenceService {
             let backend = Arc::clone(lease.backend());
             // The serving version completes what the client left open: sampling and stop strings.
             let request = backend.model().defaults.apply(valid, checked.sampling_given);
-            match backend.generate(request).await {
+            match backend.generate(request.clone()).await {
                 Ok(events) => {
                     tracing::debug!(request_id = %request_id, tenant = %arrival.tenant.name, worker = backend.location(), "dispatched");
+                    let model = backend.model().clone();
                     return Ok(Start::Dispatched(Box::new(Dispatched {
-                        _lease: lease,
+                        lease,
+                        handoff: Handoff {
+                            pool: Arc::clone(&self.pool),
+                            request,
+                            tried,
+                            moves: 0,
+                        },
+                        worker_stall: self.worker_stall,
+                        drain: self.drain.clone(),
                         permit,
                         prompt_estimate: estimate_prompt_tokens(&valid.input),
                         events,
-                        model: backend.model().clone(),
+                        cancel: self.in_flight.watch(&model.qualified()),
+                        model,
                         request_id,
                         arrived: arrival.at,
                         deadline: arrival.deadline(),
                         guard: guard.take(),
                         observations: Arc::clone(&self.observations),
-                        cancel: self.in_flight.watch(&backend.model().qualified()),
                     })));
                 }
                 Err(e @ (BackendError::Overloaded(_) | BackendError::Unavailable(_)))
@@ -351,7 +367,7 @@ impl Inference for InferenceService {
         // Tokens go out as soon as they arrive. The task ends when the stream completes, the client leaves
         // (`tx.closed()`) or the deadline passes; ending drops the worker stream, which cancels generation.
         let (tx, rx) = mpsc::channel(32);
-        tokio::spawn(forward(Relay::new(*d), tx));
+        tokio::spawn(crate::stream::forward(Relay::new(*d), tx, self.client_stall));
         Ok(Response::new(ReceiverStream::new(rx).boxed()))
     }
 
@@ -369,32 +385,5 @@ impl Inference for InferenceService {
             })
             .collect();
         Ok(Response::new(pb::ListModelsResponse { models }))
-    }
-}
-
-async fn forward(mut relay: Relay, tx: mpsc::Sender<Result<pb::GenerateStreamResponse, Status>>) {
-    use pb::generate_stream_response::Event as Out;
-    loop {
-        let item = tokio::select! {
-            () = tx.closed() => {
-                relay.abandon(Status::cancelled("client disconnected"));
-                return;
-            }
-            item = relay.next() => item,
-        };
-        let message = match item {
-            None => return,
-            Some(Relayed::Token(t)) => Ok(pb::GenerateStreamResponse {
-                event: Some(Out::Token(t)),
-            }),
-            Some(Relayed::Done(Ok(c))) => Ok(pb::GenerateStreamResponse {
-                event: Some(Out::Complete(c)),
-            }),
-            Some(Relayed::Done(Err(status))) => Err(status),
-        };
-        if tx.send(message).await.is_err() {
-            relay.abandon(Status::cancelled("client disconnected"));
-            return;
-        }
     }
 }

@@ -19,8 +19,10 @@ struct Member {
     backend: Arc<dyn Backend>,
     /// Requests this router has in flight there: the load measure.
     in_flight: AtomicU32,
-    /// False while its stats stream is down (remote worker unreachable).
+    /// False while its stats stream is down (remote worker unreachable, or its heartbeat stopped).
     healthy: AtomicBool,
+    /// The same, for requests in flight on it to watch: they move elsewhere when it turns false.
+    up: watch::Sender<bool>,
     /// Its latest counters.
     stats: Mutex<WorkerStats>,
     /// Set, then signalled, when it leaves the pool, so that its stats follower stops.
@@ -50,6 +52,20 @@ impl Lease {
     /// The backend to send the request to.
     pub fn backend(&self) -> &Arc<dyn Backend> {
         &self.member.backend
+    }
+
+    /// Where the worker is (for logs, and to skip it when another is picked).
+    pub fn location(&self) -> &str {
+        self.member.backend.location()
+    }
+
+    /// Resolves when this worker is marked unhealthy (its connection or heartbeat is gone): a request in
+    /// flight on it then continues elsewhere.
+    pub fn down(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut up = self.member.up.subscribe();
+        async move {
+            let _ = up.wait_for(|up| !*up).await;
+        }
     }
 }
 
@@ -91,6 +107,7 @@ impl Pool {
             backend,
             in_flight: AtomicU32::new(0),
             healthy: AtomicBool::new(false),
+            up: watch::Sender::new(true),
             stats: Mutex::new(WorkerStats::default()),
             gone: AtomicBool::new(false),
             removed: tokio::sync::Notify::new(),
@@ -104,6 +121,7 @@ impl Pool {
         tokio::spawn(async move {
             // Marks the member unhealthy (once) and updates the pool's count.
             let down = |pool: &Pool| {
+                member.up.send_replace(false);
                 if member.healthy.swap(false, Ordering::Relaxed) {
                     healthy_gauge.set(0.0);
                     pool.healthy.send_modify(|n| *n -= 1);
@@ -120,15 +138,17 @@ impl Pool {
                         break;
                     };
                     *member.stats.lock().expect("stats lock") = s;
+                    // Only a change wakes the requests watching it (stats arrive with every token).
+                    member.up.send_if_modified(|up| !std::mem::replace(up, true));
                     if !member.healthy.swap(true, Ordering::Relaxed) {
                         healthy_gauge.set(1.0);
                         let Some(pool) = pool.upgrade() else { return };
                         pool.healthy.send_modify(|n| *n += 1);
                     }
                 }
-                let Some(pool) = pool.upgrade() else { return };
+                let Some(strong) = pool.upgrade() else { return };
                 if member.gone.load(Ordering::Relaxed) {
-                    down(&pool);
+                    down(&strong);
                     return;
                 }
                 if member.healthy.load(Ordering::Relaxed) {
@@ -137,11 +157,29 @@ impl Pool {
                         "worker stats stream ended; marked unhealthy"
                     );
                 }
-                down(&pool);
-                drop(pool);
+                down(&strong);
+                drop(strong);
                 tokio::time::sleep(Duration::from_millis(500)).await;
+                // Back? Ask who it is now: a restarted worker may serve another version.
+                if let Some(replacement) = member.backend.reidentify().await {
+                    if let Some(strong) = pool.upgrade() {
+                        strong.replace(&member, replacement);
+                    }
+                    return;
+                }
             }
         });
+    }
+
+    /// Puts `replacement` in `old`'s place (the same worker, serving something else after a restart).
+    fn replace(self: &Arc<Self>, old: &Arc<Member>, replacement: Arc<dyn Backend>) {
+        self.members
+            .write()
+            .expect("pool lock")
+            .retain(|m| !Arc::ptr_eq(m, old));
+        old.gone.store(true, Ordering::Relaxed);
+        old.removed.notify_one();
+        self.add(replacement);
     }
 
     /// Follows the number of healthy workers.

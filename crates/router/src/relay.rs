@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferroserve_admission::{Generated, Permit};
-use ferroserve_core::{Completion, Event, EventStream, FinishReason, ModelInfo, Usage};
+use ferroserve_core::{BackendError, Completion, Event, EventStream, FinishReason, ModelInfo, Usage};
 use ferroserve_filter::{OutputGuard, Verdict};
 use ferroserve_proto::v1 as pb;
 use ferroserve_telemetry::names;
@@ -16,13 +16,20 @@ use tonic::Status;
 
 use crate::RouterError;
 use crate::error::code_label;
+use crate::migrate::{Handoff, is_worker_failure};
 use crate::observe::{Observations, Sample};
 use crate::pool::Lease;
 
 /// A request handed to a worker: its lease, its event stream and what the client will be told.
 pub(crate) struct Dispatched {
-    /// Keeps the worker's load count while the request runs.
-    pub _lease: Lease,
+    /// The worker it runs on; holding it counts as that worker's load.
+    pub lease: Lease,
+    /// How to send it to another worker if this one fails.
+    pub handoff: Handoff,
+    /// A worker that sends no event for this long is taken as failed, and the request moves on.
+    pub worker_stall: Duration,
+    /// The server's shutdown: at its deadline the stream ends with UNAVAILABLE.
+    pub drain: ferroserve_net::DrainWatch,
     /// Its admission slot and token reservation; settled with real usage at the end.
     pub permit: Permit,
     /// The prompt tokens reserved, used when the request ends without the worker's exact count.
@@ -201,10 +208,23 @@ impl Clock {
     }
 }
 
+/// Who a failed request's failure is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Blame {
+    /// The version or its workers: a sample against it.
+    Version,
+    /// The client (its deadline).
+    Client,
+    /// An operator (a kill switch with cancellation).
+    Operator,
+}
+
 /// One request's way from worker events to client messages.
 pub(crate) struct Relay {
     d: Dispatched,
     clock: Clock,
+    /// Every token id streamed so far: a migrated request's continuation.
+    generated: Vec<u32>,
     /// A completion that waits while held-back text goes out first.
     pending: Option<Completion>,
     /// True once `Done` was produced.
@@ -217,9 +237,15 @@ impl Relay {
         Relay {
             d,
             clock,
+            generated: Vec::new(),
             pending: None,
             finished: false,
         }
+    }
+
+    /// When the client's deadline passes, if it set one.
+    pub(crate) fn deadline(&self) -> Option<Instant> {
+        self.d.deadline
     }
 
     /// What the client gets next; `None` after [`Relayed::Done`].
@@ -230,62 +256,96 @@ impl Relay {
         if let Some(c) = self.pending.take() {
             return Some(self.complete(c));
         }
-        let next = tokio::select! {
-            () = until(self.d.deadline) => {
-                let status = RouterError::DeadlineExceeded {
-                    elapsed_ms: self.d.arrived.elapsed().as_millis() as u64,
-                    completion_tokens: self.clock.tokens,
-                };
-                return Some(self.fail(status.into()));
+        loop {
+            let next = tokio::select! {
+                () = until(self.d.deadline) => {
+                    let status = RouterError::DeadlineExceeded {
+                        elapsed_ms: self.d.arrived.elapsed().as_millis() as u64,
+                        completion_tokens: self.clock.tokens,
+                    };
+                    // The client's own deadline says nothing about the version.
+                    return Some(self.end(status.into(), Blame::Client));
+                }
+                next = self.d.events.next() => next,
+                Ok(()) = self.d.cancel.changed() => {
+                    let status = Status::unavailable(format!(
+                        "{} was disabled by an operator and its requests in flight were cancelled after {} tokens; \
+                         retry and the request goes to another version",
+                        self.d.model.qualified(),
+                        self.clock.tokens
+                    ));
+                    self.d.events = futures::stream::empty().boxed();
+                    return Some(self.end(status, Blame::Operator));
+                }
+                () = self.d.drain.reached(ferroserve_net::Phase::CutOff) => {
+                    let status = Status::unavailable(format!(
+                        "the server is shutting down and its drain deadline passed after {} tokens were sent; retry \
+                         and the request goes to another replica",
+                        self.clock.tokens
+                    ));
+                    self.d.events = futures::stream::empty().boxed();
+                    return Some(self.end(status, Blame::Operator));
+                }
+                () = self.d.lease.down() => Some(Err(BackendError::Unavailable("the worker stopped answering".into()))),
+                () = tokio::time::sleep(self.d.worker_stall) => Some(Err(BackendError::Unavailable(format!(
+                    "no event from the worker for {} s", self.d.worker_stall.as_secs()
+                )))),
+            };
+            let failure = match next {
+                Some(Ok(Event::Token(t))) => return Some(self.token(t).await),
+                Some(Ok(Event::Complete(c))) => return Some(self.completion(c).await),
+                Some(Err(e)) if is_worker_failure(&e) => e,
+                Some(Err(e)) => return Some(self.end(RouterError::from(e).into(), Blame::Version)),
+                None => BackendError::Unavailable("the worker ended the stream without a completion".into()),
+            };
+            match self
+                .d
+                .handoff
+                .continue_elsewhere(&self.d.lease, &failure, &self.generated)
+                .await
+            {
+                Ok((lease, events)) => {
+                    self.d.lease = lease;
+                    self.d.events = events;
+                }
+                Err(status) => return Some(self.end(status, Blame::Version)),
             }
-            next = self.d.events.next() => next,
-            Ok(()) = self.d.cancel.changed() => {
-                let status = Status::unavailable(format!(
-                    "{} was disabled by an operator and its requests in flight were cancelled after {} tokens; \
-                     retry and the request goes to another version",
-                    self.d.model.qualified(),
-                    self.clock.tokens
-                ));
-                self.d.events = futures::stream::empty().boxed();
-                return Some(self.fail(status));
-            }
+        }
+    }
+
+    async fn token(&mut self, t: ferroserve_core::TokenChunk) -> Relayed {
+        self.clock.tokens(t.token_ids.len());
+        self.clock.drift(&t.logprobs, &t.entropies);
+        self.generated.extend_from_slice(&t.token_ids);
+        let text = match self.d.guard.as_mut() {
+            None => t.text,
+            Some(g) => match g.push(&t.text).await {
+                Ok(released) => released,
+                Err(verdict) => return self.filtered(&verdict),
+            },
         };
-        Some(match next {
-            Some(Ok(Event::Token(t))) => {
-                self.clock.tokens(t.token_ids.len());
-                self.clock.drift(&t.logprobs, &t.entropies);
-                let text = match self.d.guard.as_mut() {
-                    None => t.text,
-                    Some(g) => match g.push(&t.text).await {
-                        Ok(released) => released,
-                        Err(verdict) => return Some(self.filtered(&verdict)),
-                    },
-                };
+        Relayed::Token(pb::TokenDelta {
+            text,
+            token_ids: t.token_ids,
+        })
+    }
+
+    async fn completion(&mut self, c: Completion) -> Relayed {
+        let rest = match self.d.guard.as_mut() {
+            None => Ok(String::new()),
+            Some(g) => g.finish().await,
+        };
+        match rest {
+            Err(verdict) => self.filtered(&verdict),
+            Ok(rest) if !rest.is_empty() => {
+                self.pending = Some(c);
                 Relayed::Token(pb::TokenDelta {
-                    text,
-                    token_ids: t.token_ids,
+                    text: rest,
+                    token_ids: Vec::new(),
                 })
             }
-            Some(Ok(Event::Complete(c))) => {
-                let rest = match self.d.guard.as_mut() {
-                    None => Ok(String::new()),
-                    Some(g) => g.finish().await,
-                };
-                match rest {
-                    Err(verdict) => self.filtered(&verdict),
-                    Ok(rest) if !rest.is_empty() => {
-                        self.pending = Some(c);
-                        Relayed::Token(pb::TokenDelta {
-                            text: rest,
-                            token_ids: Vec::new(),
-                        })
-                    }
-                    Ok(_) => self.complete(c),
-                }
-            }
-            Some(Err(e)) => self.fail(RouterError::from(e).into()),
-            None => self.fail(Status::internal("the worker ended the stream without a completion")),
-        })
+            Ok(_) => self.complete(c),
+        }
     }
 
     /// The client left or could not be written to: counts it and settles the reservation.
@@ -369,10 +429,14 @@ impl Relay {
         self.d.observations.record(&self.d.model.qualified(), sample);
     }
 
-    fn fail(&mut self, status: Status) -> Relayed {
+    /// Ends the request with `status`. Only a failure the version is to blame for counts against it in
+    /// the canary analysis: a client's own deadline, or an operator's cancellation, does not.
+    fn end(&mut self, status: Status, blame: Blame) -> Relayed {
         self.finished = true;
         record_outcome(&Err(status.clone()), Some(&self.d.model));
-        self.observe(true, false);
+        if blame == Blame::Version {
+            self.observe(true, false);
+        }
         self.settle(None);
         Relayed::Done(Err(status))
     }

@@ -15,13 +15,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferroserve_core::RequestLimits;
-use ferroserve_net::{ConnectionLimits, H2_PREFACE_BYTES, Listen, OversizeIsInvalid, ServerTls};
+use ferroserve_net::{
+    ConnectionLimits, Drain, DrainPlan, H2_PREFACE_BYTES, HealthSwitch, Listen, OversizeIsInvalid, ServerTls, Serving,
+};
 use ferroserve_proto::v1::admin_server::AdminServer;
 use ferroserve_proto::v1::inference_server::InferenceServer;
 use tokio::net::TcpListener;
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Status};
-use tonic_health::ServingStatus;
 
 use crate::admin::AdminService;
 use crate::inference::{InferenceService, authorization};
@@ -42,12 +43,18 @@ const BUDGET_GAUGE_INTERVAL: Duration = Duration::from_secs(1);
 pub struct RouterConfig {
     /// Request shape limits.
     pub limits: RequestLimits,
-    /// After shutdown is signalled, how long in-flight streams may run before the server stops anyway.
-    pub drain_timeout: Duration,
+    /// After shutdown is signalled: the pre-stop delay, then how long in-flight streams may run.
+    pub drain: DrainPlan,
+    /// Where the traffic policy (kill switch, splits, history) is saved, so that it survives a restart.
+    pub state_file: Option<std::path::PathBuf>,
     /// Connection and HTTP/2 limits of the public listener.
     pub connections: ConnectionLimits,
     /// TLS on the public listener, if configured (reloaded on SIGHUP by the binary).
     pub tls: Option<Arc<ServerTls>>,
+    /// How long a streaming client may take no message before it is given up on (its slot returns).
+    pub client_stall: Duration,
+    /// How long a worker may send no event before its request moves to another worker.
+    pub worker_stall: Duration,
 }
 
 /// Authenticates an `Inference` call from its headers and hands the tenant to the handler.
@@ -93,9 +100,38 @@ pub struct RouterParts {
     pub policies: Vec<(String, Policy)>,
 }
 
-/// Serves the public API on `listener` until `shutdown` completes, then stops accepting new requests and
-/// lets in-flight ones finish for at most `drain_timeout`. Health reports SERVING while at least one
-/// worker is healthy.
+/// Refreshes the remaining-budget gauges (buckets refill between requests).
+fn publish_budgets(live: &Live) -> tokio::task::JoinHandle<()> {
+    let admission = Arc::clone(live.admission());
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(BUDGET_GAUGE_INTERVAL);
+        loop {
+            tick.tick().await;
+            admission.publish();
+        }
+    })
+}
+
+/// Health follows the pool: SERVING while at least one worker is healthy.
+fn follow_pool(pool: &Pool, health: HealthSwitch) -> tokio::task::JoinHandle<()> {
+    let mut healthy = pool.watch_healthy();
+    tokio::spawn(async move {
+        loop {
+            health.set(if *healthy.borrow_and_update() > 0 {
+                Serving::Serving
+            } else {
+                Serving::NotServing
+            });
+            if healthy.changed().await.is_err() {
+                return;
+            }
+        }
+    })
+}
+
+/// Serves the public API on `listener` until `shutdown` completes, then drains as [`Drain`] describes:
+/// NOT_SERVING first, the pre-stop delay, GOAWAY, and at the deadline every stream still open ends with
+/// UNAVAILABLE. Health reports SERVING while at least one worker is healthy.
 pub async fn serve(
     listener: TcpListener,
     parts: RouterParts,
@@ -110,46 +146,21 @@ pub async fn serve(
         preload,
         policies,
     } = parts;
-    let budgets = tokio::spawn({
-        let admission = Arc::clone(live.admission());
-        async move {
-            let mut tick = tokio::time::interval(BUDGET_GAUGE_INTERVAL);
-            loop {
-                tick.tick().await;
-                admission.publish();
-            }
-        }
-    });
-    let (reporter, health) = tonic_health::server::health_reporter();
-    reporter.set_service_status("", ServingStatus::NotServing).await;
-    reporter.set_not_serving::<InferenceServer<InferenceService>>().await;
-    let mut healthy = pool.watch_healthy();
-    let health_task = tokio::spawn({
-        let reporter = reporter.clone();
-        async move {
-            loop {
-                let status = if *healthy.borrow_and_update() > 0 {
-                    ServingStatus::Serving
-                } else {
-                    ServingStatus::NotServing
-                };
-                reporter.set_service_status("", status).await;
-                reporter
-                    .set_service_status(
-                        <InferenceServer<InferenceService> as tonic::server::NamedService>::NAME,
-                        status,
-                    )
-                    .await;
-                if healthy.changed().await.is_err() {
-                    return;
-                }
-            }
-        }
-    });
+    let budgets = publish_budgets(&live);
+    let (switch, health) = ferroserve_net::health_service(&[
+        <InferenceServer<InferenceService> as tonic::server::NamedService>::NAME,
+        <AdminServer<AdminService> as tonic::server::NamedService>::NAME,
+    ]);
+    let follower = follow_pool(&pool, switch.clone());
+    let drain = Drain::new(config.drain, switch);
     let (reflection_v1, reflection_v1alpha) = ferroserve_net::reflection_services();
-    let traffic = Arc::new(Traffic::default());
+    let traffic = Arc::new(Traffic::persisted(config.state_file.clone()));
     for (model, policy) in policies {
-        traffic.change(&model, "config", "set", "from the config at startup", |p| *p = policy);
+        if traffic.has_policy(&model) {
+            tracing::info!(%model, "keeping the traffic policy saved before the restart over the config's");
+        } else {
+            traffic.change(&model, "config", "set", "from the config at startup", |p| *p = policy);
+        }
     }
     let observations = Arc::new(Observations::default());
     let in_flight = Arc::new(InFlight::default());
@@ -162,6 +173,9 @@ pub async fn serve(
         traffic: Arc::clone(&traffic),
         observations: Arc::clone(&observations),
         in_flight: Arc::clone(&in_flight),
+        client_stall: config.client_stall,
+        worker_stall: config.worker_stall,
+        drain: drain.watch(),
     })
     .max_decoding_message_size(max_request_bytes);
     let inference = InterceptedService::new(inference, inference_auth(Arc::clone(&live)));
@@ -188,16 +202,21 @@ pub async fn serve(
         rollouts: Arc::default(),
         versions,
         in_flight,
+        drain: drain.watch(),
     })
     .max_decoding_message_size(max_request_bytes);
     let admin = InterceptedService::new(admin, admin_auth);
-    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
     let listen = Listen {
         name: "grpc",
         limits: config.connections,
         tls: config.tls.clone(),
         first_bytes: H2_PREFACE_BYTES,
     };
+    let signal = drain.signal(async move {
+        shutdown.await;
+        follower.abort();
+        budgets.abort();
+    });
     let server = config
         .connections
         .grpc_server()
@@ -207,13 +226,6 @@ pub async fn serve(
         .add_service(reflection_v1alpha)
         .add_service(inference)
         .add_service(admin)
-        .serve_with_incoming_shutdown(ferroserve_net::incoming(listener, listen), async move {
-            shutdown.await;
-            tracing::info!(drain_timeout = ?config.drain_timeout, "shutting down: no new connections, draining streams");
-            health_task.abort();
-            budgets.abort();
-            reporter.set_service_status("", ServingStatus::NotServing).await;
-            let _ = drain_tx.send(());
-        });
-    ferroserve_net::drain_bounded(server, drain_rx, config.drain_timeout).await
+        .serve_with_incoming_shutdown(ferroserve_net::incoming(listener, listen), signal);
+    drain.run(server).await
 }

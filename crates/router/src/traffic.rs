@@ -14,8 +14,11 @@
 //! and when; a rollback restores the policy before the last change.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::path::PathBuf;
 use std::sync::{Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
 
 use ferroserve_telemetry::names;
 use tokio::sync::watch;
@@ -26,7 +29,7 @@ const HISTORY: usize = 256;
 const UNDO: usize = 64;
 
 /// One model's policy.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Policy {
     /// Version -> relative weight of unpinned traffic. Empty: no split (any version, least loaded).
     pub weights: BTreeMap<String, u32>,
@@ -57,7 +60,7 @@ impl Policy {
 }
 
 /// One recorded change.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Change {
     /// Milliseconds since the Unix epoch.
     pub at_unix_ms: u64,
@@ -82,7 +85,9 @@ pub struct VersionAsk<'a> {
     pub request_id: &'a str,
 }
 
-#[derive(Default)]
+/// Everything a router must not forget across a restart: policies (the kill switch among them), their
+/// undo stacks and the history. Saved whole as JSON after every change.
+#[derive(Default, Serialize, Deserialize)]
 struct State {
     policies: HashMap<String, Policy>,
     undo: HashMap<String, Vec<Policy>>,
@@ -93,6 +98,8 @@ struct State {
 #[derive(Default)]
 pub struct Traffic {
     state: RwLock<State>,
+    /// Where the state is saved; `None` keeps it in memory only.
+    store: Option<PathBuf>,
 }
 
 /// FNV-1a: a stable hash, so a session keeps its version across router restarts and replicas.
@@ -103,6 +110,50 @@ fn stable_hash(key: &str) -> u64 {
 }
 
 impl Traffic {
+    /// A traffic state saved to `store` after every change and read back from it now, so that a restart
+    /// keeps a disabled version disabled. A file that cannot be read is set aside (`.unreadable`) with an
+    /// error in the log, and the router starts with no policy.
+    pub fn persisted(store: Option<PathBuf>) -> Traffic {
+        let state = match &store {
+            Some(path) if path.exists() => match std::fs::read(path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice::<State>(&b).map_err(|e| e.to_string()))
+            {
+                Ok(state) => {
+                    tracing::info!(path = %path.display(), models = state.policies.len(), "traffic policy restored");
+                    for (model, policy) in &state.policies {
+                        publish(model, "restore", &Policy::default(), policy);
+                    }
+                    state
+                }
+                Err(e) => {
+                    let aside = path.with_extension("unreadable");
+                    let _ = std::fs::rename(path, &aside);
+                    tracing::error!(path = %path.display(), aside = %aside.display(), error = %e, "the saved traffic policy is unreadable; starting without one");
+                    State::default()
+                }
+            },
+            _ => State::default(),
+        };
+        Traffic {
+            state: RwLock::new(state),
+            store,
+        }
+    }
+
+    /// Writes the state next to its file and renames it over, so that a crash leaves the old or the new.
+    fn save(&self, state: &State) {
+        let Some(path) = &self.store else { return };
+        let partial = path.with_extension("partial");
+        let written = serde_json::to_vec_pretty(state)
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| std::fs::write(&partial, bytes).map_err(|e| e.to_string()))
+            .and_then(|()| std::fs::rename(&partial, path).map_err(|e| e.to_string()));
+        if let Err(e) = written {
+            tracing::error!(path = %path.display(), error = %e, "the traffic policy could not be saved; a restart would lose this change");
+        }
+    }
+
     /// The policy of `model` (empty when never set).
     pub fn policy(&self, model: &str) -> Policy {
         self.state
@@ -144,6 +195,7 @@ impl Traffic {
         }
         state.policies.insert(model.to_string(), after.clone());
         record(&mut state, model, who, action, &after, reason);
+        self.save(&state);
         after
     }
 
@@ -155,6 +207,7 @@ impl Traffic {
         publish(model, "rollback", &current, &previous);
         state.policies.insert(model.to_string(), previous.clone());
         record(&mut state, model, who, "rollback", &previous, reason);
+        self.save(&state);
         Some(previous)
     }
 
@@ -437,5 +490,37 @@ mod tests {
             .filter(|(k, _, _, _)| k.key().name() == names::TRAFFIC_POLICY_CHANGES_TOTAL)
             .count();
         assert_eq!(changes, 3, "one counter per action: set, disable, rollback");
+    }
+
+    #[test]
+    fn a_saved_policy_survives_a_restart_and_an_unreadable_file_is_set_aside() {
+        let dir = std::env::temp_dir().join(format!("ferroserve-traffic-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("traffic.json");
+        let _ = std::fs::remove_file(&path);
+        let t = Traffic::persisted(Some(path.clone()));
+        t.change("m", "ops", "set", "canary", |p| {
+            p.weights = BTreeMap::from([("a".into(), 9), ("b".into(), 1)]);
+        });
+        t.change("m", "ops", "disable", "bad canary", |p| {
+            p.disabled.insert("b".into());
+        });
+        drop(t);
+        let again = Traffic::persisted(Some(path.clone()));
+        assert!(
+            again.policy("m").disabled.contains("b"),
+            "the kill switch holds across a restart"
+        );
+        assert_eq!(again.history().len(), 2);
+        assert_eq!(
+            again.rollback("m", "ops", "").map(|p| p.disabled.len()),
+            Some(0),
+            "undo survives too"
+        );
+        std::fs::write(&path, "{ not json").unwrap();
+        let fresh = Traffic::persisted(Some(path.clone()));
+        assert!(!fresh.has_policy("m"));
+        assert!(path.with_extension("unreadable").exists());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

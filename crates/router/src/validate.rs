@@ -120,6 +120,7 @@ pub(crate) fn validate(
             stop: request.stop,
             arrived: SystemTime::now(),
             priority: request.priority,
+            continuation: Vec::new(),
         },
         sampling_given,
         session: request.session,

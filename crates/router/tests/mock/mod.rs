@@ -160,6 +160,8 @@ pub struct Options {
     pub failing: Vec<String>,
     /// Generation defaults by version (none for the others).
     pub defaults: Vec<(String, GenerationDefaults)>,
+    /// How long a streaming client may read nothing before the router gives up on it.
+    pub client_stall: Duration,
 }
 
 impl Options {
@@ -176,6 +178,7 @@ impl Options {
             uncertain: Vec::new(),
             failing: Vec::new(),
             defaults: Vec::new(),
+            client_stall: Duration::from_secs(30),
         }
     }
 }
@@ -262,9 +265,15 @@ impl Harness {
             filters: o.filters,
             config: RouterConfig {
                 limits: Default::default(),
-                drain_timeout: Duration::from_secs(5),
+                drain: ferroserve_net::DrainPlan {
+                    prestop: Duration::ZERO,
+                    timeout: Duration::from_secs(5),
+                },
+                state_file: None,
                 connections: Default::default(),
                 tls: None,
+                client_stall: o.client_stall,
+                worker_stall: Duration::from_secs(120),
             },
             loader: None,
             preload: Vec::new(),
