@@ -15,7 +15,7 @@ async fn announce_and_run(what: &str, running: Running) -> anyhow::Result<()> {
     if let Some(m) = running.metrics_addr {
         let _ = writeln!(out, "ferroserve {what} metrics on http://{m}/metrics");
     }
-    running.run_until(shutdown_signal()).await?;
+    running.run_until(shutdown_signal).await?;
     tracing::info!("{what} stopped cleanly");
     Ok(())
 }

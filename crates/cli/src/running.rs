@@ -79,11 +79,20 @@ impl Running {
         self.task.await.context("server task panicked")?
     }
 
-    /// Runs until `signal` fires (then drains) or the server fails on its own.
-    pub async fn run_until(mut self, signal: impl Future<Output = ()>) -> anyhow::Result<()> {
+    /// Runs until a `signal` fires, then drains; a second signal during the drain exits at once (status
+    /// 1). Ends early if the server fails on its own.
+    pub async fn run_until<F: Future<Output = ()>>(mut self, signal: impl Fn() -> F) -> anyhow::Result<()> {
+        tokio::select! {
+            r = &mut self.task => return r.context("server task panicked")?,
+            () = signal() => {}
+        }
+        self.begin_shutdown();
         tokio::select! {
             r = &mut self.task => r.context("server task panicked")?,
-            () = signal => self.shutdown().await,
+            () = signal() => {
+                tracing::warn!("second signal during the drain: exiting now");
+                std::process::exit(1);
+            }
         }
     }
 }

@@ -65,6 +65,9 @@ pub fn install_embeddings(
     let files = fetch::ensure_all(&embed::MINILM, cache_dir, progress).context("fetching the embedding model")?;
     let embedder =
         embed::Embedder::load_with(&files[0], &files[1], &files[2], backend).context("loading the embedding model")?;
-    ferroserve_filter::semantic::install(ferroserve_filter::semantic::EmbedService::start(embedder));
+    ferroserve_filter::semantic::install(ferroserve_filter::semantic::EmbedService::start(
+        embedder,
+        crate::config::test_fault("embed-panic"),
+    ));
     Ok(())
 }

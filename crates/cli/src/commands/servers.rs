@@ -219,9 +219,12 @@ fn router_parts(
         filters,
         config: RouterConfig {
             limits: settings.request_limits,
-            drain_timeout: settings.drain_timeout,
+            drain: settings.drain,
+            state_file: settings.state_file.clone(),
             connections: settings.connections,
             tls: tls.grpc.clone(),
+            client_stall: settings.client_stall,
+            worker_stall: settings.worker_stall,
         },
         preload: settings.versions.clone(),
         policies: settings
@@ -385,7 +388,7 @@ pub async fn start_worker(settings: Settings, model_path: PathBuf) -> anyhow::Re
     }
     .spawn(stopped.wait());
     let config = WorkerServerConfig {
-        drain_timeout: settings.drain_timeout,
+        drain: settings.drain,
         connections: settings.connections,
         tls,
         token: settings.worker_token,

@@ -23,8 +23,10 @@ use ferroserve_worker::WorkerClientConfig;
 use serde::Deserialize;
 
 mod network;
+mod router;
 mod versions;
 pub use network::{ConnectionsSection, ServerSection, WorkerSection};
+pub use router::RouterSection;
 pub use versions::{SamplingSettings, TrafficSection, VersionSection};
 
 /// The config file as written. Unknown keys are errors, so typos do not pass silently.
@@ -337,99 +339,6 @@ impl Default for CostSection {
     }
 }
 
-/// `[router]`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RouterSection {
-    /// Worker addresses for `ferroserve router`, e.g. `http://127.0.0.1:50061` (`https://` for TLS).
-    pub workers: Vec<String>,
-    /// Largest encoded request message, in bytes; refused before it is read.
-    pub max_request_bytes: usize,
-    /// Largest prompt, or all messages' contents together, in bytes.
-    pub max_prompt_bytes: usize,
-    /// Most chat messages per request.
-    pub max_messages: usize,
-    /// Longest `model` field.
-    pub max_model_bytes: usize,
-    /// Longest `session` field.
-    pub max_session_bytes: usize,
-    /// Longest client request id.
-    pub max_request_id_bytes: usize,
-    /// Most stop strings per request.
-    pub max_stop_sequences: usize,
-    /// Longest stop string in bytes.
-    pub max_stop_bytes: usize,
-    /// A file holding the internal-plane token sent to workers (their `worker.token_sha256`).
-    pub worker_token_file: Option<PathBuf>,
-    /// CA (PEM) that signed the workers' certificates, for `https://` workers [default: system roots].
-    pub worker_tls_ca: Option<PathBuf>,
-    /// The router's client certificate for mTLS to workers (with `worker_tls_key`).
-    pub worker_tls_cert: Option<PathBuf>,
-    /// The client certificate's key.
-    pub worker_tls_key: Option<PathBuf>,
-}
-
-impl Default for RouterSection {
-    fn default() -> Self {
-        let l = RequestLimits::default();
-        RouterSection {
-            workers: Vec::new(),
-            max_request_bytes: l.max_request_bytes,
-            max_prompt_bytes: l.max_prompt_bytes,
-            max_messages: l.max_messages,
-            max_model_bytes: l.max_model_bytes,
-            max_session_bytes: l.max_session_bytes,
-            max_request_id_bytes: l.max_request_id_bytes,
-            max_stop_sequences: l.max_stop_sequences,
-            max_stop_bytes: l.max_stop_bytes,
-            worker_token_file: None,
-            worker_tls_ca: None,
-            worker_tls_cert: None,
-            worker_tls_key: None,
-        }
-    }
-}
-
-impl RouterSection {
-    /// The request shape limits; each must be at least 1.
-    fn limits(&self) -> Result<RequestLimits, ConfigError> {
-        let limits = RequestLimits {
-            max_request_bytes: self.max_request_bytes,
-            max_prompt_bytes: self.max_prompt_bytes,
-            max_messages: self.max_messages,
-            max_model_bytes: self.max_model_bytes,
-            max_session_bytes: self.max_session_bytes,
-            max_request_id_bytes: self.max_request_id_bytes,
-            max_stop_sequences: self.max_stop_sequences,
-            max_stop_bytes: self.max_stop_bytes,
-        };
-        for (key, value) in [
-            ("router.max_request_bytes", limits.max_request_bytes),
-            ("router.max_prompt_bytes", limits.max_prompt_bytes),
-            ("router.max_messages", limits.max_messages),
-            ("router.max_model_bytes", limits.max_model_bytes),
-            ("router.max_session_bytes", limits.max_session_bytes),
-            ("router.max_request_id_bytes", limits.max_request_id_bytes),
-            ("router.max_stop_sequences", limits.max_stop_sequences),
-            ("router.max_stop_bytes", limits.max_stop_bytes),
-        ] {
-            if value == 0 {
-                return Err(err(key, "must be at least 1"));
-            }
-        }
-        if limits.max_prompt_bytes >= limits.max_request_bytes {
-            return Err(err(
-                "router.max_prompt_bytes",
-                format!(
-                    "must be below max_request_bytes ({}), which bounds the whole encoded request",
-                    limits.max_request_bytes
-                ),
-            ));
-        }
-        Ok(limits)
-    }
-}
-
 /// A configuration problem, naming the key.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration: {key}: {message}")]
@@ -438,6 +347,21 @@ pub struct ConfigError {
     pub key: String,
     /// What is wrong and what would be right.
     pub message: String,
+}
+
+/// Test-only fault injection, for the chaos suite: `FERROSERVE_TEST_FAULT=<kind>:<marker>` (kinds
+/// `engine-panic`, `embed-panic`) makes that thread panic on a text containing the marker. The marker of
+/// `kind`, if the variable names it.
+pub fn test_fault(kind: &str) -> Option<String> {
+    let spec = std::env::var("FERROSERVE_TEST_FAULT").ok()?;
+    let (k, marker) = spec.split_once(':')?;
+    (k == kind && !marker.is_empty()).then(|| {
+        tracing::warn!(
+            kind,
+            "test fault injection is on (FERROSERVE_TEST_FAULT); never in production"
+        );
+        marker.to_string()
+    })
 }
 
 fn err(key: &str, message: impl Into<String>) -> ConfigError {
@@ -460,6 +384,14 @@ pub struct Settings {
     pub worker_metrics_listen: Option<SocketAddr>,
     /// Grace period for in-flight streams at shutdown.
     pub drain_timeout: Duration,
+    /// The whole shutdown: pre-stop delay (NOT_SERVING, still accepting), then the drain timeout.
+    pub drain: ferroserve_net::DrainPlan,
+    /// How long a streaming client may take no message before it is given up on.
+    pub client_stall: Duration,
+    /// How long a worker may send no event before its request moves to another.
+    pub worker_stall: Duration,
+    /// Where the router saves its traffic policy, if anywhere.
+    pub state_file: Option<PathBuf>,
     /// Model name.
     pub model_name: String,
     /// Model version.
@@ -678,13 +610,23 @@ impl FileConfig {
             }
         }
         let r = &self.router;
-        let worker_client = network::worker_client(
+        let connections = self.connections.validate()?;
+        let (client_stall, worker_stall, heartbeat) = r.timeouts()?;
+        let mut worker_client = network::worker_client(
             &r.worker_tls_ca,
             &r.worker_tls_cert,
             &r.worker_tls_key,
             &r.worker_token_file,
         )?;
-        let connections = self.connections.validate()?;
+        worker_client.keepalive = (connections.keepalive_interval, connections.keepalive_timeout);
+        worker_client.heartbeat_timeout = heartbeat;
+        let prestop = self.server.drain_prestop_secs;
+        if !(0.0..=3600.0).contains(&prestop) {
+            return Err(err(
+                "server.drain_prestop_secs",
+                format!("must be between 0 and 3600 seconds (got {prestop})"),
+            ));
+        }
         let tls = self.server.tls()?;
         let (worker_tls, worker_token) = self.worker.protection(worker_listen, self.auth.allow_unauthenticated)?;
         let f = &self.filter;
@@ -755,6 +697,7 @@ impl FileConfig {
                     worker_kind: self.cost.worker_kind,
                     usd_per_hour: price,
                 },
+                test_fault_marker: test_fault("engine-panic"),
             },
             request_limits: limits,
             connections,
@@ -762,6 +705,13 @@ impl FileConfig {
             worker_tls,
             worker_token,
             worker_client,
+            client_stall,
+            worker_stall,
+            drain: ferroserve_net::DrainPlan {
+                prestop: Duration::from_secs_f64(prestop),
+                timeout: drain_timeout,
+            },
+            state_file: self.router.state_file,
             workers: self.router.workers,
             keys,
             admission,

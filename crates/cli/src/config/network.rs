@@ -18,8 +18,11 @@ use super::{ConfigError, err};
 pub struct ServerSection {
     /// Public gRPC address.
     pub listen: String,
-    /// Seconds in-flight streams may run after SIGINT/SIGTERM.
+    /// Seconds in-flight streams may run after SIGINT/SIGTERM (after the pre-stop delay).
     pub drain_timeout_secs: f64,
+    /// Seconds after SIGTERM during which health reports NOT_SERVING but the listener still accepts, so
+    /// that load balancers stop sending first (Kubernetes: at least the readiness probe period).
+    pub drain_prestop_secs: f64,
     /// Prometheus `/metrics` address of `serve` and `router`; empty disables it.
     pub metrics_listen: String,
     /// PEM certificate chain for TLS on the public listener and `/metrics` (with `tls_key`).
@@ -33,6 +36,7 @@ impl Default for ServerSection {
         ServerSection {
             listen: "127.0.0.1:50051".into(),
             drain_timeout_secs: 30.0,
+            drain_prestop_secs: 0.0,
             metrics_listen: "127.0.0.1:9464".into(),
             tls_cert: None,
             tls_key: None,
@@ -263,5 +267,9 @@ pub(super) fn worker_client(
             Some(token)
         }
     };
-    Ok(WorkerClientConfig { tls, token })
+    Ok(WorkerClientConfig {
+        tls,
+        token,
+        ..WorkerClientConfig::default()
+    })
 }
