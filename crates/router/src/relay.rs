@@ -257,7 +257,9 @@ impl Relay {
             return Some(self.complete(c));
         }
         loop {
+            // Biased: events the worker sent before it failed are relayed before its failure is acted on.
             let next = tokio::select! {
+                biased;
                 () = until(self.d.deadline) => {
                     let status = RouterError::DeadlineExceeded {
                         elapsed_ms: self.d.arrived.elapsed().as_millis() as u64,
