@@ -150,7 +150,12 @@ impl Backend for RemoteWorker {
     fn reidentify(&self) -> BoxFuture<'_, Option<std::sync::Arc<dyn Backend>>> {
         let mut client = self.client.clone();
         Box::pin(async move {
-            let described = client.describe(pb::DescribeRequest {}).await.ok()?.into_inner();
+            // A hung worker must not hang the pool's follower: it asks again on its next round.
+            let described = tokio::time::timeout(Duration::from_secs(5), client.describe(pb::DescribeRequest {}))
+                .await
+                .ok()?
+                .ok()?
+                .into_inner();
             let info = describe_from_wire(described);
             (info != self.info).then(|| {
                 tracing::info!(worker = %self.address, was = %self.info.qualified(), now = %info.qualified(), "the worker came back serving something else");

@@ -146,6 +146,13 @@ impl Worker for WorkerService {
             }?;
             Some((next, (stats, Some(next))))
         });
+        // Once the worker drains and holds no request, the stream ends: the router stops counting on it,
+        // and the drain need not wait for this stream.
+        let drain = self.drain.clone();
+        let beats = beats.take_while(move |s| {
+            let drained = drain.phase() >= Phase::Draining && s.running == 0 && s.waiting == 0;
+            futures::future::ready(!drained)
+        });
         Ok(Response::new(beats.map(|s| Ok(stats_to_wire(s))).boxed()))
     }
 }
