@@ -382,8 +382,6 @@ pub struct Settings {
     pub metrics_listen: Option<SocketAddr>,
     /// `/metrics` address of a worker, if enabled.
     pub worker_metrics_listen: Option<SocketAddr>,
-    /// Grace period for in-flight streams at shutdown.
-    pub drain_timeout: Duration,
     /// The whole shutdown: pre-stop delay (NOT_SERVING, still accepting), then the drain timeout.
     pub drain: ferroserve_net::DrainPlan,
     /// How long a streaming client may take no message before it is given up on.
@@ -676,7 +674,6 @@ impl FileConfig {
             worker_listen,
             metrics_listen,
             worker_metrics_listen,
-            drain_timeout,
             model_name: self.model.name,
             model_version: self.model.version,
             model_path: self.model.path,
