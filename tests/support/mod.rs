@@ -4,6 +4,7 @@
 
 pub mod certs;
 pub mod procs;
+pub mod proxy;
 pub mod raw;
 
 use std::path::PathBuf;
@@ -178,4 +179,78 @@ pub fn sample(exposition: &str, series: &str) -> Option<f64> {
         .find(|l| l.starts_with(series))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
+}
+
+/// Polls `GetLimits` (bounded) until admission holds no request: nothing running, nothing queued. A slot
+/// that leaked never gets there, and the test fails.
+pub async fn wait_admission_idle(url: &str) {
+    use ferroserve_proto::v1::admin_client::AdminClient;
+    let mut admin = AdminClient::connect(url.to_string()).await.expect("connect admin");
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    let mut last = None;
+    let idle = tokio::time::timeout(WAIT, async {
+        loop {
+            tick.tick().await;
+            let limits = admin
+                .get_limits(pb::GetLimitsRequest {})
+                .await
+                .expect("GetLimits")
+                .into_inner();
+            let server = limits.server.unwrap_or_default();
+            if server.running == 0 && server.queued == 0 {
+                return;
+            }
+            last = Some((server.running, server.queued));
+        }
+    })
+    .await;
+    assert!(
+        idle.is_ok(),
+        "admission still holds requests (running, queued): {last:?}"
+    );
+}
+
+/// One health check of `service` ("" for the whole server): the status as the enum's number.
+pub async fn health_status(url: &str, service: &str) -> i32 {
+    let channel = Channel::from_shared(url.to_string())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect health");
+    HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: service.to_string(),
+        })
+        .await
+        .expect("health check")
+        .into_inner()
+        .status
+}
+
+/// Opens a health Watch of the whole server.
+pub async fn health_watch(url: &str) -> tonic::Streaming<tonic_health::pb::HealthCheckResponse> {
+    let channel = Channel::from_shared(url.to_string())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect health");
+    HealthClient::new(channel)
+        .watch(HealthCheckRequest { service: String::new() })
+        .await
+        .expect("health watch")
+        .into_inner()
+}
+
+/// Follows a health Watch (bounded) until it reports NOT_SERVING.
+pub async fn until_not_serving(watch: &mut tonic::Streaming<tonic_health::pb::HealthCheckResponse>) {
+    tokio::time::timeout(WAIT, async {
+        while let Some(m) = watch.message().await.expect("health watch") {
+            if m.status == ServingStatus::NotServing as i32 {
+                return;
+            }
+        }
+        panic!("the health watch ended before NOT_SERVING");
+    })
+    .await
+    .expect("NOT_SERVING in time");
 }

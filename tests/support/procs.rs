@@ -16,15 +16,23 @@ pub struct Proc {
     pub url: String,
     /// `host:port` of its gRPC listener.
     pub addr: String,
+    /// Its stdout lines after the address, so far.
+    stdout: tokio::sync::watch::Receiver<Vec<String>>,
     /// Its log lines (stderr), echoed to the test's stderr too.
     logs: tokio::sync::broadcast::Sender<String>,
 }
 
 /// Starts `ferroserve args...` and waits (bounded) for it to announce its address.
 pub async fn spawn(args: &[&str]) -> Proc {
+    spawn_with(args, &[]).await
+}
+
+/// [`spawn`] with extra environment variables.
+pub async fn spawn_with(args: &[&str], env: &[(&str, &str)]) -> Proc {
     let mut child = Command::new(env!("CARGO_BIN_EXE_ferroserve"))
         .args(args)
         .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -52,12 +60,18 @@ pub async fn spawn(args: &[&str]) -> Proc {
     })
     .await
     .expect("process announced its address in time");
-    // Keep draining stdout so the child never writes into a closed pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    // Keep draining stdout so the child never writes into a closed pipe, and keep what it says.
+    let (said, stdout) = tokio::sync::watch::channel(Vec::new());
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            said.send_modify(|lines| lines.push(line));
+        }
+    });
     Proc {
         child,
         url: format!("http://{addr}"),
         addr,
+        stdout,
         logs,
     }
 }
@@ -70,6 +84,37 @@ impl Proc {
             .args([&format!("-{signal}"), &pid.to_string()])
             .status();
         assert!(status.is_ok_and(|s| s.success()), "kill -{signal} {pid}");
+    }
+
+    /// `host:port` of its /metrics listener, from the line it prints after its address (bounded wait).
+    pub async fn metrics_addr(&self) -> String {
+        let mut stdout = self.stdout.clone();
+        let find = |lines: &Vec<String>| {
+            lines.iter().find_map(|l| {
+                l.split("metrics on http://")
+                    .nth(1)
+                    .map(|m| m.trim_end_matches("/metrics").to_string())
+            })
+        };
+        let lines = tokio::time::timeout(WAIT, stdout.wait_for(|lines| find(lines).is_some()))
+            .await
+            .expect("metrics address announced in time")
+            .expect("stdout open");
+        find(&lines).expect("found")
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("running")
+    }
+
+    /// SIGKILL, and waits (bounded) until it is gone.
+    pub async fn kill9(&mut self) {
+        self.child.start_kill().expect("SIGKILL");
+        tokio::time::timeout(WAIT, self.child.wait())
+            .await
+            .expect("killed in time")
+            .expect("wait");
     }
 
     /// Follows its log lines from now on.

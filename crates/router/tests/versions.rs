@@ -655,3 +655,53 @@ async fn each_version_fills_in_its_own_sampling_and_stop_strings() {
     assert_eq!((plain.sampling.as_ref(), plain.stop.len()), (None, 0));
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_own_deadlines_do_not_roll_a_canary_back() {
+    let h = rollout_harness_with(Options {
+        token_delay: Duration::from_millis(10),
+        ..Options::new(limits())
+    })
+    .await;
+    let mut admin = h.admin().await;
+    start_rollout(&mut admin).await;
+    let c = h.client().await;
+    let mut cut_short = 0;
+    for round in 0..2000 {
+        // Each round, a client pinned to the canary sets a deadline its (slow) stream overruns: it ends
+        // with DEADLINE_EXCEEDED, which must not count against the canary.
+        let mut short = prompt_request("alpha", &format!("short-{round}"), "slow", 2);
+        short.get_mut().model = "mock@canary".into();
+        short.set_timeout(Duration::from_millis(120));
+        let mut sc = c.clone();
+        let short = tokio::spawn(async move {
+            let mut stream = sc.generate_stream(short).await?.into_inner();
+            while stream.message().await?.is_some() {}
+            Ok::<(), tonic::Status>(())
+        });
+        let batch: Vec<_> = (0..4)
+            .map(|k| {
+                let mut c = c.clone();
+                tokio::spawn(async move { c.generate(request("alpha", &format!("r-{round}-{k}"), 2)).await })
+            })
+            .collect();
+        for t in batch {
+            t.await.unwrap().expect("unpinned requests succeed");
+        }
+        let status = short.await.unwrap().expect_err("the deadline passes mid-stream");
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+        cut_short += 1;
+        let state = admin
+            .get_rollout(admin_request(pb::GetRolloutRequest::default(), "admin"))
+            .await
+            .unwrap()
+            .into_inner();
+        if state.status != "running" {
+            assert_eq!(state.status, "promoted", "{:?}", state.decisions);
+            assert!(cut_short >= 3, "the canary saw deadline failures: {cut_short}");
+            h.stop().await;
+            return;
+        }
+    }
+    panic!("the rollout did not finish");
+}

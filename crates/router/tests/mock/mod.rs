@@ -34,7 +34,8 @@ pub const MOCK_BASELINE_TOKENS: u64 = 64;
 pub const MOCK_MAX_OUTPUT: u32 = 4;
 
 /// A mock backend: no model. Each generation waits until the test opens `release`, records its request id,
-/// then streams its script (or up to [`MOCK_MAX_OUTPUT`] "x" tokens), `token_delay` apart.
+/// then streams its script (or up to [`MOCK_MAX_OUTPUT`] "x" tokens), `token_delay` apart (ten times
+/// that for the prompt "slow").
 pub struct MockBackend {
     info: ModelInfo,
     location: String,
@@ -71,7 +72,10 @@ impl Backend for MockBackend {
         let started = Arc::clone(&self.started);
         self.received.lock().unwrap().push(request.clone());
         let sent = Arc::clone(&self.sent);
-        let delay = self.token_delay;
+        // A prompt of "slow" takes ten times as long per token (a stream that overruns a deadline the
+        // router's estimate allowed).
+        let slow = matches!(&request.input, ferroserve_core::Input::Prompt(p) if p == "slow");
+        let delay = if slow { self.token_delay * 10 } else { self.token_delay };
         let (logprob, entropy, failing) = (self.logprob, self.entropy, self.failing);
         let texts: Vec<String> = match &self.script {
             Some(s) => s.iter().take(request.max_tokens as usize).cloned().collect(),

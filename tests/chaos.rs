@@ -1,0 +1,732 @@
+//! The chaos suite: faults a production fleet meets, injected into the real binaries on 127.0.0.1 with the
+//! real model. Each case is bounded in time (every wait is), runs alone (they share two cores), and ends by
+//! checking that admission's in-flight count returned to zero, so that a leaked slot fails it.
+//!
+//! | case | expected |
+//! |---|---|
+//! | `kill -9` of a worker under 14 streams | every stream completes (continued on the other worker), none ends with INTERNAL, UNKNOWN, or OK without a completion; a seeded stream is the same stream it would have been |
+//! | SIGSTOP of a worker; a partition (an in-test proxy stops forwarding) | its streams move on; it turns unhealthy; traffic goes elsewhere; it rejoins after SIGCONT / the partition heals |
+//! | a raw HTTP/2 client with a zero window holding every admission slot | the slots come back after the stall timeout; another client is served |
+//! | an engine-thread panic (test-only fault hook) | clear UNAVAILABLE; the engine restarts; repeated panics turn health NOT_SERVING; nothing hangs |
+//! | an embedding-thread panic (test-only fault hook) | counted; fails open or closed as the filter config says |
+//! | SIGTERM under load, worker then router | NOT_SERVING first while the listener still accepts; streams finish, move on, or end with UNAVAILABLE saying how far they got; exit 0 |
+//! | router restart after a kill switch | the version stays disabled |
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferroserve_proto::v1 as pb;
+use ferroserve_proto::v1::admin_client::AdminClient;
+use support::procs::{Proc, spawn, spawn_with, wait_workers_healthy};
+use support::proxy::Proxy;
+use support::*;
+use tokio::sync::watch;
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+
+/// The cases share two cores and real model processes: one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A scratch directory, removed at the end.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("ferroserve-chaos-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+
+    /// Writes `text` to `name` in the directory; returns the path as a string.
+    fn file(&self, name: &str, text: &str) -> String {
+        let path = self.0.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A router that notices faults quickly: heartbeat silence of 2 s ejects a worker, a worker silent on a
+/// request for 10 s loses it, a client that reads nothing for 3 s is given up on.
+fn router_config() -> String {
+    r#"
+[server]
+listen = "127.0.0.1:0"
+metrics_listen = ""
+drain_timeout_secs = 30.0
+[router]
+worker_heartbeat_timeout_secs = 2.0
+worker_stall_timeout_secs = 10.0
+client_stall_timeout_secs = 3.0
+[connections]
+keepalive_interval_secs = 2.0
+keepalive_timeout_secs = 2.0
+"#
+    .to_string()
+}
+
+/// Workers batch at most 4 sequences, so that some requests wait in their queues.
+const WORKER_CONFIG: &str = r#"
+[worker]
+listen = "127.0.0.1:0"
+metrics_listen = ""
+[engine]
+max_batch_seqs = 4
+"#;
+
+async fn start_worker(config: &str, extra: &[&str]) -> Proc {
+    let model = model_path();
+    let args = [
+        &["worker", "--config", config, "--model-path", model.to_str().unwrap()][..],
+        extra,
+    ]
+    .concat();
+    let w = spawn(&args).await;
+    wait_serving(&w.url).await;
+    w
+}
+
+async fn start_router(config: &str, workers: &[&str]) -> Proc {
+    let mut args = vec!["router", "--config", config];
+    for w in workers {
+        args.extend(["--worker", w]);
+    }
+    let r = spawn(&args).await;
+    wait_serving(&r.url).await;
+    wait_workers_healthy(&r.url, workers.len()).await;
+    r
+}
+
+/// A seeded, sampled request that generates exactly `max_tokens` tokens.
+fn seeded(i: usize, max_tokens: u32) -> pb::GenerateRequest {
+    let mut r = chat(&format!("Write a few sentences about the number {i}."), max_tokens);
+    r.sampling = Some(pb::SamplingParams {
+        temperature: 0.8,
+        top_p: Some(0.95),
+        seed: Some(1000 + i as u64),
+        ignore_eos: true,
+        ..Default::default()
+    });
+    r
+}
+
+/// How a stream ended, as the client saw it.
+#[derive(Debug)]
+enum End {
+    Complete(pb::GenerationComplete),
+    Status(tonic::Status),
+    /// OK with no completion: never acceptable.
+    NoCompletion,
+}
+
+/// What a client got from one stream.
+#[derive(Debug)]
+struct Outcome {
+    ids: Vec<u32>,
+    text: String,
+    end: End,
+    took: Duration,
+}
+
+/// Runs one streaming request to its end (bounded), counting its tokens into `tokens`.
+async fn run_stream(url: String, request: pb::GenerateRequest, tokens: Arc<watch::Sender<usize>>) -> Outcome {
+    use pb::generate_stream_response::Event;
+    let started = Instant::now();
+    let mut c = client(&url).await;
+    let mut out = Outcome {
+        ids: Vec::new(),
+        text: String::new(),
+        end: End::NoCompletion,
+        took: Duration::ZERO,
+    };
+    let run = async {
+        let mut stream = match c.generate_stream(request).await {
+            Ok(s) => s.into_inner(),
+            Err(status) => return End::Status(status),
+        };
+        loop {
+            match stream.message().await {
+                Ok(Some(msg)) => match msg.event {
+                    Some(Event::Token(t)) => {
+                        out.ids.extend_from_slice(&t.token_ids);
+                        out.text.push_str(&t.text);
+                        tokens.send_modify(|n| *n += 1);
+                    }
+                    Some(Event::Complete(c)) => return End::Complete(c),
+                    None => {}
+                },
+                Ok(None) => return End::NoCompletion,
+                Err(status) => return End::Status(status),
+            }
+        }
+    };
+    out.end = tokio::time::timeout(WAIT, run).await.expect("the stream ended in time");
+    out.took = started.elapsed();
+    out
+}
+
+/// Starts `requests` as concurrent streams; returns their handles and the running token count.
+fn start_streams(
+    url: &str,
+    requests: Vec<pb::GenerateRequest>,
+) -> (Vec<tokio::task::JoinHandle<Outcome>>, watch::Receiver<usize>) {
+    let tokens = Arc::new(watch::Sender::new(0));
+    let rx = tokens.subscribe();
+    let handles = requests
+        .into_iter()
+        .map(|r| tokio::spawn(run_stream(url.to_string(), r, Arc::clone(&tokens))))
+        .collect();
+    (handles, rx)
+}
+
+async fn outcomes(handles: Vec<tokio::task::JoinHandle<Outcome>>) -> Vec<Outcome> {
+    let mut all = Vec::new();
+    for h in handles {
+        all.push(h.await.expect("stream task"));
+    }
+    all
+}
+
+/// Waits (bounded) until `n` token messages have arrived over all streams.
+async fn until_tokens(tokens: &mut watch::Receiver<usize>, n: usize) {
+    tokio::time::timeout(WAIT, tokens.wait_for(|t| *t >= n))
+        .await
+        .expect("tokens flowed in time")
+        .unwrap();
+}
+
+/// Every stream completed with every token it was asked for, the completion's count matching what the
+/// client received; or ended with UNAVAILABLE. Returns how many completed.
+fn assert_clean(outcomes: &[Outcome], max_tokens: u32) -> usize {
+    let mut completed = 0;
+    for (i, o) in outcomes.iter().enumerate() {
+        match &o.end {
+            End::Complete(c) => {
+                let usage = c.usage.unwrap();
+                assert_eq!(usage.completion_tokens, max_tokens, "stream {i}: {o:?}");
+                assert_eq!(
+                    o.ids.len(),
+                    max_tokens as usize,
+                    "stream {i}: every token reached the client once"
+                );
+                completed += 1;
+            }
+            End::Status(s) => {
+                assert_eq!(s.code(), Code::Unavailable, "stream {i}: {s:?}");
+                assert!(!s.message().contains("127.0.0.1"), "no internal address: {s:?}");
+            }
+            End::NoCompletion => panic!("stream {i} ended OK without a completion: {o:?}"),
+        }
+    }
+    completed
+}
+
+/// Follows the router's worker report (bounded) until `done` holds.
+async fn until_workers(router_url: &str, done: impl Fn(&pb::ListWorkersResponse) -> bool) -> Duration {
+    let started = Instant::now();
+    let mut admin = AdminClient::connect(router_url.to_string()).await.unwrap();
+    let mut reports = admin
+        .watch_workers(pb::ListWorkersRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::time::timeout(WAIT, async {
+        while let Some(r) = reports.message().await.unwrap() {
+            if done(&r) {
+                return;
+            }
+        }
+        panic!("worker report stream ended");
+    })
+    .await
+    .expect("the pool changed in time");
+    started.elapsed()
+}
+
+fn healthy(r: &pb::ListWorkersResponse, address: &str) -> bool {
+    r.workers.iter().any(|w| w.address.contains(address) && w.healthy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_a_worker_under_load_loses_no_stream() {
+    let _one = SERIAL.lock().await;
+    let dir = Scratch::new("kill");
+    let (wcfg, rcfg) = (dir.file("w.toml", WORKER_CONFIG), dir.file("r.toml", &router_config()));
+    let mut w1 = start_worker(&wcfg, &[]).await;
+    let w2 = start_worker(&wcfg, &[]).await;
+    let router = start_router(&rcfg, &[&w1.url, &w2.url]).await;
+
+    // 14 streams over two workers that batch 4 each: some run, some wait in a worker's queue.
+    let max_tokens = 24;
+    let requests: Vec<_> = (0..14).map(|i| seeded(i, max_tokens)).collect();
+    let (handles, mut tokens) = start_streams(&router.url, requests.clone());
+    until_tokens(&mut tokens, 16).await;
+    w1.kill9().await;
+    let killed = Instant::now();
+    let got = outcomes(handles).await;
+    let completed = assert_clean(&got, max_tokens);
+    assert_eq!(completed, 14, "the other worker took over every stream: {got:?}");
+    eprintln!(
+        "kill -9: 14/14 streams completed; the last {:.0} ms after the kill",
+        killed.elapsed().as_secs_f64() * 1e3
+    );
+
+    // Seeded streams are exact: each stream, continued on the other worker or not, is the stream the
+    // same request gives on a healthy worker now.
+    let (again, _) = start_streams(&router.url, requests);
+    for (i, (before, after)) in got.iter().zip(outcomes(again).await).enumerate() {
+        assert!(matches!(after.end, End::Complete(_)), "new requests succeed: {after:?}");
+        assert_eq!(
+            before.ids, after.ids,
+            "stream {i}: {:?} then {:?}",
+            before.text, after.text
+        );
+    }
+    wait_admission_idle(&router.url).await;
+    router.stop().await;
+    w2.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_or_partitioned_worker_is_ejected_and_rejoins() {
+    let _one = SERIAL.lock().await;
+    let dir = Scratch::new("hang");
+    let (wcfg, rcfg) = (dir.file("w.toml", WORKER_CONFIG), dir.file("r.toml", &router_config()));
+    let w1 = start_worker(&wcfg, &[]).await;
+    let w2 = start_worker(&wcfg, &[]).await;
+    // The router reaches w1 through a proxy that can stop forwarding.
+    let proxy = Proxy::start(&w1.addr).await;
+    let via_proxy = format!("http://{}", proxy.addr);
+    let router = start_router(&rcfg, &[&via_proxy, &w2.url]).await;
+    let max_tokens = 32;
+
+    for fault in ["SIGSTOP", "partition"] {
+        let (handles, mut tokens) = start_streams(&router.url, (0..6).map(|i| seeded(i, max_tokens)).collect());
+        until_tokens(&mut tokens, 8).await;
+        let at = Instant::now();
+        match fault {
+            "SIGSTOP" => w1.signal("STOP"),
+            _ => proxy.partition(),
+        }
+        let ejected = until_workers(&router.url, |r| !healthy(r, &proxy.addr)).await;
+        let got = outcomes(handles).await;
+        assert_eq!(
+            assert_clean(&got, max_tokens),
+            6,
+            "{fault}: every stream moved on: {got:?}"
+        );
+        eprintln!(
+            "{fault}: ejected after {:.0} ms; all 6 streams completed within {:.0} ms",
+            ejected.as_secs_f64() * 1e3,
+            at.elapsed().as_secs_f64() * 1e3
+        );
+        // Meanwhile traffic goes to the other worker.
+        let (more, _) = start_streams(&router.url, (6..9).map(|i| seeded(i, 4)).collect());
+        assert_eq!(assert_clean(&outcomes(more).await, 4), 3);
+        match fault {
+            "SIGSTOP" => w1.signal("CONT"),
+            _ => proxy.heal(),
+        }
+        until_workers(&router.url, |r| healthy(r, &proxy.addr) && healthy(r, &w2.addr)).await;
+        wait_admission_idle(&router.url).await;
+    }
+    router.stop().await;
+    w1.stop().await;
+    w2.stop().await;
+}
+
+/// Opens `n` GenerateStream calls on one raw HTTP/2 connection whose stream windows are zero: the client
+/// never accepts a byte of any response body. Returns the connection's handle, to keep it open.
+async fn zero_window_streams(
+    addr: std::net::SocketAddr,
+    n: usize,
+    request: &pb::GenerateRequest,
+) -> Vec<h2::client::ResponseFuture> {
+    use prost::Message;
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (send, connection) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let mut frame = vec![0u8];
+    let body = request.encode_to_vec();
+    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&body);
+    let mut responses = Vec::new();
+    for _ in 0..n {
+        let mut send = send.clone().ready().await.unwrap();
+        let call = http::Request::post(format!("http://{addr}/ferroserve.v1.Inference/GenerateStream"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        let (response, mut stream) = send.send_request(call, false).unwrap();
+        stream.send_data(bytes::Bytes::from(frame.clone()), true).unwrap();
+        responses.push(response);
+    }
+    responses
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_gives_its_slots_back() {
+    let _one = SERIAL.lock().await;
+    let mut file = ferroserve::config::FileConfig::default();
+    file.server.listen = "127.0.0.1:0".into();
+    file.server.metrics_listen = String::new();
+    file.admission.max_in_flight = Some(4);
+    file.router.client_stall_timeout_secs = 1.0;
+    let server = ferroserve::commands::servers::start_serve(file.validate().unwrap(), model_path())
+        .await
+        .unwrap();
+    wait_serving(&server.url()).await;
+
+    // Four streams that will never be read hold every admission slot; each would generate 400 tokens.
+    let mut long = seeded(1, 400);
+    long.max_tokens = 400;
+    let held = zero_window_streams(server.addr, 4, &long).await;
+    let mut admin = AdminClient::connect(server.url()).await.unwrap();
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let limits = admin.get_limits(pb::GetLimitsRequest {}).await.unwrap().into_inner();
+            if limits.server.unwrap_or_default().running == 4 {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the silent client took every slot");
+
+    // Another client is served once the stall timeout gives the slots back, while the silent connection
+    // is still open.
+    let started = Instant::now();
+    let mut c = client(&server.url()).await;
+    let (_, done) = stream_all(&mut c, chat("Say hello.", 4)).await;
+    assert_eq!(done.usage.unwrap().completion_tokens, 4);
+    eprintln!(
+        "zero-window client: another client served after {:.0} ms (stall timeout 1 s)",
+        started.elapsed().as_secs_f64() * 1e3
+    );
+    wait_admission_idle(&server.url()).await;
+    drop(held);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_panic_ends_its_requests_clearly_and_repeated_panics_turn_health_off() {
+    let _one = SERIAL.lock().await;
+    const MARKER: &str = "chaos-engine-panic-marker";
+    let mut settings = settings();
+    settings.engine.test_fault_marker = Some(MARKER.into());
+    let server = ferroserve::commands::servers::start_serve(settings, model_path())
+        .await
+        .unwrap();
+    wait_serving(&server.url()).await;
+    let mut c = client(&server.url()).await;
+    let fine = || chat("What is the capital of France?", 4);
+
+    // A panic ends the request that caused it with UNAVAILABLE; the engine restarts and serves.
+    for _ in 0..3 {
+        let status = c
+            .generate(chat(MARKER, 4))
+            .await
+            .expect_err("the panicking request fails");
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert!(status.message().contains("retry"), "{status:?}");
+        let ok = c.generate(fine()).await.expect("served after a restart").into_inner();
+        assert_eq!(ok.usage.unwrap().completion_tokens, 4);
+    }
+    assert_eq!(health_status(&server.url(), "").await, ServingStatus::Serving as i32);
+
+    // A fourth panic within the minute: the engine is given up on, health says so, requests fail fast.
+    let status = c.generate(chat(MARKER, 4)).await.expect_err("fails");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    let mut watch = health_watch(&server.url()).await;
+    until_not_serving(&mut watch).await;
+    let status = tokio::time::timeout(WAIT, c.generate(fine()))
+        .await
+        .expect("no hang")
+        .expect_err("no engine");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    wait_admission_idle(&server.url()).await;
+    server.shutdown().await.unwrap();
+}
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(path)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embedding_panic_is_counted_and_fails_open_or_closed_as_configured() {
+    let _one = SERIAL.lock().await;
+    const MARKER: &str = "chaos-embed-panic-marker";
+    let dir = Scratch::new("embed");
+    let filters = dir.0.join("filters");
+    std::fs::create_dir_all(&filters).unwrap();
+    let default = std::fs::read_to_string(repo("configs/filters/default.toml")).unwrap();
+    for (name, on_error) in [("open", "allow"), ("closed", "block")] {
+        let text = default
+            .replace("name = \"default\"", &format!("name = \"{name}\""))
+            .replace("on_error = \"allow\"", &format!("on_error = \"{on_error}\""));
+        assert!(text.contains(&format!("on_error = \"{on_error}\"")));
+        std::fs::write(filters.join(format!("{name}.toml")), text).unwrap();
+    }
+    let cfg = dir.file(
+        "serve.toml",
+        &format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n[filter]\ndir = \"{}\"\nactive = \"open\"\nwatch_interval_secs = 0.0\n",
+            filters.display()
+        ),
+    );
+    let model = model_path();
+    let server = spawn_with(
+        &["serve", "--config", &cfg, "--model-path", model.to_str().unwrap()],
+        &[("FERROSERVE_TEST_FAULT", &format!("embed-panic:{MARKER}"))],
+    )
+    .await;
+    wait_serving(&server.url).await;
+    let mut c = client(&server.url).await;
+    let mut admin = AdminClient::connect(server.url.clone()).await.unwrap();
+    let marked = || chat(&format!("Tell me about cats. {MARKER}"), 4);
+    let failures = |listed: &pb::ListFiltersResponse, id: &str| {
+        let f = listed.loaded.iter().find(|f| f.id.starts_with(id)).expect("loaded");
+        (f.failures, f.on_failure.clone())
+    };
+
+    // Fail open: the text could not be embedded, and passes on the rules' verdict.
+    let open = c.generate(marked()).await.unwrap().into_inner();
+    assert_ne!(open.finish_reason, pb::FinishReason::Filtered as i32, "{open:?}");
+    let listed = admin
+        .list_filters(pb::ListFiltersRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let (n, on) = failures(&listed, "open@");
+    assert!(n >= 1 && on == "allow", "{listed:?}");
+
+    // Fail closed: the same text is refused, saying why.
+    admin
+        .swap_filter(pb::SwapFilterRequest { name: "closed".into() })
+        .await
+        .unwrap();
+    let closed = c.generate(marked()).await.unwrap().into_inner();
+    assert_eq!(closed.finish_reason, pb::FinishReason::Filtered as i32, "{closed:?}");
+    assert_eq!(closed.filtered.unwrap().category, "filter_unavailable");
+    let listed = admin
+        .list_filters(pb::ListFiltersRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let (n, on) = failures(&listed, "closed@");
+    assert!(n >= 1 && on == "block", "{listed:?}");
+    // The thread survived: a text without the marker is embedded and judged as usual.
+    let fine = c
+        .generate(chat("What is the capital of France?", 4))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(fine.finish_reason, pb::FinishReason::Filtered as i32);
+
+    let (_, metrics) = http_get(server.metrics_addr().await.parse().unwrap(), "/metrics").await;
+    let panics = sample(&metrics, "ferroserve_embedding_panics_total").unwrap_or(0.0);
+    assert!(panics >= 2.0, "each panic is counted: {panics}");
+    let closed_failures = sample(
+        &metrics,
+        "ferroserve_filter_failures_total{stage=\"semantic\",action=\"block\"}",
+    )
+    .unwrap_or(0.0);
+    assert!(closed_failures >= 1.0, "{closed_failures}");
+    wait_admission_idle(&server.url).await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_a_worker_then_a_router_under_load() {
+    let _one = SERIAL.lock().await;
+    let dir = Scratch::new("drain");
+    let wcfg = dir.file(
+        "w.toml",
+        &format!("{WORKER_CONFIG}[server]\ndrain_prestop_secs = 0.5\ndrain_timeout_secs = 60.0\n"),
+    );
+    let rcfg = dir.file(
+        "r.toml",
+        &router_config().replace(
+            "drain_timeout_secs = 30.0",
+            "drain_timeout_secs = 2.0\ndrain_prestop_secs = 1.0",
+        ),
+    );
+    let w1 = start_worker(&wcfg, &[]).await;
+    let w2 = start_worker(&wcfg, &[]).await;
+    let router = start_router(&rcfg, &[&w1.url, &w2.url]).await;
+
+    // A worker: what runs finishes there, what waits in its queue goes to the other worker.
+    let max_tokens = 24;
+    let (handles, mut tokens) = start_streams(&router.url, (0..12).map(|i| seeded(i, max_tokens)).collect());
+    until_tokens(&mut tokens, 8).await;
+    let mut health = health_watch(&w1.url).await;
+    let mut logs = w1.logs();
+    let sent = Instant::now();
+    w1.signal("TERM");
+    until_not_serving(&mut health).await;
+    let got = outcomes(handles).await;
+    assert_eq!(assert_clean(&got, max_tokens), 12, "{got:?}");
+    let mut w1 = w1;
+    let exit = tokio::time::timeout(WAIT, w1.child.wait())
+        .await
+        .expect("worker exited")
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
+    while let Ok(line) = logs.try_recv() {
+        assert!(
+            !line.contains("drain timeout passed"),
+            "the worker drained before its deadline: {line}"
+        );
+    }
+    eprintln!(
+        "worker SIGTERM under 12 streams: all completed; exit 0 after {:.0} ms",
+        sent.elapsed().as_secs_f64() * 1e3
+    );
+
+    // The router: NOT_SERVING while still accepting, then streams still open at the deadline end with
+    // UNAVAILABLE saying how many tokens they got; exit 0.
+    wait_admission_idle(&router.url).await;
+    let (short, _) = start_streams(&router.url, vec![seeded(20, 8)]);
+    let (long, mut tokens) = start_streams(&router.url, vec![seeded(21, 3000), seeded(22, 3000)]);
+    until_tokens(&mut tokens, 2).await;
+    let mut router = router;
+    let sent = Instant::now();
+    router.signal("TERM");
+    tokio::time::timeout(WAIT, async {
+        // A new connection each time, during the pre-stop delay: accepted, and told NOT_SERVING.
+        while health_status(&router.url, "ferroserve.v1.Inference").await != ServingStatus::NotServing as i32 {}
+    })
+    .await
+    .expect("the router turned NOT_SERVING while accepting");
+    assert!(matches!(outcomes(short).await[0].end, End::Complete(_)));
+    for o in outcomes(long).await {
+        let End::Status(s) = &o.end else {
+            panic!("cut off at the deadline: {o:?}")
+        };
+        assert_eq!(s.code(), Code::Unavailable, "{s:?}");
+        assert!(s.message().contains(&format!("after {} tokens", o.ids.len())), "{s:?}");
+    }
+    let exit = tokio::time::timeout(WAIT, router.child.wait())
+        .await
+        .expect("router exited")
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
+    eprintln!(
+        "router SIGTERM (pre-stop 1 s, drain 2 s): exit 0 after {:.0} ms",
+        sent.elapsed().as_secs_f64() * 1e3
+    );
+    w2.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_switch_survives_a_router_restart() {
+    let _one = SERIAL.lock().await;
+    let dir = Scratch::new("state");
+    let state = dir.0.join("traffic.json");
+    let wcfg = dir.file("w.toml", WORKER_CONFIG);
+    let rcfg = dir.file(
+        "r.toml",
+        &router_config().replace("[router]", &format!("[router]\nstate_file = \"{}\"", state.display())),
+    );
+    let a = start_worker(&wcfg, &["--model-version", "a"]).await;
+    let b = start_worker(&wcfg, &["--model-version", "b"]).await;
+    let router = start_router(&rcfg, &[&a.url, &b.url]).await;
+    let mut admin = AdminClient::connect(router.url.clone()).await.unwrap();
+    let model = "smollm2-135m-instruct".to_string();
+    admin
+        .set_traffic(pb::SetTrafficRequest {
+            model: model.clone(),
+            weights: [("a".to_string(), 50), ("b".to_string(), 50)].into(),
+            reason: "chaos".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    admin
+        .disable_version(pb::VersionRequest {
+            model: model.clone(),
+            version: "b".into(),
+            reason: "bad canary".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    router.stop().await;
+
+    let router = start_router(&rcfg, &[&a.url, &b.url]).await;
+    let mut admin = AdminClient::connect(router.url.clone()).await.unwrap();
+    let traffic = admin
+        .get_traffic(pb::GetTrafficRequest { model: model.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    let b_state = traffic.versions.iter().find(|v| v.version == "b").expect("b listed");
+    assert!(b_state.disabled, "{traffic:?}");
+    assert_eq!(traffic.history.len(), 2, "the history came back too: {traffic:?}");
+    let mut c = client(&router.url).await;
+    for i in 0..4 {
+        let mut r = chat("Say hi.", 2);
+        r.session = format!("user-{i}");
+        let done = c.generate(r).await.unwrap().into_inner();
+        assert_eq!(
+            done.model_version,
+            format!("{model}@a"),
+            "no traffic to the disabled version"
+        );
+    }
+    wait_admission_idle(&router.url).await;
+    router.stop().await;
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_restarted_with_another_version_replaces_its_pool_member() {
+    let _one = SERIAL.lock().await;
+    let dir = Scratch::new("restart");
+    let (wcfg, rcfg) = (dir.file("w.toml", WORKER_CONFIG), dir.file("r.toml", &router_config()));
+    let mut w = start_worker(&wcfg, &["--model-version", "a"]).await;
+    let router = start_router(&rcfg, &[&w.url]).await;
+    let mut c = client(&router.url).await;
+    let done = c.generate(chat("Say hi.", 2)).await.unwrap().into_inner();
+    assert_eq!(done.model_version, "smollm2-135m-instruct@a");
+
+    // The same address comes back serving version b: the router asks who it is and believes the answer.
+    let addr = w.addr.clone();
+    w.kill9().await;
+    let w = start_worker(&wcfg, &["--listen", &addr, "--model-version", "b"]).await;
+    until_workers(&router.url, |r| {
+        r.workers
+            .iter()
+            .any(|w| w.healthy && w.models.iter().any(|m| m.version == "b"))
+    })
+    .await;
+    let listed = AdminClient::connect(router.url.clone())
+        .await
+        .unwrap()
+        .list_workers(pb::ListWorkersRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.workers.len(), 1, "replaced, not added: {listed:?}");
+    let done = c.generate(chat("Say hi.", 2)).await.unwrap().into_inner();
+    assert_eq!(done.model_version, "smollm2-135m-instruct@b");
+    wait_admission_idle(&router.url).await;
+    router.stop().await;
+    w.stop().await;
+}
