@@ -8,7 +8,7 @@ use std::path::Path;
 use ferroserve_net::ClientTlsFiles;
 use ferroserve_proto::worker::DescribeRequest;
 use ferroserve_proto::worker::worker_client::WorkerClient;
-use support::certs::Pki;
+use support::certs::{Pki, https_get};
 use support::procs::{run_to_end, spawn, wait_log, wait_workers_healthy};
 use support::*;
 use tonic::transport::Channel;
@@ -31,6 +31,20 @@ async fn tls_channel(url: &str, ca: &Path, client: Option<&Pki>) -> Result<Chann
         .connect()
         .await
         .map_err(|e| format!("{e:?}"))
+}
+
+/// A plaintext HTTP/1.1 GET of /metrics: the first line of the answer, if any came.
+async fn plain_http_answers(addr: std::net::SocketAddr) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+    tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .ok()?;
+    let mut raw = Vec::new();
+    let _ = tokio::time::timeout(WAIT, tcp.read_to_end(&mut raw)).await;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    text.starts_with("HTTP/")
+        .then(|| text.lines().next().unwrap_or_default().to_string())
 }
 
 /// One health check over a fresh TLS connection trusting `ca`: SERVING, or why not.
@@ -63,7 +77,7 @@ async fn serve_speaks_tls_and_a_sighup_swaps_the_certificate_without_a_restart()
         "--listen",
         "127.0.0.1:0",
         "--metrics-listen",
-        "",
+        "127.0.0.1:0",
         "--model-path",
         model.to_str().unwrap(),
         "--tls-cert",
@@ -97,6 +111,36 @@ async fn serve_speaks_tls_and_a_sighup_swaps_the_certificate_without_a_restart()
     assert!(
         !stdout.is_empty() && stderr.contains("3 completion tokens"),
         "{stdout} {stderr}"
+    );
+    // The load tester speaks TLS too.
+    let grpcs = format!("grpcs://{}", serve.addr);
+    let (status, _, stderr) = run_to_end(&[
+        "bench",
+        "--target",
+        &grpcs,
+        "--tls-ca",
+        first.ca.to_str().unwrap(),
+        "--concurrency",
+        "1",
+        "--requests",
+        "2",
+        "--warmup",
+        "1",
+        "--max-tokens",
+        "2",
+        "--quiet",
+    ])
+    .await;
+    assert!(status.success(), "bench over grpcs://: {stderr}");
+    // /metrics is served over TLS with the same certificate; plaintext gets no answer there either.
+    let metrics: std::net::SocketAddr = serve.metrics_addr().await.parse().unwrap();
+    let (code, body) = https_get(metrics, &first.ca, "/metrics")
+        .await
+        .expect("metrics over TLS");
+    assert!(code == 200 && body.contains("ferroserve_"), "{code} {body}");
+    assert!(
+        plain_http_answers(metrics).await.is_none(),
+        "plaintext /metrics on a TLS listener"
     );
     // Plaintext gets no service, and a client trusting another CA is refused.
     let mut plain = InferenceClient::new(Channel::from_shared(serve.url.clone()).unwrap().connect_lazy());
@@ -160,19 +204,17 @@ async fn a_router_reaches_its_worker_over_mtls_with_the_internal_token() {
     .unwrap();
     let model = model_path();
     let loopback = ["--listen", "127.0.0.1:0", "--metrics-listen", ""];
-    let worker = spawn(
-        &[
-            &[
-                "worker",
-                "--config",
-                worker_cfg.to_str().unwrap(),
-                "--model-path",
-                model.to_str().unwrap(),
-            ][..],
-            &loopback,
-        ]
-        .concat(),
-    )
+    let worker = spawn(&[
+        "worker",
+        "--config",
+        worker_cfg.to_str().unwrap(),
+        "--model-path",
+        model.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ])
     .await;
     let worker_url = format!("https://{}", worker.addr);
     let router = spawn(
@@ -194,6 +236,13 @@ async fn a_router_reaches_its_worker_over_mtls_with_the_internal_token() {
     let mut c = client(&router.url).await;
     let (_, done) = stream_all(&mut c, chat("Say hi.", 4)).await;
     assert_eq!(done.usage.unwrap().completion_tokens, 4);
+    // The worker's /metrics speaks TLS with its certificate (no client certificate asked of scrapers).
+    let metrics: std::net::SocketAddr = worker.metrics_addr().await.parse().unwrap();
+    let (code, body) = https_get(metrics, &pki.ca, "/metrics")
+        .await
+        .expect("worker metrics over TLS");
+    assert!(code == 200 && body.contains("ferroserve_"), "{code} {body}");
+    assert!(plain_http_answers(metrics).await.is_none(), "plaintext worker /metrics");
 
     // Callers other than the router: no client certificate, or one from another CA, get no connection;
     // the right certificate without the token is unauthenticated.

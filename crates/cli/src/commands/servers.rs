@@ -376,7 +376,20 @@ pub async fn start_worker(settings: Settings, model_path: PathBuf) -> anyhow::Re
     let listener = bind(settings.worker_listen, "worker").await?;
     let addr = listener.local_addr()?;
     let (stop, stopped) = Stop::new();
-    let metrics_addr = metrics(settings.worker_metrics_listen, None, settings.connections, &stopped).await?;
+    // The worker's /metrics speaks TLS with the worker's certificate when the worker does, without asking
+    // for a client certificate: Prometheus scrapes it, and who may reach it is the network's decision.
+    let metrics_files = settings
+        .worker_tls
+        .clone()
+        .map(|f| ferroserve_net::TlsFiles { client_ca: None, ..f });
+    let metrics_tls = load_tls(&metrics_files, &[ALPN_HTTP1], "worker.tls_cert")?;
+    let metrics_addr = metrics(
+        settings.worker_metrics_listen,
+        metrics_tls.clone(),
+        settings.connections,
+        &stopped,
+    )
+    .await?;
     let slot = BackendSlot::new();
     let (loaded, ready) = tokio::sync::oneshot::channel::<()>();
     if settings.worker_token.is_none() && tls.as_ref().is_none_or(|t| t.files().client_ca.is_none()) {
@@ -384,7 +397,12 @@ pub async fn start_worker(settings: Settings, model_path: PathBuf) -> anyhow::Re
     }
     Hangup {
         live: None,
-        certs: tls.clone().map(|t| ("worker", t)).into_iter().collect(),
+        certs: tls
+            .clone()
+            .map(|t| ("worker", t))
+            .into_iter()
+            .chain(metrics_tls.map(|t| ("worker-metrics", t)))
+            .collect(),
     }
     .spawn(stopped.wait());
     let config = WorkerServerConfig {
