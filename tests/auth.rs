@@ -4,6 +4,7 @@ mod support;
 
 use ferroserve::config::{FileConfig, KeySection};
 use ferroserve_admission::sha256_hex;
+use ferroserve_proto::v1 as pb;
 use ferroserve_proto::v1::ListWorkersRequest;
 use ferroserve_proto::v1::admin_client::AdminClient;
 use support::*;
@@ -45,6 +46,18 @@ async fn keys_open_the_data_plane_and_only_the_admin_credential_opens_admin() {
     );
     let status = c.generate(with_key(chat("Hi", 2), Some("wrong"))).await.unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated);
+    // The key is checked before the body is read: an oversized body from a stranger is refused as
+    // unauthenticated, while the same body from a tenant meets the size limit.
+    let huge = pb::GenerateRequest {
+        prompt: "x".repeat(2 << 20),
+        max_tokens: 1,
+        ..Default::default()
+    };
+    let status = c.generate(with_key(huge.clone(), None)).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    let status = c.generate(with_key(huge, Some("test-key-alpha"))).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("max_request_bytes"), "{status:?}");
     let status = c
         .generate_stream(with_key(chat("Hi", 2), Some("test-admin")))
         .await
@@ -297,5 +310,65 @@ async fn the_worker_contract_needs_the_internal_token_on_every_rpc() {
         }
     }
     assert!(checked >= 18, "{checked} cells");
+
+    // A caller with the token still meets the field limits: the worker checks them again itself.
+    use ferroserve_proto::worker as wpb;
+    let mut w = wpb::worker_client::WorkerClient::new(channel.clone());
+    let with_token = |r: wpb::WorkRequest| {
+        let mut r = tonic::Request::new(r);
+        r.metadata_mut()
+            .insert("authorization", "Bearer internal-token".parse().unwrap());
+        r
+    };
+    let base = wpb::WorkRequest {
+        request_id: "ok-1".into(),
+        input: Some(wpb::work_request::Input::Prompt("Hi".into())),
+        max_tokens: 2,
+        sampling: Some(wpb::Sampling {
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let cases = [
+        (
+            wpb::WorkRequest {
+                request_id: "forged\nlog line".into(),
+                ..base.clone()
+            },
+            "request_id",
+        ),
+        (
+            wpb::WorkRequest {
+                input: Some(wpb::work_request::Input::Prompt("x".repeat(300_000))),
+                ..base.clone()
+            },
+            "prompt",
+        ),
+        (
+            wpb::WorkRequest {
+                stop: vec!["s".into(); 100],
+                ..base.clone()
+            },
+            "stop",
+        ),
+        (
+            wpb::WorkRequest {
+                continuation: vec![1; 3],
+                ..base.clone()
+            },
+            "continuation",
+        ),
+    ];
+    for (request, field) in cases {
+        let status = w.generate(with_token(request)).await.expect_err("refused");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains(field), "names {field}: {status:?}");
+    }
+    assert!(
+        w.generate(with_token(base)).await.is_ok(),
+        "a well-formed request is served"
+    );
     worker.shutdown().await.unwrap();
 }
