@@ -730,3 +730,49 @@ async fn a_worker_restarted_with_another_version_replaces_its_pool_member() {
     router.stop().await;
     w.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_engine_queue_bound_counts_every_waiting_request_and_overload_is_refused_at_once() {
+    let _one = SERIAL.lock().await;
+    let mut file = ferroserve::config::FileConfig::default();
+    file.server.listen = "127.0.0.1:0".into();
+    file.server.metrics_listen = String::new();
+    // One sequence at a time and room for two waiting; admission lets eight through to the engine.
+    file.engine.max_batch_seqs = 1;
+    file.engine.queue_capacity = 2;
+    file.admission.max_in_flight = Some(8);
+    let server = ferroserve::commands::servers::start_serve(file.validate().unwrap(), model_path())
+        .await
+        .unwrap();
+    wait_serving(&server.url()).await;
+    let backend = server.backend.get().expect("the engine is loaded");
+    let mut stats = backend.watch_stats();
+    let most_waiting = tokio::spawn(async move {
+        use futures::StreamExt;
+        let mut most = 0;
+        while let Some(s) = stats.next().await {
+            most = most.max(s.waiting);
+            if s.completed >= 3 && s.running == 0 && s.waiting == 0 {
+                break;
+            }
+        }
+        most
+    });
+    let (handles, _) = start_streams(&server.url(), (0..8).map(|i| seeded(i, 48)).collect());
+    let got = outcomes(handles).await;
+    let completed = assert_clean(&got, 48);
+    let refused: Vec<_> = got
+        .iter()
+        .filter_map(|o| match &o.end {
+            End::Status(s) => Some(s.message().to_string()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(completed, 3, "one running and two waiting were taken: {got:?}");
+    assert_eq!(refused.len(), 5, "{got:?}");
+    assert!(refused.iter().all(|m| m.contains("queue is full")), "{refused:?}");
+    let most = tokio::time::timeout(WAIT, most_waiting).await.unwrap().unwrap();
+    assert!(most <= 2, "at most queue_capacity requests ever waited: {most}");
+    wait_admission_idle(&server.url()).await;
+    server.shutdown().await.unwrap();
+}

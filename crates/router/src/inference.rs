@@ -276,8 +276,13 @@ impl InferenceService {
         let request_id = valid.request_id.clone();
         let mut guard = OutputGuard::new(Arc::clone(&self.filters), self.filters.selection(), &request_id);
         let mut tried = Vec::new();
+        let mut refused = None;
         loop {
-            let lease = self.pool.pick(&selector, &tried)?;
+            let lease = match self.pool.pick(&selector, &tried) {
+                Ok(lease) => lease,
+                // Every worker refused it: the last refusal says why (a full queue, a drain).
+                Err(e) => return Err(refused.map_or(e, RouterError::from)),
+            };
             let backend = Arc::clone(lease.backend());
             // The serving version completes what the client left open: sampling and stop strings.
             let request = backend.model().defaults.apply(valid, checked.sampling_given);
@@ -312,6 +317,7 @@ impl InferenceService {
                 {
                     tracing::warn!(request_id = %request_id, worker = backend.location(), error = %e, "worker refused; trying another");
                     tried.push(backend.location().to_string());
+                    refused = Some(e);
                 }
                 Err(e) => return Err(e.into()),
             }
