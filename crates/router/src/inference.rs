@@ -13,8 +13,6 @@ use ferroserve_filter::{Action, FilterHub, OutputGuard, Stage};
 use ferroserve_proto::v1 as pb;
 use ferroserve_proto::v1::inference_server::Inference;
 use futures::{Stream, StreamExt};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::live::Live;
@@ -370,11 +368,11 @@ impl Inference for InferenceService {
             }
             Start::Dispatched(d) => d,
         };
-        // Tokens go out as soon as they arrive. The task ends when the stream completes, the client leaves
-        // (`tx.closed()`) or the deadline passes; ending drops the worker stream, which cancels generation.
-        let (tx, rx) = mpsc::channel(32);
-        tokio::spawn(crate::stream::forward(Relay::new(*d), tx, self.client_stall));
-        Ok(Response::new(ReceiverStream::new(rx).boxed()))
+        // Tokens go out as soon as they arrive (see `stream.rs`): one message per token, a flush of held
+        // text and the end bound what may wait for the client.
+        let max_messages = d.handoff.request.max_tokens as usize + 2;
+        let out = crate::stream::relay_to_client(Relay::new(*d), max_messages, self.client_stall);
+        Ok(Response::new(out.boxed()))
     }
 
     async fn list_models(&self, _: Request<pb::ListModelsRequest>) -> Result<Response<pb::ListModelsResponse>, Status> {

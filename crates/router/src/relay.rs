@@ -351,7 +351,7 @@ impl Relay {
     }
 
     /// The client left or could not be written to: counts it and settles the reservation.
-    pub(crate) fn abandon(&mut self, status: Status) {
+    fn abandon(&mut self, status: Status) {
         if !self.finished {
             tracing::info!(request_id = %self.d.request_id, "client disconnected; cancelling");
             // The client's leaving says nothing about the version: not a sample.
@@ -441,6 +441,15 @@ impl Relay {
         }
         self.settle(None);
         Relayed::Done(Err(status))
+    }
+}
+
+/// A relay dropped before its end (the client left, a unary call was cancelled, the writer gave up on a
+/// stalled client) settles the request for what it used and records the outcome; dropping its worker
+/// stream cancels the generation.
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.abandon(Status::cancelled("client disconnected"));
     }
 }
 
