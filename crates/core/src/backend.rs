@@ -79,6 +79,8 @@ pub struct WorkerStats {
     pub running: u32,
     /// Tokens generated.
     pub generated_tokens: u64,
+    /// Shutting down: nothing new goes there; what runs finishes.
+    pub draining: bool,
 }
 
 /// Why a backend could not serve a request. The router maps each kind to one gRPC status.

@@ -152,6 +152,8 @@ impl EngineHandle {
     pub fn start_draining(&self) {
         // An idle engine thread holds nothing to hand back; a busy one checks the flag every step.
         self.shared.draining.store(true, Ordering::Relaxed);
+        // Routers following the counters stop picking this worker.
+        self.shared.update(|s| s.draining = true);
     }
 
     /// False once the engine thread has failed for good.
@@ -246,6 +248,15 @@ fn prompt_ids(text: &TextCodec, info: &ModelInfo, request: &ValidRequest) -> Res
         return Err(BackendError::InvalidRequest {
             field: "prompt".into(),
             message: "the input encodes to zero tokens; send some text".into(),
+        });
+    }
+    // A continuation comes from another worker's stream; an id outside the vocabulary would index past the
+    // embedding table.
+    let vocab = text.tokenizer.vocab_size();
+    if let Some(bad) = request.continuation.iter().find(|&&id| id as usize >= vocab) {
+        return Err(BackendError::InvalidRequest {
+            field: "continuation".into(),
+            message: format!("token id {bad} is outside the vocabulary of {vocab} tokens"),
         });
     }
     let context = info.context_length as usize;

@@ -102,8 +102,10 @@ struct Seq {
     stops: StopMatcher,
     /// Token ids to text, one whole character at a time.
     detok: IncrementalDecoder,
-    /// Tokens generated so far.
+    /// Tokens generated so far, the continuation's included (usage counts them all).
     generated: u32,
+    /// Of those, the continuation's: generated elsewhere, so not counted again in this worker's totals.
+    resumed: u32,
     /// Arrival to admission.
     queue_ms: f64,
     /// Arrival to first token.
@@ -114,14 +116,20 @@ impl Seq {
     /// Brings the decoder, the stop matcher and the sampler to where the failed worker left them, from
     /// the continuation alone: each is deterministic in the tokens it saw. The text it would release was
     /// streamed already, so it is dropped; a partial stop string stays held, as it was there.
-    fn resume(&mut self, text: &TextCodec) -> Result<(), ModelError> {
+    ///
+    /// Returns how the request ends already, if it does: the continuation may hold its last token or
+    /// complete a stop string (the worker failed before it sent the completion). An end-of-sequence token
+    /// is never streamed, so it cannot be in a continuation.
+    fn resume(&mut self, text: &TextCodec) -> Result<Option<FinishReason>, ModelError> {
         let continuation = self.job.prompt[self.job.prompt_len..].to_vec();
         for id in continuation {
             let piece = self.detok.push(&text.tokenizer, id)?;
-            self.stops.push(&piece);
             self.sampler.skip_draw();
+            if self.stops.push(&piece).stopped {
+                return Ok(Some(FinishReason::Stop));
+            }
         }
-        Ok(())
+        Ok((self.generated >= self.job.request.max_tokens).then_some(FinishReason::Length))
     }
 
     fn view(&self) -> SeqView {
@@ -236,6 +244,7 @@ impl EngineLoop {
                         prefilled: 0,
                         next: [0],
                         generated: resumed as u32,
+                        resumed: resumed as u32,
                         queue_ms,
                         ttft_ms: 0.0,
                     };
@@ -244,15 +253,15 @@ impl EngineLoop {
                             self.fail(&seq.job, &e);
                             self.shared.update(|s| s.running -= 1);
                         }
-                        Ok(()) if seq.generated >= seq.job.request.max_tokens => {
-                            // Migrated after its last token: nothing is left but the completion.
-                            self.complete(&mut seq, FinishReason::Length);
+                        Ok(Some(finish)) => {
+                            // It ended on the worker that failed, before the completion went out.
+                            self.complete(&mut seq, finish);
                             self.shared.update(|s| {
                                 s.running -= 1;
                                 s.completed += 1;
                             });
                         }
-                        Ok(()) => running.push(seq),
+                        Ok(None) => running.push(seq),
                     }
                 }
                 Err(e) => {
@@ -377,8 +386,9 @@ impl EngineLoop {
             tracing::info!(request_id = %request.request_id, generated = seq.generated, "client gone; generation cancelled");
             m.cancelled.increment(1);
             m.finished(FinishReason::Cancelled);
-            m.generation_tokens_total.increment(u64::from(seq.generated));
-            return Ok(Some(Outcome::Cancelled(seq.generated)));
+            m.generation_tokens_total
+                .increment(u64::from(seq.generated - seq.resumed));
+            return Ok(Some(Outcome::Cancelled(seq.generated - seq.resumed)));
         }
         if check.stopped {
             return Ok(Some(self.complete(seq, FinishReason::Stop)));
@@ -415,7 +425,8 @@ impl EngineLoop {
             },
         };
         m.prompt_tokens_total.increment(u64::from(prompt_tokens));
-        m.generation_tokens_total.increment(u64::from(seq.generated));
+        m.generation_tokens_total
+            .increment(u64::from(seq.generated - seq.resumed));
         m.request_prompt_tokens.record(f64::from(prompt_tokens));
         m.request_generation_tokens.record(f64::from(seq.generated));
         m.finished(finish);
@@ -423,7 +434,7 @@ impl EngineLoop {
         m.drift_score.set(score);
         tracing::debug!(request_id = %request.request_id, generated = seq.generated, finish = finish.as_str(), "request complete");
         let _ = events.try_send(Ok(Event::Complete(completion)));
-        Outcome::Completed(seq.generated)
+        Outcome::Completed(seq.generated - seq.resumed)
     }
 
     /// Tells the client its request failed.

@@ -326,11 +326,15 @@ impl Pool {
         let n = serving.len();
         let best = (0..n)
             .map(|i| &serving[(start + i) % n])
-            .filter(|m| m.healthy.load(Ordering::Relaxed) && !tried.iter().any(|t| t == m.backend.location()))
+            .filter(|m| {
+                m.healthy.load(Ordering::Relaxed)
+                    && !m.stats.lock().expect("stats lock").draining
+                    && !tried.iter().any(|t| t == m.backend.location())
+            })
             .min_by_key(|m| m.in_flight.load(Ordering::Relaxed))
             .ok_or_else(|| RouterError::NoWorker {
                 model: label,
-                reason: format!("all {n} workers serving it are unhealthy or refused the request"),
+                reason: format!("all {n} workers serving it are unhealthy, draining or refused the request"),
             })?;
         best.in_flight.fetch_add(1, Ordering::Relaxed);
         Ok(Lease {

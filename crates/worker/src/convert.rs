@@ -208,6 +208,7 @@ pub(crate) fn stats_to_wire(s: WorkerStats) -> pb::WorkerStats {
         waiting: s.waiting,
         running: s.running,
         generated_tokens: s.generated_tokens,
+        draining: s.draining,
     }
 }
 
@@ -219,6 +220,7 @@ pub(crate) fn stats_from_wire(s: pb::WorkerStats) -> WorkerStats {
         waiting: s.waiting,
         running: s.running,
         generated_tokens: s.generated_tokens,
+        draining: s.draining,
     }
 }
 

@@ -18,7 +18,7 @@ use ferroserve_proto::worker as pb;
 use ferroserve_proto::worker::worker_server::{Worker, WorkerServer};
 use futures::{Stream, StreamExt};
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
@@ -66,6 +66,25 @@ struct WorkerService {
     limits: RequestLimits,
     /// The server's shutdown: at its deadline, streams still open end with UNAVAILABLE.
     drain: DrainWatch,
+    /// `Generate` response streams not yet finished: a draining worker ends its stats streams only once
+    /// every completion is out, so that the router never takes the end for a failure of a finished request.
+    open: Arc<watch::Sender<usize>>,
+}
+
+/// Counts one open `Generate` stream while it lives.
+struct OpenStream(Arc<watch::Sender<usize>>);
+
+impl OpenStream {
+    fn new(open: &Arc<watch::Sender<usize>>) -> OpenStream {
+        open.send_modify(|n| *n += 1);
+        OpenStream(Arc::clone(open))
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
 }
 
 type BoxStream<T> = std::pin::Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -113,7 +132,13 @@ impl Worker for WorkerService {
             }
             tracing::debug!(request_id = %id, "router left; dropping the generation");
         });
-        Ok(Response::new(ReceiverStream::new(rx).boxed()))
+        // Counted open until the response stream is dropped: after its last message, or when cancelled.
+        let open = OpenStream::new(&self.open);
+        let stream = ReceiverStream::new(rx).map(move |m| {
+            let _counted = &open;
+            m
+        });
+        Ok(Response::new(stream.boxed()))
     }
 
     async fn describe(&self, _: Request<pb::DescribeRequest>) -> Result<Response<pb::DescribeResponse>, Status> {
@@ -146,13 +171,14 @@ impl Worker for WorkerService {
             }?;
             Some((next, (stats, Some(next))))
         });
-        // Once the worker drains and holds no request, the stream ends: the router stops counting on it,
-        // and the drain need not wait for this stream.
-        let drain = self.drain.clone();
-        let beats = beats.take_while(move |s| {
-            let drained = drain.phase() >= Phase::Draining && s.running == 0 && s.waiting == 0;
-            futures::future::ready(!drained)
-        });
+        // Once the worker drains and every Generate stream has sent its last message, the stream ends: the
+        // router stops counting on the worker, and the drain need not wait for this stream.
+        let (drain, mut open) = (self.drain.clone(), self.open.subscribe());
+        let drained = async move {
+            drain.reached(Phase::Draining).await;
+            let _ = open.wait_for(|n| *n == 0).await;
+        };
+        let beats = beats.take_until(drained);
         Ok(Response::new(beats.map(|s| Ok(stats_to_wire(s))).boxed()))
     }
 }
@@ -189,6 +215,7 @@ pub async fn serve(
         backend: backend.clone(),
         limits: config.limits,
         drain: drain.watch(),
+        open: Arc::new(watch::Sender::new(0)),
     })
     .max_decoding_message_size(config.limits.max_request_bytes);
     let service = InterceptedService::new(service, token_check(config.token));
