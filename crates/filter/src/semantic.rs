@@ -7,8 +7,9 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use ferroserve_model::embed::{Embedder, cosine};
 
@@ -18,6 +19,9 @@ use crate::verdict::{Action, Verdict};
 
 /// Texts one forward pass embeds at most.
 const MAX_BATCH: usize = 32;
+/// A text the embedding thread has not answered within this long gets the filter's `on_error` (a wedged
+/// thread must not hang requests).
+const EMBED_TIMEOUT: Duration = Duration::from_secs(10);
 /// Texts waiting for the embedding thread before callers block on sending.
 const QUEUE: usize = 256;
 
@@ -97,7 +101,14 @@ impl EmbedService {
                 reply,
             })
             .map_err(|_| "the embedding thread has stopped".to_string())?;
-        rx.recv().map_err(|_| "the embedding thread has stopped".to_string())?
+        match rx.recv_timeout(EMBED_TIMEOUT) {
+            Ok(result) => result,
+            Err(RecvTimeoutError::Timeout) => Err(format!(
+                "the embedding thread gave no answer within {} s",
+                EMBED_TIMEOUT.as_secs()
+            )),
+            Err(RecvTimeoutError::Disconnected) => Err("the embedding thread has stopped".to_string()),
+        }
     }
 
     /// Embeddings of many texts (exemplars at compile time).

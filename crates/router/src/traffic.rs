@@ -141,15 +141,20 @@ impl Traffic {
         }
     }
 
-    /// Writes the state next to its file and renames it over, so that a crash leaves the old or the new.
+    /// Writes the state next to its file, flushes it to disk, and renames it over, so that a crash or a
+    /// power loss leaves the old state or the new, never an empty file.
     fn save(&self, state: &State) {
+        use std::io::Write;
         let Some(path) = &self.store else { return };
         let partial = path.with_extension("partial");
-        let written = serde_json::to_vec_pretty(state)
-            .map_err(|e| e.to_string())
-            .and_then(|bytes| std::fs::write(&partial, bytes).map_err(|e| e.to_string()))
-            .and_then(|()| std::fs::rename(&partial, path).map_err(|e| e.to_string()));
-        if let Err(e) = written {
+        let write = || -> std::io::Result<()> {
+            let bytes = serde_json::to_vec_pretty(state)?;
+            let mut file = std::fs::File::create(&partial)?;
+            file.write_all(&bytes)?;
+            file.sync_all()?;
+            std::fs::rename(&partial, path)
+        };
+        if let Err(e) = write() {
             tracing::error!(path = %path.display(), error = %e, "the traffic policy could not be saved; a restart would lose this change");
         }
     }
