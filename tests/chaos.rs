@@ -6,7 +6,7 @@
 //! |---|---|
 //! | `kill -9` of a worker under 14 streams | every stream completes (continued on the other worker), none ends with INTERNAL, UNKNOWN, or OK without a completion; a seeded stream is the same stream it would have been |
 //! | SIGSTOP of a worker; a partition (an in-test proxy stops forwarding) | its streams move on; it turns unhealthy; traffic goes elsewhere; it rejoins after SIGCONT / the partition heals |
-//! | a raw HTTP/2 client with a zero window holding every admission slot | the slots come back after the stall timeout; another client is served |
+//! | a raw HTTP/2 client with a 16-byte window holding every admission slot | the slots come back after the stall timeout; another client is served; reading at last, the client gets what was sent, then UNAVAILABLE saying why |
 //! | an engine-thread panic (test-only fault hook) | clear UNAVAILABLE; the engine restarts; repeated panics turn health NOT_SERVING; nothing hangs |
 //! | an embedding-thread panic (test-only fault hook) | counted; fails open or closed as the filter config says |
 //! | SIGTERM under load, worker then router | NOT_SERVING first while the listener still accepts; streams finish, move on, or end with UNAVAILABLE saying how far they got; exit 0 |
@@ -344,9 +344,10 @@ async fn a_stopped_or_partitioned_worker_is_ejected_and_rejoins() {
     w2.stop().await;
 }
 
-/// Opens `n` GenerateStream calls on one raw HTTP/2 connection whose stream windows are zero: the client
-/// never accepts a byte of any response body. Returns the connection's handle, to keep it open.
-async fn zero_window_streams(
+/// Opens `n` GenerateStream calls on one raw HTTP/2 connection whose stream windows are 16 bytes: the
+/// server can send a fraction of one message, and then nothing until the client reads. Returns the
+/// responses, to read later.
+async fn small_window_streams(
     addr: std::net::SocketAddr,
     n: usize,
     request: &pb::GenerateRequest,
@@ -354,7 +355,7 @@ async fn zero_window_streams(
     use prost::Message;
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (send, connection) = h2::client::Builder::new()
-        .initial_window_size(0)
+        .initial_window_size(16)
         .handshake::<_, bytes::Bytes>(tcp)
         .await
         .unwrap();
@@ -391,10 +392,10 @@ async fn a_client_that_stops_reading_gives_its_slots_back() {
         .unwrap();
     wait_serving(&server.url()).await;
 
-    // Four streams that will never be read hold every admission slot; each would generate 400 tokens.
+    // Four streams that are not read hold every admission slot; each would generate 400 tokens.
     let mut long = seeded(1, 400);
     long.max_tokens = 400;
-    let held = zero_window_streams(server.addr, 4, &long).await;
+    let held = small_window_streams(server.addr, 4, &long).await;
     let mut admin = AdminClient::connect(server.url()).await.unwrap();
     tokio::time::timeout(WAIT, async {
         loop {
@@ -415,11 +416,40 @@ async fn a_client_that_stops_reading_gives_its_slots_back() {
     let (_, done) = stream_all(&mut c, chat("Say hello.", 4)).await;
     assert_eq!(done.usage.unwrap().completion_tokens, 4);
     eprintln!(
-        "zero-window client: another client served after {:.0} ms (stall timeout 1 s)",
+        "small-window client: another client served after {:.0} ms (stall timeout 1 s)",
         started.elapsed().as_secs_f64() * 1e3
     );
     wait_admission_idle(&server.url()).await;
-    drop(held);
+
+    // When the silent client reads at last, it gets what had been sent, then a status saying why the
+    // stream ended: not an OK that would pass for a finished stream.
+    let mut response = tokio::time::timeout(WAIT, held.into_iter().next().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    let body = response.body_mut();
+    let mut received = 0;
+    tokio::time::timeout(WAIT, async {
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.unwrap();
+            received += chunk.len();
+            body.flow_control().release_capacity(chunk.len()).unwrap();
+        }
+    })
+    .await
+    .expect("the body ends");
+    let trailers = tokio::time::timeout(WAIT, body.trailers())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(trailers["grpc-status"], "14", "UNAVAILABLE: {trailers:?}");
+    let why = trailers["grpc-message"].to_str().unwrap().to_string();
+    assert!(
+        why.contains("took%20no%20message") || why.contains("took no message"),
+        "{why}"
+    );
+    assert!(received > 0, "the messages sent before the stall came first");
     server.shutdown().await.unwrap();
 }
 
@@ -774,5 +804,101 @@ async fn the_engine_queue_bound_counts_every_waiting_request_and_overload_is_ref
     let most = tokio::time::timeout(WAIT, most_waiting).await.unwrap().unwrap();
     assert!(most <= 2, "at most queue_capacity requests ever waited: {most}");
     wait_admission_idle(&server.url()).await;
+    server.shutdown().await.unwrap();
+}
+
+/// Runs `request` on `backend` to its end (bounded): the token chunks streamed, and the completion or
+/// error.
+async fn on_engine(
+    backend: &Arc<dyn ferroserve_core::Backend>,
+    request: ferroserve_core::ValidRequest,
+) -> (
+    Vec<ferroserve_core::TokenChunk>,
+    Result<ferroserve_core::Completion, ferroserve_core::BackendError>,
+) {
+    use ferroserve_core::Event;
+    use futures::StreamExt;
+    let mut events = match backend.generate(request).await {
+        Ok(e) => e,
+        Err(e) => return (Vec::new(), Err(e)),
+    };
+    let mut chunks = Vec::new();
+    let end = tokio::time::timeout(WAIT, async {
+        while let Some(event) = events.next().await {
+            match event {
+                Ok(Event::Token(t)) => chunks.push(t),
+                Ok(Event::Complete(c)) => return Ok(c),
+                Err(e) => return Err(e),
+            }
+        }
+        panic!("the engine ended a stream without a completion");
+    })
+    .await
+    .expect("the engine answered in time");
+    (chunks, end)
+}
+
+/// The engine's generated-token total once it has counted `completed` requests (it counts each just after
+/// sending its completion), following its counters (bounded).
+async fn generated_tokens(backend: &Arc<dyn ferroserve_core::Backend>, completed: u64) -> u64 {
+    use futures::StreamExt;
+    let mut stats = backend.watch_stats();
+    tokio::time::timeout(WAIT, async {
+        while let Some(s) = stats.next().await {
+            if s.completed >= completed && s.running == 0 {
+                return s.generated_tokens;
+            }
+        }
+        panic!("stats ended");
+    })
+    .await
+    .expect("counted in time")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_continuation_ends_at_once_where_the_failed_worker_had_ended_it() {
+    use ferroserve_core::{BackendError, FinishReason, ValidRequest};
+    let _one = SERIAL.lock().await;
+    let server = start_serve().await;
+    let backend = server.backend.get().expect("the engine is loaded");
+    let fresh = |max_tokens| ValidRequest::greedy_prompt("cont", "The capital of France is", max_tokens);
+    let (chunks, done) = on_engine(backend, fresh(8)).await;
+    assert_eq!(done.expect("a first run").usage.completion_tokens, 8);
+    let ids: Vec<u32> = chunks.iter().flat_map(|c| c.token_ids.clone()).collect();
+    let before = generated_tokens(backend, 1).await;
+
+    // The failed worker had streamed every token but not the completion: nothing is left to generate.
+    let mut all = fresh(8);
+    all.continuation = ids.clone();
+    let (more, end) = on_engine(backend, all).await;
+    let end = end.expect("completes");
+    assert!(more.is_empty(), "no token generated again: {more:?}");
+    assert_eq!((end.finish, end.usage.completion_tokens), (FinishReason::Length, 8));
+
+    // The streamed tokens had completed a stop string: it ends with STOP at once.
+    let first_three: String = chunks[..3].iter().map(|c| c.text.as_str()).collect();
+    assert!(!first_three.trim().is_empty(), "{first_three:?}");
+    let mut stopped = fresh(8);
+    stopped.continuation = ids[..3].to_vec();
+    stopped.stop = vec![first_three];
+    let (more, end) = on_engine(backend, stopped).await;
+    let end = end.expect("completes");
+    assert!(
+        more.iter().all(|c| c.token_ids.is_empty()),
+        "no token generated again: {more:?}"
+    );
+    assert_eq!((end.finish, end.usage.completion_tokens), (FinishReason::Stop, 3));
+
+    // Tokens generated on the failed worker are not counted again in this worker's totals.
+    assert_eq!(generated_tokens(backend, 3).await, before);
+
+    // A continuation id outside the vocabulary is refused by name, before it reaches the model.
+    let mut bad = fresh(8);
+    bad.continuation = vec![u32::MAX];
+    let (_, end) = on_engine(backend, bad).await;
+    assert!(
+        matches!(&end, Err(BackendError::InvalidRequest { field, .. }) if field == "continuation"),
+        "{end:?}"
+    );
     server.shutdown().await.unwrap();
 }

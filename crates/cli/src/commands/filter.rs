@@ -228,6 +228,13 @@ fn print_state(s: &pb::ListFiltersResponse) {
     }
     for f in &s.loaded {
         println!("  {:<24} {}  ({})", f.id, f.description, f.path);
+        if !f.on_failure.is_empty() {
+            // Texts its semantic part could not embed, and what they got (fail open or closed).
+            println!(
+                "  {:<24} embedding failures {} (on_error {})",
+                "", f.failures, f.on_failure
+            );
+        }
     }
 }
 
