@@ -30,6 +30,21 @@ impl GgufFile {
             // Candle appends a backtrace when RUST_BACKTRACE is set; the first line is the reason.
             message: format!("not a GGUF file ({})", e.to_string().lines().next().unwrap_or_default()),
         })?;
+        // Candle multiplies a tensor's dimensions when it reads it; corrupted dimensions would overflow
+        // there. Refuse them here, by name.
+        for (name, info) in &content.tensor_infos {
+            let elems = info.shape.dims().iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+            let bytes = elems.and_then(|e| (e / info.ggml_dtype.block_size()).checked_mul(info.ggml_dtype.type_size()));
+            if bytes.is_none() {
+                return Err(ModelError::Format {
+                    path: path.to_path_buf(),
+                    message: format!(
+                        "tensor {name} has dimensions {:?}, too large to address",
+                        info.shape.dims()
+                    ),
+                });
+            }
+        }
         Ok(GgufFile {
             path: path.to_path_buf(),
             content,
