@@ -27,7 +27,7 @@ use ferroserve_proto::v1::admin_client::AdminClient;
 use hdrhistogram::Histogram;
 use support::procs::{Proc, spawn};
 use support::proxy::Proxy;
-use support::{chat, client, model_path, sample, wait_serving};
+use support::{client, model_path, sample, seeded, wait_serving};
 use tokio::sync::watch;
 
 const STREAMS: usize = 8;
@@ -62,18 +62,6 @@ struct Stream {
     e2e: Duration,
     ttft: Option<Duration>,
     largest_gap: Duration,
-}
-
-fn seeded(i: usize, max_tokens: u32) -> pb::GenerateRequest {
-    let mut r = chat(&format!("Write a few sentences about the number {i}."), max_tokens);
-    r.sampling = Some(pb::SamplingParams {
-        temperature: 0.8,
-        top_p: Some(0.95),
-        seed: Some(1000 + i as u64),
-        ignore_eos: true,
-        ..Default::default()
-    });
-    r
 }
 
 async fn run_stream(url: String, request: pb::GenerateRequest, tokens: Arc<watch::Sender<usize>>) -> Stream {

@@ -106,19 +106,6 @@ async fn start_router(config: &str, workers: &[&str]) -> Proc {
     r
 }
 
-/// A seeded, sampled request that generates exactly `max_tokens` tokens.
-fn seeded(i: usize, max_tokens: u32) -> pb::GenerateRequest {
-    let mut r = chat(&format!("Write a few sentences about the number {i}."), max_tokens);
-    r.sampling = Some(pb::SamplingParams {
-        temperature: 0.8,
-        top_p: Some(0.95),
-        seed: Some(1000 + i as u64),
-        ignore_eos: true,
-        ..Default::default()
-    });
-    r
-}
-
 /// How a stream ended, as the client saw it.
 #[derive(Debug)]
 enum End {

@@ -62,27 +62,44 @@ pub async fn client(url: &str) -> InferenceClient<Channel> {
 
 /// Waits (bounded) until the server's overall health is SERVING, following the health Watch stream.
 pub async fn wait_serving(url: &str) {
+    until_health(&mut health_watch(url).await, ServingStatus::Serving).await;
+}
+
+/// A health client on a new connection to `url`.
+async fn health_client(url: &str) -> HealthClient<Channel> {
     let channel = Channel::from_shared(url.to_string())
         .expect("url")
         .connect()
         .await
         .expect("connect health");
-    let mut health = HealthClient::new(channel);
-    let mut stream = health
-        .watch(HealthCheckRequest { service: String::new() })
-        .await
-        .expect("health watch")
-        .into_inner();
+    HealthClient::new(channel)
+}
+
+/// Follows a health Watch (bounded) until it reports `status`.
+async fn until_health(watch: &mut tonic::Streaming<tonic_health::pb::HealthCheckResponse>, status: ServingStatus) {
     tokio::time::timeout(WAIT, async {
-        while let Some(msg) = stream.message().await.expect("health stream") {
-            if msg.status == ServingStatus::Serving as i32 {
+        while let Some(m) = watch.message().await.expect("health watch") {
+            if m.status == status as i32 {
                 return;
             }
         }
-        panic!("health stream ended before SERVING");
+        panic!("the health watch ended before {status:?}");
     })
     .await
-    .expect("server became SERVING in time");
+    .unwrap_or_else(|_| panic!("{status:?} in time"));
+}
+
+/// A seeded, sampled request that generates exactly `max_tokens` tokens (`ignore_eos`).
+pub fn seeded(i: usize, max_tokens: u32) -> pb::GenerateRequest {
+    let mut r = chat(&format!("Write a few sentences about the number {i}."), max_tokens);
+    r.sampling = Some(pb::SamplingParams {
+        temperature: 0.8,
+        top_p: Some(0.95),
+        seed: Some(1000 + i as u64),
+        ignore_eos: true,
+        ..Default::default()
+    });
+    r
 }
 
 /// A chat request with one user message, greedy.
@@ -212,12 +229,8 @@ pub async fn wait_admission_idle(url: &str) {
 
 /// One health check of `service` ("" for the whole server): the status as the enum's number.
 pub async fn health_status(url: &str, service: &str) -> i32 {
-    let channel = Channel::from_shared(url.to_string())
-        .expect("url")
-        .connect()
+    health_client(url)
         .await
-        .expect("connect health");
-    HealthClient::new(channel)
         .check(HealthCheckRequest {
             service: service.to_string(),
         })
@@ -229,12 +242,8 @@ pub async fn health_status(url: &str, service: &str) -> i32 {
 
 /// Opens a health Watch of the whole server.
 pub async fn health_watch(url: &str) -> tonic::Streaming<tonic_health::pb::HealthCheckResponse> {
-    let channel = Channel::from_shared(url.to_string())
-        .expect("url")
-        .connect()
+    health_client(url)
         .await
-        .expect("connect health");
-    HealthClient::new(channel)
         .watch(HealthCheckRequest { service: String::new() })
         .await
         .expect("health watch")
@@ -243,14 +252,5 @@ pub async fn health_watch(url: &str) -> tonic::Streaming<tonic_health::pb::Healt
 
 /// Follows a health Watch (bounded) until it reports NOT_SERVING.
 pub async fn until_not_serving(watch: &mut tonic::Streaming<tonic_health::pb::HealthCheckResponse>) {
-    tokio::time::timeout(WAIT, async {
-        while let Some(m) = watch.message().await.expect("health watch") {
-            if m.status == ServingStatus::NotServing as i32 {
-                return;
-            }
-        }
-        panic!("the health watch ended before NOT_SERVING");
-    })
-    .await
-    .expect("NOT_SERVING in time");
+    until_health(watch, ServingStatus::NotServing).await;
 }
