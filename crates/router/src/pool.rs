@@ -19,15 +19,20 @@ struct Member {
     backend: Arc<dyn Backend>,
     /// Requests this router has in flight there: the load measure.
     in_flight: AtomicU32,
-    /// False while its stats stream is down (remote worker unreachable, or its heartbeat stopped).
-    healthy: AtomicBool,
-    /// The same, for requests in flight on it to watch: they move elsewhere when it turns false.
-    up: watch::Sender<bool>,
+    /// False while its stats stream is down (remote worker unreachable, or its heartbeat stopped). A watch,
+    /// so that requests in flight on it move elsewhere when it turns false.
+    healthy: watch::Sender<bool>,
     /// Its latest counters.
     stats: Mutex<WorkerStats>,
     /// Set, then signalled, when it leaves the pool, so that its stats follower stops.
     gone: AtomicBool,
     removed: tokio::sync::Notify,
+}
+
+impl Member {
+    fn is_healthy(&self) -> bool {
+        *self.healthy.borrow()
+    }
 }
 
 /// The set of workers. Cheap to share (`Arc`); members can be added while serving.
@@ -62,9 +67,9 @@ impl Lease {
     /// Resolves when this worker is marked unhealthy (its connection or heartbeat is gone): a request in
     /// flight on it then continues elsewhere.
     pub fn down(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let mut up = self.member.up.subscribe();
+        let mut healthy = self.member.healthy.subscribe();
         async move {
-            let _ = up.wait_for(|up| !*up).await;
+            let _ = healthy.wait_for(|up| !*up).await;
         }
     }
 }
@@ -106,8 +111,7 @@ impl Pool {
         let member = Arc::new(Member {
             backend,
             in_flight: AtomicU32::new(0),
-            healthy: AtomicBool::new(false),
-            up: watch::Sender::new(true),
+            healthy: watch::Sender::new(false),
             stats: Mutex::new(WorkerStats::default()),
             gone: AtomicBool::new(false),
             removed: tokio::sync::Notify::new(),
@@ -121,8 +125,7 @@ impl Pool {
         tokio::spawn(async move {
             // Marks the member unhealthy (once) and updates the pool's count.
             let down = |pool: &Pool| {
-                member.up.send_replace(false);
-                if member.healthy.swap(false, Ordering::Relaxed) {
+                if member.healthy.send_replace(false) {
                     healthy_gauge.set(0.0);
                     pool.healthy.send_modify(|n| *n -= 1);
                 }
@@ -139,8 +142,7 @@ impl Pool {
                     };
                     *member.stats.lock().expect("stats lock") = s;
                     // Only a change wakes the requests watching it (stats arrive with every token).
-                    member.up.send_if_modified(|up| !std::mem::replace(up, true));
-                    if !member.healthy.swap(true, Ordering::Relaxed) {
+                    if member.healthy.send_if_modified(|up| !std::mem::replace(up, true)) {
                         healthy_gauge.set(1.0);
                         let Some(pool) = pool.upgrade() else { return };
                         pool.healthy.send_modify(|n| *n += 1);
@@ -151,7 +153,7 @@ impl Pool {
                     down(&strong);
                     return;
                 }
-                if member.healthy.load(Ordering::Relaxed) {
+                if member.is_healthy() {
                     tracing::warn!(
                         worker = member.backend.location(),
                         "worker stats stream ended; marked unhealthy"
@@ -234,7 +236,7 @@ impl Pool {
 
     /// The versions of `name` that have a healthy worker, in join order.
     pub fn healthy_versions(&self, name: &str) -> Vec<String> {
-        self.versions_where(name, |m| m.healthy.load(Ordering::Relaxed))
+        self.versions_where(name, Member::is_healthy)
     }
 
     /// Every version of `name` some worker serves, healthy or not, in join order.
@@ -261,7 +263,7 @@ impl Pool {
                 location: m.backend.location().to_string(),
                 model: m.backend.model().clone(),
                 in_flight: m.in_flight.load(Ordering::Relaxed),
-                healthy: m.healthy.load(Ordering::Relaxed),
+                healthy: m.is_healthy(),
                 stats: *m.stats.lock().expect("stats lock"),
             })
             .collect()
@@ -314,7 +316,7 @@ impl Pool {
         let (serving, _) = self.serving(selector)?;
         Ok(serving
             .into_iter()
-            .filter(|m| m.healthy.load(Ordering::Relaxed))
+            .filter(|m| m.is_healthy())
             .map(|m| Arc::clone(&m.backend))
             .collect())
     }
@@ -327,7 +329,7 @@ impl Pool {
         let best = (0..n)
             .map(|i| &serving[(start + i) % n])
             .filter(|m| {
-                m.healthy.load(Ordering::Relaxed)
+                m.is_healthy()
                     && !m.stats.lock().expect("stats lock").draining
                     && !tried.iter().any(|t| t == m.backend.location())
             })
