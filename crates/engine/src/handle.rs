@@ -1,6 +1,5 @@
 //! The engine's front door: checks requests on the caller's task and queues them for the engine thread.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -59,16 +58,15 @@ pub(crate) struct Shared {
     pub drift: Mutex<DriftMonitor>,
     /// Busy time and tokens, priced.
     pub cost: Arc<CostMeter>,
-    /// Set when the server drains: what has not started is handed back, and new requests are refused.
-    pub draining: AtomicBool,
     /// False once the supervisor gave up on the engine thread.
     pub alive: watch::Sender<bool>,
 }
 
 impl Shared {
-    /// True while draining.
+    /// True once the server drains (`WorkerStats::draining`): what has not started is handed back, and
+    /// new requests are refused.
     pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Relaxed)
+        self.stats.borrow().draining
     }
 
     /// Marks the engine dead: its stats stream ends, so its pool member turns unhealthy.
@@ -124,7 +122,6 @@ impl EngineHandle {
             metrics: EngineMetrics::new(&info),
             drift: Mutex::new(DriftMonitor::new(config.drift_window_tokens)),
             cost: cost::meter(&config.price),
-            draining: AtomicBool::new(false),
             alive: watch::Sender::new(true),
         });
         let engine = EngineLoop {
@@ -150,9 +147,8 @@ impl EngineHandle {
     /// Starts draining: requests that have not started are handed back with UNAVAILABLE (the router sends
     /// them elsewhere), new ones are refused the same way; running ones finish.
     pub fn start_draining(&self) {
-        // An idle engine thread holds nothing to hand back; a busy one checks the flag every step.
-        self.shared.draining.store(true, Ordering::Relaxed);
-        // Routers following the counters stop picking this worker.
+        // An idle engine thread holds nothing to hand back; a busy one checks the flag every step. Routers
+        // following the counters stop picking this worker.
         self.shared.update(|s| s.draining = true);
     }
 
@@ -180,6 +176,27 @@ impl EngineHandle {
 
     /// Queues a tokenized request for the engine thread.
     fn enqueue(&self, request: ValidRequest, prompt: Vec<u32>) -> Result<EventStream, BackendError> {
+        if self.shared.is_draining() {
+            return Err(BackendError::Unavailable(
+                "this worker is draining; retry on another".into(),
+            ));
+        }
+        if !self.is_alive() {
+            return Err(BackendError::Unavailable(
+                "the engine has stopped after repeated failures".into(),
+            ));
+        }
+        let full = || {
+            BackendError::Overloaded(format!(
+                "the engine queue is full ({} requests waiting); retry later",
+                self.queue_capacity
+            ))
+        };
+        // Count it as waiting before the engine can see it, so the engine never decrements first. The
+        // count covers the channel and the engine's own queue: `queue_capacity` bounds both together.
+        if !self.shared.take_waiting_place(self.queue_capacity) {
+            return Err(full());
+        }
         // One event per generated token, plus a possible flush of held text, plus the completion: the
         // engine never blocks on a slow client, and the channel can hold no more than that.
         let (events, rx) = mpsc::channel(request.max_tokens as usize + 2);
@@ -192,24 +209,6 @@ impl EngineHandle {
             prompt_len,
             events,
         };
-        if self.shared.is_draining() {
-            return Err(BackendError::Unavailable(
-                "this worker is draining; retry on another".into(),
-            ));
-        }
-        if !self.is_alive() {
-            return Err(BackendError::Unavailable(
-                "the engine has stopped after repeated failures".into(),
-            ));
-        }
-        // Count it as waiting before the engine can see it, so the engine never decrements first. The
-        // count covers the channel and the engine's own queue: `queue_capacity` bounds both together.
-        if !self.shared.take_waiting_place(self.queue_capacity) {
-            return Err(BackendError::Overloaded(format!(
-                "the engine queue is full ({} requests waiting); retry later",
-                self.queue_capacity
-            )));
-        }
         let refused = |s: &mut WorkerStats| {
             s.waiting -= 1;
             s.accepted -= 1;
@@ -218,10 +217,7 @@ impl EngineHandle {
             Ok(()) => Ok(ReceiverStream::new(rx).boxed()),
             Err(TrySendError::Full(_)) => {
                 self.shared.update(refused);
-                Err(BackendError::Overloaded(format!(
-                    "the engine queue is full ({} requests waiting); retry later",
-                    self.queue_capacity
-                )))
+                Err(full())
             }
             Err(TrySendError::Disconnected(_)) => {
                 self.shared.update(refused);
