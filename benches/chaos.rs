@@ -22,16 +22,17 @@ mod support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferroserve_proto::v1 as pb;
-use ferroserve_proto::v1::admin_client::AdminClient;
 use hdrhistogram::Histogram;
-use support::procs::{Proc, spawn};
+use support::faults::{End, Outcome, WORKER_CONFIG, outcomes, router_config, run_stream, start_streams, until_tokens};
+use support::procs::{Proc, spawn, until_workers, wait_workers_healthy};
 use support::proxy::Proxy;
-use support::{client, model_path, sample, seeded, wait_serving};
+use support::{model_path, sample, seeded, wait_serving};
 use tokio::sync::watch;
 
 const STREAMS: usize = 8;
 const MAX_TOKENS: u32 = 32;
+/// Tokens per request of the TTFT runs.
+const TTFT_TOKENS: u32 = 16;
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -48,63 +49,22 @@ enum Fault {
     Sigterm,
 }
 
-/// How one stream ended.
+/// How one stream ended, for the figures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum End {
+enum Verdict {
+    /// A completion with every token asked for.
     Complete,
     Unavailable,
-    /// INTERNAL, UNKNOWN, any other status, or OK without a completion: lost without a clear status.
+    /// INTERNAL, UNKNOWN, any other status, a short completion, or OK without a completion: lost without
+    /// a clear status.
     Lost,
 }
 
-struct Stream {
-    end: End,
-    e2e: Duration,
-    ttft: Option<Duration>,
-    largest_gap: Duration,
-}
-
-async fn run_stream(url: String, request: pb::GenerateRequest, tokens: Arc<watch::Sender<usize>>) -> Stream {
-    use pb::generate_stream_response::Event;
-    let started = Instant::now();
-    let want = request.max_tokens;
-    let (mut last, mut gap, mut ttft) = (started, Duration::ZERO, None);
-    let mut c = client(&url).await;
-    let end = match c.generate_stream(request).await {
-        Err(s) if s.code() == tonic::Code::Unavailable => End::Unavailable,
-        Err(_) => End::Lost,
-        Ok(s) => {
-            let mut s = s.into_inner();
-            loop {
-                match s.message().await {
-                    Ok(Some(pb::GenerateStreamResponse {
-                        event: Some(Event::Token(_)),
-                    })) => {
-                        let now = Instant::now();
-                        gap = gap.max(now - last);
-                        ttft.get_or_insert(now - started);
-                        last = now;
-                        tokens.send_modify(|n| *n += 1);
-                    }
-                    Ok(Some(pb::GenerateStreamResponse {
-                        event: Some(Event::Complete(c)),
-                    })) => {
-                        let n = c.usage.map_or(0, |u| u.completion_tokens);
-                        break if n == want { End::Complete } else { End::Lost };
-                    }
-                    Ok(Some(_)) => {}
-                    Ok(None) => break End::Lost,
-                    Err(s) if s.code() == tonic::Code::Unavailable => break End::Unavailable,
-                    Err(_) => break End::Lost,
-                }
-            }
-        }
-    };
-    Stream {
-        end,
-        e2e: started.elapsed(),
-        ttft,
-        largest_gap: gap,
+fn verdict(o: &Outcome, want: u32) -> Verdict {
+    match &o.end {
+        End::Complete(c) if c.usage.is_some_and(|u| u.completion_tokens == want) => Verdict::Complete,
+        End::Status(s) if s.code() == tonic::Code::Unavailable => Verdict::Unavailable,
+        _ => Verdict::Lost,
     }
 }
 
@@ -117,18 +77,18 @@ struct Fleet {
     router: Proc,
 }
 
-const WORKER_CONFIG: &str = "[worker]\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"\"\n[engine]\nmax_batch_seqs = 4\n\
-                             [server]\ndrain_timeout_secs = 60.0\n";
-const ROUTER_CONFIG: &str = "[server]\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n\
-                             [router]\nworker_heartbeat_timeout_secs = 2.0\nworker_stall_timeout_secs = 10.0\n\
-                             [connections]\nkeepalive_interval_secs = 2.0\nkeepalive_timeout_secs = 2.0\n";
-
 impl Fleet {
     async fn start() -> Fleet {
         let dir = std::env::temp_dir().join(format!("ferroserve-chaos-bench-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("w.toml"), WORKER_CONFIG).unwrap();
-        std::fs::write(dir.join("r.toml"), ROUTER_CONFIG).unwrap();
+        // The chaos suite's settings; a worker drain may take a minute, and the router serves /metrics.
+        std::fs::write(
+            dir.join("w.toml"),
+            format!("{WORKER_CONFIG}[server]\ndrain_timeout_secs = 60.0\n"),
+        )
+        .unwrap();
+        let router = router_config().replace("metrics_listen = \"\"", "metrics_listen = \"127.0.0.1:0\"");
+        std::fs::write(dir.join("r.toml"), router).unwrap();
         let model = model_path().display().to_string();
         let w1 = Fleet::worker(&dir, &model, "127.0.0.1:0").await;
         let w2 = Fleet::worker(&dir, &model, "127.0.0.1:0").await;
@@ -137,7 +97,7 @@ impl Fleet {
         let via = format!("http://{}", proxy.addr);
         let router = spawn(&["router", "--config", &rcfg, "--worker", &via, "--worker", &w2.url]).await;
         wait_serving(&router.url).await;
-        support::procs::wait_workers_healthy(&router.url, 2).await;
+        wait_workers_healthy(&router.url, 2).await;
         Fleet {
             model,
             dir,
@@ -158,7 +118,7 @@ impl Fleet {
     async fn restart(&mut self, i: usize) {
         let addr = self.workers[i].addr.clone();
         self.workers[i] = Fleet::worker(&self.dir, &self.model, &addr).await;
-        support::procs::wait_workers_healthy(&self.router.url, 2).await;
+        wait_workers_healthy(&self.router.url, 2).await;
     }
 
     async fn migrations(&self) -> [f64; 3] {
@@ -169,39 +129,19 @@ impl Fleet {
     }
 }
 
-/// Follows WatchWorkers until fewer than two workers are healthy; the time it took.
-async fn ejection(router: String, from: Instant) -> Duration {
-    let mut admin = AdminClient::connect(router).await.unwrap();
-    let mut reports = admin
-        .watch_workers(pb::ListWorkersRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    while let Ok(Some(r)) = reports.message().await {
-        if r.workers.iter().filter(|w| w.healthy).count() < 2 {
-            break;
-        }
-    }
-    from.elapsed()
-}
-
 /// One round: 8 streams, the fault once 8 tokens have arrived, every stream to its end.
-async fn round(fleet: &mut Fleet, fault: Fault, n: usize) -> (Vec<Stream>, Option<Duration>, Option<Duration>) {
-    let tokens = Arc::new(watch::Sender::new(0usize));
-    let mut flowing = tokens.subscribe();
-    let handles: Vec<_> = (0..STREAMS)
-        .map(|i| {
-            tokio::spawn(run_stream(
-                fleet.router.url.clone(),
-                seeded(n * STREAMS + i, MAX_TOKENS),
-                Arc::clone(&tokens),
-            ))
-        })
-        .collect();
-    let _ = flowing.wait_for(|t| *t >= STREAMS).await;
+async fn round(fleet: &mut Fleet, fault: Fault, n: usize) -> (Vec<Outcome>, Option<Duration>, Option<Duration>) {
+    let requests = (0..STREAMS).map(|i| seeded(n * STREAMS + i, MAX_TOKENS)).collect();
+    let (handles, mut tokens) = start_streams(&fleet.router.url, requests);
+    until_tokens(&mut tokens, STREAMS).await;
     let at = Instant::now();
-    let watch = (fault != Fault::Quiet && fault != Fault::Sigterm)
-        .then(|| tokio::spawn(ejection(fleet.router.url.clone(), at)));
+    let watch = (fault != Fault::Quiet && fault != Fault::Sigterm).then(|| {
+        let url = fleet.router.url.clone();
+        tokio::spawn(async move {
+            until_workers(&url, |r| r.workers.iter().filter(|w| w.healthy).count() < 2).await;
+            at.elapsed()
+        })
+    });
     // Alternate the worker faulted, except for the partition, which only the proxied one can have.
     let victim = if fault == Fault::Partition { 0 } else { n % 2 };
     let mut exit = None;
@@ -216,10 +156,7 @@ async fn round(fleet: &mut Fleet, fault: Fault, n: usize) -> (Vec<Stream>, Optio
             exit = Some(at.elapsed());
         }
     }
-    let mut streams = Vec::new();
-    for h in handles {
-        streams.push(h.await.unwrap());
-    }
+    let streams = outcomes(handles).await;
     let ejected = match watch {
         Some(w) => Some(w.await.unwrap()),
         None => None,
@@ -229,11 +166,11 @@ async fn round(fleet: &mut Fleet, fault: Fault, n: usize) -> (Vec<Stream>, Optio
         Fault::Kill9 | Fault::Sigterm => fleet.restart(victim).await,
         Fault::Sigstop => {
             fleet.workers[victim].signal("CONT");
-            support::procs::wait_workers_healthy(&fleet.router.url, 2).await;
+            wait_workers_healthy(&fleet.router.url, 2).await;
         }
         Fault::Partition => {
             fleet.proxy.heal();
-            support::procs::wait_workers_healthy(&fleet.router.url, 2).await;
+            wait_workers_healthy(&fleet.router.url, 2).await;
         }
     }
     (streams, ejected, exit)
@@ -247,20 +184,39 @@ fn ms(h: &Histogram<u64>, q: f64) -> f64 {
     h.value_at_quantile(q) as f64 / 1e3
 }
 
+/// p50 and max in milliseconds, if anything was recorded.
+fn p50_max(h: &Histogram<u64>) -> Option<(f64, f64)> {
+    (!h.is_empty()).then(|| (ms(h, 0.5), h.max() as f64 / 1e3))
+}
+
+/// Streams counted by verdict.
+#[derive(Default)]
+struct Tally {
+    complete: usize,
+    unavailable: usize,
+    lost: usize,
+}
+
+impl Tally {
+    fn add(&mut self, v: Verdict) {
+        match v {
+            Verdict::Complete => self.complete += 1,
+            Verdict::Unavailable => self.unavailable += 1,
+            Verdict::Lost => self.lost += 1,
+        }
+    }
+}
+
 /// Runs `rounds` rounds of `fault`; prints and returns its figures.
 async fn measure(fleet: &mut Fleet, fault: Fault, rounds: usize) -> serde_json::Value {
     let before = fleet.migrations().await;
     let (mut e2e, mut gap, mut eject, mut exit) = (hist(), hist(), hist(), hist());
-    let (mut complete, mut unavailable, mut lost) = (0, 0, 0);
+    let mut tally = Tally::default();
     for n in 0..rounds {
         let (streams, ejected, exited) = round(fleet, fault, n).await;
         for s in &streams {
-            match s.end {
-                End::Complete => complete += 1,
-                End::Unavailable => unavailable += 1,
-                End::Lost => lost += 1,
-            }
-            e2e.record(s.e2e.as_micros() as u64).unwrap();
+            tally.add(verdict(s, MAX_TOKENS));
+            e2e.record(s.took.as_micros() as u64).unwrap();
             gap.record(s.largest_gap.as_micros() as u64).unwrap();
         }
         if let Some(d) = ejected {
@@ -272,7 +228,17 @@ async fn measure(fleet: &mut Fleet, fault: Fault, rounds: usize) -> serde_json::
     }
     let after = fleet.migrations().await;
     let moves: Vec<f64> = (0..3).map(|i| after[i] - before[i]).collect();
+    let Tally {
+        complete,
+        unavailable,
+        lost,
+    } = tally;
     let per_100 = 100.0 * lost as f64 / rounds as f64;
+    let (eject, exit) = (p50_max(&eject), p50_max(&exit));
+    let spread = |what: &str, v: Option<(f64, f64)>| {
+        v.map(|(p50, max)| format!("; {what} p50 {p50:.0} max {max:.0} ms"))
+            .unwrap_or_default()
+    };
     println!(
         "{fault:?}: {rounds} faults, {} streams: {complete} completed, {unavailable} UNAVAILABLE, {lost} lost \
          ({per_100:.1} per 100 faults); moves resumed {} redispatched {} failed {}; e2e p50 {:.0} p99 {:.0} ms; \
@@ -285,33 +251,18 @@ async fn measure(fleet: &mut Fleet, fault: Fault, rounds: usize) -> serde_json::
         ms(&e2e, 0.99),
         ms(&gap, 0.5),
         gap.max() as f64 / 1e3,
-        if eject.is_empty() {
-            String::new()
-        } else {
-            format!(
-                "; ejected after p50 {:.0} max {:.0} ms",
-                ms(&eject, 0.5),
-                eject.max() as f64 / 1e3
-            )
-        },
-        if exit.is_empty() {
-            String::new()
-        } else {
-            format!(
-                "; SIGTERM to exit p50 {:.0} max {:.0} ms",
-                ms(&exit, 0.5),
-                exit.max() as f64 / 1e3
-            )
-        },
+        spread("ejected after", eject),
+        spread("SIGTERM to exit", exit),
     );
+    let json = |v: Option<(f64, f64)>| v.map(|(p50, max)| serde_json::json!({"p50": p50, "max": max}));
     serde_json::json!({
         "fault": format!("{fault:?}"), "rounds": rounds, "streams": rounds * STREAMS,
         "completed": complete, "unavailable": unavailable, "lost": lost, "lost_per_100_faults": per_100,
         "moves": {"resumed": moves[0], "redispatched": moves[1], "failed": moves[2]},
         "e2e_ms": {"p50": ms(&e2e, 0.5), "p99": ms(&e2e, 0.99)},
         "largest_gap_ms": {"p50": ms(&gap, 0.5), "max": gap.max() as f64 / 1e3},
-        "ejection_ms": (!eject.is_empty()).then(|| serde_json::json!({"p50": ms(&eject, 0.5), "max": eject.max() as f64 / 1e3})),
-        "sigterm_to_exit_ms": (!exit.is_empty()).then(|| serde_json::json!({"p50": ms(&exit, 0.5), "max": exit.max() as f64 / 1e3})),
+        "ejection_ms": json(eject),
+        "sigterm_to_exit_ms": json(exit),
     })
 }
 
@@ -326,7 +277,14 @@ async fn ttft_under(fleet: &mut Fleet, secs: u64, churn: bool) -> serde_json::Va
                 let mut out = Vec::new();
                 let mut i = 0;
                 while Instant::now() < until {
-                    out.push(run_stream(url.clone(), seeded(10_000 + c * 1000 + i, 16), Arc::clone(&tokens)).await);
+                    out.push(
+                        run_stream(
+                            url.clone(),
+                            seeded(10_000 + c * 1000 + i, TTFT_TOKENS),
+                            Arc::clone(&tokens),
+                        )
+                        .await,
+                    );
                     i += 1;
                 }
                 out
@@ -341,19 +299,21 @@ async fn ttft_under(fleet: &mut Fleet, secs: u64, churn: bool) -> serde_json::Va
         // Let it serve a while before the next kill (a bench, not a test: pacing by the clock is the point).
         tokio::time::sleep(Duration::from_secs(3)).await;
     }
-    let (mut ttft, mut done, mut unavailable, mut lost) = (hist(), 0, 0, 0);
+    let (mut ttft, mut tally) = (hist(), Tally::default());
     for c in clients {
         for s in c.await.unwrap() {
-            match s.end {
-                End::Complete => done += 1,
-                End::Unavailable => unavailable += 1,
-                End::Lost => lost += 1,
-            }
-            if let (End::Complete, Some(t)) = (s.end, s.ttft) {
+            let v = verdict(&s, TTFT_TOKENS);
+            tally.add(v);
+            if let (Verdict::Complete, Some(t)) = (v, s.ttft) {
                 ttft.record(t.as_micros() as u64).unwrap();
             }
         }
     }
+    let Tally {
+        complete: done,
+        unavailable,
+        lost,
+    } = tally;
     let label = if churn { "kill/restart loop" } else { "quiet" };
     println!(
         "16 streams, {label} ({kills} kills in {secs} s): {done} completed, {unavailable} UNAVAILABLE, {lost} lost; \

@@ -16,14 +16,14 @@ mod support;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use ferroserve_proto::v1 as pb;
 use ferroserve_proto::v1::admin_client::AdminClient;
-use support::procs::{Proc, spawn, spawn_with, wait_workers_healthy};
+use support::faults::*;
+use support::procs::{spawn_with, until_workers};
 use support::proxy::Proxy;
 use support::*;
-use tokio::sync::watch;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 
@@ -55,142 +55,6 @@ impl Drop for Scratch {
     }
 }
 
-/// A router that notices faults quickly: heartbeat silence of 2 s ejects a worker, a worker silent on a
-/// request for 10 s loses it, a client that reads nothing for 3 s is given up on.
-fn router_config() -> String {
-    r#"
-[server]
-listen = "127.0.0.1:0"
-metrics_listen = ""
-drain_timeout_secs = 30.0
-[router]
-worker_heartbeat_timeout_secs = 2.0
-worker_stall_timeout_secs = 10.0
-client_stall_timeout_secs = 3.0
-[connections]
-keepalive_interval_secs = 2.0
-keepalive_timeout_secs = 2.0
-"#
-    .to_string()
-}
-
-/// Workers batch at most 4 sequences, so that some requests wait in their queues.
-const WORKER_CONFIG: &str = r#"
-[worker]
-listen = "127.0.0.1:0"
-metrics_listen = ""
-[engine]
-max_batch_seqs = 4
-"#;
-
-async fn start_worker(config: &str, extra: &[&str]) -> Proc {
-    let model = model_path();
-    let args = [
-        &["worker", "--config", config, "--model-path", model.to_str().unwrap()][..],
-        extra,
-    ]
-    .concat();
-    let w = spawn(&args).await;
-    wait_serving(&w.url).await;
-    w
-}
-
-async fn start_router(config: &str, workers: &[&str]) -> Proc {
-    let mut args = vec!["router", "--config", config];
-    for w in workers {
-        args.extend(["--worker", w]);
-    }
-    let r = spawn(&args).await;
-    wait_serving(&r.url).await;
-    wait_workers_healthy(&r.url, workers.len()).await;
-    r
-}
-
-/// How a stream ended, as the client saw it.
-#[derive(Debug)]
-enum End {
-    Complete(pb::GenerationComplete),
-    Status(tonic::Status),
-    /// OK with no completion: never acceptable.
-    NoCompletion,
-}
-
-/// What a client got from one stream.
-#[derive(Debug)]
-struct Outcome {
-    ids: Vec<u32>,
-    text: String,
-    end: End,
-    took: Duration,
-}
-
-/// Runs one streaming request to its end (bounded), counting its tokens into `tokens`.
-async fn run_stream(url: String, request: pb::GenerateRequest, tokens: Arc<watch::Sender<usize>>) -> Outcome {
-    use pb::generate_stream_response::Event;
-    let started = Instant::now();
-    let mut c = client(&url).await;
-    let mut out = Outcome {
-        ids: Vec::new(),
-        text: String::new(),
-        end: End::NoCompletion,
-        took: Duration::ZERO,
-    };
-    let run = async {
-        let mut stream = match c.generate_stream(request).await {
-            Ok(s) => s.into_inner(),
-            Err(status) => return End::Status(status),
-        };
-        loop {
-            match stream.message().await {
-                Ok(Some(msg)) => match msg.event {
-                    Some(Event::Token(t)) => {
-                        out.ids.extend_from_slice(&t.token_ids);
-                        out.text.push_str(&t.text);
-                        tokens.send_modify(|n| *n += 1);
-                    }
-                    Some(Event::Complete(c)) => return End::Complete(c),
-                    None => {}
-                },
-                Ok(None) => return End::NoCompletion,
-                Err(status) => return End::Status(status),
-            }
-        }
-    };
-    out.end = tokio::time::timeout(WAIT, run).await.expect("the stream ended in time");
-    out.took = started.elapsed();
-    out
-}
-
-/// Starts `requests` as concurrent streams; returns their handles and the running token count.
-fn start_streams(
-    url: &str,
-    requests: Vec<pb::GenerateRequest>,
-) -> (Vec<tokio::task::JoinHandle<Outcome>>, watch::Receiver<usize>) {
-    let tokens = Arc::new(watch::Sender::new(0));
-    let rx = tokens.subscribe();
-    let handles = requests
-        .into_iter()
-        .map(|r| tokio::spawn(run_stream(url.to_string(), r, Arc::clone(&tokens))))
-        .collect();
-    (handles, rx)
-}
-
-async fn outcomes(handles: Vec<tokio::task::JoinHandle<Outcome>>) -> Vec<Outcome> {
-    let mut all = Vec::new();
-    for h in handles {
-        all.push(h.await.expect("stream task"));
-    }
-    all
-}
-
-/// Waits (bounded) until `n` token messages have arrived over all streams.
-async fn until_tokens(tokens: &mut watch::Receiver<usize>, n: usize) {
-    tokio::time::timeout(WAIT, tokens.wait_for(|t| *t >= n))
-        .await
-        .expect("tokens flowed in time")
-        .unwrap();
-}
-
 /// Every stream completed with every token it was asked for, the completion's count matching what the
 /// client received; or ended with UNAVAILABLE. Returns how many completed.
 fn assert_clean(outcomes: &[Outcome], max_tokens: u32) -> usize {
@@ -215,28 +79,6 @@ fn assert_clean(outcomes: &[Outcome], max_tokens: u32) -> usize {
         }
     }
     completed
-}
-
-/// Follows the router's worker report (bounded) until `done` holds.
-async fn until_workers(router_url: &str, done: impl Fn(&pb::ListWorkersResponse) -> bool) -> Duration {
-    let started = Instant::now();
-    let mut admin = AdminClient::connect(router_url.to_string()).await.unwrap();
-    let mut reports = admin
-        .watch_workers(pb::ListWorkersRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    tokio::time::timeout(WAIT, async {
-        while let Some(r) = reports.message().await.unwrap() {
-            if done(&r) {
-                return;
-            }
-        }
-        panic!("worker report stream ended");
-    })
-    .await
-    .expect("the pool changed in time");
-    started.elapsed()
 }
 
 fn healthy(r: &pb::ListWorkersResponse, address: &str) -> bool {

@@ -1,9 +1,10 @@
 //! The real binary as child processes on 127.0.0.1, each announcing its ephemeral port on stdout.
 
 use std::process::Stdio;
+use std::time::{Duration, Instant};
 
-use ferroserve_proto::v1::ListWorkersRequest;
 use ferroserve_proto::v1::admin_client::AdminClient;
+use ferroserve_proto::v1::{ListWorkersRequest, ListWorkersResponse};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -155,18 +156,25 @@ pub async fn run_to_end(args: &[&str]) -> (std::process::ExitStatus, String, Str
 
 /// Follows a router's worker report (bounded) until `n` workers are healthy in its pool.
 pub async fn wait_workers_healthy(router_url: &str, n: usize) {
+    until_workers(router_url, |r| r.workers.iter().filter(|w| w.healthy).count() >= n).await;
+}
+
+/// Follows the router's worker report (bounded) until `done` holds.
+pub async fn until_workers(router_url: &str, done: impl Fn(&ListWorkersResponse) -> bool) -> Duration {
+    let started = Instant::now();
     let mut admin = AdminClient::connect(router_url.to_string()).await.unwrap();
     let mut reports = admin.watch_workers(ListWorkersRequest {}).await.unwrap().into_inner();
     tokio::time::timeout(WAIT, async {
         while let Some(r) = reports.message().await.unwrap() {
-            if r.workers.iter().filter(|w| w.healthy).count() >= n {
+            if done(&r) {
                 return;
             }
         }
         panic!("worker report stream ended");
     })
     .await
-    .expect("workers joined the router in time");
+    .expect("the pool changed in time");
+    started.elapsed()
 }
 
 /// Waits (bounded) for a log line containing `needle`.
