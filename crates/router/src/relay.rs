@@ -350,17 +350,6 @@ impl Relay {
         }
     }
 
-    /// The client left or could not be written to: counts it and settles the reservation.
-    fn abandon(&mut self, status: Status) {
-        if !self.finished {
-            tracing::info!(request_id = %self.d.request_id, "client disconnected; cancelling");
-            // The client's leaving says nothing about the version: not a sample.
-            self.finished = true;
-            record_outcome(&Err(status), Some(&self.d.model));
-            self.settle(None);
-        }
-    }
-
     fn settle(&mut self, usage: Option<&Usage>) {
         let used = match usage {
             Some(u) => u.prompt_tokens.saturating_add(u.completion_tokens),
@@ -449,7 +438,12 @@ impl Relay {
 /// stream cancels the generation.
 impl Drop for Relay {
     fn drop(&mut self) {
-        self.abandon(Status::cancelled("client disconnected"));
+        if !self.finished {
+            tracing::info!(request_id = %self.d.request_id, "client disconnected; cancelling");
+            // The client's leaving says nothing about the version: not a sample.
+            record_outcome(&Err(Status::cancelled("client disconnected")), Some(&self.d.model));
+            self.settle(None);
+        }
     }
 }
 
