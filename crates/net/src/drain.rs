@@ -39,31 +39,15 @@ pub struct DrainPlan {
 #[derive(Clone)]
 pub struct DrainWatch {
     rx: watch::Receiver<Phase>,
-    /// Keeps the sender of a watch that never drains alive (a closed one would read as the end).
-    _never: Option<std::sync::Arc<watch::Sender<Phase>>>,
 }
 
 impl DrainWatch {
-    /// A watch that never drains, for parts used without a server.
-    pub fn never() -> DrainWatch {
-        let (tx, rx) = watch::channel(Phase::Serving);
-        DrainWatch {
-            rx,
-            _never: Some(std::sync::Arc::new(tx)),
-        }
-    }
-
     /// Resolves once the phase reaches `phase` (or the server is gone).
     pub fn reached(&self, phase: Phase) -> impl Future<Output = ()> + Send + 'static {
         let mut rx = self.rx.clone();
         async move {
             let _ = rx.wait_for(|p| *p >= phase).await;
         }
-    }
-
-    /// The phase now.
-    pub fn phase(&self) -> Phase {
-        *self.rx.borrow()
     }
 }
 
@@ -88,7 +72,6 @@ impl Drain {
     pub fn watch(&self) -> DrainWatch {
         DrainWatch {
             rx: self.phase.subscribe(),
-            _never: None,
         }
     }
 
