@@ -5,6 +5,8 @@
 mod mock;
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use ferroserve_admission::{AdmissionLimits, ServerLimits, TenantLimits};
@@ -345,9 +347,19 @@ async fn start_rollout(admin: &mut Admin) -> pb::RolloutState {
 /// Sends unpinned requests, four at a time, until the rollout stops running (bounded); returns its state
 /// and how many requests failed.
 async fn drive(h: &Harness, admin: &mut Admin) -> (pb::RolloutState, usize) {
+    drive_with(h, admin, |_, _| async {}).await
+}
+
+/// [`drive`], running `also(round, client)` beside each round's four requests.
+async fn drive_with<F: std::future::Future<Output = ()> + Send + 'static>(
+    h: &Harness,
+    admin: &mut Admin,
+    also: impl Fn(usize, Client) -> F,
+) -> (pb::RolloutState, usize) {
     let c = h.client().await;
     let mut failed = 0;
     for round in 0..2000 {
+        let extra = tokio::spawn(also(round, c.clone()));
         let batch: Vec<_> = (0..4)
             .map(|k| {
                 let mut c = c.clone();
@@ -361,6 +373,7 @@ async fn drive(h: &Harness, admin: &mut Admin) -> (pb::RolloutState, usize) {
         for t in batch {
             failed += usize::from(t.await.unwrap());
         }
+        extra.await.unwrap();
         let state = admin
             .get_rollout(admin_request(pb::GetRolloutRequest::default(), "admin"))
             .await
@@ -665,43 +678,30 @@ async fn clients_own_deadlines_do_not_roll_a_canary_back() {
     .await;
     let mut admin = h.admin().await;
     start_rollout(&mut admin).await;
-    let c = h.client().await;
-    let mut cut_short = 0;
-    for round in 0..2000 {
+    let cut_short = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&cut_short);
+    let (state, failed) = drive_with(&h, &mut admin, move |round, mut c| {
         // Each round, a client pinned to the canary sets a deadline its (slow) stream overruns: it ends
         // with DEADLINE_EXCEEDED, which must not count against the canary.
         let mut short = prompt_request("alpha", &format!("short-{round}"), "slow", 2);
         short.get_mut().model = "mock@canary".into();
         short.set_timeout(Duration::from_millis(120));
-        let mut sc = c.clone();
-        let short = tokio::spawn(async move {
-            let mut stream = sc.generate_stream(short).await?.into_inner();
-            while stream.message().await?.is_some() {}
-            Ok::<(), tonic::Status>(())
-        });
-        let batch: Vec<_> = (0..4)
-            .map(|k| {
-                let mut c = c.clone();
-                tokio::spawn(async move { c.generate(request("alpha", &format!("r-{round}-{k}"), 2)).await })
-            })
-            .collect();
-        for t in batch {
-            t.await.unwrap().expect("unpinned requests succeed");
+        let counted = Arc::clone(&counted);
+        async move {
+            let run = async {
+                let mut stream = c.generate_stream(short).await?.into_inner();
+                while stream.message().await?.is_some() {}
+                Ok::<(), tonic::Status>(())
+            };
+            let status = run.await.expect_err("the deadline passes mid-stream");
+            assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+            counted.fetch_add(1, Ordering::Relaxed);
         }
-        let status = short.await.unwrap().expect_err("the deadline passes mid-stream");
-        assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
-        cut_short += 1;
-        let state = admin
-            .get_rollout(admin_request(pb::GetRolloutRequest::default(), "admin"))
-            .await
-            .unwrap()
-            .into_inner();
-        if state.status != "running" {
-            assert_eq!(state.status, "promoted", "{:?}", state.decisions);
-            assert!(cut_short >= 3, "the canary saw deadline failures: {cut_short}");
-            h.stop().await;
-            return;
-        }
-    }
-    panic!("the rollout did not finish");
+    })
+    .await;
+    assert_eq!(failed, 0, "unpinned requests succeed");
+    assert_eq!(state.status, "promoted", "{:?}", state.decisions);
+    let cut_short = cut_short.load(Ordering::Relaxed);
+    assert!(cut_short >= 3, "the canary saw deadline failures: {cut_short}");
+    h.stop().await;
 }
