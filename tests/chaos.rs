@@ -617,9 +617,13 @@ async fn the_engine_queue_bound_counts_every_waiting_request_and_overload_is_ref
         }
         most
     });
-    let (handles, _) = start_streams(&server.url(), (0..8).map(|i| seeded(i, 48)).collect());
+    // A long request holds the one batch place while the others arrive, so that none of them can find a
+    // place freed by an early finish: two wait, five are refused.
+    let (long, mut tokens) = start_streams(&server.url(), vec![seeded(0, 120)]);
+    until_tokens(&mut tokens, 1).await;
+    let (handles, _) = start_streams(&server.url(), (1..8).map(|i| seeded(i, 48)).collect());
     let got = outcomes(handles).await;
-    let completed = assert_clean(&got, 48);
+    let completed = assert_clean(&got, 48) + assert_clean(&outcomes(long).await, 120);
     let refused: Vec<_> = got
         .iter()
         .filter_map(|o| match &o.end {
