@@ -138,6 +138,7 @@ async fn health_latencies(channel: Channel, n: Option<usize>, until: Option<Inst
 async fn start() -> (tokio::process::Child, String) {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
     let mut server = Command::new(env!("CARGO_BIN_EXE_ferroserve"))
+        .env("FERROSERVE_HTTP_LISTEN", "")
         .current_dir(root)
         .args(["serve", "--config", "configs/multi-tenant.toml"])
         .args(["--listen", "127.0.0.1:0", "--metrics-listen", ""])

@@ -130,6 +130,7 @@ async fn main() {
     let deadline = Duration::from_millis(env_or("OVERLOAD_DEADLINE_MS", 10_000));
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
     let mut server = Command::new(env!("CARGO_BIN_EXE_ferroserve"))
+        .env("FERROSERVE_HTTP_LISTEN", "")
         .current_dir(root)
         .args(["serve", "--config", "configs/multi-tenant.toml"])
         .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])

@@ -24,6 +24,7 @@ async fn keys_open_the_data_plane_and_only_the_admin_credential_opens_admin() {
     let mut file = FileConfig::default();
     file.server.listen = "127.0.0.1:0".into();
     file.server.metrics_listen = String::new();
+    file.server.http_listen = String::new();
     file.auth.admin_token_sha256 = Some(sha256_hex("test-admin"));
     file.auth.keys = vec![KeySection {
         tenant: "alpha".into(),
@@ -200,6 +201,7 @@ fn matrix_settings(setup: Setup) -> ferroserve::config::Settings {
     let mut file = FileConfig::default();
     file.server.listen = "127.0.0.1:0".into();
     file.server.metrics_listen = String::new();
+    file.server.http_listen = String::new();
     match setup {
         Setup::Open => {}
         Setup::Keyed => {

@@ -214,6 +214,7 @@ async fn a_client_that_stops_reading_gives_its_slots_back() {
     let mut file = ferroserve::config::FileConfig::default();
     file.server.listen = "127.0.0.1:0".into();
     file.server.metrics_listen = String::new();
+    file.server.http_listen = String::new();
     file.admission.max_in_flight = Some(4);
     file.router.client_stall_timeout_secs = 1.0;
     let server = ferroserve::commands::servers::start_serve(file.validate().unwrap(), model_path())
@@ -344,7 +345,7 @@ async fn an_embedding_panic_is_counted_and_fails_open_or_closed_as_configured() 
     let cfg = dir.file(
         "serve.toml",
         &format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n[filter]\ndir = \"{}\"\nactive = \"open\"\nwatch_interval_secs = 0.0\n",
+            "[server]\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\nhttp_listen = \"\"\n[filter]\ndir = \"{}\"\nactive = \"open\"\nwatch_interval_secs = 0.0\n",
             filters.display()
         ),
     );
@@ -596,6 +597,7 @@ async fn the_engine_queue_bound_counts_every_waiting_request_and_overload_is_ref
     let mut file = ferroserve::config::FileConfig::default();
     file.server.listen = "127.0.0.1:0".into();
     file.server.metrics_listen = String::new();
+    file.server.http_listen = String::new();
     // One sequence at a time and room for two waiting; admission lets eight through to the engine.
     file.engine.max_batch_seqs = 1;
     file.engine.queue_capacity = 2;

@@ -62,6 +62,7 @@ async fn serve_filters_prompts_and_the_watcher_swaps_edited_configs() {
     let mut file = FileConfig::default();
     file.server.listen = "127.0.0.1:0".into();
     file.server.metrics_listen = String::new();
+    file.server.http_listen = String::new();
     file.filter.dir = dir.clone();
     file.filter.watch_interval_secs = 0.05;
     let server = ferroserve::commands::servers::start_serve(file.validate().unwrap(), model_path())

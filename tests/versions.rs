@@ -53,6 +53,7 @@ async fn versions_load_and_unload_while_serving() {
     let mut file = FileConfig::default();
     file.server.listen = "127.0.0.1:0".into();
     file.server.metrics_listen = String::new();
+    file.server.http_listen = String::new();
     // A version declared in the config loads in the background at startup.
     file.model.versions.push(VersionSection {
         version: "configured".into(),

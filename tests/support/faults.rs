@@ -18,6 +18,7 @@ pub fn router_config() -> String {
 [server]
 listen = "127.0.0.1:0"
 metrics_listen = ""
+http_listen = ""
 drain_timeout_secs = 30.0
 [router]
 worker_heartbeat_timeout_secs = 2.0

@@ -42,6 +42,7 @@ pub fn settings() -> Settings {
     file.server.drain_timeout_secs = 60.0;
     file.server.metrics_listen = "127.0.0.1:0".into();
     file.worker.metrics_listen = "127.0.0.1:0".into();
+    file.server.http_listen = String::new();
     file.validate().expect("test settings are valid")
 }
 

@@ -33,6 +33,9 @@ pub async fn spawn_with(args: &[&str], env: &[(&str, &str)]) -> Proc {
     let mut child = Command::new(env!("CARGO_BIN_EXE_ferroserve"))
         .args(args)
         .env("RUST_LOG", "warn")
+        // No HTTP API unless a test asks for one (`--http-listen 127.0.0.1:0`): the default port would
+        // collide between tests running side by side.
+        .env("FERROSERVE_HTTP_LISTEN", "")
         .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

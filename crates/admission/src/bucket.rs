@@ -42,7 +42,8 @@ impl Rate {
     }
 
     /// The time one cell takes to replenish. [`Rate::check`] guarantees it is representable.
-    fn interval(&self) -> Duration {
+    /// The time one cell takes to replenish.
+    pub fn interval(&self) -> Duration {
         self.checked_interval().unwrap_or(MAX_INTERVAL)
     }
 

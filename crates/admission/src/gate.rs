@@ -63,6 +63,24 @@ impl Reason {
         }
     }
 
+    /// Every reason, for parsing a label back.
+    pub const ALL: [Reason; 9] = [
+        Reason::TenantRequests,
+        Reason::TenantTokens,
+        Reason::TenantConcurrency,
+        Reason::ServerRequests,
+        Reason::ServerTokens,
+        Reason::TooLarge,
+        Reason::QueueFull,
+        Reason::Deadline,
+        Reason::QueueDeadline,
+    ];
+
+    /// The reason whose [`Reason::label`] is `label`.
+    pub fn parse(label: &str) -> Option<Reason> {
+        Reason::ALL.into_iter().find(|r| r.label() == label)
+    }
+
     /// True for a quota (the caller's to respect); false for a capacity condition of this server, which
     /// another replica might not share.
     pub fn is_quota(self) -> bool {
@@ -542,6 +560,11 @@ impl<C: Clock + Clone> Admission<C> {
             queued_requests: guard.queue.len() as u32,
             queued_tokens: guard.queued_tokens,
         }
+    }
+
+    /// One tenant's limits and budgets now; `None` for a tenant with no limits of its own.
+    pub fn tenant_view(&self, name: &str) -> Option<LimitsView> {
+        self.lock().tenants.get(name).map(|t| tenant_view(name, t))
     }
 
     /// Sets the remaining-budget gauges from the buckets' levels now (they refill between requests).

@@ -235,6 +235,7 @@ impl Inference for MockInference {
                         let token = pb::TokenDelta {
                             text: " tok".repeat(ids.len()),
                             token_ids: ids,
+                            logprobs: Vec::new(),
                         };
                         tx.send(Ok(pb::GenerateStreamResponse {
                             event: Some(Event::Token(token)),

@@ -75,6 +75,10 @@ pub struct ServerArgs {
     /// worker.metrics_listen for `worker`).
     #[arg(long, env = "FERROSERVE_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
+    /// The OpenAI-compatible HTTP API's address, empty to disable (overrides server.http_listen; `serve`
+    /// and `router` only).
+    #[arg(long, env = "FERROSERVE_HTTP_LISTEN")]
+    pub http_listen: Option<String>,
     /// Allow a non-loopback address with no API keys configured (overrides auth.allow_unauthenticated), or
     /// a worker with no internal-plane authentication. `Admin` stays closed there without an admin
     /// credential.
@@ -141,6 +145,9 @@ impl ServerArgs {
                 Role::Router => file.server.metrics_listen = l.clone(),
                 Role::Worker => file.worker.metrics_listen = l.clone(),
             }
+        }
+        if let Some(l) = &self.http_listen {
+            file.server.http_listen = l.clone();
         }
         if let Some(p) = &self.model_path {
             file.model.path = Some(p.clone());

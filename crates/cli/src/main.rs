@@ -15,6 +15,9 @@ async fn announce_and_run(what: &str, running: Running) -> anyhow::Result<()> {
     if let Some(m) = running.metrics_addr {
         let _ = writeln!(out, "ferroserve {what} metrics on http://{m}/metrics");
     }
+    if let Some(h) = running.http_addr {
+        let _ = writeln!(out, "ferroserve {what} OpenAI API on http://{h}/v1");
+    }
     running.run_until(shutdown_signal).await?;
     tracing::info!("{what} stopped cleanly");
     Ok(())

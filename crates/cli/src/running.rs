@@ -38,6 +38,8 @@ pub struct Running {
     pub addr: SocketAddr,
     /// The `/metrics` address it bound, if metrics are enabled.
     pub metrics_addr: Option<SocketAddr>,
+    /// The OpenAI-compatible HTTP API's address, if enabled.
+    pub http_addr: Option<SocketAddr>,
     /// The in-process engine once loaded (empty for a router with remote workers).
     pub backend: BackendSlot,
     /// Fires the graceful shutdown.
@@ -57,10 +59,17 @@ impl Running {
         Running {
             addr,
             metrics_addr,
+            http_addr: None,
             backend,
             stop,
             task,
         }
+    }
+
+    /// With the HTTP API bound at `addr`.
+    pub(crate) fn with_http(mut self, addr: Option<SocketAddr>) -> Running {
+        self.http_addr = addr;
+        self
     }
 
     /// `http://addr`, for clients.

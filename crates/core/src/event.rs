@@ -21,6 +21,28 @@ pub struct TokenChunk {
     pub logprobs: Vec<f32>,
     /// Entropy, in nats, of the (unmodified) distribution each token was sampled from.
     pub entropies: Vec<f32>,
+    /// One per token when the request asked for logprobs (`top_logprobs`); empty otherwise.
+    pub details: Vec<TokenDetail>,
+}
+
+/// A generated token's text and the most likely tokens at its position.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TokenDetail {
+    /// The token's bytes, decoded alone.
+    pub piece: Vec<u8>,
+    /// The most likely tokens, most likely first.
+    pub top: Vec<Alternative>,
+}
+
+/// A token the model considered, with its log-probability.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Alternative {
+    /// The token id.
+    pub token: u32,
+    /// Its bytes, decoded alone.
+    pub piece: Vec<u8>,
+    /// `log softmax(logits)[token]` under the model's unmodified distribution.
+    pub logprob: f32,
 }
 
 /// How and when a request ended.

@@ -8,8 +8,9 @@ mod limits;
 mod request;
 
 pub use backend::{Backend, BackendError, EventStream, ModelInfo, StatsStream, WorkerStats};
-pub use event::{Completion, Event, FinishReason, Timings, TokenChunk, Usage};
+pub use event::{Alternative, Completion, Event, FinishReason, Timings, TokenChunk, TokenDetail, Usage};
 pub use limits::{
-    GREEDY_BELOW_TEMPERATURE, MAX_REPETITION_PENALTY, MAX_TEMPERATURE, RequestLimits, Violation, check_sampling, echo,
+    GREEDY_BELOW_TEMPERATURE, MAX_REPETITION_PENALTY, MAX_TEMPERATURE, MAX_TOP_LOGPROBS, RequestLimits, Violation,
+    check_sampling, echo,
 };
 pub use request::{ChatMessage, GenerationDefaults, Input, Role, Sampling, ValidRequest};

@@ -8,6 +8,8 @@ use crate::{Input, Sampling, ValidRequest};
 pub const GREEDY_BELOW_TEMPERATURE: f32 = 1e-5;
 /// The largest temperature accepted; far above what any client sends (OpenAI's range ends at 2).
 pub const MAX_TEMPERATURE: f32 = 100.0;
+/// The most alternatives per token a request may ask for with its logprobs (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: u32 = 20;
 /// The largest repetition penalty accepted.
 pub const MAX_REPETITION_PENALTY: f32 = 100.0;
 /// The longest part of a value echoed back in an error message, in characters.

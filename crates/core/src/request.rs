@@ -24,6 +24,9 @@ pub struct ValidRequest {
     /// continues after them, as if it had generated them itself, with the sampler advanced past them, so
     /// that a seeded stream goes on exactly. Empty for a new request. At most `max_tokens`.
     pub continuation: Vec<u32>,
+    /// `Some(k)`: stream each generated token's text and bytes with its `k` most likely alternatives
+    /// (at most [`crate::MAX_TOP_LOGPROBS`]); `None`: only the sampled tokens' logprobs, as always.
+    pub top_logprobs: Option<u32>,
 }
 
 /// The two ways to give a model its input.
@@ -159,6 +162,7 @@ impl ValidRequest {
             arrived: SystemTime::now(),
             priority: 0,
             continuation: Vec::new(),
+            top_logprobs: None,
         }
     }
 }

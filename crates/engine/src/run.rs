@@ -9,7 +9,8 @@ use std::sync::mpsc::Receiver;
 use std::time::{Instant, SystemTime};
 
 use ferroserve_core::{
-    BackendError, Completion, Event, FinishReason, Timings, TokenChunk, Usage, ValidRequest, WorkerStats,
+    Alternative, BackendError, Completion, Event, FinishReason, MAX_TOP_LOGPROBS, Timings, TokenChunk, TokenDetail,
+    Usage, ValidRequest, WorkerStats,
 };
 use ferroserve_model::batched::{BatchedLlama, Chunk, SeqCache};
 use ferroserve_model::detok::IncrementalDecoder;
@@ -355,10 +356,36 @@ impl EngineLoop {
         self.retire(running, ended);
     }
 
+    /// A generated token's text and its alternatives, for a request that asked for logprobs.
+    fn detail(&self, token: u32, top: Vec<(u32, f32)>) -> TokenDetail {
+        let piece = |t: u32| {
+            self.text
+                .tokenizer
+                .decode(&[t])
+                .map(String::into_bytes)
+                .unwrap_or_default()
+        };
+        TokenDetail {
+            piece: piece(token),
+            top: top
+                .into_iter()
+                .map(|(t, logprob)| Alternative {
+                    token: t,
+                    piece: piece(t),
+                    logprob,
+                })
+                .collect(),
+        }
+    }
+
     /// Samples the next token of `seq` and streams it; `Some` when the sequence has ended.
     fn advance(&self, seq: &mut Seq, logits: &mut [f32]) -> Result<Option<Outcome>, ModelError> {
         let m = &self.shared.metrics;
         let request = &seq.job.request;
+        // The alternatives come from the logits as the model gave them, before the sampler rewrites them.
+        let top = request
+            .top_logprobs
+            .map(|k| crate::sampler::top_logprobs(logits, k.min(MAX_TOP_LOGPROBS) as usize));
         let pick = seq.sampler.sample(logits);
         m.token_logprob.record(f64::from(pick.logprob));
         m.token_entropy.record(f64::from(pick.entropy));
@@ -381,6 +408,7 @@ impl EngineLoop {
             token_ids: vec![pick.token],
             logprobs: vec![pick.logprob],
             entropies: vec![pick.entropy],
+            details: top.map_or_else(Vec::new, |top| vec![self.detail(pick.token, top)]),
         };
         if seq.job.events.try_send(Ok(Event::Token(chunk))).is_err() {
             tracing::info!(request_id = %request.request_id, generated = seq.generated, "client gone; generation cancelled");

@@ -175,6 +175,28 @@ fn lse_and_entropy(logits: &[f32]) -> (f32, f32) {
     (lse, if entropy.is_finite() { entropy.max(0.0) } else { 0.0 })
 }
 
+/// The `k` most likely tokens of `logits` (before any penalty or temperature), most likely first, with
+/// their log-probabilities; ties go to the lower id. Non-finite logits are skipped. Only a request that
+/// asks for logprobs pays for this pass.
+pub fn top_logprobs(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let finite = || logits.iter().enumerate().filter(|(_, l)| l.is_finite());
+    let max = finite().map(|(_, l)| *l).fold(f32::NEG_INFINITY, f32::max);
+    if k == 0 || max == f32::NEG_INFINITY {
+        return Vec::new();
+    }
+    let lse = max + finite().map(|(_, l)| (l - max).exp()).sum::<f32>().ln();
+    let mut best: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
+    for (i, &l) in finite() {
+        if best.len() == k && l <= best[k - 1].1 {
+            continue;
+        }
+        let at = best.partition_point(|(_, b)| *b >= l);
+        best.insert(at, (i as u32, l));
+        best.truncate(k);
+    }
+    best.into_iter().map(|(t, l)| (t, (l - lse).min(0.0))).collect()
+}
+
 fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;
     for (i, &l) in logits.iter().enumerate() {
@@ -198,6 +220,22 @@ mod tests {
             repetition_penalty: 1.0,
             ignore_eos: false,
         }
+    }
+
+    #[test]
+    fn top_logprobs_are_the_k_largest_in_order_and_normalized() {
+        let logits = [1.0, 3.0, f32::NAN, 2.0, 3.0, f32::NEG_INFINITY];
+        let top = top_logprobs(&logits, 3);
+        assert_eq!(
+            top.iter().map(|t| t.0).collect::<Vec<_>>(),
+            [1, 4, 3],
+            "ties to the lower id"
+        );
+        let lse = (1f32.exp() + 2.0 * 3f32.exp() + 2f32.exp()).ln();
+        assert!((top[0].1 - (3.0 - lse)).abs() < 1e-5);
+        assert!(top.windows(2).all(|w| w[0].1 >= w[1].1));
+        assert!(top_logprobs(&logits, 0).is_empty());
+        assert_eq!(top_logprobs(&[0.5], 20).len(), 1);
     }
 
     #[test]

@@ -94,26 +94,44 @@ impl EmbedService {
 
     /// The embedding of one text; concurrent callers share forward passes.
     pub fn embed(&self, text: &str) -> Result<Vec<f32>, String> {
-        let (reply, rx) = sync_channel(1);
-        self.tx
-            .send(Job {
-                text: text.to_string(),
-                reply,
+        let mut one = self.embed_many(std::slice::from_ref(&text.to_string()))?;
+        one.pop()
+            .ok_or_else(|| "the embedding thread gave no answer".to_string())
+    }
+
+    /// Embeddings of many texts, queued together so that the thread batches them (up to its batch size
+    /// per forward pass). Blocks: call it off the async threads.
+    pub fn embed_many(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, String> {
+        let stopped = || "the embedding thread has stopped".to_string();
+        let replies = texts
+            .iter()
+            .map(|text| {
+                let (reply, rx) = sync_channel(1);
+                self.tx
+                    .send(Job {
+                        text: text.clone(),
+                        reply,
+                    })
+                    .map_err(|_| stopped())?;
+                Ok(rx)
             })
-            .map_err(|_| "the embedding thread has stopped".to_string())?;
-        match rx.recv_timeout(EMBED_TIMEOUT) {
-            Ok(result) => result,
-            Err(RecvTimeoutError::Timeout) => Err(format!(
-                "the embedding thread gave no answer within {} s",
-                EMBED_TIMEOUT.as_secs()
-            )),
-            Err(RecvTimeoutError::Disconnected) => Err("the embedding thread has stopped".to_string()),
-        }
+            .collect::<Result<Vec<_>, String>>()?;
+        replies
+            .into_iter()
+            .map(|rx| match rx.recv_timeout(EMBED_TIMEOUT) {
+                Ok(result) => result,
+                Err(RecvTimeoutError::Timeout) => Err(format!(
+                    "the embedding thread gave no answer within {} s",
+                    EMBED_TIMEOUT.as_secs()
+                )),
+                Err(RecvTimeoutError::Disconnected) => Err(stopped()),
+            })
+            .collect()
     }
 
     /// Embeddings of many texts (exemplars at compile time).
     pub fn embed_all(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, String> {
-        texts.iter().map(|t| self.embed(t)).collect()
+        self.embed_many(texts)
     }
 }
 

@@ -1,4 +1,6 @@
-//! Every way the router can refuse or fail a request, and the one place each becomes a gRPC status.
+//! Every way the router can refuse or fail a request, and the one place each becomes a gRPC status and,
+//! from that status, an HTTP status with OpenAI's error body ([`HttpError`]): the HTTP door never
+//! classifies an error itself, so the two doors cannot disagree.
 
 use ferroserve_admission::{AuthError, PatchError, Rejection};
 use ferroserve_core::BackendError;
@@ -94,6 +96,12 @@ fn rejected(r: &Rejection, message: String) -> Status {
 
 impl From<RouterError> for Status {
     fn from(e: RouterError) -> Status {
+        Status::from(&e)
+    }
+}
+
+impl From<&RouterError> for Status {
+    fn from(e: &RouterError) -> Status {
         let message = e.to_string();
         match e {
             RouterError::Invalid { .. } => Status::invalid_argument(message),
@@ -102,7 +110,7 @@ impl From<RouterError> for Status {
             RouterError::DeadlineExceeded { .. } => Status::deadline_exceeded(message),
             RouterError::Auth(AuthError::Unauthenticated(_)) => Status::unauthenticated(message),
             RouterError::Auth(AuthError::PermissionDenied(_)) => Status::permission_denied(message),
-            RouterError::Rejected(r) => rejected(&r, message),
+            RouterError::Rejected(r) => rejected(r, message),
             RouterError::LimitChange(PatchError::UnknownTenant(_)) | RouterError::Filter(HubError::NotFound(_)) => {
                 Status::not_found(message)
             }
@@ -119,6 +127,101 @@ impl From<RouterError> for Status {
                 BackendError::Internal(_) => Status::internal(message),
             },
         }
+    }
+}
+
+/// An error as the OpenAI-compatible API sends it: an HTTP status, OpenAI's `{"error": {...}}` body, and
+/// `Retry-After` when waiting helps. Built from the gRPC status the same error gets on the other door.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpError {
+    /// The HTTP status code.
+    pub status: u16,
+    /// OpenAI's `type`: `invalid_request_error`, `authentication_error`, `permission_error`,
+    /// `not_found_error`, `rate_limit_error`, `server_error` or `timeout_error`.
+    pub kind: &'static str,
+    /// OpenAI's `code`: the admission limit's name, or a short name of the condition.
+    pub code: &'static str,
+    /// What is wrong and what to do.
+    pub message: String,
+    /// The request parameter to fix, for a 400.
+    pub param: Option<String>,
+    /// When a retry could succeed.
+    pub retry_after: Option<std::time::Duration>,
+}
+
+impl HttpError {
+    /// A request parameter the HTTP door itself refused (its JSON shape, or a value gRPC has no field for).
+    pub fn invalid(param: impl Into<String>, message: impl Into<String>) -> HttpError {
+        let param = param.into();
+        HttpError {
+            status: 400,
+            kind: "invalid_request_error",
+            code: "invalid_value",
+            message: format!("{param}: {}", message.into()),
+            param: Some(param),
+            retry_after: None,
+        }
+    }
+
+    /// The HTTP form of a gRPC status: the one table from codes to HTTP statuses.
+    pub fn from_status(status: &Status) -> HttpError {
+        let (http, kind, fallback) = match status.code() {
+            Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition => {
+                (400, "invalid_request_error", "invalid_value")
+            }
+            Code::Unauthenticated => (401, "authentication_error", "invalid_api_key"),
+            Code::PermissionDenied => (403, "permission_error", "permission_denied"),
+            Code::NotFound => (404, "not_found_error", "model_not_found"),
+            Code::ResourceExhausted => (429, "rate_limit_error", "rate_limit_exceeded"),
+            Code::Unavailable => (503, "server_error", "unavailable"),
+            Code::DeadlineExceeded => (504, "timeout_error", "deadline_exceeded"),
+            // nginx's "client closed request": only ever logged, as the client is gone.
+            Code::Cancelled => (499, "server_error", "cancelled"),
+            _ => (500, "server_error", "internal_error"),
+        };
+        let metadata = status.metadata();
+        let limit = metadata.get(LIMIT_METADATA).and_then(|v| v.to_str().ok());
+        let code = match limit {
+            Some(l) if http == 503 => ferroserve_admission::Reason::parse(l).map_or(fallback, |r| r.label()),
+            _ => fallback,
+        };
+        HttpError {
+            status: http,
+            kind,
+            code,
+            message: status.message().to_string(),
+            param: None,
+            retry_after: metadata
+                .get(RETRY_AFTER_MS)
+                .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+                .map(std::time::Duration::from_millis),
+        }
+    }
+
+    /// The HTTP form of a router error; `param` names the OpenAI parameter for a field of ours (`None`
+    /// keeps our field's name).
+    pub fn from_router(e: &RouterError, param: impl Fn(&str) -> Option<String>) -> HttpError {
+        let mut http = HttpError::from_status(&Status::from(e));
+        let field = match e {
+            RouterError::Invalid { field, .. } => Some(field.as_str()),
+            RouterError::Backend(BackendError::InvalidRequest { field, .. }) => Some(field.as_str()),
+            RouterError::ModelNotFound { .. } => Some("model"),
+            _ => None,
+        };
+        http.param = field.map(|f| param(f).unwrap_or_else(|| f.to_string()));
+        http
+    }
+
+    /// OpenAI's error body.
+    pub fn body(&self) -> serde_json::Value {
+        serde_json::json!({
+            "error": {
+                "message": self.message,
+                "type": self.kind,
+                "param": self.param,
+                "code": self.code,
+            }
+        })
     }
 }
 

@@ -18,6 +18,7 @@ use crate::RouterError;
 use crate::error::code_label;
 use crate::migrate::{Handoff, is_worker_failure};
 use crate::observe::{Observations, Sample};
+use crate::pipeline::Protocol;
 use crate::pool::Lease;
 
 /// A request handed to a worker: its lease, its event stream and what the client will be told.
@@ -50,6 +51,8 @@ pub(crate) struct Dispatched {
     pub observations: Arc<Observations>,
     /// Changes when an operator disables the version and cancels its requests in flight.
     pub cancel: tokio::sync::watch::Receiver<u64>,
+    /// The front door it came through, for the outcome's label.
+    pub protocol: Protocol,
 }
 
 /// What the client gets next.
@@ -70,8 +73,8 @@ pub(crate) fn finish_to_wire(f: FinishReason) -> pb::FinishReason {
     }
 }
 
-/// Counts a finished request by status, and by model and version once one was chosen.
-pub(crate) fn record_outcome(result: &Result<(), Status>, model: Option<&ModelInfo>) {
+/// Counts a finished request by status and front door, and by model and version once one was chosen.
+pub(crate) fn record_outcome(result: &Result<(), Status>, model: Option<&ModelInfo>, protocol: Protocol) {
     let label = match result {
         Ok(()) => "ok",
         Err(s) => code_label(s.code()),
@@ -81,9 +84,31 @@ pub(crate) fn record_outcome(result: &Result<(), Status>, model: Option<&ModelIn
         names::REQUESTS_TOTAL,
         names::LABEL_STATUS => label,
         names::LABEL_MODEL => name,
-        names::LABEL_VERSION => version
+        names::LABEL_VERSION => version,
+        names::LABEL_PROTOCOL => protocol.label()
     )
     .increment(1);
+}
+
+/// Each token's logprob with its text and alternatives, when the request asked for them (the worker then
+/// sends one detail per token).
+fn token_logprobs(t: &ferroserve_core::TokenChunk) -> Vec<pb::TokenLogprob> {
+    let entry = |token_id: u32, piece: &[u8], logprob: f32| pb::TokenLogprob {
+        token_id,
+        token: String::from_utf8_lossy(piece).into_owned(),
+        bytes: piece.to_vec(),
+        logprob,
+        top: Vec::new(),
+    };
+    t.details
+        .iter()
+        .zip(&t.token_ids)
+        .zip(&t.logprobs)
+        .map(|((d, &id), &logprob)| pb::TokenLogprob {
+            top: d.top.iter().map(|a| entry(a.token, &a.piece, a.logprob)).collect(),
+            ..entry(id, &d.piece, logprob)
+        })
+        .collect()
 }
 
 /// Waits until `deadline`, or forever when there is none.
@@ -319,6 +344,7 @@ impl Relay {
         self.clock.tokens(t.token_ids.len());
         self.clock.drift(&t.logprobs, &t.entropies);
         self.generated.extend_from_slice(&t.token_ids);
+        let logprobs = token_logprobs(&t);
         let text = match self.d.guard.as_mut() {
             None => t.text,
             Some(g) => match g.push(&t.text).await {
@@ -327,6 +353,7 @@ impl Relay {
             },
         };
         Relayed::Token(pb::TokenDelta {
+            logprobs,
             text,
             token_ids: t.token_ids,
         })
@@ -344,6 +371,7 @@ impl Relay {
                 Relayed::Token(pb::TokenDelta {
                     text: rest,
                     token_ids: Vec::new(),
+                    logprobs: Vec::new(),
                 })
             }
             Ok(_) => self.complete(c),
@@ -361,7 +389,7 @@ impl Relay {
     fn complete(&mut self, c: Completion) -> Relayed {
         self.finished = true;
         self.clock.complete();
-        record_outcome(&Ok(()), Some(&self.d.model));
+        record_outcome(&Ok(()), Some(&self.d.model), self.d.protocol);
         self.observe(false, false);
         self.settle(Some(&c.usage));
         Relayed::Done(Ok(pb::GenerationComplete {
@@ -387,7 +415,7 @@ impl Relay {
         self.finished = true;
         self.d.events = futures::stream::empty().boxed();
         self.clock.complete();
-        record_outcome(&Ok(()), Some(&self.d.model));
+        record_outcome(&Ok(()), Some(&self.d.model), self.d.protocol);
         self.observe(false, true);
         self.settle(None);
         let filter = self
@@ -424,7 +452,7 @@ impl Relay {
     /// the canary analysis: a client's own deadline, or an operator's cancellation, does not.
     fn end(&mut self, status: Status, blame: Blame) -> Relayed {
         self.finished = true;
-        record_outcome(&Err(status.clone()), Some(&self.d.model));
+        record_outcome(&Err(status.clone()), Some(&self.d.model), self.d.protocol);
         if blame == Blame::Version {
             self.observe(true, false);
         }
@@ -441,7 +469,11 @@ impl Drop for Relay {
         if !self.finished {
             tracing::info!(request_id = %self.d.request_id, "client disconnected; cancelling");
             // The client's leaving says nothing about the version: not a sample.
-            record_outcome(&Err(Status::cancelled("client disconnected")), Some(&self.d.model));
+            record_outcome(
+                &Err(Status::cancelled("client disconnected")),
+                Some(&self.d.model),
+                self.d.protocol,
+            );
             self.settle(None);
         }
     }
@@ -464,8 +496,8 @@ mod tests {
             defaults: Default::default(),
         };
         metrics::with_local_recorder(&recorder, || {
-            record_outcome(&Ok(()), Some(&model));
-            record_outcome(&Err(Status::invalid_argument("x")), None);
+            record_outcome(&Ok(()), Some(&model), Protocol::Grpc);
+            record_outcome(&Err(Status::invalid_argument("x")), None, Protocol::Http);
             let mut clock = Clock::new(Instant::now(), &model);
             clock.tokens(1);
             clock.tokens(2);

@@ -25,11 +25,12 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Status};
 
 use crate::admin::AdminService;
+use crate::http::{HttpDoor, HttpLimits, serve_http};
 use crate::inference::{InferenceService, authorization};
 use crate::live::Live;
 use crate::observe::Observations;
+use crate::pipeline::{Pipeline, Protocol};
 use crate::registry::{LoadSpec, Registry, VersionLoader};
-use crate::relay::record_outcome;
 use crate::traffic::{InFlight, Policy, Traffic};
 use crate::versions::Versions;
 use crate::{Pool, RouterError};
@@ -51,24 +52,22 @@ pub struct RouterConfig {
     pub connections: ConnectionLimits,
     /// TLS on the public listener, if configured (reloaded on SIGHUP by the binary).
     pub tls: Option<Arc<ServerTls>>,
+    /// TLS on the HTTP listener (the same certificate, offering HTTP/1.1), if configured.
+    pub http_tls: Option<Arc<ServerTls>>,
     /// How long a streaming client may take no message before it is given up on (its slot returns).
     pub client_stall: Duration,
     /// How long a worker may send no event before its request moves to another worker.
     pub worker_stall: Duration,
+    /// The HTTP door's own limits (`n`, the default `max_tokens`).
+    pub http: HttpLimits,
 }
 
 /// Authenticates an `Inference` call from its headers and hands the tenant to the handler.
-fn inference_auth(live: Arc<Live>) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
-    move |mut request: Request<()>| match live.keys().authenticate(authorization(request.metadata())) {
-        Ok(tenant) => {
-            request.extensions_mut().insert(tenant);
-            Ok(request)
-        }
-        Err(e) => {
-            let status = Status::from(RouterError::from(e));
-            record_outcome(&Err(status.clone()), None);
-            Err(status)
-        }
+fn inference_auth(pipeline: Arc<Pipeline>) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
+    move |mut request: Request<()>| {
+        let tenant = pipeline.authenticate(authorization(request.metadata()), Protocol::Grpc)?;
+        request.extensions_mut().insert(tenant);
+        Ok(request)
     }
 }
 
@@ -98,6 +97,10 @@ pub struct RouterParts {
     pub preload: Vec<LoadSpec>,
     /// Traffic policies to start with, by model name (recorded in the history as changes by `config`).
     pub policies: Vec<(String, Policy)>,
+    /// Where the OpenAI-compatible HTTP API listens; `None` disables it.
+    pub http: Option<TcpListener>,
+    /// The sentence encoder behind `/v1/embeddings`, if loaded.
+    pub embeddings: Option<Arc<ferroserve_filter::semantic::EmbedService>>,
 }
 
 /// Refreshes the remaining-budget gauges (buckets refill between requests).
@@ -145,6 +148,8 @@ pub async fn serve(
         loader,
         preload,
         policies,
+        http,
+        embeddings,
     } = parts;
     let budgets = publish_budgets(&live);
     let (switch, health) = ferroserve_net::health_service(&[
@@ -165,7 +170,7 @@ pub async fn serve(
     let observations = Arc::new(Observations::default());
     let in_flight = Arc::new(InFlight::default());
     let max_request_bytes = config.limits.max_request_bytes;
-    let inference = InferenceServer::new(InferenceService {
+    let pipeline = Arc::new(Pipeline {
         pool: Arc::clone(&pool),
         live: Arc::clone(&live),
         limits: config.limits,
@@ -176,9 +181,29 @@ pub async fn serve(
         client_stall: config.client_stall,
         worker_stall: config.worker_stall,
         drain: drain.watch(),
+    });
+    let http = http.map(|listener| {
+        let door = Arc::new(HttpDoor::new(Arc::clone(&pipeline), config.http, embeddings));
+        let listen = Listen {
+            name: "http",
+            limits: config.connections,
+            tls: config.http_tls.clone(),
+            first_bytes: 0,
+        };
+        serve_http(
+            listener,
+            listen,
+            door,
+            max_request_bytes,
+            drain.watch(),
+            config.drain.prestop,
+        )
+    });
+    let inference = InferenceServer::new(InferenceService {
+        pipeline: Arc::clone(&pipeline),
     })
     .max_decoding_message_size(max_request_bytes);
-    let inference = InterceptedService::new(inference, inference_auth(Arc::clone(&live)));
+    let inference = InterceptedService::new(inference, inference_auth(Arc::clone(&pipeline)));
     let versions = Versions {
         traffic,
         pool: Arc::clone(&pool),
@@ -227,5 +252,16 @@ pub async fn serve(
         .add_service(inference)
         .add_service(admin)
         .serve_with_incoming_shutdown(ferroserve_net::incoming(listener, listen), signal);
-    drain.run(server).await
+    // One drain for both doors: the deadline cuts off what is still open on either.
+    drain
+        .run(async move {
+            let http = async move {
+                if let Some(http) = http {
+                    http.await;
+                }
+            };
+            let (grpc, ()) = tokio::join!(server, http);
+            grpc
+        })
+        .await
 }

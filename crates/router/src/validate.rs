@@ -6,8 +6,8 @@
 use std::time::SystemTime;
 
 use ferroserve_core::{
-    ChatMessage, GREEDY_BELOW_TEMPERATURE, GenerationDefaults, Input, RequestLimits, Role, Sampling, ValidRequest,
-    Violation, check_sampling, echo,
+    ChatMessage, GREEDY_BELOW_TEMPERATURE, GenerationDefaults, Input, MAX_TOP_LOGPROBS, RequestLimits, Role, Sampling,
+    ValidRequest, Violation, check_sampling, echo,
 };
 use ferroserve_proto::v1 as pb;
 
@@ -110,6 +110,12 @@ pub(crate) fn validate(
     let sampling_given = request.sampling.is_some();
     let sampling = sampling(request.sampling.unwrap_or_default())?;
     limits.check_stop(&request.stop)?;
+    if request.top_logprobs > MAX_TOP_LOGPROBS {
+        return Err(invalid(
+            "top_logprobs",
+            format!("must be at most {MAX_TOP_LOGPROBS} (got {})", request.top_logprobs),
+        ));
+    }
     Ok(Checked {
         selector: model,
         request: ValidRequest {
@@ -121,6 +127,7 @@ pub(crate) fn validate(
             arrived: SystemTime::now(),
             priority: request.priority,
             continuation: Vec::new(),
+            top_logprobs: request.logprobs.then_some(request.top_logprobs),
         },
         sampling_given,
         session: request.session,

@@ -47,10 +47,11 @@ fn request() -> impl Strategy<Value = pb::GenerateRequest> {
             text(),
             any::<i32>(),
             text(),
+            (any::<bool>(), 0u32..40),
         ),
     )
         .prop_map(
-            |((model, prompt, messages, max_tokens), (sampling, stop, request_id, priority, session))| {
+            |((model, prompt, messages, max_tokens), (sampling, stop, request_id, priority, session, top))| {
                 pb::GenerateRequest {
                     model,
                     prompt,
@@ -61,6 +62,8 @@ fn request() -> impl Strategy<Value = pb::GenerateRequest> {
                     request_id,
                     priority,
                     session,
+                    logprobs: top.0,
+                    top_logprobs: top.1,
                 }
             },
         )

@@ -203,6 +203,8 @@ pub const TLS_RELOADS_TOTAL: &str = "ferroserve_tls_reloads_total";
 
 /// gRPC status code name, e.g. `ok`, `invalid_argument`.
 pub const LABEL_STATUS: &str = "status";
+/// The front door a request came through: `grpc` or `http` (the OpenAI-compatible API).
+pub const LABEL_PROTOCOL: &str = "protocol";
 /// Model name.
 pub const LABEL_MODEL: &str = "model";
 /// Model version label.
@@ -299,7 +301,11 @@ pub const HISTOGRAM_BUCKETS: &[(&str, &[f64])] = &[
 
 /// Registers help text and units for every metric. Call once after installing a recorder.
 pub fn describe() {
-    describe_counter!(REQUESTS_TOTAL, Unit::Count, "Requests finished, by gRPC status.");
+    describe_counter!(
+        REQUESTS_TOTAL,
+        Unit::Count,
+        "Requests finished, by status (named as gRPC codes on both front doors) and protocol."
+    );
     describe_histogram!(REQUEST_DURATION_SECONDS, Unit::Seconds, "End-to-end request latency.");
     describe_histogram!(
         TIME_TO_FIRST_TOKEN_SECONDS,

@@ -3,8 +3,8 @@
 use std::time::{Duration, UNIX_EPOCH};
 
 use ferroserve_core::{
-    BackendError, ChatMessage, Completion, Event, FinishReason, GenerationDefaults, Input, ModelInfo, Role, Sampling,
-    Timings, TokenChunk, Usage, ValidRequest, WorkerStats,
+    Alternative, BackendError, ChatMessage, Completion, Event, FinishReason, GenerationDefaults, Input, ModelInfo,
+    Role, Sampling, Timings, TokenChunk, TokenDetail, Usage, ValidRequest, WorkerStats,
 };
 use ferroserve_proto::worker as pb;
 use tonic::{Code, Status};
@@ -34,6 +34,7 @@ pub(crate) fn request_to_wire(r: &ValidRequest) -> pb::WorkRequest {
         arrived_unix_ms: r.arrived.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
         priority: r.priority,
         continuation: r.continuation.clone(),
+        top_logprobs: r.top_logprobs,
     }
 }
 
@@ -68,6 +69,7 @@ pub(crate) fn request_from_wire(r: pb::WorkRequest) -> Result<ValidRequest, Stat
         arrived: UNIX_EPOCH + Duration::from_millis(r.arrived_unix_ms),
         priority: r.priority,
         continuation: r.continuation,
+        top_logprobs: r.top_logprobs,
     })
 }
 
@@ -141,6 +143,22 @@ pub(crate) fn event_to_wire(e: Event) -> pb::WorkEvent {
             token_ids: t.token_ids,
             logprobs: t.logprobs,
             entropies: t.entropies,
+            details: t
+                .details
+                .into_iter()
+                .map(|d| pb::TokenDetail {
+                    piece: d.piece,
+                    top: d
+                        .top
+                        .into_iter()
+                        .map(|a| pb::Alternative {
+                            token_id: a.token,
+                            piece: a.piece,
+                            logprob: a.logprob,
+                        })
+                        .collect(),
+                })
+                .collect(),
         }),
         Event::Complete(c) => pb::work_event::Event::Complete(pb::Complete {
             finish: finish_to_wire(c.finish) as i32,
@@ -161,6 +179,22 @@ pub(crate) fn event_from_wire(e: pb::WorkEvent) -> Result<Event, BackendError> {
             token_ids: t.token_ids,
             logprobs: t.logprobs,
             entropies: t.entropies,
+            details: t
+                .details
+                .into_iter()
+                .map(|d| TokenDetail {
+                    piece: d.piece,
+                    top: d
+                        .top
+                        .into_iter()
+                        .map(|a| Alternative {
+                            token: a.token_id,
+                            piece: a.piece,
+                            logprob: a.logprob,
+                        })
+                        .collect(),
+                })
+                .collect(),
         })),
         Some(pb::work_event::Event::Complete(c)) => Ok(Event::Complete(Completion {
             finish: finish_from_wire(c.finish)
@@ -289,6 +323,7 @@ mod tests {
         r.arrived = UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
         r.priority = -3;
         r.continuation = vec![5, 6];
+        r.top_logprobs = Some(3);
         assert_eq!(request_from_wire(request_to_wire(&r)).unwrap(), r);
     }
 
@@ -319,6 +354,14 @@ mod tests {
             token_ids: vec![1],
             logprobs: vec![-0.5],
             entropies: vec![1.25],
+            details: vec![TokenDetail {
+                piece: b" a".to_vec(),
+                top: vec![Alternative {
+                    token: 7,
+                    piece: vec![0xe2, 0x82],
+                    logprob: -1.5,
+                }],
+            }],
         });
         assert_eq!(event_from_wire(event_to_wire(t.clone())).unwrap(), t);
         let c = Event::Complete(Completion {

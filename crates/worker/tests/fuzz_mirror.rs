@@ -35,9 +35,10 @@ fn request() -> impl Strategy<Value = pb::WorkRequest> {
         proptest::collection::vec("\\PC{0,20}", 0..20),
         any::<i32>(),
         proptest::collection::vec(any::<u32>(), 0..8),
+        proptest::option::of(any::<u32>()),
     )
         .prop_map(
-            |(request_id, input, max_tokens, sampling, stop, priority, continuation)| pb::WorkRequest {
+            |(request_id, input, max_tokens, sampling, stop, priority, continuation, top_logprobs)| pb::WorkRequest {
                 request_id,
                 input,
                 max_tokens,
@@ -46,6 +47,7 @@ fn request() -> impl Strategy<Value = pb::WorkRequest> {
                 arrived_unix_ms: 0,
                 priority,
                 continuation,
+                top_logprobs,
             },
         )
 }

@@ -68,8 +68,8 @@ impl GrpcClient {
             }),
             stop: Vec::new(),
             request_id: String::new(),
-            priority: 0,
             session: String::new(),
+            ..Default::default()
         });
         if let Some(auth) = &self.auth {
             request.metadata_mut().insert("authorization", auth.clone());

@@ -123,6 +123,7 @@ impl GenerateArgs {
             request_id: self.request_id.clone(),
             priority: self.priority,
             session: self.session.clone().unwrap_or_default(),
+            ..Default::default()
         })
     }
 }

@@ -20,6 +20,7 @@ use ferroserve_router::{
 };
 use ferroserve_worker::{BackendSlot, RemoteWorker, WorkerServerConfig};
 use futures::future::BoxFuture;
+use tokio::net::TcpListener;
 
 use super::listen::{Hangup, bind, load_tls, metrics};
 use crate::config::Settings;
@@ -159,6 +160,7 @@ impl PublicTls {
     }
 
     /// Both, by listener name, for SIGHUP.
+    /// The HTTP API speaks HTTP/1.1 with the same certificate as /metrics (one reload serves both).
     fn certs(&self) -> Vec<(&'static str, Arc<ferroserve_net::ServerTls>)> {
         let grpc = self.grpc.clone().map(|t| ("grpc", t));
         let metrics = self.metrics.clone().map(|t| ("metrics", t));
@@ -175,6 +177,7 @@ fn router_parts(
     stopped: &Stop,
     loader: Option<Arc<dyn VersionLoader>>,
     tls: &PublicTls,
+    http: Option<TcpListener>,
 ) -> anyhow::Result<RouterParts> {
     if settings.keys.is_open() {
         tracing::warn!(
@@ -225,7 +228,11 @@ fn router_parts(
             tls: tls.grpc.clone(),
             client_stall: settings.client_stall,
             worker_stall: settings.worker_stall,
+            http: settings.http,
+            http_tls: tls.metrics.clone(),
         },
+        embeddings: http.as_ref().and_then(|_| embeddings(settings)),
+        http,
         preload: settings.versions.clone(),
         policies: settings
             .traffic
@@ -235,6 +242,30 @@ fn router_parts(
             .collect(),
         loader,
     })
+}
+
+/// The sentence encoder for `/v1/embeddings`: the one the filter uses, loaded (from the cache, fetching
+/// it if needed) when the filter did not. Without it the HTTP API serves everything else.
+fn embeddings(settings: &Settings) -> Option<Arc<ferroserve_filter::semantic::EmbedService>> {
+    let loaded = super::install_embeddings(
+        &settings.cache_dir,
+        &ferroserve_model::fetch::Quiet,
+        ferroserve_model::embed::Backend::Int8,
+    );
+    if let Err(e) = loaded {
+        tracing::warn!(error = %format!("{e:#}"), "no embedding model: /v1/embeddings answers 404");
+    }
+    ferroserve_filter::semantic::service()
+}
+
+/// Binds the HTTP API's listener, if enabled.
+async fn bind_http(settings: &Settings) -> anyhow::Result<(Option<TcpListener>, Option<std::net::SocketAddr>)> {
+    let Some(addr) = settings.http_listen else {
+        return Ok((None, None));
+    };
+    let listener = bind(addr, "HTTP API").await?;
+    let bound = listener.local_addr()?;
+    Ok((Some(listener), Some(bound)))
 }
 
 /// Loads new versions into `serve` as in-process engines, with this server's engine settings.
@@ -337,6 +368,7 @@ pub async fn start_serve(settings: Settings, model_path: PathBuf) -> anyhow::Res
     let tls = PublicTls::load(&settings)?;
     let listener = bind(settings.listen, "router").await?;
     let addr = listener.local_addr()?;
+    let (http, http_addr) = bind_http(&settings).await?;
     let (stop, stopped) = Stop::new();
     let metrics_addr = metrics(
         settings.metrics_listen,
@@ -362,12 +394,12 @@ pub async fn start_serve(settings: Settings, model_path: PathBuf) -> anyhow::Res
                 settings: settings.clone(),
                 weights: Arc::clone(&weights),
             });
-            let parts = router_parts(&settings, Arc::clone(&pool), &stopped, Some(loader), &tls)?;
+            let parts = router_parts(&settings, Arc::clone(&pool), &stopped, Some(loader), &tls, http)?;
             let server = ferroserve_router::serve(listener, parts, stopped.wait());
             serve_while_loading(server, load, "router").await
         }
     });
-    Ok(Running::new(addr, metrics_addr, slot, stop, task))
+    Ok(Running::new(addr, metrics_addr, slot, stop, task).with_http(http_addr))
 }
 
 /// A worker process: the internal contract around one engine.
@@ -446,6 +478,7 @@ pub async fn start_router(settings: Settings) -> anyhow::Result<Running> {
     let tls = PublicTls::load(&settings)?;
     let listener = bind(settings.listen, "router").await?;
     let addr = listener.local_addr()?;
+    let (http, http_addr) = bind_http(&settings).await?;
     let (stop, stopped) = Stop::new();
     let metrics_addr = metrics(
         settings.metrics_listen,
@@ -475,13 +508,13 @@ pub async fn start_router(settings: Settings) -> anyhow::Result<Running> {
             }
         });
     }
-    let parts = router_parts(&settings, pool, &stopped, None, &tls)?;
+    let parts = router_parts(&settings, pool, &stopped, None, &tls, http)?;
     let task = tokio::spawn(async move {
         ferroserve_router::serve(listener, parts, stopped.wait())
             .await
             .context("router server failed")
     });
-    Ok(Running::new(addr, metrics_addr, BackendSlot::new(), stop, task))
+    Ok(Running::new(addr, metrics_addr, BackendSlot::new(), stop, task).with_http(http_addr))
 }
 
 #[cfg(test)]

@@ -380,6 +380,10 @@ pub struct Settings {
     pub worker_listen: SocketAddr,
     /// `/metrics` address of serve and router, if enabled.
     pub metrics_listen: Option<SocketAddr>,
+    /// The OpenAI-compatible HTTP API's address, if enabled.
+    pub http_listen: Option<SocketAddr>,
+    /// The HTTP API's own limits.
+    pub http: ferroserve_router::HttpLimits,
     /// `/metrics` address of a worker, if enabled.
     pub worker_metrics_listen: Option<SocketAddr>,
     /// The whole shutdown: pre-stop delay (NOT_SERVING, still accepting), then the drain timeout.
@@ -544,6 +548,17 @@ impl FileConfig {
         let worker_listen = addr("worker.listen", &self.worker.listen)?;
         let optional = |key: &str, v: &str| if v.is_empty() { Ok(None) } else { addr(key, v).map(Some) };
         let metrics_listen = optional("server.metrics_listen", &self.server.metrics_listen)?;
+        let http_listen = optional("server.http_listen", &self.server.http_listen)?;
+        if self.server.http_max_n == 0 {
+            return Err(err("server.http_max_n", "must be at least 1"));
+        }
+        if self.server.http_default_max_tokens == 0 {
+            return Err(err("server.http_default_max_tokens", "must be at least 1"));
+        }
+        let http = ferroserve_router::HttpLimits {
+            max_n: self.server.http_max_n,
+            default_max_tokens: self.server.http_default_max_tokens,
+        };
         let worker_metrics_listen = optional("worker.metrics_listen", &self.worker.metrics_listen)?;
         let price = self.cost.usd_per_hour;
         if !(price.is_finite() && price >= 0.0) {
@@ -645,7 +660,9 @@ impl FileConfig {
             recent_verdicts: f.recent_verdicts,
             watch_interval: (f.watch_interval_secs > 0.0).then(|| Duration::from_secs_f64(f.watch_interval_secs)),
         };
-        let (keys, tenants) = self.auth.validate(listen)?;
+        // Keys are required where either door is reachable from off this machine.
+        let exposed = http_listen.filter(|a| !a.ip().is_loopback()).unwrap_or(listen);
+        let (keys, tenants) = self.auth.validate(exposed)?;
         let a = &self.admission;
         let shared = LimitFields {
             requests_per_second: a.requests_per_second,
@@ -673,6 +690,8 @@ impl FileConfig {
             listen,
             worker_listen,
             metrics_listen,
+            http_listen,
+            http,
             worker_metrics_listen,
             model_name: self.model.name,
             model_version: self.model.version,

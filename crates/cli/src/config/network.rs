@@ -25,6 +25,12 @@ pub struct ServerSection {
     pub drain_prestop_secs: f64,
     /// Prometheus `/metrics` address of `serve` and `router`; empty disables it.
     pub metrics_listen: String,
+    /// The OpenAI-compatible HTTP API of `serve` and `router`; empty disables it.
+    pub http_listen: String,
+    /// The largest `n` (completions per request) the HTTP API accepts.
+    pub http_max_n: u32,
+    /// `max_tokens` of an HTTP request that sends none (OpenAI's default is "up to the context").
+    pub http_default_max_tokens: u32,
     /// PEM certificate chain for TLS on the public listener and `/metrics` (with `tls_key`).
     pub tls_cert: Option<PathBuf>,
     /// PEM private key of `tls_cert`.
@@ -38,6 +44,9 @@ impl Default for ServerSection {
             drain_timeout_secs: 30.0,
             drain_prestop_secs: 0.0,
             metrics_listen: "127.0.0.1:9464".into(),
+            http_listen: "127.0.0.1:8080".into(),
+            http_max_n: 8,
+            http_default_max_tokens: 256,
             tls_cert: None,
             tls_key: None,
         }

@@ -2,6 +2,8 @@
 //! them, and a harness that serves the real router in front of it on 127.0.0.1.
 #![allow(dead_code)]
 
+pub mod http;
+
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -17,7 +19,7 @@ use ferroserve_filter::FilterHub;
 use ferroserve_proto::v1 as pb;
 use ferroserve_proto::v1::admin_client::AdminClient;
 use ferroserve_proto::v1::inference_client::InferenceClient;
-use ferroserve_router::{Live, Pool, Reloader, RouterConfig, RouterParts};
+use ferroserve_router::{HttpLimits, Live, Pool, Reloader, RouterConfig, RouterParts};
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
 use tokio::sync::{mpsc, watch};
@@ -55,6 +57,8 @@ pub struct MockBackend {
     entropy: f32,
     /// Every generation ends in a worker error (a broken version).
     failing: bool,
+    /// Generations whose router side went away before the end (the router cancelled them).
+    cancelled: watch::Sender<u32>,
 }
 
 impl Backend for MockBackend {
@@ -72,6 +76,7 @@ impl Backend for MockBackend {
         let started = Arc::clone(&self.started);
         self.received.lock().unwrap().push(request.clone());
         let sent = Arc::clone(&self.sent);
+        let cancelled = self.cancelled.clone();
         // A prompt of "slow" takes ten times as long per token (a stream that overruns a deadline the
         // router's estimate allowed).
         let slow = matches!(&request.input, ferroserve_core::Input::Prompt(p) if p == "slow");
@@ -96,8 +101,10 @@ impl Backend for MockBackend {
                     token_ids: vec![i as u32],
                     logprobs: vec![logprob],
                     entropies: vec![entropy],
+                    details: Vec::new(),
                 };
                 if tx.send(Ok(Event::Token(chunk))).await.is_err() {
+                    cancelled.send_modify(|n| *n += 1);
                     return;
                 }
                 sent.fetch_add(1, Ordering::Relaxed);
@@ -197,6 +204,10 @@ pub struct Harness {
     /// `name@version` of each drift baseline the mock workers took.
     pub baselines: Arc<Mutex<Vec<String>>>,
     pub sent: Arc<AtomicU32>,
+    /// Generations the router cancelled (their event stream was dropped before the end).
+    pub cancelled: watch::Receiver<u32>,
+    /// `http://addr` of the OpenAI-compatible HTTP API.
+    pub http_url: String,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     server: tokio::task::JoinHandle<()>,
 }
@@ -225,6 +236,7 @@ impl Harness {
         let received = Arc::new(Mutex::new(Vec::new()));
         let baselines = Arc::new(Mutex::new(Vec::new()));
         let sent = Arc::new(AtomicU32::new(0));
+        let (cancelled_tx, cancelled) = watch::channel(0);
         let pool = Pool::new(Some("mock".into()));
         let single = o.versions.len() == 1;
         for version in &o.versions {
@@ -255,6 +267,7 @@ impl Harness {
                 logprob: if o.drifting.contains(version) { -6.0 } else { -0.5 },
                 entropy: if o.uncertain.contains(version) { 3.0 } else { 0.8 },
                 failing: o.failing.contains(version),
+                cancelled: cancelled_tx.clone(),
             }));
         }
         let mut healthy = pool.watch_healthy();
@@ -263,6 +276,8 @@ impl Harness {
             .await
             .unwrap()
             .unwrap();
+        let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let http_url = format!("http://{}", http.local_addr().unwrap());
         let parts = RouterParts {
             pool,
             live: Live::new(keys, Admission::new(o.limits), o.reload),
@@ -278,10 +293,17 @@ impl Harness {
                 tls: None,
                 client_stall: o.client_stall,
                 worker_stall: Duration::from_secs(120),
+                http: HttpLimits {
+                    max_n: 4,
+                    default_max_tokens: 16,
+                },
+                http_tls: None,
             },
             loader: None,
             preload: Vec::new(),
             policies: Vec::new(),
+            http: Some(http),
+            embeddings: None,
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -300,6 +322,8 @@ impl Harness {
             received,
             baselines,
             sent,
+            cancelled,
+            http_url,
             stop: Some(stop),
             server,
         }
