@@ -92,17 +92,25 @@ impl Proc {
 
     /// `host:port` of its /metrics listener, from the line it prints after its address (bounded wait).
     pub async fn metrics_addr(&self) -> String {
+        self.announced("metrics on http://", "/metrics").await
+    }
+
+    /// `host:port` of its OpenAI-compatible HTTP API, from the line it prints after its address.
+    pub async fn http_addr(&self) -> String {
+        self.announced("OpenAI API on http://", "/v1").await
+    }
+
+    /// The address in the stdout line with `marker` before it and `suffix` after (bounded wait).
+    async fn announced(&self, marker: &str, suffix: &str) -> String {
         let mut stdout = self.stdout.clone();
         let find = |lines: &Vec<String>| {
-            lines.iter().find_map(|l| {
-                l.split("metrics on http://")
-                    .nth(1)
-                    .map(|m| m.trim_end_matches("/metrics").to_string())
-            })
+            lines
+                .iter()
+                .find_map(|l| l.split(marker).nth(1).map(|m| m.trim_end_matches(suffix).to_string()))
         };
         let lines = tokio::time::timeout(WAIT, stdout.wait_for(|lines| find(lines).is_some()))
             .await
-            .expect("metrics address announced in time")
+            .unwrap_or_else(|_| panic!("`{marker}` announced in time"))
             .expect("stdout open");
         find(&lines).expect("found")
     }
