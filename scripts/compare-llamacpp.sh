@@ -8,8 +8,10 @@
 # Steps: build llama-server from the llama-cpp-python==0.3.36 sdist (cached; scripts/build-llama-server.sh),
 # build ferroserve (release), fetch the default model, then for each server in turn: start it on
 # 127.0.0.1, run `ferroserve bench` at concurrency 1,4,8,16 with 128 output tokens and ignore-EOS, note its
-# peak RSS, stop it. Finally print `bench compare` (ratios ferroserve / llama-server), the peak RSS of both,
-# and draw the plots. For the memory figure at 16 streams of 512 tokens:
+# peak RSS, stop it. Both servers are measured through the same protocol, OpenAI's /v1/completions with
+# server-sent events, so the protocol is not a variable; Ferroserve is also measured over its gRPC door in
+# the same run, which gives the HTTP door's own overhead. Finally print `bench compare` (ratios ferroserve
+# / llama-server, and HTTP / gRPC), the peak RSS of both, and draw the plots. For the memory figure at 16 streams of 512 tokens:
 #   LEVELS=16 INPUT_TOKENS=256 MAX_TOKENS=256 scripts/compare-llamacpp.sh
 #
 # Environment: OUT, REQUESTS (measured requests per level, default 32), LEVELS (default 1,4,8,16),
@@ -63,6 +65,7 @@ echo "==> ferroserve serve (content filter $filter)"
 config="$out/ferroserve.toml"
 sed -e 's/^listen = "127.0.0.1:50051"/listen = "127.0.0.1:0"/' \
     -e 's/^metrics_listen = "127.0.0.1:9464"/metrics_listen = "127.0.0.1:0"/' \
+    -e 's/^http_listen = "127.0.0.1:8080"/http_listen = "127.0.0.1:0"/' \
     configs/ferroserve.toml > "$config"
 if [[ "$filter" == off ]]; then sed -i 's/^enabled = true/enabled = false/' "$config"; fi
 "$ferroserve" serve --config "$config" --model-path "$model" > "$out/ferroserve.log" 2>&1 &
@@ -71,12 +74,17 @@ wait_for grep -q "serve listening on" "$out/ferroserve.log"
 addr="$(grep -m1 -o 'serve listening on [0-9.:]*' "$out/ferroserve.log" | awk '{print $4}')"
 # Listening comes before the model has loaded; one short generation says it is ready.
 wait_for "$ferroserve" generate --addr "http://$addr" --max-tokens 1 "ready?"
-bench --target "grpc://$addr" --label ferroserve --output "$out/ferroserve.json" | tee "$out/ferroserve.txt"
+http="$(grep -m1 -o 'OpenAI API on http://[0-9.:]*' "$out/ferroserve.log" | awk '{print $4}')"
+bench --target "$http/v1/completions" --label ferroserve --output "$out/ferroserve.json" | tee "$out/ferroserve.txt"
+bench --target "grpc://$addr" --label ferroserve-grpc --output "$out/ferroserve-grpc.json" \
+  | tee "$out/ferroserve-grpc.txt"
 peak_rss "ferroserve serve (router and worker in one process)" "${pids[-1]}"
 kill "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null || true; unset 'pids[-1]'
 
 echo "==> ratios (b / a): a = llama-server, b = ferroserve"
 "$ferroserve" bench compare "$out/llama-server.json" "$out/ferroserve.json" | tee "$out/compare.txt"
-"$ferroserve" bench plot "$out/llama-server.json" "$out/ferroserve.json" --out "$out/plots"
+echo "==> the HTTP door's overhead (b / a): a = ferroserve over gRPC, b = ferroserve over HTTP"
+"$ferroserve" bench compare "$out/ferroserve-grpc.json" "$out/ferroserve.json" | tee "$out/compare-protocols.txt"
+"$ferroserve" bench plot "$out/llama-server.json" "$out/ferroserve.json" "$out/ferroserve-grpc.json" --out "$out/plots"
 cat "$out/rss.txt"
 echo "==> results in $out"

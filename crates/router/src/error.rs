@@ -180,10 +180,15 @@ impl HttpError {
             _ => (500, "server_error", "internal_error"),
         };
         let metadata = status.metadata();
-        let limit = metadata.get(LIMIT_METADATA).and_then(|v| v.to_str().ok());
-        let code = match limit {
-            Some(l) if http == 503 => ferroserve_admission::Reason::parse(l).map_or(fallback, |r| r.label()),
-            _ => fallback,
+        let limit = metadata
+            .get(LIMIT_METADATA)
+            .and_then(|v| ferroserve_admission::Reason::parse(v.to_str().ok()?));
+        let (http, kind, code) = match limit {
+            // A reservation larger than a bucket can ever hold never succeeds: a 400, which HTTP clients
+            // do not retry (gRPC's RESOURCE_EXHAUSTED carries no retry delay for it either).
+            Some(r @ ferroserve_admission::Reason::TooLarge) => (400, "invalid_request_error", r.label()),
+            Some(r) if http == 503 => (http, kind, r.label()),
+            _ => (http, kind, fallback),
         };
         HttpError {
             status: http,

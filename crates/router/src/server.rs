@@ -1,6 +1,7 @@
-//! Assembling the router's gRPC server: Inference, Admin, health and reflection, with graceful drain.
+//! Assembling the router's servers: the gRPC server (Inference, Admin, health and reflection) and the
+//! HTTP door (http/), both on one shared [`Pipeline`] and one graceful drain.
 //!
-//! The layers, outermost first, and why each sits where it does:
+//! The gRPC layers, outermost first, and why each sits where it does (http/mod.rs lists the HTTP door's):
 //! - the accept loop (ferroserve-net): connection cap, TLS and the HTTP/2 preface under a handshake
 //!   timeout, before a connection costs a task of the server's;
 //! - HTTP/2 limits (streams per connection, resets, header size, keepalive, connection age);
@@ -132,6 +133,69 @@ fn follow_pool(pool: &Pool, health: HealthSwitch) -> tokio::task::JoinHandle<()>
     })
 }
 
+/// The traffic policies: those saved before a restart, else the config's.
+fn traffic(state_file: Option<std::path::PathBuf>, policies: Vec<(String, Policy)>) -> Arc<Traffic> {
+    let traffic = Arc::new(Traffic::persisted(state_file));
+    for (model, policy) in policies {
+        if traffic.has_policy(&model) {
+            tracing::info!(%model, "keeping the traffic policy saved before the restart over the config's");
+        } else {
+            traffic.change(&model, "config", "set", "from the config at startup", |p| *p = policy);
+        }
+    }
+    traffic
+}
+
+/// The version control wing, starting the configured extra versions' loads.
+fn versions(
+    traffic: Arc<Traffic>,
+    pool: Arc<Pool>,
+    loader: Option<Arc<dyn VersionLoader>>,
+    preload: Vec<LoadSpec>,
+    limits: RequestLimits,
+) -> Versions {
+    let versions = Versions {
+        traffic,
+        pool,
+        registry: Arc::new(Registry::default()),
+        loader,
+        limits,
+    };
+    if let Some(loader) = &versions.loader {
+        for spec in preload {
+            versions.start_load(loader, spec);
+        }
+    } else if !preload.is_empty() {
+        tracing::warn!("this router has no in-process workers; the configured extra versions are not loaded");
+    }
+    versions
+}
+
+/// The HTTP door on `listener`: the same pipeline, the same connection limits and drain as gRPC.
+fn http_door(
+    listener: TcpListener,
+    pipeline: &Arc<Pipeline>,
+    config: &RouterConfig,
+    embeddings: Option<Arc<ferroserve_filter::semantic::EmbedService>>,
+    drain: ferroserve_net::DrainWatch,
+) -> impl Future<Output = ()> + Send + 'static {
+    let door = Arc::new(HttpDoor::new(Arc::clone(pipeline), config.http, embeddings));
+    let listen = Listen {
+        name: "http",
+        limits: config.connections,
+        tls: config.http_tls.clone(),
+        first_bytes: 0,
+    };
+    serve_http(
+        listener,
+        listen,
+        door,
+        config.limits.max_request_bytes,
+        drain,
+        config.drain.prestop,
+    )
+}
+
 /// Serves the public API on `listener` until `shutdown` completes, then drains as [`Drain`] describes:
 /// NOT_SERVING first, the pre-stop delay, GOAWAY, and at the deadline every stream still open ends with
 /// UNAVAILABLE. Health reports SERVING while at least one worker is healthy.
@@ -159,14 +223,7 @@ pub async fn serve(
     let follower = follow_pool(&pool, switch.clone());
     let drain = Drain::new(config.drain, switch);
     let (reflection_v1, reflection_v1alpha) = ferroserve_net::reflection_services();
-    let traffic = Arc::new(Traffic::persisted(config.state_file.clone()));
-    for (model, policy) in policies {
-        if traffic.has_policy(&model) {
-            tracing::info!(%model, "keeping the traffic policy saved before the restart over the config's");
-        } else {
-            traffic.change(&model, "config", "set", "from the config at startup", |p| *p = policy);
-        }
-    }
+    let traffic = traffic(config.state_file.clone(), policies);
     let observations = Arc::new(Observations::default());
     let in_flight = Arc::new(InFlight::default());
     let max_request_bytes = config.limits.max_request_bytes;
@@ -182,42 +239,13 @@ pub async fn serve(
         worker_stall: config.worker_stall,
         drain: drain.watch(),
     });
-    let http = http.map(|listener| {
-        let door = Arc::new(HttpDoor::new(Arc::clone(&pipeline), config.http, embeddings));
-        let listen = Listen {
-            name: "http",
-            limits: config.connections,
-            tls: config.http_tls.clone(),
-            first_bytes: 0,
-        };
-        serve_http(
-            listener,
-            listen,
-            door,
-            max_request_bytes,
-            drain.watch(),
-            config.drain.prestop,
-        )
-    });
+    let http = http.map(|listener| http_door(listener, &pipeline, &config, embeddings, drain.watch()));
     let inference = InferenceServer::new(InferenceService {
         pipeline: Arc::clone(&pipeline),
     })
     .max_decoding_message_size(max_request_bytes);
     let inference = InterceptedService::new(inference, inference_auth(Arc::clone(&pipeline)));
-    let versions = Versions {
-        traffic,
-        pool: Arc::clone(&pool),
-        registry: Arc::new(Registry::default()),
-        loader,
-        limits: config.limits,
-    };
-    if let Some(loader) = &versions.loader {
-        for spec in preload {
-            versions.start_load(loader, spec);
-        }
-    } else if !preload.is_empty() {
-        tracing::warn!("this router has no in-process workers; the configured extra versions are not loaded");
-    }
+    let versions = versions(traffic, Arc::clone(&pool), loader, preload, config.limits);
     let admin_auth = admin_auth(Arc::clone(&live));
     let admin = AdminServer::new(AdminService {
         pool,

@@ -290,3 +290,54 @@ async fn models_list_names_and_versions() {
     assert_eq!(r.status, 404, "no encoder loaded: {}", r.body);
     h.stop().await;
 }
+
+#[tokio::test]
+async fn more_copies_than_slots_run_as_slots_free() {
+    // Two slots and a queue: four copies of one request. The copies that run are relayed at once, so they
+    // finish and free their slots for the queued ones (parked copies would hold the slots forever).
+    let mut o = Options::new(limits(2, 8));
+    o.script = Some(vec!["a".into(), "b".into()]);
+    let h = open_harness(o).await;
+    let body = json!({"model": "mock", "prompt": "hi", "max_tokens": 2, "n": 4}).to_string();
+    let r = post(&h.http_url, "/v1/completions", ALPHA, &body).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    let texts: Vec<&str> = v["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, ["ab"; 4]);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn requests_that_can_never_be_admitted_are_400_not_429() {
+    let mut o = Options::new(limits(8, 8));
+    o.limits.tenants.insert(
+        "gamma".into(),
+        TenantLimits {
+            max_in_flight: Some(2),
+            tokens: Some(rate(100.0, Duration::from_secs(60), Some(100), "tokens").unwrap()),
+            ..TenantLimits::default()
+        },
+    );
+    let h = open_harness(o).await;
+    let gamma = Some("key-gamma");
+    let r = post(&h.http_url, "/v1/chat/completions", gamma, &chat_body(json!({"n": 3}))).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.json()["error"]["param"], "n");
+    // 1000 tokens reserved from a bucket that holds 100: never admissible.
+    let r = post(
+        &h.http_url,
+        "/v1/chat/completions",
+        gamma,
+        &chat_body(json!({"max_tokens": 1000})),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "too_large");
+    assert!(r.header("retry-after").is_none());
+    h.stop().await;
+}

@@ -1,4 +1,9 @@
 //! Ferroserve's own API: `GenerateStream`, one token chunk per message, `usage` in the final message.
+//!
+//! A message whose text is empty (held back: part of a multi-byte character, or a possible stop string)
+//! is not a chunk the user sees; its tokens count with the next message that has text. TTFT and ITL are
+//! therefore measured on visible text, as the OpenAI target measures them, so that the two protocols
+//! compare like for like.
 
 use ferroserve_proto::v1 as pb;
 use ferroserve_proto::v1::inference_client::InferenceClient;
@@ -87,9 +92,16 @@ impl GrpcClient {
             .await
             .map_err(status)?
             .into_inner();
+        let mut held = 0;
         while let Some(message) = stream.message().await.map_err(status)? {
             match message.event {
-                Some(pb::generate_stream_response::Event::Token(t)) => rec.chunk(t.token_ids.len() as u32),
+                Some(pb::generate_stream_response::Event::Token(t)) => {
+                    held += t.token_ids.len() as u32;
+                    if !t.text.is_empty() {
+                        rec.chunk(held);
+                        held = 0;
+                    }
+                }
                 Some(pb::generate_stream_response::Event::Complete(c)) => {
                     if let Some(u) = c.usage {
                         rec.usage(Some(u.prompt_tokens), u.completion_tokens);

@@ -17,6 +17,7 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use ferroserve_admission::Tenant;
 use ferroserve_proto::v1 as pb;
+use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -29,6 +30,8 @@ use crate::HttpError;
 use crate::inference::COHORT_HEADER;
 use crate::pipeline::{Arrival, Protocol, Start};
 use crate::relay::Relay;
+
+use pb::generate_stream_response::Event as Out;
 
 /// Server-sent events waiting for a slow client, beyond what each copy's own relay buffers.
 const SSE_BUFFER: usize = 32;
@@ -129,35 +132,58 @@ struct Collected {
     done: pb::GenerationComplete,
 }
 
-/// Reads one copy to its end.
-async fn collect(start: Start) -> Result<Collected, Status> {
-    let mut relay = match start {
-        Start::Filtered(done) => {
-            return Ok(Collected {
-                text: String::new(),
-                logprobs: Vec::new(),
-                done,
-            });
-        }
-        Start::Dispatched(d) => Relay::new(*d),
-    };
-    let (mut text, mut logprobs) = (String::new(), Vec::new());
-    while let Some(item) = relay.next().await {
-        match item {
-            crate::relay::Relayed::Token(t) => {
-                text.push_str(&t.text);
-                logprobs.extend(t.logprobs);
-            }
-            crate::relay::Relayed::Done(done) => {
-                return Ok(Collected {
-                    text,
-                    logprobs,
-                    done: done?,
-                });
-            }
+/// A copy's messages for the client.
+type Messages = BoxStream<'static, Result<pb::GenerateStreamResponse, Status>>;
+
+/// One copy, started through the pipeline and already relaying: its worker is read as it produces
+/// (stream.rs), so a copy that runs finishes and frees its admission slot even while a sibling copy is
+/// still waiting in the queue for one.
+struct Copy {
+    request_id: String,
+    /// The serving `name@version`; `None` when the input filter refused the request.
+    model: Option<String>,
+    messages: Messages,
+}
+
+impl Copy {
+    fn begin(start: Start, client_stall: std::time::Duration) -> Copy {
+        match start {
+            Start::Filtered(c) => Copy {
+                request_id: c.request_id.clone(),
+                model: None,
+                messages: futures::stream::once(async move {
+                    Ok(pb::GenerateStreamResponse {
+                        event: Some(Out::Complete(c)),
+                    })
+                })
+                .boxed(),
+            },
+            Start::Dispatched(d) => Copy {
+                request_id: d.request_id.clone(),
+                model: Some(d.model.qualified()),
+                messages: {
+                    let max_messages = d.handoff.request.max_tokens as usize + 2;
+                    crate::stream::relay_to_client(Relay::new(*d), max_messages, client_stall).boxed()
+                },
+            },
         }
     }
-    Err(Status::internal("the request ended without a completion"))
+
+    /// Reads the copy to its end.
+    async fn collect(mut self) -> Result<Collected, Status> {
+        let (mut text, mut logprobs) = (String::new(), Vec::new());
+        while let Some(message) = self.messages.next().await {
+            match message?.event {
+                Some(Out::Token(t)) => {
+                    text.push_str(&t.text);
+                    logprobs.extend(t.logprobs);
+                }
+                Some(Out::Complete(done)) => return Ok(Collected { text, logprobs, done }),
+                None => {}
+            }
+        }
+        Err(Status::internal("the request ended without a completion"))
+    }
 }
 
 impl HttpDoor {
@@ -173,23 +199,19 @@ impl HttpDoor {
         };
         let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
         parsed.body.request_id = header(REQUEST_ID_HEADER).unwrap_or_default();
-        let starts = self.start_copies(&parsed, &tenant, header(COHORT_HEADER)).await;
-        let starts = match starts {
-            Ok(s) => s,
+        if let Err(e) = self.check_n(parsed.n, &tenant) {
+            return self.refused(e, &tenant);
+        }
+        let copies = match self.start_copies(&parsed, &tenant, header(COHORT_HEADER)).await {
+            Ok(c) => c,
             Err(e) => return self.router_error(&e, Some(&tenant)),
         };
-        let first_id = match &starts[0] {
-            Start::Filtered(c) => c.request_id.clone(),
-            Start::Dispatched(d) => d.request_id.clone(),
-        };
+        let first_id = copies[0].request_id.clone();
         // The serving version, once one was chosen; the name the client sent when the input filter
         // refused the request first.
-        let model = starts
+        let model = copies
             .iter()
-            .find_map(|s| match s {
-                Start::Dispatched(d) => Some(d.model.qualified()),
-                Start::Filtered(_) => None,
-            })
+            .find_map(|c| c.model.clone())
             .unwrap_or_else(|| parsed.body.model.clone());
         let meta = Meta {
             id: format!(
@@ -202,9 +224,9 @@ impl HttpDoor {
             logprobs: parsed.logprobs.is_some(),
         };
         let mut response = if parsed.stream {
-            self.stream(starts, meta, parsed.include_usage)
+            stream(copies, meta, parsed.include_usage)
         } else {
-            match self.unary(starts, &meta).await {
+            match unary(copies, &meta).await {
                 Ok(r) => r,
                 Err(status) => return self.error(HttpError::from_status(&status), Some(&tenant)),
             }
@@ -216,14 +238,40 @@ impl HttpDoor {
         response
     }
 
-    /// The `n` copies, started together; the first refusal refuses them all.
+    /// `n` beyond what the tenant, or the server, may ever run at once can never succeed: a 400 naming
+    /// `n`, not a retryable refusal.
+    fn check_n(&self, n: u32, tenant: &Tenant) -> Result<(), HttpError> {
+        let admission = self.pipeline.live.admission();
+        let snapshot = admission.snapshot();
+        let mine = admission.tenant_view(&tenant.name);
+        let caps = [
+            mine.as_ref().and_then(|v| v.limits.max_in_flight),
+            mine.as_ref().and_then(|v| v.limits.requests.map(|r| r.burst)),
+            snapshot
+                .server
+                .limits
+                .max_in_flight
+                .map(|m| m.saturating_add(admission.queue_limits().0)),
+        ];
+        match caps.into_iter().flatten().min() {
+            Some(cap) if n > cap => Err(HttpError::invalid(
+                "n",
+                format!("{n} completions at once can never be admitted here: the most is {cap}"),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The `n` copies, each relaying as soon as it starts; the first refusal refuses the request, and the
+    /// copies already started are dropped (cancelled, their reservations settled).
     async fn start_copies(
         &self,
         parsed: &Parsed,
         tenant: &Tenant,
         cohort: Option<String>,
-    ) -> Result<Vec<Start>, crate::RouterError> {
+    ) -> Result<Vec<Copy>, crate::RouterError> {
         let at = Instant::now();
+        let client_stall = self.pipeline.client_stall;
         let copies = (0..parsed.n).map(|i| {
             let mut body = parsed.body.clone();
             if parsed.n > 1 {
@@ -243,73 +291,63 @@ impl HttpDoor {
                 cohort: cohort.clone(),
                 protocol: Protocol::Http,
             };
-            self.pipeline.start(arrival, body)
-        });
-        futures::future::join_all(copies).await.into_iter().collect()
-    }
-
-    /// Every copy to its end, as one JSON body.
-    async fn unary(&self, starts: Vec<Start>, meta: &Meta) -> Result<Response, Status> {
-        let collected: Vec<Collected> = futures::future::join_all(starts.into_iter().map(collect))
-            .await
-            .into_iter()
-            .collect::<Result<_, _>>()?;
-        let choices: Vec<Value> = collected
-            .iter()
-            .enumerate()
-            .map(|(index, c)| {
-                let logprobs = meta.logprobs.then(|| logprobs_json(meta.endpoint, &c.logprobs, 0));
-                let mut choice = json!({"index": index, "finish_reason": finish_reason(&c.done), "logprobs": logprobs});
-                match meta.endpoint {
-                    Endpoint::Chat => choice["message"] = json!({"role": "assistant", "content": c.text}),
-                    Endpoint::Completions => choice["text"] = json!(c.text),
-                }
-                choice
-            })
-            .collect();
-        let model = &meta.model;
-        Ok(axum::Json(json!({
-            "id": meta.id,
-            "object": meta.object(false),
-            "created": meta.created,
-            "model": model,
-            "system_fingerprint": model,
-            "choices": choices,
-            "usage": total_usage(collected.iter().map(|c| &c.done)),
-        }))
-        .into_response())
-    }
-
-    /// Every copy's messages as server-sent events, interleaved as they come.
-    fn stream(&self, starts: Vec<Start>, meta: Meta, include_usage: bool) -> Response {
-        let copies = starts.into_iter().enumerate().map(|(i, start)| match start {
-            Start::Filtered(c) => {
-                let done = pb::GenerateStreamResponse {
-                    event: Some(pb::generate_stream_response::Event::Complete(c)),
-                };
-                futures::stream::once(async move { (i, Ok(done)) }).boxed()
-            }
-            Start::Dispatched(d) => {
-                let max_messages = d.handoff.request.max_tokens as usize + 2;
-                crate::stream::relay_to_client(Relay::new(*d), max_messages, self.pipeline.client_stall)
-                    .map(move |m| (i, m))
-                    .boxed()
+            async move {
+                let start = self.pipeline.start(arrival, body).await?;
+                Ok(Copy::begin(start, client_stall))
             }
         });
-        let (tx, rx) = mpsc::channel(SSE_BUFFER);
-        let writer = SseWriter {
-            meta,
-            tx,
-            started: Vec::new(),
-            offsets: Vec::new(),
-            done: Vec::new(),
-            include_usage,
-        };
-        tokio::spawn(writer.run(futures::stream::select_all(copies)));
-        Sse::new(ReceiverStream::new(rx).map(Ok::<_, std::convert::Infallible>))
-            .keep_alive(KeepAlive::default())
-            .into_response()
+        futures::future::try_join_all(copies).await
     }
+}
+
+/// Every copy to its end, as one JSON body. A copy that fails ends the request, and the others are
+/// dropped (cancelled).
+async fn unary(copies: Vec<Copy>, meta: &Meta) -> Result<Response, Status> {
+    let collected = futures::future::try_join_all(copies.into_iter().map(Copy::collect)).await?;
+    let choices: Vec<Value> = collected
+        .iter()
+        .enumerate()
+        .map(|(index, c)| {
+            let logprobs = meta.logprobs.then(|| logprobs_json(meta.endpoint, &c.logprobs, 0));
+            let mut choice = json!({"index": index, "finish_reason": finish_reason(&c.done), "logprobs": logprobs});
+            match meta.endpoint {
+                Endpoint::Chat => choice["message"] = json!({"role": "assistant", "content": c.text}),
+                Endpoint::Completions => choice["text"] = json!(c.text),
+            }
+            choice
+        })
+        .collect();
+    Ok(axum::Json(json!({
+        "id": meta.id,
+        "object": meta.object(false),
+        "created": meta.created,
+        "model": meta.model,
+        "system_fingerprint": meta.model,
+        "choices": choices,
+        "usage": total_usage(collected.iter().map(|c| &c.done)),
+    }))
+    .into_response())
+}
+
+/// Every copy's messages as server-sent events, interleaved as they come.
+fn stream(copies: Vec<Copy>, meta: Meta, include_usage: bool) -> Response {
+    let copies = copies
+        .into_iter()
+        .enumerate()
+        .map(|(i, copy)| copy.messages.map(move |m| (i, m)));
+    let (tx, rx) = mpsc::channel(SSE_BUFFER);
+    let writer = SseWriter {
+        meta,
+        tx,
+        started: Vec::new(),
+        offsets: Vec::new(),
+        done: Vec::new(),
+        include_usage,
+    };
+    tokio::spawn(writer.run(futures::stream::select_all(copies)));
+    Sse::new(ReceiverStream::new(rx).map(Ok::<_, std::convert::Infallible>))
+        .keep_alive(KeepAlive::default())
+        .into_response()
 }
 
 /// Turns the copies' messages into OpenAI chunks, in one task, until the last copy ends or the client
@@ -347,8 +385,8 @@ impl SseWriter {
                 }
             };
             let chunk = match event {
-                pb::generate_stream_response::Event::Token(t) => self.token(i, t),
-                pb::generate_stream_response::Event::Complete(c) => {
+                Out::Token(t) => self.token(i, t),
+                Out::Complete(c) => {
                     let chunk = self.choice_chunk(i, Value::Null, None, Some(finish_reason(&c)));
                     self.done.push(c);
                     Some(chunk)

@@ -8,7 +8,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use ferroserve_admission::{Ask, Tenant};
+use ferroserve_admission::{Ask, Permit, Tenant};
 use ferroserve_filter::{Action, Stage};
 use serde_json::{Value, json};
 
@@ -100,7 +100,7 @@ pub(crate) async fn moderations(State(door): State<Arc<HttpDoor>>, headers: Head
         Ok(t) => t,
         Err(e) => return door.router_error(&e, None),
     };
-    match door.moderate(&body).await {
+    match door.moderate(&tenant, &body).await {
         Ok(body) => {
             let mut response = axum::Json(body).into_response();
             response.headers_mut().extend(door.rate_headers(&tenant));
@@ -142,25 +142,18 @@ impl HttpDoor {
                 ));
             }
         };
-        let tokens: usize = texts.iter().map(|t| t.len().div_ceil(BYTES_PER_TOKEN).max(1)).sum();
-        let tokens = u32::try_from(tokens).unwrap_or(u32::MAX);
-        let ask = Ask {
-            tenant: tenant.clone(),
-            tokens,
-            max_tokens: 0,
-            deadline: None,
-        };
-        let mut permit = self
-            .pipeline
-            .admit_ask(ask, Instant::now())
-            .await
-            .map_err(|e| HttpError::from_router(&e, |_| None))?;
-        let vectors = tokio::task::spawn_blocking(move || service.embed_many(&texts))
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r)
-            .map_err(|e| HttpError::from_status(&tonic::Status::unavailable(format!("embedding failed: {e}"))))?;
-        permit.settle(tokens, None);
+        let (tokens, mut permit) = self.admit_texts(tenant, &texts).await?;
+        // The permit goes with the work: a client that leaves does not free the slot while the encoder
+        // still runs its texts.
+        let vectors = tokio::task::spawn_blocking(move || {
+            let vectors = service.embed_many(&texts);
+            permit.settle(tokens, None);
+            vectors
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r)
+        .map_err(|e| HttpError::from_status(&tonic::Status::unavailable(format!("embedding failed: {e}"))))?;
         let data: Vec<Value> = vectors
             .iter()
             .enumerate()
@@ -177,10 +170,30 @@ impl HttpDoor {
         }))
     }
 
+    /// Admission for texts to embed or judge, as a generation of no tokens whose prompt is their
+    /// estimated tokens: the same rate limits, concurrency caps and queue as completions.
+    async fn admit_texts(&self, tenant: &Tenant, texts: &[String]) -> Result<(u32, Permit), HttpError> {
+        let tokens: usize = texts.iter().map(|t| t.len().div_ceil(BYTES_PER_TOKEN).max(1)).sum();
+        let tokens = u32::try_from(tokens).unwrap_or(u32::MAX);
+        let ask = Ask {
+            tenant: tenant.clone(),
+            tokens,
+            max_tokens: 0,
+            deadline: None,
+        };
+        let permit = self
+            .pipeline
+            .admit_ask(ask, Instant::now())
+            .await
+            .map_err(|e| HttpError::from_router(&e, |_| None))?;
+        Ok((tokens, permit))
+    }
+
     /// The active filter's verdict on each input, in OpenAI's moderation schema: a category the filter
     /// blocks or flags is flagged, with score 1; with filtering off, nothing is.
-    async fn moderate(&self, body: &[u8]) -> Result<Value, HttpError> {
+    async fn moderate(&self, tenant: &Tenant, body: &[u8]) -> Result<Value, HttpError> {
         let (_, texts) = inputs(body)?;
+        let (tokens, mut permit) = self.admit_texts(tenant, &texts).await?;
         let filters = &self.pipeline.filters;
         let selection = filters.selection();
         let mut results = Vec::with_capacity(texts.len());
@@ -198,6 +211,7 @@ impl HttpDoor {
             };
             results.push(json!({"flagged": flagged, "categories": categories, "category_scores": scores}));
         }
+        permit.settle(tokens, None);
         let model = selection
             .active
             .as_ref()

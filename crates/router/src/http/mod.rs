@@ -204,7 +204,6 @@ pub(crate) async fn serve_http(
 ) {
     let header_timeout = listen.limits.handshake_timeout;
     let service = TowerToHyperService::new(routes(door, max_body_bytes));
-    let conns = ferroserve_net::incoming(listener, listen);
     let graceful = GracefulShutdown::new();
     let stop_accepting = {
         let draining = drain.reached(Phase::Draining);
@@ -213,7 +212,11 @@ pub(crate) async fn serve_http(
             tokio::time::sleep(prestop).await;
         }
     };
-    tokio::pin!(conns, stop_accepting);
+    // The accept loop owns the listener: leaving it closes the socket, so that new connections are
+    // refused (and go elsewhere) while the open ones finish.
+    let conns = ferroserve_net::incoming(listener, listen);
+    tokio::pin!(stop_accepting);
+    let mut conns = Box::pin(conns);
     loop {
         let conn = tokio::select! {
             () = &mut stop_accepting => break,
@@ -234,5 +237,6 @@ pub(crate) async fn serve_http(
             }
         });
     }
+    drop(conns);
     graceful.shutdown().await;
 }
