@@ -163,6 +163,31 @@ impl HttpError {
         }
     }
 
+    /// Something the HTTP door does not have: a path, or a model only it serves (embeddings).
+    pub fn not_found(code: &'static str, message: impl Into<String>, param: Option<&str>) -> HttpError {
+        HttpError {
+            status: 404,
+            kind: "not_found_error",
+            code,
+            message: message.into(),
+            param: param.map(str::to_string),
+            retry_after: None,
+        }
+    }
+
+    /// A body over the size limit, refused before it is read.
+    pub fn too_large(message: impl Into<String>) -> HttpError {
+        HttpError {
+            status: 413,
+            ..HttpError::invalid("body", message)
+        }
+    }
+
+    /// The HTTP status, as axum takes it.
+    pub fn http_status(&self) -> axum::http::StatusCode {
+        axum::http::StatusCode::from_u16(self.status).unwrap_or(axum::http::StatusCode::INTERNAL_SERVER_ERROR)
+    }
+
     /// The HTTP form of a gRPC status: the one table from codes to HTTP statuses.
     pub fn from_status(status: &Status) -> HttpError {
         let (http, kind, fallback) = match status.code() {

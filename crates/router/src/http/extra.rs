@@ -120,17 +120,11 @@ impl HttpDoor {
             .clone()
             .filter(|_| model == EMBEDDING_MODEL || model.is_empty())
         else {
-            return Err(HttpError {
-                status: 404,
-                kind: "not_found_error",
-                code: "model_not_found",
-                message: match self.embeddings {
-                    Some(_) => format!("model `{model}` does not embed here; use `{EMBEDDING_MODEL}`"),
-                    None => "this server has no embedding model loaded (run `ferroserve fetch-model`)".into(),
-                },
-                param: Some("model".into()),
-                retry_after: None,
-            });
+            let message = match self.embeddings {
+                Some(_) => format!("model `{model}` does not embed here; use `{EMBEDDING_MODEL}`"),
+                None => "this server has no embedding model loaded (run `ferroserve fetch-model`)".into(),
+            };
+            return Err(HttpError::not_found("model_not_found", message, Some("model")));
         };
         let base64 = match o.get("encoding_format").and_then(Value::as_str) {
             None | Some("float") => false,

@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use ferroserve_admission::Tenant;
@@ -84,8 +84,7 @@ impl HttpDoor {
             headers.insert("retry-after", HeaderValue::from(secs));
             headers.insert("retry-after-ms", HeaderValue::from(wait.as_millis() as u64));
         }
-        let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        (status, headers, axum::Json(e.body())).into_response()
+        (e.http_status(), headers, axum::Json(e.body())).into_response()
     }
 
     /// A request the HTTP door refused before the pipeline saw it (its JSON), counted like the others.
@@ -162,32 +161,25 @@ async fn refuse_oversize(
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     match length {
         Some(n) if n > max_body_bytes as u64 => {
-            let mut e = HttpError::invalid(
-                "body",
-                format!("is {n} bytes; the limit max_request_bytes is {max_body_bytes}"),
-            );
-            e.status = 413;
+            let e = HttpError::too_large(format!("is {n} bytes; the limit max_request_bytes is {max_body_bytes}"));
             record_outcome(&Err(Status::invalid_argument(e.message.clone())), None, Protocol::Http);
-            (StatusCode::PAYLOAD_TOO_LARGE, axum::Json(e.body())).into_response()
+            (e.http_status(), axum::Json(e.body())).into_response()
         }
         _ => next.run(request).await,
     }
 }
 
 async fn not_found(uri: axum::http::Uri) -> Response {
-    let e = HttpError {
-        status: 404,
-        kind: "not_found_error",
-        code: "unknown_url",
-        message: format!(
+    let e = HttpError::not_found(
+        "unknown_url",
+        format!(
             "no endpoint at {}; this server has /v1/chat/completions, /v1/completions, /v1/models, \
              /v1/embeddings and /v1/moderations",
             uri.path()
         ),
-        param: None,
-        retry_after: None,
-    };
-    (StatusCode::NOT_FOUND, axum::Json(e.body())).into_response()
+        None,
+    );
+    (e.http_status(), axum::Json(e.body())).into_response()
 }
 
 /// Serves the HTTP door on `listener` until the drain: it accepts through the pre-stop delay (as the
