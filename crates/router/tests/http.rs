@@ -341,3 +341,77 @@ async fn requests_that_can_never_be_admitted_are_400_not_429() {
     assert!(r.header("retry-after").is_none());
     h.stop().await;
 }
+
+#[tokio::test]
+async fn the_traffic_policy_applies_to_http_with_the_cohort_header_and_user() {
+    let mut o = Options::new(limits(8, 8));
+    o.versions = vec!["stable".into(), "canary".into()];
+    let h = open_harness(o).await;
+    let mut admin = h.admin().await;
+    admin
+        .set_traffic(admin_request(
+            ferroserve_proto::v1::SetTrafficRequest {
+                model: "mock".into(),
+                weights: std::collections::HashMap::from([("stable".to_string(), 100)]),
+                cohorts: std::collections::HashMap::from([("beta".to_string(), "canary".to_string())]),
+                reason: "cohort test".into(),
+            },
+            "admin",
+        ))
+        .await
+        .unwrap();
+    let served = |cohort: Option<&'static str>| {
+        let url = h.http_url.clone();
+        async move {
+            let headers: Vec<(&str, &str)> = cohort.map(|c| ("x-ferroserve-cohort", c)).into_iter().collect();
+            let r = mock::http::send_with(
+                &url,
+                "POST",
+                "/v1/chat/completions",
+                ALPHA,
+                &headers,
+                &chat_body(json!({"user": "u1"})),
+            )
+            .await;
+            assert_eq!(r.status, 200, "{}", r.body);
+            r.json()["model"].as_str().unwrap().to_string()
+        }
+    };
+    assert_eq!(served(Some("beta")).await, "mock@canary");
+    assert_eq!(served(None).await, "mock@stable");
+    let r = post(
+        &h.http_url,
+        "/v1/chat/completions",
+        ALPHA,
+        &chat_body(json!({"model": "mock@canary"})),
+    )
+    .await;
+    assert_eq!(r.json()["model"], "mock@canary", "a pin reaches its version");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_drain_lets_an_open_stream_finish_and_then_refuses_connections() {
+    let mut o = Options::new(limits(8, 8));
+    o.script = Some((0..40).map(|i| format!(" t{i}")).collect());
+    o.token_delay = Duration::from_millis(10);
+    let h = open_harness(o).await;
+    let url = h.http_url.clone();
+    let body = json!({"model": "mock", "prompt": "hi", "max_tokens": 40, "stream": true}).to_string();
+    let mut reader = open_stream(&url, "/v1/completions", ALPHA, &body).await;
+    // The server is told to stop while the stream is open; the stream still ends with [DONE].
+    let stopping = tokio::spawn(h.stop());
+    let mut rest = String::new();
+    tokio::time::timeout(WAIT, tokio::io::AsyncReadExt::read_to_string(&mut reader, &mut rest))
+        .await
+        .expect("the stream ended in time")
+        .unwrap();
+    assert!(rest.contains("data: [DONE]"), "{rest}");
+    assert!(rest.contains("\"finish_reason\":\"stop\""), "{rest}");
+    tokio::time::timeout(WAIT, stopping).await.unwrap().unwrap();
+    let addr = url.trim_start_matches("http://");
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "the listener is closed after the drain"
+    );
+}

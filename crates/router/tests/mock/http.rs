@@ -35,12 +35,26 @@ impl Reply {
 }
 
 fn request(url: &str, method: &str, path: &str, key: Option<&str>, body: &str) -> (String, Vec<u8>) {
+    request_with(url, method, path, key, &[], body)
+}
+
+fn request_with(
+    url: &str,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (String, Vec<u8>) {
     let addr = url.trim_start_matches("http://").to_string();
-    let auth = key
+    let mut extra = key
         .map(|k| format!("Authorization: Bearer {k}\r\n"))
         .unwrap_or_default();
+    for (name, value) in headers {
+        extra.push_str(&format!("{name}: {value}\r\n"));
+    }
     let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
     let mut bytes = head.into_bytes();
@@ -72,8 +86,20 @@ async fn read_head(reader: &mut BufReader<TcpStream>) -> (u16, Vec<(String, Stri
 
 /// Sends one request and reads the whole response (bounded).
 pub async fn send(url: &str, method: &str, path: &str, key: Option<&str>, body: &str) -> Reply {
+    send_with(url, method, path, key, &[], body).await
+}
+
+/// [`send`] with extra request headers.
+pub async fn send_with(
+    url: &str,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Reply {
     tokio::time::timeout(WAIT, async {
-        let (addr, bytes) = request(url, method, path, key, body);
+        let (addr, bytes) = request_with(url, method, path, key, headers, body);
         let mut stream = TcpStream::connect(addr).await.unwrap();
         stream.write_all(&bytes).await.unwrap();
         let mut reader = BufReader::new(stream);
