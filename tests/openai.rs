@@ -131,7 +131,7 @@ async fn the_openai_sdk_gets_what_it_expects() {
     assert!(out.status.success(), "the SDK checks failed:\n{stdout}");
     assert!(stdout.contains("all checks passed"));
 
-    // The streams the overload check dropped were cancelled on the worker.
+    // The stream the script closed after three chunks was cancelled on the worker.
     wait_log(&mut logs, "client gone; generation cancelled").await;
     // Both doors count into the same metrics, told apart by `protocol`.
     let metrics: std::net::SocketAddr = server.metrics_addr().await.parse().unwrap();

@@ -166,6 +166,38 @@ def models_embeddings_moderations(client):
     ok("a filtered prompt: finish_reason content_filter")
 
 
+def responses(client):
+    kw = dict(model=MODEL, input="Name a colour.", instructions="Answer in one word.", max_output_tokens=8, temperature=0)
+    r = client.responses.create(**kw)
+    check(r.object == "response" and r.status in ("completed", "incomplete"), "a response", r)
+    text = r.output_text
+    check(len(text) > 0 and r.usage.output_tokens > 0, "text and usage", r)
+    events = list(client.responses.create(stream=True, **kw))
+    kinds = [e.type for e in events]
+    check(kinds[0] == "response.created" and kinds[-1] == "response.completed", "event order", kinds)
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    check(deltas == text, "streamed deltas equal the unary text", (deltas, text))
+    check(events[-1].response.output_text == text, "the completed response holds the text", events[-1])
+    try:
+        client.responses.create(model=MODEL, input="hi", previous_response_id="resp_x")
+        raise AssertionError("previous_response_id accepted")
+    except openai.BadRequestError as e:
+        check(e.param == "previous_response_id", "stateless: previous_response_id refused by name", e.body)
+    ok(f"responses: {text!r}, {len(events)} stream events, previous_response_id refused")
+
+
+def disconnect(client):
+    """A client that closes its stream mid-way: the Rust side waits for the engine's cancellation log."""
+    stream = client.completions.create(
+        model=MODEL, prompt="Count to a thousand:", max_tokens=400, stream=True, extra_body={"ignore_eos": True}
+    )
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    stream.close()
+    ok("a stream closed by the client after 3 chunks")
+
+
 def errors(base_url):
     def expect(exc_type, call, what):
         try:
@@ -253,6 +285,8 @@ def main():
     logprobs(client)
     stop_string(client)
     models_embeddings_moderations(client)
+    responses(client)
+    disconnect(client)
     errors(a.base_url)
     print("all checks passed")
 

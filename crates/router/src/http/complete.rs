@@ -69,7 +69,7 @@ impl Meta {
 }
 
 /// OpenAI's `finish_reason`. The server cancelling a request (drain, kill switch) is vLLM's `abort`.
-fn finish_reason(c: &pb::GenerationComplete) -> &'static str {
+pub(super) fn finish_reason(c: &pb::GenerationComplete) -> &'static str {
     match pb::FinishReason::try_from(c.finish_reason) {
         Ok(pb::FinishReason::Length) => "length",
         Ok(pb::FinishReason::Filtered) => "content_filter",
@@ -126,10 +126,10 @@ fn logprobs_json(endpoint: Endpoint, tokens: &[pb::TokenLogprob], offset: usize)
 }
 
 /// One copy's whole answer.
-struct Collected {
-    text: String,
-    logprobs: Vec<pb::TokenLogprob>,
-    done: pb::GenerationComplete,
+pub(super) struct Collected {
+    pub text: String,
+    pub logprobs: Vec<pb::TokenLogprob>,
+    pub done: pb::GenerationComplete,
 }
 
 /// A copy's messages for the client.
@@ -138,11 +138,11 @@ type Messages = BoxStream<'static, Result<pb::GenerateStreamResponse, Status>>;
 /// One copy, started through the pipeline and already relaying: its worker is read as it produces
 /// (stream.rs), so a copy that runs finishes and frees its admission slot even while a sibling copy is
 /// still waiting in the queue for one.
-struct Copy {
-    request_id: String,
+pub(super) struct Copy {
+    pub request_id: String,
     /// The serving `name@version`; `None` when the input filter refused the request.
-    model: Option<String>,
-    messages: Messages,
+    pub model: Option<String>,
+    pub messages: Messages,
 }
 
 impl Copy {
@@ -170,7 +170,7 @@ impl Copy {
     }
 
     /// Reads the copy to its end.
-    async fn collect(mut self) -> Result<Collected, Status> {
+    pub(super) async fn collect(mut self) -> Result<Collected, Status> {
         let (mut text, mut logprobs) = (String::new(), Vec::new());
         while let Some(message) = self.messages.next().await {
             match message?.event {
@@ -264,7 +264,7 @@ impl HttpDoor {
 
     /// The `n` copies, each relaying as soon as it starts; the first refusal refuses the request, and the
     /// copies already started are dropped (cancelled, their reservations settled).
-    async fn start_copies(
+    pub(super) async fn start_copies(
         &self,
         parsed: &Parsed,
         tenant: &Tenant,

@@ -2,7 +2,8 @@
 //!
 //! - `POST /v1/chat/completions` and `POST /v1/completions`, unary or streamed as server-sent events
 //!   (complete.rs);
-//! - `GET /v1/models`, `POST /v1/embeddings` and `POST /v1/moderations` (extra.rs).
+//! - `GET /v1/models`, `POST /v1/embeddings` and `POST /v1/moderations` (extra.rs);
+//! - `POST /v1/responses`, stateless (responses.rs).
 //!
 //! Each request is authenticated from `Authorization: Bearer` before its body is parsed, read into the
 //! pipeline's `GenerateRequest` (wire.rs), and sent through [`Pipeline::start`] exactly as a gRPC call is.
@@ -36,6 +37,7 @@ use crate::{HttpError, RouterError};
 
 mod complete;
 mod extra;
+mod responses;
 mod wire;
 
 pub use wire::HttpLimits;
@@ -140,6 +142,7 @@ fn routes(door: Arc<HttpDoor>, max_body_bytes: usize) -> Router {
         .route("/v1/models", get(extra::models))
         .route("/v1/embeddings", post(extra::embeddings))
         .route("/v1/moderations", post(extra::moderations))
+        .route("/v1/responses", post(responses::responses))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(axum::middleware::from_fn(move |request, next| {
@@ -174,7 +177,7 @@ async fn not_found(uri: axum::http::Uri) -> Response {
         "unknown_url",
         format!(
             "no endpoint at {}; this server has /v1/chat/completions, /v1/completions, /v1/models, \
-             /v1/embeddings and /v1/moderations",
+             /v1/embeddings, /v1/moderations and /v1/responses",
             uri.path()
         ),
         None,
