@@ -74,6 +74,7 @@ async fn same_seed_same_text_and_stop_strings_end_generation() {
             seed: Some(seed),
             repetition_penalty: Some(1.1),
             ignore_eos: false,
+            ..Default::default()
         });
         r
     };
@@ -136,6 +137,7 @@ async fn a_seeded_request_gives_the_same_text_alone_and_in_a_batch() {
             repetition_penalty: Some(1.1),
             seed: Some(77),
             ignore_eos: true,
+            ..Default::default()
         });
         r
     };

@@ -7,22 +7,26 @@
 use ferroserve_core::Sampling;
 use ferroserve_engine::sampler::Sampler;
 
-/// Samples `logits` with `params`, twice with the same seed.
+/// Samples two steps of `logits` with `params` (the second under the presence and frequency penalties of
+/// the first), twice with the same seed.
 pub fn check(params: Sampling, logits: &[f32], context: &[u32]) {
     if logits.is_empty() {
         return;
     }
-    let a = Sampler::new(params, context).sample(&mut logits.to_vec());
-    let b = Sampler::new(params, context).sample(&mut logits.to_vec());
-    assert!(
-        (a.token as usize) < logits.len(),
-        "token {} of {}",
-        a.token,
-        logits.len()
-    );
-    assert!(a.logprob.is_finite() && a.logprob <= 0.0, "logprob {}", a.logprob);
-    assert!(a.entropy.is_finite() && a.entropy >= 0.0, "entropy {}", a.entropy);
-    assert_eq!(a.token, b.token, "the same seed chose differently");
+    let (mut a, mut b) = (Sampler::new(params, context), Sampler::new(params, context));
+    for _ in 0..2 {
+        let x = a.sample(&mut logits.to_vec());
+        let y = b.sample(&mut logits.to_vec());
+        assert!(
+            (x.token as usize) < logits.len(),
+            "token {} of {}",
+            x.token,
+            logits.len()
+        );
+        assert!(x.logprob.is_finite() && x.logprob <= 0.0, "logprob {}", x.logprob);
+        assert!(x.entropy.is_finite() && x.entropy >= 0.0, "entropy {}", x.entropy);
+        assert_eq!(x.token, y.token, "the same seed chose differently");
+    }
 }
 
 /// Reads settings from the first 20 bytes, then logits as raw f32 bits.
@@ -38,6 +42,9 @@ pub fn run(data: &[u8]) {
         seed: u64::from_le_bytes(data[9..17].try_into().expect("8 bytes")),
         repetition_penalty: f(16),
         ignore_eos: false,
+        // From bytes the other settings read too: the header stays 20 bytes, so the corpus keeps its layout.
+        presence_penalty: f32::from(data[8] as i8) / 32.0,
+        frequency_penalty: f32::from(data[9] as i8) / 32.0,
     };
     let logits: Vec<f32> = data[20..]
         .chunks_exact(4)

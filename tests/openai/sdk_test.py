@@ -123,6 +123,16 @@ def logprobs(client):
     ok(f"logprobs: {[(t.token, round(t.logprob, 3)) for t in content]}")
 
 
+def penalties(client):
+    # Greedy, this prompt continues " a, a, a, ..."; the penalties push the model off the repeat.
+    kw = dict(model=MODEL, prompt="a, a, a, a, a, a, a,", max_tokens=12, temperature=0)
+    plain = client.completions.create(**kw).choices[0].text
+    penalized = client.completions.create(frequency_penalty=2.0, **kw).choices[0].text
+    check(plain.count("a,") >= 4, "the plain continuation repeats", plain)
+    check(penalized.count("a,") < plain.count("a,"), "the penalty cuts the repeats", (plain, penalized))
+    ok(f"penalties: {plain!r} -> {penalized!r}")
+
+
 def stop_string(client):
     base = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=12, temperature=0)
     text = base.choices[0].text
@@ -211,7 +221,7 @@ def errors(base_url):
     beta = OpenAI(base_url=base_url, api_key=BETA, max_retries=0)
     e = expect(openai.BadRequestError, lambda: beta.chat.completions.create(model=MODEL, messages=msgs, temperature=-1), "400")
     check(e.param == "temperature", "param names the parameter", e.body)
-    e = expect(openai.BadRequestError, lambda: beta.chat.completions.create(model=MODEL, messages=msgs, presence_penalty=0.5), "400 unsupported")
+    e = expect(openai.BadRequestError, lambda: beta.chat.completions.create(model=MODEL, messages=msgs, presence_penalty=3), "400 out of range")
     check(e.param == "presence_penalty", "param", e.body)
     expect(openai.AuthenticationError, lambda: OpenAI(base_url=base_url, api_key="nope", max_retries=0).models.list(), "401")
     expect(openai.PermissionDeniedError, lambda: OpenAI(base_url=base_url, api_key=ADMIN, max_retries=0).models.list(), "403")
@@ -284,6 +294,7 @@ def main():
     n_copies(client)
     logprobs(client)
     stop_string(client)
+    penalties(client)
     models_embeddings_moderations(client)
     responses(client)
     disconnect(client)

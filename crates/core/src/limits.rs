@@ -10,6 +10,8 @@ pub const GREEDY_BELOW_TEMPERATURE: f32 = 1e-5;
 pub const MAX_TEMPERATURE: f32 = 100.0;
 /// The most alternatives per token a request may ask for with its logprobs (OpenAI's limit).
 pub const MAX_TOP_LOGPROBS: u32 = 20;
+/// The largest presence or frequency penalty, either way (OpenAI's range).
+pub const MAX_OPENAI_PENALTY: f32 = 2.0;
 /// The largest repetition penalty accepted.
 pub const MAX_REPETITION_PENALTY: f32 = 100.0;
 /// The longest part of a value echoed back in an error message, in characters.
@@ -221,7 +223,7 @@ impl RequestLimits {
 
 /// Resolved sampling settings within the ranges the sampler handles: temperature 0 or in
 /// [`GREEDY_BELOW_TEMPERATURE`, `MAX_TEMPERATURE`], `top_p` in (0, 1], a finite repetition penalty in
-/// (0, [`MAX_REPETITION_PENALTY`]].
+/// (0, [`MAX_REPETITION_PENALTY`]], presence and frequency penalties in [-2, 2].
 pub fn check_sampling(s: &Sampling) -> Result<(), Violation> {
     let t = s.temperature;
     if !(t == 0.0 || (GREEDY_BELOW_TEMPERATURE..=MAX_TEMPERATURE).contains(&t)) {
@@ -242,6 +244,17 @@ pub fn check_sampling(s: &Sampling) -> Result<(), Violation> {
             "sampling.repetition_penalty",
             format!("must be a finite number > 0 and at most {MAX_REPETITION_PENALTY}, 1 meaning none (got {p})"),
         ));
+    }
+    for (field, v) in [
+        ("sampling.presence_penalty", s.presence_penalty),
+        ("sampling.frequency_penalty", s.frequency_penalty),
+    ] {
+        if !(-MAX_OPENAI_PENALTY..=MAX_OPENAI_PENALTY).contains(&v) {
+            return Err(violation(
+                field,
+                format!("must be a number in [-{MAX_OPENAI_PENALTY}, {MAX_OPENAI_PENALTY}], 0 meaning none (got {v})"),
+            ));
+        }
     }
     Ok(())
 }

@@ -94,6 +94,10 @@ pub struct Sampling {
     pub repetition_penalty: f32,
     /// Generate past the end-of-sequence token (benchmarks: every server produces `max_tokens`).
     pub ignore_eos: bool,
+    /// In [-2, 2]; subtracted once from the logit of every token generated so far (OpenAI's).
+    pub presence_penalty: f32,
+    /// In [-2, 2]; subtracted from a generated token's logit once per time it was generated (OpenAI's).
+    pub frequency_penalty: f32,
 }
 
 impl Sampling {
@@ -105,6 +109,8 @@ impl Sampling {
         seed: 0,
         repetition_penalty: 1.0,
         ignore_eos: false,
+        presence_penalty: 0.0,
+        frequency_penalty: 0.0,
     };
 
     /// True when the next token is simply the most likely one.

@@ -125,7 +125,7 @@ impl Seq {
         let continuation = self.job.prompt[self.job.prompt_len..].to_vec();
         for id in continuation {
             let piece = self.detok.push(&text.tokenizer, id)?;
-            self.sampler.skip_draw();
+            self.sampler.skip_draw(id);
             if self.stops.push(&piece).stopped {
                 return Ok(Some(FinishReason::Stop));
             }

@@ -1,6 +1,7 @@
-//! Choosing the next token from logits: repetition penalty, temperature, top-k, top-p, seeded.
+//! Choosing the next token from logits: repetition, presence and frequency penalties, temperature, top-k,
+//! top-p, seeded.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use ferroserve_core::Sampling;
 use rand::rngs::StdRng;
@@ -15,6 +16,8 @@ pub struct Sampler {
     rng: StdRng,
     /// Distinct tokens of the context, for the repetition penalty.
     seen: HashSet<u32>,
+    /// How often each token was generated, for the presence and frequency penalties.
+    generated: HashMap<u32, u32>,
 }
 
 /// A chosen token and its log-probability under the model's unmodified distribution.
@@ -35,6 +38,7 @@ impl Sampler {
             params,
             rng: StdRng::seed_from_u64(params.seed),
             seen: prompt.iter().copied().collect(),
+            generated: HashMap::new(),
         }
     }
 
@@ -52,24 +56,15 @@ impl Sampler {
         }
         sanitize(logits);
         let (lse, entropy) = lse_and_entropy(logits);
-        // The penalty rewrites logits; keep the originals of the tokens it touches for the logprob.
-        let mut originals = Vec::new();
-        if self.params.repetition_penalty != 1.0 {
-            let p = self.params.repetition_penalty;
-            for &t in &self.seen {
-                if let Some(l) = logits.get_mut(t as usize) {
-                    originals.push((t, *l));
-                    *l = if *l > 0.0 { *l / p } else { *l * p };
-                }
-            }
-            sanitize(logits);
-        }
+        // The penalties rewrite logits; keep the originals of the tokens they touch for the logprob.
+        let originals = self.penalize(logits);
         let token = if self.draws() {
             self.sample_random(logits, 1.0 / self.params.temperature)
         } else {
             argmax(logits)
         };
         self.seen.insert(token);
+        *self.generated.entry(token).or_default() += 1;
         let raw = originals
             .iter()
             .find(|(t, _)| *t == token)
@@ -86,12 +81,43 @@ impl Sampler {
         }
     }
 
-    /// Advances the random stream as one [`Sampler::sample`] would, without logits: how a sequence that
-    /// continues another worker's tokens gets the random state that worker had.
-    pub fn skip_draw(&mut self) {
+    /// Applies the repetition penalty (to every token of the context), then the presence and frequency
+    /// penalties (to the generated tokens); returns the original logits of the tokens it changed.
+    fn penalize(&self, logits: &mut [f32]) -> Vec<(u32, f32)> {
+        let mut originals: HashMap<u32, f32> = HashMap::new();
+        let p = self.params.repetition_penalty;
+        if p != 1.0 {
+            for &t in &self.seen {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    originals.entry(t).or_insert(*l);
+                    *l = if *l > 0.0 { *l / p } else { *l * p };
+                }
+            }
+        }
+        let (presence, frequency) = (self.params.presence_penalty, self.params.frequency_penalty);
+        if presence != 0.0 || frequency != 0.0 {
+            for (&t, &n) in &self.generated {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    originals.entry(t).or_insert(*l);
+                    *l -= presence + frequency * n as f32;
+                }
+            }
+        }
+        if !originals.is_empty() {
+            sanitize(logits);
+        }
+        originals.into_iter().collect()
+    }
+
+    /// Advances the random stream as one [`Sampler::sample`] of `token` would, without logits: how a
+    /// sequence that continues another worker's tokens gets the random state and penalties that worker
+    /// had.
+    pub fn skip_draw(&mut self, token: u32) {
         if self.draws() {
             let _: f32 = self.rng.random();
         }
+        self.seen.insert(token);
+        *self.generated.entry(token).or_default() += 1;
     }
 
     /// True when sampling draws from the random stream (exactly once per token).
@@ -218,7 +244,7 @@ mod tests {
             top_k,
             seed,
             repetition_penalty: 1.0,
-            ignore_eos: false,
+            ..Sampling::GREEDY
         }
     }
 
@@ -301,17 +327,39 @@ mod tests {
     }
 
     #[test]
+    fn presence_and_frequency_penalties_weigh_generated_tokens() {
+        let mut p = Sampling::GREEDY;
+        p.presence_penalty = 0.5;
+        p.frequency_penalty = 1.0;
+        // The prompt's tokens are not penalized: only generated ones.
+        let mut s = Sampler::new(p, &[0]);
+        assert_eq!(s.sample(&mut [3.0, 2.0, 0.0]).token, 0);
+        // 0 generated once: 3.0 - 0.5 - 1.0 = 1.5 < 2.0; the logprob is still the unpenalized one's.
+        let second = s.sample(&mut [3.0, 2.0, 0.0]);
+        assert_eq!(second.token, 1);
+        let lse = (3f32.exp() + 2f32.exp() + 1.0).ln();
+        assert!((second.logprob - (2.0 - lse)).abs() < 1e-5, "{second:?}");
+        // 0 once, 1 once: 1.5 vs 0.5 vs 0.0; then 0 twice: 0.5 vs 0.5 (tie to the lower id).
+        assert_eq!(s.sample(&mut [3.0, 2.0, 0.0]).token, 0);
+        assert_eq!(s.sample(&mut [3.0, 2.0, 0.0]).token, 0);
+        // A negative presence penalty encourages repeats.
+        let mut p = Sampling::GREEDY;
+        p.presence_penalty = -2.0;
+        let mut s = Sampler::new(p, &[]);
+        assert_eq!(s.sample(&mut [1.0, 2.0]).token, 1);
+        assert_eq!(s.sample(&mut [2.5, 2.0]).token, 1);
+    }
+
+    #[test]
     fn skipping_draws_continues_the_same_random_stream() {
         let logits: Vec<f32> = (0..50).map(|i| (i % 5) as f32 * 0.4).collect();
-        let p = params(1.0, 0, 1.0, 11);
+        let mut p = params(1.0, 0, 1.0, 11);
+        p.frequency_penalty = 0.3;
         let mut whole = Sampler::new(p, &[]);
         let all: Vec<u32> = (0..20).map(|_| whole.sample(&mut logits.clone()).token).collect();
         let mut resumed = Sampler::new(p, &[]);
-        for _ in 0..12 {
-            resumed.skip_draw();
-        }
-        for t in all[..12].iter() {
-            resumed.seen.insert(*t);
+        for &t in &all[..12] {
+            resumed.skip_draw(t);
         }
         let rest: Vec<u32> = (0..8).map(|_| resumed.sample(&mut logits.clone()).token).collect();
         assert_eq!(rest, all[12..]);

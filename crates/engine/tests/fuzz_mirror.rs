@@ -46,8 +46,19 @@ proptest! {
         top_k in 0u32..80,
         repetition_penalty in prop_oneof![Just(1.0f32), 1e-30f32..100.0, any::<f32>()],
         seed in any::<u64>(),
+        presence_penalty in prop_oneof![Just(0.0f32), -2.0f32..2.0, any::<f32>()],
+        frequency_penalty in prop_oneof![Just(0.0f32), -2.0f32..2.0, any::<f32>()],
     ) {
-        let params = Sampling { temperature, top_p, top_k, seed, repetition_penalty, ignore_eos: false };
+        let params = Sampling {
+            temperature,
+            top_p,
+            top_k,
+            seed,
+            repetition_penalty,
+            ignore_eos: false,
+            presence_penalty,
+            frequency_penalty,
+        };
         sampler::check(params, &logits, &[0, 3, 7]);
     }
 

@@ -231,6 +231,8 @@ fn sampling(s: pb::SamplingParams) -> Result<Sampling, RouterError> {
         seed: s.seed.unwrap_or_else(rand::random),
         repetition_penalty: s.repetition_penalty.unwrap_or(1.0),
         ignore_eos: s.ignore_eos,
+        presence_penalty: s.presence_penalty.unwrap_or(0.0),
+        frequency_penalty: s.frequency_penalty.unwrap_or(0.0),
     };
     check_sampling(&sampling)?;
     Ok(sampling)

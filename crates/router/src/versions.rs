@@ -132,6 +132,8 @@ impl Versions {
                         seed: None,
                         repetition_penalty: Some(s.repetition_penalty),
                         ignore_eos: false,
+                        presence_penalty: Some(s.presence_penalty),
+                        frequency_penalty: Some(s.frequency_penalty),
                     }),
                     stop: defaults.stop,
                 }

@@ -38,6 +38,8 @@ fn request() -> impl Strategy<Value = pb::GenerateRequest> {
             seed: Some(1),
             repetition_penalty,
             ignore_eos: false,
+            presence_penalty: repetition_penalty.map(|p| p - 1.0),
+            frequency_penalty: temperature.is_sign_negative().then_some(-temperature),
         });
     (
         (text(), text(), proptest::collection::vec(message, 0..20), 0u32..10_000),

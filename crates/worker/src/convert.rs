@@ -81,6 +81,8 @@ fn sampling_to_wire(s: Sampling) -> pb::Sampling {
         seed: s.seed,
         repetition_penalty: s.repetition_penalty,
         ignore_eos: s.ignore_eos,
+        presence_penalty: s.presence_penalty,
+        frequency_penalty: s.frequency_penalty,
     }
 }
 
@@ -92,6 +94,8 @@ fn sampling_from_wire(s: pb::Sampling) -> Sampling {
         seed: s.seed,
         repetition_penalty: s.repetition_penalty,
         ignore_eos: s.ignore_eos,
+        presence_penalty: s.presence_penalty,
+        frequency_penalty: s.frequency_penalty,
     }
 }
 

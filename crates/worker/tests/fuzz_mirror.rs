@@ -17,16 +17,26 @@ fn request() -> impl Strategy<Value = pb::WorkRequest> {
         proptest::collection::vec(message, 0..20)
             .prop_map(|messages| Some(pb::work_request::Input::Conversation(pb::Conversation { messages }))),
     ];
-    let sampling = (any::<f32>(), any::<f32>(), any::<u32>(), any::<f32>()).prop_map(
-        |(temperature, top_p, top_k, repetition_penalty)| pb::Sampling {
-            temperature,
-            top_p,
-            top_k,
-            seed: 3,
-            repetition_penalty,
-            ignore_eos: false,
-        },
-    );
+    let sampling = (
+        any::<f32>(),
+        any::<f32>(),
+        any::<u32>(),
+        any::<f32>(),
+        any::<f32>(),
+        any::<f32>(),
+    )
+        .prop_map(
+            |(temperature, top_p, top_k, repetition_penalty, presence_penalty, frequency_penalty)| pb::Sampling {
+                temperature,
+                top_p,
+                top_k,
+                seed: 3,
+                repetition_penalty,
+                ignore_eos: false,
+                presence_penalty,
+                frequency_penalty,
+            },
+        );
     (
         "[a-z0-9\\n -]{0,40}",
         input,

@@ -166,14 +166,6 @@ pub(crate) fn parse(bytes: &[u8], endpoint: Endpoint, limits: &HttpLimits) -> Re
 /// Fields OpenAI defines that change the output in ways this server does not implement: refused rather
 /// than silently ignored, since ignoring them would return something the client did not ask for.
 fn unsupported(o: &Object) -> Result<(), HttpError> {
-    for penalty in ["presence_penalty", "frequency_penalty"] {
-        if number(o, penalty)?.is_some_and(|p| p != 0.0) {
-            return Err(HttpError::invalid(
-                penalty,
-                "is not supported by this server; leave it at 0 and use `repetition_penalty` (e.g. 1.1) instead",
-            ));
-        }
-    }
     if bounded(o, "best_of", 1, 1).is_err() {
         return Err(HttpError::invalid(
             "best_of",
@@ -248,12 +240,16 @@ fn sampling(o: &Object) -> Result<Option<pb::SamplingParams>, HttpError> {
     };
     let repetition_penalty = number(o, "repetition_penalty")?;
     let ignore_eos = boolean(o, "ignore_eos")?;
+    let presence_penalty = number(o, "presence_penalty")?;
+    let frequency_penalty = number(o, "frequency_penalty")?;
     if temperature.is_none()
         && top_p.is_none()
         && top_k.is_none()
         && seed.is_none()
         && repetition_penalty.is_none()
         && ignore_eos.is_none()
+        && presence_penalty.is_none()
+        && frequency_penalty.is_none()
     {
         return Ok(None);
     }
@@ -264,6 +260,8 @@ fn sampling(o: &Object) -> Result<Option<pb::SamplingParams>, HttpError> {
         seed,
         repetition_penalty,
         ignore_eos: ignore_eos.unwrap_or(false),
+        presence_penalty,
+        frequency_penalty,
     }))
 }
 
@@ -395,7 +393,7 @@ mod tests {
                 "stop": "END", "n": 3, "logprobs": true, "top_logprobs": 2, "stream": true,
                 "stream_options": {"include_usage": true}, "user": "u1", "top_k": -1,
                 "repetition_penalty": 1.1, "ignore_eos": true, "priority": 5, "unknown": {"x": 1},
-                "presence_penalty": 0}"#,
+                "presence_penalty": 0.5, "frequency_penalty": -1}"#,
         )
         .expect("valid");
         let b = &p.body;
@@ -409,6 +407,7 @@ mod tests {
             (0.5, Some(0.9), 0, Some(u64::MAX))
         );
         assert_eq!((s.repetition_penalty, s.ignore_eos), (Some(1.1), true));
+        assert_eq!((s.presence_penalty, s.frequency_penalty), (Some(0.5), Some(-1.0)));
         assert_eq!(b.stop, ["END"]);
         assert_eq!((b.session.as_str(), b.priority), ("u1", 5));
         assert_eq!((p.n, p.stream, p.include_usage, p.logprobs), (3, true, true, Some(2)));
@@ -462,12 +461,8 @@ mod tests {
         );
         assert_eq!(param_of(&format!(r#"{{{msgs}, "top_logprobs": 2}}"#)), "top_logprobs");
         assert_eq!(
-            param_of(&format!(r#"{{{msgs}, "presence_penalty": 0.5}}"#)),
+            param_of(&format!(r#"{{{msgs}, "presence_penalty": "x"}}"#)),
             "presence_penalty"
-        );
-        assert_eq!(
-            param_of(&format!(r#"{{{msgs}, "frequency_penalty": -1}}"#)),
-            "frequency_penalty"
         );
         assert_eq!(param_of(&format!(r#"{{{msgs}, "tools": [{{}}]}}"#)), "tools");
         assert_eq!(
