@@ -562,6 +562,11 @@ impl<C: Clock + Clone> Admission<C> {
         }
     }
 
+    /// The server's own limits and budgets now.
+    pub fn server_view(&self) -> LimitsView {
+        server_view(&self.lock())
+    }
+
     /// One tenant's limits and budgets now; `None` for a tenant with no limits of its own.
     pub fn tenant_view(&self, name: &str) -> Option<LimitsView> {
         self.lock().tenants.get(name).map(|t| tenant_view(name, t))

@@ -242,13 +242,12 @@ impl HttpDoor {
     /// `n`, not a retryable refusal.
     fn check_n(&self, n: u32, tenant: &Tenant) -> Result<(), HttpError> {
         let admission = self.pipeline.live.admission();
-        let snapshot = admission.snapshot();
+        let server = admission.server_view();
         let mine = admission.tenant_view(&tenant.name);
         let caps = [
             mine.as_ref().and_then(|v| v.limits.max_in_flight),
             mine.as_ref().and_then(|v| v.limits.requests.map(|r| r.burst)),
-            snapshot
-                .server
+            server
                 .limits
                 .max_in_flight
                 .map(|m| m.saturating_add(admission.queue_limits().0)),

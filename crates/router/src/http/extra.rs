@@ -13,6 +13,7 @@ use ferroserve_filter::{Action, Stage};
 use serde_json::{Value, json};
 
 use super::HttpDoor;
+use super::wire::{Object, object};
 use crate::HttpError;
 
 /// The id `/v1/embeddings` answers to.
@@ -24,12 +25,8 @@ const MAX_INPUTS: usize = 256;
 const BYTES_PER_TOKEN: usize = 4;
 
 /// `input`: a string or a list of strings.
-fn inputs(body: &[u8]) -> Result<(serde_json::Map<String, Value>, Vec<String>), HttpError> {
-    let value: Value =
-        serde_json::from_slice(body).map_err(|e| HttpError::invalid("body", format!("is not valid JSON ({e})")))?;
-    let Value::Object(o) = value else {
-        return Err(HttpError::invalid("body", "must be a JSON object"));
-    };
+fn inputs(body: &[u8]) -> Result<(Object, Vec<String>), HttpError> {
+    let o = object(body)?;
     let texts = match o.get("input") {
         Some(Value::String(s)) => vec![s.clone()],
         Some(Value::Array(items)) if !items.is_empty() && items.len() <= MAX_INPUTS => items
@@ -75,9 +72,7 @@ pub(crate) async fn models(State(door): State<Arc<HttpDoor>>, headers: HeaderMap
     if door.embeddings.is_some() {
         data.push(entry(EMBEDDING_MODEL.into(), None));
     }
-    let mut response = axum::Json(json!({"object": "list", "data": data})).into_response();
-    response.headers_mut().extend(door.rate_headers(&tenant));
-    response
+    door.answer(&tenant, Ok(json!({"object": "list", "data": data})))
 }
 
 pub(crate) async fn embeddings(State(door): State<Arc<HttpDoor>>, headers: HeaderMap, body: Bytes) -> Response {
@@ -85,14 +80,7 @@ pub(crate) async fn embeddings(State(door): State<Arc<HttpDoor>>, headers: Heade
         Ok(t) => t,
         Err(e) => return door.router_error(&e, None),
     };
-    match door.embed(&tenant, &body).await {
-        Ok(body) => {
-            let mut response = axum::Json(body).into_response();
-            response.headers_mut().extend(door.rate_headers(&tenant));
-            response
-        }
-        Err(e) => door.error(e, Some(&tenant)),
-    }
+    door.answer(&tenant, door.embed(&tenant, &body).await)
 }
 
 pub(crate) async fn moderations(State(door): State<Arc<HttpDoor>>, headers: HeaderMap, body: Bytes) -> Response {
@@ -100,17 +88,22 @@ pub(crate) async fn moderations(State(door): State<Arc<HttpDoor>>, headers: Head
         Ok(t) => t,
         Err(e) => return door.router_error(&e, None),
     };
-    match door.moderate(&tenant, &body).await {
-        Ok(body) => {
-            let mut response = axum::Json(body).into_response();
-            response.headers_mut().extend(door.rate_headers(&tenant));
-            response
-        }
-        Err(e) => door.error(e, Some(&tenant)),
-    }
+    door.answer(&tenant, door.moderate(&tenant, &body).await)
 }
 
 impl HttpDoor {
+    /// A JSON answer with the tenant's rate-limit headers, or the error in OpenAI's form.
+    fn answer(&self, tenant: &Tenant, result: Result<Value, HttpError>) -> Response {
+        match result {
+            Ok(body) => {
+                let mut response = axum::Json(body).into_response();
+                response.headers_mut().extend(self.rate_headers(tenant));
+                response
+            }
+            Err(e) => self.error(e, Some(tenant)),
+        }
+    }
+
     /// Embeddings of the inputs, admitted against the tenant's limits like a generation of no tokens.
     async fn embed(&self, tenant: &Tenant, body: &[u8]) -> Result<Value, HttpError> {
         let (o, texts) = inputs(body)?;

@@ -64,11 +64,7 @@ pub(crate) async fn responses(State(door): State<Arc<HttpDoor>>, headers: Header
 /// The Responses API's body, read into the pipeline's request. Sampling fields and `user` are read as on
 /// chat completions.
 fn parse(bytes: &[u8], default_max_tokens: u32) -> Result<Parsed, HttpError> {
-    let value: Value =
-        serde_json::from_slice(bytes).map_err(|e| HttpError::invalid("body", format!("is not valid JSON ({e})")))?;
-    let Value::Object(mut o) = value else {
-        return Err(HttpError::invalid("body", "must be a JSON object"));
-    };
+    let mut o = wire::object(bytes)?;
     if o.get("previous_response_id").is_some_and(|v| !v.is_null()) {
         return Err(HttpError::invalid(
             "previous_response_id",
@@ -106,14 +102,13 @@ fn parse(bytes: &[u8], default_max_tokens: u32) -> Result<Parsed, HttpError> {
         max_n: 1,
         default_max_tokens,
     };
-    let mut parsed =
-        wire::parse(Value::Object(o).to_string().as_bytes(), wire::Endpoint::Chat, &limits).map_err(|mut e| {
-            // The chat reader names `messages`; here they came from `input`.
-            if let Some(p) = e.param.as_mut().filter(|p| p.starts_with("messages")) {
-                *p = p.replacen("messages", "input", 1);
-            }
-            e
-        })?;
+    let mut parsed = wire::parse_object(&o, wire::Endpoint::Chat, &limits).map_err(|mut e| {
+        // The chat reader names `messages`; here they came from `input`.
+        if let Some(p) = e.param.as_mut().filter(|p| p.starts_with("messages")) {
+            *p = p.replacen("messages", "input", 1);
+        }
+        e
+    })?;
     parsed.logprobs = None;
     Ok(parsed)
 }

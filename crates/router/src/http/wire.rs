@@ -44,7 +44,7 @@ pub(crate) struct Parsed {
     pub logprobs: Option<u32>,
 }
 
-type Object = Map<String, Value>;
+pub(crate) type Object = Map<String, Value>;
 
 fn wrong(param: &str, expected: &str, got: &Value) -> HttpError {
     let kind = match got {
@@ -110,44 +110,54 @@ fn bounded(o: &Object, name: &str, lo: i64, hi: i64) -> Result<Option<u32>, Http
     }
 }
 
-/// Parses a completion request body.
-pub(crate) fn parse(bytes: &[u8], endpoint: Endpoint, limits: &HttpLimits) -> Result<Parsed, HttpError> {
+/// A request body as a JSON object: what every endpoint reads first.
+pub(crate) fn object(bytes: &[u8]) -> Result<Object, HttpError> {
     let value: Value = serde_json::from_slice(bytes).map_err(|e| {
         HttpError::invalid(
             "body",
             format!("is not valid JSON ({e}); send a JSON object with Content-Type: application/json"),
         )
     })?;
-    let Value::Object(o) = value else {
-        return Err(wrong("body", "a JSON object", &value));
-    };
-    unsupported(&o)?;
+    match value {
+        Value::Object(o) => Ok(o),
+        other => Err(wrong("body", "a JSON object", &other)),
+    }
+}
+
+/// Parses a completion request body.
+pub(crate) fn parse(bytes: &[u8], endpoint: Endpoint, limits: &HttpLimits) -> Result<Parsed, HttpError> {
+    parse_object(&object(bytes)?, endpoint, limits)
+}
+
+/// Reads a completion request from its JSON object.
+pub(crate) fn parse_object(o: &Object, endpoint: Endpoint, limits: &HttpLimits) -> Result<Parsed, HttpError> {
+    unsupported(o)?;
     let mut body = pb::GenerateRequest {
-        model: string(&o, "model")?.unwrap_or_default(),
-        session: string(&o, "user")?.unwrap_or_default(),
-        stop: stop(&o)?,
-        sampling: sampling(&o)?,
-        priority: match integer(&o, "priority")? {
+        model: string(o, "model")?.unwrap_or_default(),
+        session: string(o, "user")?.unwrap_or_default(),
+        stop: stop(o)?,
+        sampling: sampling(o)?,
+        priority: match integer(o, "priority")? {
             None => 0,
             Some(p) => i32::try_from(p).map_err(|_| HttpError::invalid("priority", "is out of range"))?,
         },
         ..Default::default()
     };
     match endpoint {
-        Endpoint::Chat => body.messages = messages(&o)?,
-        Endpoint::Completions => body.prompt = prompt(&o)?,
+        Endpoint::Chat => body.messages = messages(o)?,
+        Endpoint::Completions => body.prompt = prompt(o)?,
     }
     let max_tokens = match (
-        bounded(&o, "max_completion_tokens", 1, i64::from(u32::MAX))?,
-        bounded(&o, "max_tokens", 1, i64::from(u32::MAX))?,
+        bounded(o, "max_completion_tokens", 1, i64::from(u32::MAX))?,
+        bounded(o, "max_tokens", 1, i64::from(u32::MAX))?,
     ) {
         (Some(m), _) | (None, Some(m)) => m,
         (None, None) => limits.default_max_tokens,
     };
     body.max_tokens = max_tokens;
-    let n = bounded(&o, "n", 1, i64::from(limits.max_n))?.unwrap_or(1);
-    let stream = boolean(&o, "stream")?.unwrap_or(false);
-    let include_usage = match field(&o, "stream_options") {
+    let n = bounded(o, "n", 1, i64::from(limits.max_n))?.unwrap_or(1);
+    let stream = boolean(o, "stream")?.unwrap_or(false);
+    let include_usage = match field(o, "stream_options") {
         None => false,
         Some(Value::Object(so)) => boolean(so, "include_usage")
             .map_err(|_| HttpError::invalid("stream_options.include_usage", "must be true or false"))?
@@ -159,7 +169,7 @@ pub(crate) fn parse(bytes: &[u8], endpoint: Endpoint, limits: &HttpLimits) -> Re
         n,
         stream,
         include_usage,
-        logprobs: logprobs(&o, endpoint)?,
+        logprobs: logprobs(o, endpoint)?,
     })
 }
 

@@ -84,6 +84,16 @@ async fn read_head(reader: &mut BufReader<TcpStream>) -> (u16, Vec<(String, Stri
     }
 }
 
+/// Connects to `addr`, sends `bytes`, and reads the response's status line and headers; the body is left
+/// in the reader.
+async fn exchange(addr: String, bytes: &[u8]) -> (BufReader<TcpStream>, u16, Vec<(String, String)>) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    let mut reader = BufReader::new(stream);
+    let (status, headers) = read_head(&mut reader).await;
+    (reader, status, headers)
+}
+
 /// Sends one request and reads the whole response (bounded).
 pub async fn send(url: &str, method: &str, path: &str, key: Option<&str>, body: &str) -> Reply {
     send_with(url, method, path, key, &[], body).await
@@ -100,10 +110,7 @@ pub async fn send_with(
 ) -> Reply {
     tokio::time::timeout(WAIT, async {
         let (addr, bytes) = request_with(url, method, path, key, headers, body);
-        let mut stream = TcpStream::connect(addr).await.unwrap();
-        stream.write_all(&bytes).await.unwrap();
-        let mut reader = BufReader::new(stream);
-        let (status, headers) = read_head(&mut reader).await;
+        let (mut reader, status, headers) = exchange(addr, &bytes).await;
         let chunked = headers
             .iter()
             .any(|(n, v)| n == "transfer-encoding" && v.contains("chunked"));
@@ -140,10 +147,7 @@ pub async fn claim(url: &str, path: &str, key: Option<&str>, len: usize) -> Repl
             .unwrap()
             .replace("Content-Length: 0", &format!("Content-Length: {len}"));
         bytes = head.into_bytes();
-        let mut stream = TcpStream::connect(addr).await.unwrap();
-        stream.write_all(&bytes).await.unwrap();
-        let mut reader = BufReader::new(stream);
-        let (status, headers) = read_head(&mut reader).await;
+        let (_, status, headers) = exchange(addr, &bytes).await;
         Reply {
             status,
             headers,
@@ -178,10 +182,7 @@ fn dechunk(mut raw: &[u8]) -> Vec<u8> {
 pub async fn open_stream(url: &str, path: &str, key: Option<&str>, body: &str) -> BufReader<TcpStream> {
     tokio::time::timeout(WAIT, async {
         let (addr, bytes) = request(url, "POST", path, key, body);
-        let mut stream = TcpStream::connect(addr).await.unwrap();
-        stream.write_all(&bytes).await.unwrap();
-        let mut reader = BufReader::new(stream);
-        let (status, _) = read_head(&mut reader).await;
+        let (mut reader, status, _) = exchange(addr, &bytes).await;
         assert_eq!(status, 200);
         let mut line = String::new();
         while !line.contains("data: ") {
