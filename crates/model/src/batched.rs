@@ -498,6 +498,12 @@ impl BatchedLlama {
     /// Each chunk's cache advances by its token count. A chunk that would overflow its cache, or an
     /// empty chunk, is refused before anything runs.
     pub fn forward(&self, chunks: &mut [Chunk<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
+        // Run the whole step on a pool thread: every parallel region inside then starts from the pool
+        // (work-stealing) instead of injecting a job from outside and blocking until it is done.
+        rayon::scope(|_| self.forward_in_pool(chunks))
+    }
+
+    fn forward_in_pool(&self, chunks: &mut [Chunk<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
         for c in chunks.iter() {
             if c.tokens.is_empty() || c.cache.len + c.tokens.len() > c.cache.capacity {
                 return Err(ModelError::Cache(format!(
