@@ -16,7 +16,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use crate::BLOCK;
-use crate::dot::avx2_available;
+use crate::isa::Isa;
 
 /// Largest activation magnitude after quantization (7 bits).
 const X_MAX: f32 = 63.0;
@@ -112,86 +112,116 @@ fn tile_portable(w: &ChannelQ8Matrix, act: &Activations, cols: Range<usize>, out
     }
 }
 
-fn select() -> TileFn {
-    #[cfg(target_arch = "x86_64")]
-    if avx2_available() {
-        return tile_avx2_entry;
+/// The tile function of a path this CPU runs (panics otherwise).
+fn select(isa: Isa) -> TileFn {
+    match isa.require() {
+        Isa::Portable => tile_portable,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => x86::avx2::tile,
+        #[cfg(target_arch = "x86_64")]
+        Isa::AvxVnni => x86::avx_vnni::tile,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni => x86::avx512_vnni::tile,
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => tile_portable,
     }
-    tile_portable
 }
 
-#[cfg(target_arch = "x86_64")]
-fn tile_avx2_entry(w: &ChannelQ8Matrix, act: &Activations, cols: Range<usize>, out: &mut [f32]) {
+/// Checks what the x86 tiles rely on: activation rows as wide as weight rows, and the tile inside both.
+fn check_tile(w: &ChannelQ8Matrix, act: &Activations, cols: &Range<usize>, out: &[f32]) {
     assert_eq!(act.blocks * BLOCK, w.cols, "activation rows match the weight rows");
     assert!(
         cols.end <= w.rows && out.len() == act.m * cols.len(),
         "the tile lies inside the matrix"
     );
     assert!(act.q.len() == act.m * w.cols && act.d.len() == act.m * act.blocks);
-    // SAFETY: `select` returns this function only after `is_x86_feature_detected!` confirmed AVX2 and FMA;
-    // the shapes were checked above.
-    unsafe { tile_avx2(w, act, cols, out) }
 }
 
-/// AVX2 over a tile: activation rows four at a time (each weight block loaded once for all four), then the
-/// remaining rows one at a time, with the same operations per row so a row's bits do not depend on its
-/// place in the batch.
-///
-/// # Safety
-/// The CPU has AVX2 and FMA, and the shapes are as `tile_avx2_entry` checks.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn tile_avx2(w: &ChannelQ8Matrix, act: &Activations, cols: Range<usize>, out: &mut [f32]) {
-    let width = cols.len();
-    let fours = act.m / 4 * 4;
-    for r in (0..fours).step_by(4) {
-        for (j, c) in cols.clone().enumerate() {
-            // SAFETY: rows r..r+4 and weight row c exist (the caller's contract).
-            let v = unsafe { rows_avx2::<4>(w, act, c, r) };
-            for (k, v) in v.into_iter().enumerate() {
-                out[(r + k) * width + j] = v;
+mod x86 {
+    /// One module per path: the same body, compiled for the path's features, with its integer step.
+    /// Activation rows go four at a time (each weight block loaded once for all four), then one at a
+    /// time, with the same operations per row, so a row's bits do not depend on its place in the batch.
+    macro_rules! channel_path {
+        ($path:ident, $features:literal, $mul:path) => {
+            pub mod $path {
+                use std::arch::x86_64::*;
+                use std::ops::Range;
+
+                use super::super::{Activations, ChannelQ8Matrix, check_tile};
+                use crate::BLOCK;
+                use crate::isa::x86::hsum;
+
+                /// Safe entry: `select` hands this out only after checking the CPU.
+                pub fn tile(w: &ChannelQ8Matrix, act: &Activations, cols: Range<usize>, out: &mut [f32]) {
+                    check_tile(w, act, &cols, out);
+                    // SAFETY: `select` returned this function only after `Isa::require` confirmed the
+                    // path's features; the shapes were checked above.
+                    unsafe { tile_inner(w, act, cols, out) }
+                }
+
+                #[target_feature(enable = $features)]
+                unsafe fn tile_inner(w: &ChannelQ8Matrix, act: &Activations, cols: Range<usize>, out: &mut [f32]) {
+                    let width = cols.len();
+                    let fours = act.m / 4 * 4;
+                    for r in (0..fours).step_by(4) {
+                        for (j, c) in cols.clone().enumerate() {
+                            // SAFETY: rows r..r+4 and weight row c exist (checked by `tile`).
+                            let v = unsafe { rows::<4>(w, act, c, r) };
+                            for (k, v) in v.into_iter().enumerate() {
+                                out[(r + k) * width + j] = v;
+                            }
+                        }
+                    }
+                    for r in fours..act.m {
+                        for (j, c) in cols.clone().enumerate() {
+                            // SAFETY: as above, for row r.
+                            out[r * width + j] = unsafe { rows::<1>(w, act, c, r) }[0];
+                        }
+                    }
+                }
+
+                /// Weight row `c` against activation rows `r..r + N`: per block the integer step,
+                /// convert, FMA with the block's activation scale.
+                ///
+                /// # Safety
+                /// The CPU has the path's features; `c < w.rows`, `r + N <= act.m`, and `act` was
+                /// quantized for `w.cols`.
+                #[target_feature(enable = $features)]
+                #[inline]
+                unsafe fn rows<const N: usize>(w: &ChannelQ8Matrix, act: &Activations, c: usize, r: usize) -> [f32; N] {
+                    let mut acc = [_mm256_setzero_ps(); N];
+                    let u = w.u[c * w.cols..(c + 1) * w.cols].as_ptr();
+                    let x = act.q[r * w.cols..(r + N) * w.cols].as_ptr();
+                    let d = act.d[r * act.blocks..(r + N) * act.blocks].as_ptr();
+                    for b in 0..act.blocks {
+                        // SAFETY: block `b` of weight row `c` lies inside the slice taken above.
+                        let wb = unsafe { _mm256_loadu_si256(u.add(b * BLOCK).cast()) };
+                        for (k, acc) in acc.iter_mut().enumerate() {
+                            // SAFETY: block `b` of activation row `r + k` lies inside the slices above.
+                            let (xk, dk) = unsafe {
+                                (
+                                    _mm256_loadu_si256(x.add(k * w.cols + b * BLOCK).cast()),
+                                    *d.add(k * act.blocks + b),
+                                )
+                            };
+                            let sums = _mm256_cvtepi32_ps($mul(wb, xk));
+                            *acc = _mm256_fmadd_ps(_mm256_set1_ps(dk), sums, *acc);
+                        }
+                    }
+                    acc.map(|a| hsum(a))
+                }
             }
-        }
+        };
     }
-    for r in fours..act.m {
-        for (j, c) in cols.clone().enumerate() {
-            // SAFETY: as above, for row r.
-            out[r * width + j] = unsafe { rows_avx2::<1>(w, act, c, r) }[0];
-        }
-    }
-}
 
-/// Weight row `c` against activation rows `r..r + N`: per block `maddubs(u, x)`, `madd` to i32, convert,
-/// FMA with the block's activation scale.
-///
-/// # Safety
-/// The CPU has AVX2 and FMA; `c < w.rows`, `r + N <= act.m`, and `act` was quantized for `w.cols`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn rows_avx2<const N: usize>(w: &ChannelQ8Matrix, act: &Activations, c: usize, r: usize) -> [f32; N] {
-    use std::arch::x86_64::*;
-    let ones = _mm256_set1_epi16(1);
-    let mut acc = [_mm256_setzero_ps(); N];
-    let u = w.u[c * w.cols..(c + 1) * w.cols].as_ptr();
-    let x = act.q[r * w.cols..(r + N) * w.cols].as_ptr();
-    let d = act.d[r * act.blocks..(r + N) * act.blocks].as_ptr();
-    for b in 0..act.blocks {
-        // SAFETY: block `b` of weight row `c` lies inside the slice taken above; `loadu` needs no alignment.
-        let wb = unsafe { _mm256_loadu_si256(u.add(b * BLOCK).cast()) };
-        for (k, acc) in acc.iter_mut().enumerate() {
-            // SAFETY: block `b` of activation row `r + k` lies inside the slices taken above.
-            let (xk, dk) = unsafe {
-                (
-                    _mm256_loadu_si256(x.add(k * w.cols + b * BLOCK).cast()),
-                    *d.add(k * act.blocks + b),
-                )
-            };
-            let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(wb, xk), ones));
-            *acc = _mm256_fmadd_ps(_mm256_set1_ps(dk), sums, *acc);
-        }
-    }
-    acc.map(|a| crate::dot::hsum(a))
+    channel_path!(avx2, "avx2,fma,f16c", crate::isa::x86::mul_avx2);
+    channel_path!(avx_vnni, "avx2,fma,f16c,avxvnni", crate::isa::x86::mul_avx_vnni);
+    channel_path!(
+        avx512_vnni,
+        "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+        crate::isa::x86::mul_avx512_vnni
+    );
 }
 
 impl ChannelQ8Matrix {
@@ -237,19 +267,19 @@ impl ChannelQ8Matrix {
 
     /// `x` is `m x cols`, row-major; returns `m x rows`, row-major.
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        self.matmul_with(select(), x, m, |_, _| {})
+        self.matmul_with(select(Isa::active()), x, m, |_, _| {})
     }
 
     /// As [`ChannelQ8Matrix::matmul`], then `f(columns, outputs)` on each output row's share of a tile
     /// (a bias, an activation), inside the parallel tiles, so that the element-wise work after a matmul
     /// is split over the pool too and runs on slices the compiler can vectorize.
     pub fn matmul_map(&self, x: &[f32], m: usize, f: impl Fn(Range<usize>, &mut [f32]) + Sync) -> Vec<f32> {
-        self.matmul_with(select(), x, m, f)
+        self.matmul_with(select(Isa::active()), x, m, f)
     }
 
-    /// As [`ChannelQ8Matrix::matmul`] with the portable kernel (for tests).
-    pub fn matmul_portable(&self, x: &[f32], m: usize) -> Vec<f32> {
-        self.matmul_with(tile_portable, x, m, |_, _| {})
+    /// As [`ChannelQ8Matrix::matmul`] on a given path (which this CPU must run), for tests and benchmarks.
+    pub fn matmul_isa(&self, isa: Isa, x: &[f32], m: usize) -> Vec<f32> {
+        self.matmul_with(select(isa), x, m, |_, _| {})
     }
 
     fn matmul_with(&self, tile: TileFn, x: &[f32], m: usize, f: impl Fn(Range<usize>, &mut [f32]) + Sync) -> Vec<f32> {

@@ -6,11 +6,12 @@
 //! weight matrix once per activation row. Here each weight tile is read once for all rows, and each
 //! weight block once for four rows.
 //!
-//! - [`QMatrix::from_gguf_bytes`] reads the GGUF block layout once (scales widened to f32). Q4_0 is read
-//!   as Q4_1 ([`BlockQ41::from_gguf_q4_0`]), so it shares that kernel.
+//! - [`QMatrix::from_gguf_bytes`] keeps the GGUF block layout, f16 scales included. Q4_0 and Q4_1 share
+//!   one kernel body ([`Q4`]).
 //! - [`QMatrix::matmul`] quantizes `x`, then splits the output columns over the rayon pool.
-//! - The dot products use AVX2+FMA when the CPU has them (`is_x86_feature_detected!`), else portable
-//!   code; tests check both against a dequantize-then-multiply reference.
+//! - The dot products take the widest path this CPU runs ([`Isa`]: AVX-512 VNNI, AVX-VNNI, AVX2, or
+//!   portable), chosen at run time; tests compare every path the host runs with the portable one and
+//!   with a dequantize-then-multiply reference.
 //! - [`ChannelQ8Matrix`] is a second format for models that arrive in f32 (the filter's sentence
 //!   encoder): int8 weights with a scale per row against 7-bit activations, four vector operations per
 //!   block and row instead of six (see its module).
@@ -19,39 +20,42 @@ mod blocks;
 mod channel;
 mod dot;
 mod dot_q8;
+mod isa;
+pub mod roofline;
 
 use rayon::prelude::*;
 
-pub use blocks::{BLOCK, BlockQ8, BlockQ41, BlockQ80, Q4_0_BYTES, Q4_1_BYTES, Q8_0_BYTES, WeightBlock, quantize_block};
+pub use blocks::{
+    BLOCK, BlockQ8, BlockQ40, BlockQ41, BlockQ80, Q4, Q4_0_BYTES, Q4_1_BYTES, Q8_0_BYTES, WeightBlock, quantize_block,
+};
 pub use channel::ChannelQ8Matrix;
 pub use dot::{Dot4Fn, DotFn};
+pub use isa::{Isa, KERNELS_ENV};
 
 /// Output columns per work item: each item's weight rows stay in cache across all activation rows.
 const COLUMN_TILE: usize = 16;
 
 /// A block format with dot-product kernels.
 pub trait Kernel: WeightBlock {
-    /// The one-row and four-row dot products this CPU runs best.
-    fn kernels() -> (DotFn<Self>, Dot4Fn<Self>);
-    /// The portable one-row dot product (for tests).
-    fn portable() -> DotFn<Self>;
+    /// The one-row and four-row dot products of a path (which this CPU must run: it panics otherwise).
+    fn kernels(isa: Isa) -> (DotFn<Self>, Dot4Fn<Self>);
 }
 
 impl Kernel for BlockQ41 {
-    fn kernels() -> (DotFn<Self>, Dot4Fn<Self>) {
-        (dot::select(), dot::select4())
+    fn kernels(isa: Isa) -> (DotFn<Self>, Dot4Fn<Self>) {
+        (dot::select(isa), dot::select4(isa))
     }
-    fn portable() -> DotFn<Self> {
-        dot::portable
+}
+
+impl Kernel for BlockQ40 {
+    fn kernels(isa: Isa) -> (DotFn<Self>, Dot4Fn<Self>) {
+        (dot::select(isa), dot::select4(isa))
     }
 }
 
 impl Kernel for BlockQ80 {
-    fn kernels() -> (DotFn<Self>, Dot4Fn<Self>) {
-        (dot_q8::select(), dot_q8::select4())
-    }
-    fn portable() -> DotFn<Self> {
-        dot_q8::portable
+    fn kernels(isa: Isa) -> (DotFn<Self>, Dot4Fn<Self>) {
+        (dot_q8::select(isa), dot_q8::select4(isa))
     }
 }
 
@@ -66,25 +70,17 @@ pub struct QMatrix<B> {
     blocks: Vec<B>,
 }
 
-/// Q4_1 weights (and Q4_0, read as Q4_1).
+/// Q4_1 weights.
 pub type Q41Matrix = QMatrix<BlockQ41>;
+/// Q4_0 weights.
+pub type Q40Matrix = QMatrix<BlockQ40>;
 /// Q8_0 weights.
 pub type Q80Matrix = QMatrix<BlockQ80>;
 
 impl<B: Kernel> QMatrix<B> {
     /// Reads `rows x cols` weights from GGUF bytes of this block format (row-major blocks).
     pub fn from_gguf_bytes(rows: usize, cols: usize, bytes: &[u8]) -> Result<QMatrix<B>, String> {
-        QMatrix::read(rows, cols, bytes, B::NAME, B::GGUF_BYTES, B::from_gguf)
-    }
-
-    fn read(
-        rows: usize,
-        cols: usize,
-        bytes: &[u8],
-        name: &str,
-        block_bytes: usize,
-        block: fn(&[u8]) -> B,
-    ) -> Result<QMatrix<B>, String> {
+        let (name, block_bytes) = (B::NAME, B::GGUF_BYTES);
         if !cols.is_multiple_of(BLOCK) {
             return Err(format!("{cols} columns is not a multiple of {BLOCK}"));
         }
@@ -95,7 +91,7 @@ impl<B: Kernel> QMatrix<B> {
                 bytes.len()
             ));
         }
-        let blocks = bytes.chunks_exact(block_bytes).map(block).collect();
+        let blocks = bytes.chunks_exact(block_bytes).map(B::from_gguf).collect();
         Ok(QMatrix { rows, cols, blocks })
     }
 
@@ -127,10 +123,15 @@ impl<B: Kernel> QMatrix<B> {
 
     /// `x` is `m x cols`, row-major; returns `m x rows`, row-major.
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        self.matmul_isa(Isa::active(), x, m)
+    }
+
+    /// As [`QMatrix::matmul`] on a given path (which this CPU must run), for tests and benchmarks.
+    pub fn matmul_isa(&self, isa: Isa, x: &[f32], m: usize) -> Vec<f32> {
         assert_eq!(x.len(), m * self.cols, "x must be m x cols");
         let per_row = self.cols / BLOCK;
         let xq: Vec<BlockQ8> = x.par_chunks_exact(BLOCK).with_min_len(64).map(quantize_block).collect();
-        let (dot, dot4) = B::kernels();
+        let (dot, dot4) = B::kernels(isa);
         let x_row = |r: usize| &xq[r * per_row..(r + 1) * per_row];
         tiled(self.rows, m, |cols, out| {
             let width = cols.len();
@@ -177,29 +178,12 @@ fn tiled(n: usize, m: usize, fill: impl Fn(std::ops::Range<usize>, &mut [f32]) +
     out
 }
 
-impl Q41Matrix {
-    /// Reads `rows x cols` weights from GGUF Q4_0 bytes, as Q4_1 with `m = -8 d` (the same values).
-    pub fn from_gguf_q4_0(rows: usize, cols: usize, bytes: &[u8]) -> Result<Q41Matrix, String> {
-        QMatrix::read(rows, cols, bytes, "Q4_0", Q4_0_BYTES, BlockQ41::from_gguf_q4_0)
-    }
+/// The one-row dot product of a path (which this CPU must run), for tests.
+pub fn dot_with<B: Kernel>(isa: Isa, w: &[B], x: &[BlockQ8]) -> f32 {
+    B::kernels(isa).0(w, x)
 }
 
-/// Whether the AVX2 kernels are in use on this CPU.
-pub fn uses_avx2() -> bool {
-    dot::avx2_available()
-}
-
-/// The portable dot product, exposed so tests can compare it with the SIMD one.
-pub fn dot_portable<B: Kernel>(w: &[B], x: &[BlockQ8]) -> f32 {
-    B::portable()(w, x)
-}
-
-/// The dot product this CPU uses.
-pub fn dot_fast<B: Kernel>(w: &[B], x: &[BlockQ8]) -> f32 {
-    B::kernels().0(w, x)
-}
-
-/// The four-row dot product this CPU uses.
-pub fn dot4_fast<B: Kernel>(w: &[B], x: [&[BlockQ8]; 4]) -> [f32; 4] {
-    B::kernels().1(w, x)
+/// The four-row dot product of a path (which this CPU must run), for tests.
+pub fn dot4_with<B: Kernel>(isa: Isa, w: &[B], x: [&[BlockQ8]; 4]) -> [f32; 4] {
+    B::kernels(isa).1(w, x)
 }

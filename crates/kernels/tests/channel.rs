@@ -1,11 +1,12 @@
 //! The per-row int8 matrix ([`ChannelQ8Matrix`]) against an f32 product of its dequantized weights, the
-//! SIMD path against the portable one, and a row's result alone against the same row in a batch.
+//! SIMD paths this host runs against the portable one and each other, and a row's result alone against
+//! the same row in a batch.
 
 mod support;
 
-use ferroserve_kernels::{BLOCK, ChannelQ8Matrix};
+use ferroserve_kernels::{BLOCK, ChannelQ8Matrix, Isa};
 use proptest::prelude::*;
-use support::reference;
+use support::{paths, reference};
 
 /// Weights and activations from seeds, with magnitudes that vary by row and column.
 fn case(rows: usize, cols: usize, m: usize, w: &[f32], x: &[f32]) -> (Vec<f32>, Vec<f32>) {
@@ -35,8 +36,9 @@ proptest! {
         prop_assert_eq!(q.rows(), rows);
         let dense = q.dequantize();
         let want = reference(&dense, &xs, m, rows, cols);
-        let got = q.matmul(&xs, m);
-        let portable = q.matmul_portable(&xs, m);
+        let portable = q.matmul_isa(Isa::Portable, &xs, m);
+        for isa in paths("channel") {
+        let got = q.matmul_isa(isa, &xs, m);
         for r in 0..m {
             let row = &xs[r * cols..(r + 1) * cols];
             for c in 0..rows {
@@ -53,8 +55,9 @@ proptest! {
                     .sum();
                 let (g, p, e) = (got[r * rows + c], portable[r * rows + c], want[r * rows + c]);
                 prop_assert!((g - e).abs() <= bound * 1.01 + 1e-4, "row {r} col {c}: {g} vs {e} (bound {bound})");
-                prop_assert!((g - p).abs() <= 1e-4 * p.abs().max(1.0), "row {r} col {c}: SIMD {g}, portable {p}");
+                prop_assert!((g - p).abs() <= 1e-4 * p.abs().max(1.0), "{isa} row {r} col {c}: {g}, portable {p}");
             }
+        }
         }
     }
 
@@ -69,11 +72,22 @@ proptest! {
         let cols = blocks * BLOCK;
         let (weights, xs) = case(rows, cols, m, &w, &x);
         let q = ChannelQ8Matrix::quantize(rows, cols, &weights).unwrap();
-        let batch = q.matmul(&xs, m);
-        for r in 0..m {
-            let alone = q.matmul(&xs[r * cols..(r + 1) * cols], 1);
-            for c in 0..rows {
-                prop_assert_eq!(alone[c].to_bits(), batch[r * rows + c].to_bits(), "row {} col {}", r, c);
+        let mut simd: Option<Vec<u32>> = None;
+        for isa in paths("channel") {
+            let batch = q.matmul_isa(isa, &xs, m);
+            for r in 0..m {
+                let alone = q.matmul_isa(isa, &xs[r * cols..(r + 1) * cols], 1);
+                for c in 0..rows {
+                    prop_assert_eq!(alone[c].to_bits(), batch[r * rows + c].to_bits(), "{} row {} col {}", isa, r, c);
+                }
+            }
+            // Every SIMD path computes the same sums in the same order: the same bits.
+            let bits: Vec<u32> = batch.iter().map(|v| v.to_bits()).collect();
+            if isa != Isa::Portable {
+                match &simd {
+                    None => simd = Some(bits),
+                    Some(first) => prop_assert_eq!(first, &bits, "{} differs from the first SIMD path", isa),
+                }
             }
         }
     }

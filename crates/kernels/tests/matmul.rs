@@ -1,14 +1,15 @@
-//! The Q4_1, Q4_0 and Q8_0 kernels against a dequantize-then-multiply reference in f32, and the AVX2 dot
-//! products against the portable ones.
+//! The Q4_1, Q4_0 and Q8_0 kernels against a dequantize-then-multiply reference in f32, on every kernel
+//! path this host runs, and each SIMD path's dot products against the portable ones and against each
+//! other, bit for bit.
 
 mod support;
 
 use ferroserve_kernels::{
-    BLOCK, BlockQ8, Kernel, Q4_0_BYTES, Q4_1_BYTES, Q8_0_BYTES, Q41Matrix, Q80Matrix, QMatrix, dot_fast, dot_portable,
-    dot4_fast, quantize_block, uses_avx2,
+    BLOCK, BlockQ8, Isa, Kernel, Q4_0_BYTES, Q4_1_BYTES, Q8_0_BYTES, Q40Matrix, Q41Matrix, Q80Matrix, QMatrix,
+    dot_with, dot4_with, quantize_block,
 };
 use proptest::prelude::*;
-use support::reference;
+use support::{paths, reference};
 
 /// GGUF Q4_1 bytes for `rows x cols` weights from seeds: scales and minimums as f16, random nibbles.
 fn gguf_bytes(rows: usize, cols: usize, scales: &[f32], nibbles: &[u8]) -> Vec<u8> {
@@ -46,11 +47,19 @@ fn gguf_q4_0(rows: usize, cols: usize, scales: &[f32], nibbles: &[u8]) -> Vec<u8
     out
 }
 
-/// Checks `w.matmul(x)` against the f32 product of its dequantized weights. The only error is the
-/// activations' 8-bit rounding: at most half a step per value, weighted by the weights.
+/// Checks `w.matmul(x)` on every path this host runs against the f32 product of its dequantized weights.
 fn assert_matmul_within_rounding<B: Kernel>(w: &QMatrix<B>, xs: &[f32], m: usize) -> Result<(), TestCaseError> {
+    for isa in paths("matmul") {
+        assert_path_within_rounding(isa, w, xs, m)?;
+    }
+    Ok(())
+}
+
+/// The only error is the activations' 8-bit rounding: at most half a step per value, weighted by the
+/// weights.
+fn assert_path_within_rounding<B: Kernel>(isa: Isa, w: &QMatrix<B>, xs: &[f32], m: usize) -> Result<(), TestCaseError> {
     let (rows, cols) = (w.rows(), w.cols());
-    let got = w.matmul(xs, m);
+    let got = w.matmul_isa(isa, xs, m);
     let dense = w.dequantize();
     let want = reference(&dense, xs, m, rows, cols);
     for r in 0..m {
@@ -71,38 +80,54 @@ fn assert_matmul_within_rounding<B: Kernel>(w: &QMatrix<B>, xs: &[f32], m: usize
             let (g, e) = (got[r * rows + c], want[r * rows + c]);
             prop_assert!(
                 (g - e).abs() <= step * 1.01 + 1e-4,
-                "row {r} col {c}: {g} vs {e} (bound {step})"
+                "{isa}: row {r} col {c}: {g} vs {e} (bound {step})"
             );
         }
     }
     Ok(())
 }
 
-/// The one-row SIMD, four-row SIMD and portable dot products of one weight row against four activation
-/// rows agree.
+/// On every path this host runs, the one-row and four-row dot products of one weight row against four
+/// activation rows agree with the portable ones; every SIMD path gives the same bits as every other (they
+/// compute the same integer sums and apply the scales in the same order).
 fn assert_dots_agree<B: Kernel>(w: &[B], rows: &[Vec<BlockQ8>]) -> Result<(), TestCaseError> {
-    let four = dot4_fast(w, [&rows[0], &rows[1], &rows[2], &rows[3]]);
-    for (r, got) in four.iter().enumerate() {
-        let portable = dot_portable(w, &rows[r]);
-        let fast = dot_fast(w, &rows[r]);
-        prop_assert!(
-            (got - portable).abs() <= 1e-4 * portable.abs().max(1.0),
-            "row {r}: {got} vs {portable}"
-        );
-        prop_assert!(
-            (fast - portable).abs() <= 1e-4 * portable.abs().max(1.0),
-            "row {r}: {fast} vs {portable}"
-        );
-        // Bit for bit: a row's result must not depend on whether it shares a four-row pass, or a sequence's
-        // logits would change with its place in the batch.
-        prop_assert_eq!(
-            got.to_bits(),
-            fast.to_bits(),
-            "row {}: four-row {} vs one-row {}",
-            r,
-            got,
-            fast
-        );
+    let xs = [&rows[0][..], &rows[1], &rows[2], &rows[3]];
+    let portable = dot4_with(Isa::Portable, w, xs);
+    let mut simd: Option<(Isa, [f32; 4])> = None;
+    for isa in paths("dot") {
+        let four = dot4_with(isa, w, xs);
+        for (r, got) in four.iter().enumerate() {
+            let (one, want) = (dot_with(isa, w, &rows[r]), portable[r]);
+            prop_assert!(
+                (got - want).abs() <= 1e-4 * want.abs().max(1.0),
+                "{isa} row {r}: {got} vs portable {want}"
+            );
+            // Bit for bit: a row's result must not depend on whether it shares a four-row pass, or a
+            // sequence's logits would change with its place in the batch.
+            prop_assert_eq!(
+                got.to_bits(),
+                one.to_bits(),
+                "{} row {}: four-row {} vs one-row {}",
+                isa,
+                r,
+                got,
+                one
+            );
+        }
+        if isa != Isa::Portable {
+            match simd {
+                None => simd = Some((isa, four)),
+                Some((first, theirs)) => prop_assert_eq!(
+                    four.map(f32::to_bits),
+                    theirs.map(f32::to_bits),
+                    "{} and {} differ: {:?} vs {:?}",
+                    isa,
+                    first,
+                    four,
+                    theirs
+                ),
+            }
+        }
     }
     Ok(())
 }
@@ -138,7 +163,7 @@ proptest! {
     }
 
     #[test]
-    fn simd_and_portable_dot_products_agree(
+    fn every_path_agrees_with_the_portable_dot_product(
         blocks in 1usize..9,
         nibbles in proptest::collection::vec(any::<u8>(), 16..64),
         x in proptest::collection::vec(-10.0f32..10.0, 32..96),
@@ -147,11 +172,13 @@ proptest! {
         let w = Q41Matrix::from_gguf_bytes(1, cols, &gguf_bytes(1, cols, &[0.02, 0.01], &nibbles)).unwrap();
         let xs: Vec<f32> = (0..cols).map(|i| x[i % x.len()]).collect();
         let xq: Vec<_> = xs.chunks_exact(BLOCK).map(quantize_block).collect();
-        let row = w.matmul(&xs, 1)[0];
-        let a = dot_portable(&blocks_of(&w), &xq);
-        let b = dot_fast(&blocks_of(&w), &xq);
-        prop_assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "{a} vs {b}");
-        prop_assert!((row - b).abs() <= 1e-4 * b.abs().max(1.0), "{row} vs {b}");
+        let a = dot_with(Isa::Portable, w.row_blocks(0), &xq);
+        for isa in paths("dot") {
+            let row = w.matmul_isa(isa, &xs, 1)[0];
+            let b = dot_with(isa, w.row_blocks(0), &xq);
+            prop_assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "{isa}: {a} vs {b}");
+            prop_assert!((row - b).abs() <= 1e-4 * b.abs().max(1.0), "{isa}: {row} vs {b}");
+        }
     }
 
     #[test]
@@ -162,7 +189,7 @@ proptest! {
     ) {
         let cols = blocks * BLOCK;
         let w = Q41Matrix::from_gguf_bytes(1, cols, &gguf_bytes(1, cols, &[0.02, 0.01], &nibbles)).unwrap();
-        assert_dots_agree(&blocks_of(&w), &activation_rows(&x, cols))?;
+        assert_dots_agree(w.row_blocks(0), &activation_rows(&x, cols))?;
     }
 
     #[test]
@@ -182,7 +209,7 @@ proptest! {
     }
 
     #[test]
-    fn q4_0_reads_as_q4_1_and_multiplies_alike(
+    fn q4_0_is_d_times_q_minus_8_and_multiplies_alike(
         rows in 1usize..20,
         blocks in 1usize..4,
         m in 1usize..7,
@@ -191,7 +218,7 @@ proptest! {
         x in proptest::collection::vec(-4.0f32..4.0, 1..64),
     ) {
         let cols = blocks * BLOCK;
-        let w = Q41Matrix::from_gguf_q4_0(rows, cols, &gguf_q4_0(rows, cols, &scales, &nibbles)).unwrap();
+        let w = Q40Matrix::from_gguf_bytes(rows, cols, &gguf_q4_0(rows, cols, &scales, &nibbles)).unwrap();
         // Q4_0's value is d * (q - 8).
         let dense = w.dequantize();
         for (i, v) in dense.iter().enumerate() {
@@ -203,23 +230,43 @@ proptest! {
         }
         let xs: Vec<f32> = (0..m * cols).map(|i| x[i % x.len()]).collect();
         assert_matmul_within_rounding(&w, &xs, m)?;
+        assert_dots_agree(w.row_blocks(0), &activation_rows(&x, cols))?;
     }
 }
 
-/// The blocks of a one-row matrix.
-fn blocks_of(w: &Q41Matrix) -> Vec<ferroserve_kernels::BlockQ41> {
-    w.row_blocks(0).to_vec()
+#[test]
+fn the_kernel_paths_are_detected_and_named() {
+    let host = paths("detect");
+    // On the x86-64-v3 baseline this project builds for, AVX2 is always there.
+    #[cfg(target_arch = "x86_64")]
+    assert!(host.contains(&Isa::Avx2), "{host:?}");
+    assert!(host.contains(&Isa::Portable));
+    assert_eq!(Isa::best(), *host.iter().max().unwrap());
+    assert!(
+        host.contains(&Isa::active()),
+        "the active path {} runs here",
+        Isa::active()
+    );
+    for isa in Isa::ALL {
+        assert_eq!(Isa::parse(isa.name()), Some(isa));
+    }
+    assert_eq!(Isa::parse("avx1024"), None);
+    println!("active kernel path: {}", Isa::active());
 }
 
 #[test]
-fn the_cpu_kernel_in_use_is_reported() {
-    // On the x86-64-v3 baseline this project builds for, AVX2 is always there.
-    #[cfg(target_arch = "x86_64")]
-    assert!(uses_avx2());
+fn a_q4_1_block_reads_as_the_file_has_it() {
     let w = Q41Matrix::from_gguf_bytes(2, 32, &gguf_bytes(2, 32, &[0.1], &[0x21])).unwrap();
     let v = w.dequantize();
     assert!((v[0] - (0.1 - 0.4)).abs() < 1e-3, "low nibble 1: d*1 + m = {}", v[0]);
     assert!((v[16] - (0.2 - 0.4)).abs() < 1e-3, "high nibble 2: d*2 + m = {}", v[16]);
+    assert_eq!(
+        std::mem::size_of::<ferroserve_kernels::BlockQ41>(),
+        Q4_1_BYTES,
+        "no widened scales"
+    );
+    assert_eq!(std::mem::size_of::<ferroserve_kernels::BlockQ40>(), Q4_0_BYTES);
+    assert_eq!(std::mem::size_of::<ferroserve_kernels::BlockQ80>(), Q8_0_BYTES);
     assert!(Q41Matrix::from_gguf_bytes(2, 33, &[]).is_err());
     assert!(Q41Matrix::from_gguf_bytes(2, 32, &[0; 10]).is_err());
 }

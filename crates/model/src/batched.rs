@@ -22,7 +22,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_transformers::quantized_nn::RmsNorm;
 use std::sync::Arc;
 
-use ferroserve_kernels::{Q41Matrix, Q80Matrix};
+use ferroserve_kernels::{Q40Matrix, Q41Matrix, Q80Matrix};
 
 use crate::ModelError;
 use crate::gguf::GgufFile;
@@ -33,9 +33,11 @@ pub(crate) const MAX_POSITIONS: usize = 8192;
 
 /// A weight matrix applied to every token of a step.
 enum Linear {
-    /// Q4_1 or Q4_0 on the CPU: our kernel (`ferroserve-kernels`), since Candle has no SIMD path for
-    /// Q4_1 and its cost would grow with every row of a batch.
+    /// Q4_1 on the CPU: our kernel (`ferroserve-kernels`), since Candle has no SIMD path for Q4_1 and its
+    /// cost would grow with every row of a batch.
     Q41(Q41Matrix),
+    /// Q4_0 on the CPU: the same kernel body as Q4_1.
+    Q40(Q40Matrix),
     /// Q8_0 on the CPU (SmolLM2's embedding and output): our kernel, which reads the matrix once per
     /// four rows where Candle reads it once per row. Shared with the embedding lookup when tied.
     Q80(Arc<Q80Matrix>),
@@ -49,7 +51,7 @@ impl Linear {
             let (rows, cols) = q.shape().dims2()?;
             let ours = match q.dtype() {
                 GgmlDType::Q4_1 => Some(Q41Matrix::from_gguf_bytes(rows, cols, &q.data()?).map(Linear::Q41)),
-                GgmlDType::Q4_0 => Some(Q41Matrix::from_gguf_q4_0(rows, cols, &q.data()?).map(Linear::Q41)),
+                GgmlDType::Q4_0 => Some(Q40Matrix::from_gguf_bytes(rows, cols, &q.data()?).map(Linear::Q40)),
                 GgmlDType::Q8_0 => {
                     Some(Q80Matrix::from_gguf_bytes(rows, cols, &q.data()?).map(|w| Linear::Q80(Arc::new(w))))
                 }
@@ -70,6 +72,10 @@ impl Linear {
                 let (m, _) = x.dims2()?;
                 Tensor::from_vec(w.matmul(&rows_of(x)?, m), (m, w.rows()), x.device())
             }
+            Linear::Q40(w) => {
+                let (m, _) = x.dims2()?;
+                Tensor::from_vec(w.matmul(&rows_of(x)?, m), (m, w.rows()), x.device())
+            }
             Linear::Q80(w) => {
                 let (m, _) = x.dims2()?;
                 Tensor::from_vec(w.matmul(&rows_of(x)?, m), (m, w.rows()), x.device())
@@ -82,6 +88,7 @@ impl Linear {
         match self {
             Linear::Candle(q) => rows_of(&q.forward(x)?),
             Linear::Q41(w) => Ok(w.matmul(&rows_of(x)?, x.dims2()?.0)),
+            Linear::Q40(w) => Ok(w.matmul(&rows_of(x)?, x.dims2()?.0)),
             Linear::Q80(w) => Ok(w.matmul(&rows_of(x)?, x.dims2()?.0)),
         }
     }

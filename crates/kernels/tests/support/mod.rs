@@ -10,3 +10,12 @@ pub fn reference(w: &[f32], x: &[f32], m: usize, rows: usize, cols: usize) -> Ve
     }
     out
 }
+
+/// Every kernel path this host runs, printed so that a test log says which paths a run exercised (the
+/// machines this project runs on differ: some have AVX-512 VNNI, some AVX-VNNI, some only AVX2).
+pub fn paths(test: &str) -> Vec<ferroserve_kernels::Isa> {
+    let host = ferroserve_kernels::Isa::host();
+    let names: Vec<&str> = host.iter().map(|i| i.name()).collect();
+    println!("{test}: kernel paths exercised on this host: {}", names.join(", "));
+    host
+}
