@@ -15,8 +15,16 @@
 //!               "load": {"levels": [{"concurrency": 4} | {"rate": 2.0}], "bound": {"requests": 64} |
 //!                        {"seconds": 30.0}, "warmup", "timeout_secs", "burstiness", "max_concurrency", "seed"},
 //!               "slo": {"ttft_ms", "tpot_ms", "e2e_ms"} | null},
-//!   "levels": [ one LevelResult per level: see stats::LevelResult; latency distributions in ms ]
+//!   "levels": [ one LevelResult per level: see stats::LevelResult; latency distributions in ms ],
+//!   "host": {"cpu": "AMD EPYC", "features": ["avx2", "avx512_vnni", ...]},   // the measuring machine
+//!   "server_build": "..." | null    // what --server-build said about the server (flags, kernel path)
 //! }
+//! ```
+//!
+//! `host` and `server_build` were added within v1 and may be missing from older files. On loopback the
+//! host is also the server's machine, so its CPU features are the server's too.
+//!
+//! ```text
 //! ```
 
 use std::fmt::Write as _;
@@ -65,6 +73,44 @@ pub struct RunResult {
     pub config: RunConfig,
     /// One per level, in sweep order.
     pub levels: Vec<LevelResult>,
+    /// The machine that measured (the server's too, on loopback).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<HostInfo>,
+    /// How the server was built and what it runs, as `--server-build` gave it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_build: Option<String>,
+}
+
+/// A machine's CPU, as Linux reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostInfo {
+    /// The model name.
+    pub cpu: String,
+    /// The SIMD features that matter to inference kernels (AVX, AVX-512, VNNI, AMX, NEON...).
+    pub features: Vec<String>,
+}
+
+impl HostInfo {
+    /// This machine, from `/proc/cpuinfo` (`None` where there is none).
+    pub fn this_machine() -> Option<HostInfo> {
+        let text = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+        let field = |name: &str| {
+            text.lines()
+                .find(|l| l.split(':').next().is_some_and(|k| k.trim() == name))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        };
+        let flags = field("flags").or_else(|| field("Features")).unwrap_or_default();
+        let keep = |f: &&str| {
+            ["avx", "fma", "f16c", "amx", "sse4", "neon", "asimd", "sve", "bmi2"]
+                .iter()
+                .any(|p| f.starts_with(p))
+        };
+        Some(HostInfo {
+            cpu: field("model name").unwrap_or_else(|| "unknown".into()),
+            features: flags.split_whitespace().filter(keep).map(str::to_string).collect(),
+        })
+    }
 }
 
 impl RunResult {

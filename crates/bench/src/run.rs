@@ -7,7 +7,7 @@ use tokio::sync::Mutex;
 use crate::BenchError;
 use crate::load::{Sweep, run_level};
 use crate::prompts::Prompts;
-use crate::report::{RunConfig, RunResult, SCHEMA};
+use crate::report::{HostInfo, RunConfig, RunResult, SCHEMA};
 use crate::stats::LevelResult;
 use crate::target::{Client, TargetSpec};
 
@@ -26,6 +26,8 @@ pub struct Bench {
     pub config: RunConfig,
     /// Draw progress bars on stderr.
     pub show_progress: bool,
+    /// What the operator says about the server's build (recorded, not interpreted).
+    pub server_build: Option<String>,
 }
 
 /// Runs every level and summarizes each. `on_level` sees each level's result as it completes (the CLI
@@ -70,5 +72,7 @@ pub async fn run(
         target: bench.target.clone(),
         config: bench.config.clone(),
         levels,
+        host: HostInfo::this_machine(),
+        server_build: bench.server_build.clone(),
     })
 }

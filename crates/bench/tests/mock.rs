@@ -47,6 +47,7 @@ async fn measure(url: &str, config: RunConfig) -> RunResult {
         tls: Default::default(),
         config,
         show_progress: false,
+        server_build: Some("mock server, no kernels".into()),
     };
     tokio::time::timeout(Duration::from_secs(120), run(&bench, prompts, |_| {}))
         .await
@@ -253,6 +254,20 @@ async fn results_round_trip_compare_and_plot() {
     let back = RunResult::read(&path).unwrap();
     assert_eq!(back, a, "the result file round-trips");
     assert_eq!(back.levels.len(), 2);
+    assert_eq!(back.server_build.as_deref(), Some("mock server, no kernels"));
+    #[cfg(target_os = "linux")]
+    {
+        let host = back.host.as_ref().expect("the measuring machine is recorded");
+        assert!(!host.cpu.is_empty());
+        #[cfg(target_arch = "x86_64")]
+        assert!(host.features.iter().any(|f| f == "avx2"), "{:?}", host.features);
+    }
+    // A file written before `host` and `server_build` existed still reads.
+    let mut old: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    old.as_object_mut().unwrap().remove("host");
+    old.as_object_mut().unwrap().remove("server_build");
+    std::fs::write(dir.join("old.json"), old.to_string()).unwrap();
+    assert_eq!(RunResult::read(&dir.join("old.json")).unwrap().host, None);
 
     std::fs::write(dir.join("bad.json"), "{\"schema\": \"other/v9\"}").unwrap();
     let err = RunResult::read(&dir.join("bad.json")).unwrap_err().to_string();

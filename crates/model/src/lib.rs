@@ -21,4 +21,10 @@ mod error;
 mod loaded;
 
 pub use error::ModelError;
+
+/// The CPU kernel path this process runs (`avx512-vnni`, `avx-vnni`, `avx2` or `portable`): chosen at
+/// run time from the CPU's features, or forced with `FERROSERVE_KERNELS`.
+pub fn cpu_kernels() -> &'static str {
+    ferroserve_kernels::Isa::active().name()
+}
 pub use loaded::{LoadedModel, ModelSpec, TextCodec};

@@ -63,6 +63,10 @@ pub struct RunArgs {
     /// Name of this run in tables and plots [default: the target URL].
     #[arg(long, default_value = "")]
     pub label: String,
+    /// A note on how the server was built and what it runs (compiler flags, kernel path), recorded in
+    /// the result file beside this machine's CPU features.
+    #[arg(long)]
+    pub server_build: Option<String>,
     /// The `model` field (Ferroserve: empty is the default model; "name@version" pins one).
     #[arg(long, default_value = "")]
     pub model: String,
@@ -205,6 +209,7 @@ async fn measure(a: RunArgs) -> anyhow::Result<()> {
     let target = TargetSpec::parse(&a.target, prompts.has_chat(), a.api_key.is_some())?;
     let bench = Bench {
         label: a.label,
+        server_build: a.server_build,
         target,
         api_key: a.api_key,
         tls: ferroserve_net::ClientTlsFiles {

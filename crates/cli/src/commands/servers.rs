@@ -103,6 +103,7 @@ async fn load_engine_reporting(
             tracing::info!(path = %spec.path.display(), version = %spec.version, "sharing the weights of a version already loaded from this file");
         }
         let model = LoadedModel::load_reporting(&spec, shared, &*progress)?;
+        tracing::info!(version = %spec.version, device = ?spec.device, cpu_kernels = ferroserve_model::cpu_kernels(), "model loaded");
         weights.put(&spec.path, &model.model);
         anyhow::Ok(model)
     };
