@@ -35,9 +35,7 @@ pub trait Q4: WeightBlock {
     const STORES_MIN: bool;
     /// Scale and minimum, as f32.
     fn dm(&self) -> (f32, f32);
-    /// The f16 bits of the scale (low half) and of the stored minimum (high half; 0 without one), for
-    /// SIMD code that widens both with one instruction.
-    fn scale_bits(&self) -> u32;
+
     /// The 16 bytes of nibbles.
     fn nibbles(&self) -> &[u8; 16];
 
@@ -69,9 +67,7 @@ impl Q4 for BlockQ41 {
     fn dm(&self) -> (f32, f32) {
         (self.d.to_f32(), self.m.to_f32())
     }
-    fn scale_bits(&self) -> u32 {
-        u32::from(self.d.to_bits()) | u32::from(self.m.to_bits()) << 16
-    }
+
     fn nibbles(&self) -> &[u8; 16] {
         &self.qs
     }
@@ -110,9 +106,7 @@ impl Q4 for BlockQ40 {
         let d = self.d.to_f32();
         (d, -8.0 * d)
     }
-    fn scale_bits(&self) -> u32 {
-        u32::from(self.d.to_bits())
-    }
+
     fn nibbles(&self) -> &[u8; 16] {
         &self.qs
     }

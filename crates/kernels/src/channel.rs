@@ -143,7 +143,7 @@ mod x86 {
     /// Activation rows go four at a time (each weight block loaded once for all four), then one at a
     /// time, with the same operations per row, so a row's bits do not depend on its place in the batch.
     macro_rules! channel_path {
-        ($path:ident, $features:literal, $mul:path) => {
+        ($path:ident, $features:literal, $dp:path) => {
             pub mod $path {
                 use std::arch::x86_64::*;
                 use std::ops::Range;
@@ -205,7 +205,7 @@ mod x86 {
                                     *d.add(k * act.blocks + b),
                                 )
                             };
-                            let sums = _mm256_cvtepi32_ps($mul(wb, xk));
+                            let sums = _mm256_cvtepi32_ps($dp(_mm256_setzero_si256(), wb, xk));
                             *acc = _mm256_fmadd_ps(_mm256_set1_ps(dk), sums, *acc);
                         }
                     }
@@ -215,12 +215,12 @@ mod x86 {
         };
     }
 
-    channel_path!(avx2, "avx2,fma,f16c", crate::isa::x86::mul_avx2);
-    channel_path!(avx_vnni, "avx2,fma,f16c,avxvnni", crate::isa::x86::mul_avx_vnni);
+    channel_path!(avx2, "avx2,fma,f16c", crate::isa::x86::dp_avx2);
+    channel_path!(avx_vnni, "avx2,fma,f16c,avxvnni", crate::isa::x86::dp_avx_vnni);
     channel_path!(
         avx512_vnni,
         "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
-        crate::isa::x86::mul_avx512_vnni
+        crate::isa::x86::dp_avx512_vnni
     );
 }
 

@@ -4,9 +4,14 @@
 //! (`sign_epi8`); a pair of products stays within i16 (2 · 128 · 127 = 32512), so every path gets the
 //! same sums. One load and `abs` of each weight block serve four rows.
 
-use crate::dot::{Dot4Fn, DotFn};
 use crate::isa::Isa;
 use crate::{BlockQ8, BlockQ80};
+
+/// A row of weight blocks against a row of activation blocks.
+pub type DotFn<B> = fn(&[B], &[BlockQ8]) -> f32;
+
+/// A row of weight blocks against four rows of activation blocks: each weight block is unpacked once.
+pub type Dot4Fn<B> = fn(&[B], [&[BlockQ8]; 4]) -> [f32; 4];
 
 /// Σ over blocks of `d_w * d_x * Σ q_w·q_x`.
 pub fn portable(w: &[BlockQ80], x: &[BlockQ8]) -> f32 {
@@ -57,7 +62,7 @@ pub fn select4(isa: Isa) -> Dot4Fn<BlockQ80> {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     macro_rules! q8_path {
-        ($path:ident, $features:literal, $mul:path) => {
+        ($path:ident, $features:literal, $dp:path) => {
             pub mod $path {
                 use std::arch::x86_64::*;
 
@@ -83,7 +88,7 @@ mod x86 {
                 fn block(qw: __m256i, abs: __m256i, d: f32, xb: &BlockQ8, acc: __m256) -> __m256 {
                     // SAFETY: `qs` is 32 bytes and `loadu` has no alignment requirement.
                     let qx = unsafe { _mm256_loadu_si256(xb.qs.as_ptr().cast()) };
-                    let sums = _mm256_cvtepi32_ps($mul(abs, _mm256_sign_epi8(qx, qw)));
+                    let sums = _mm256_cvtepi32_ps($dp(_mm256_setzero_si256(), abs, _mm256_sign_epi8(qx, qw)));
                     _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), sums, acc)
                 }
 
@@ -128,11 +133,11 @@ mod x86 {
         };
     }
 
-    q8_path!(avx2, "avx2,fma,f16c", crate::isa::x86::mul_avx2);
-    q8_path!(avx_vnni, "avx2,fma,f16c,avxvnni", crate::isa::x86::mul_avx_vnni);
+    q8_path!(avx2, "avx2,fma,f16c", crate::isa::x86::dp_avx2);
+    q8_path!(avx_vnni, "avx2,fma,f16c,avxvnni", crate::isa::x86::dp_avx_vnni);
     q8_path!(
         avx512_vnni,
         "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
-        crate::isa::x86::mul_avx512_vnni
+        crate::isa::x86::dp_avx512_vnni
     );
 }

@@ -111,32 +111,32 @@ impl std::fmt::Display for Isa {
     }
 }
 
-/// The 256-bit integer step every x86 path shares: `Σ u·s` over groups of four bytes, unsigned by signed,
-/// into eight i32 lanes. Callers keep each pair of products within i16 (so `maddubs` cannot saturate),
-/// which makes all three paths give the same sums.
+/// The 256-bit integer step every x86 path shares: `acc + Σ u·s` over groups of four bytes, unsigned by
+/// signed, into eight i32 lanes. Callers keep each pair of products within i16 (so `maddubs` cannot
+/// saturate), which makes all three paths give the same sums.
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
-    /// AVX2: `maddubs` to i16 pairs, `madd` with ones to i32.
+    /// AVX2: `maddubs` to i16 pairs, `madd` with ones to i32, add.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    pub fn mul_avx2(u: __m256i, s: __m256i) -> __m256i {
-        _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
+    pub fn dp_avx2(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+        _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)))
     }
 
     /// AVX-VNNI: one `vpdpbusd` (VEX).
     #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
     #[inline]
-    pub fn mul_avx_vnni(u: __m256i, s: __m256i) -> __m256i {
-        _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s)
+    pub fn dp_avx_vnni(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+        _mm256_dpbusd_avx_epi32(acc, u, s)
     }
 
     /// AVX-512 VNNI: one `vpdpbusd` (EVEX, 256 bits wide).
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
     #[inline]
-    pub fn mul_avx512_vnni(u: __m256i, s: __m256i) -> __m256i {
-        _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
+    pub fn dp_avx512_vnni(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(acc, u, s)
     }
 
     /// The sum of eight lanes, in one fixed order, so that the one-row and four-row kernels give the same

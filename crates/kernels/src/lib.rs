@@ -6,9 +6,11 @@
 //! weight matrix once per activation row. Here each weight tile is read once for all rows, and each
 //! weight block once for four rows.
 //!
-//! - [`QMatrix::from_gguf_bytes`] keeps the GGUF block layout, f16 scales included. Q4_0 and Q4_1 share
-//!   one kernel body ([`Q4`]).
-//! - [`QMatrix::matmul`] quantizes `x`, then splits the output columns over the rayon pool.
+//! - Q4_1 and Q4_0 ([`Q4Matrix`]) are repacked at load in panels of eight output rows, so that one
+//!   integer instruction advances eight outputs (see the `panel` module); every path gives the same bits.
+//! - Q8_0 ([`QMatrix`]) keeps the GGUF block layout, f16 scales included, and each weight block is read
+//!   once for four activation rows.
+//! - Every matmul quantizes `x`, then splits the output columns over the rayon pool.
 //! - The dot products take the widest path this CPU runs ([`Isa`]: AVX-512 VNNI, AVX-VNNI, AVX2, or
 //!   portable), chosen at run time; tests compare every path the host runs with the portable one and
 //!   with a dequantize-then-multiply reference.
@@ -18,9 +20,9 @@
 
 mod blocks;
 mod channel;
-mod dot;
 mod dot_q8;
 mod isa;
+mod panel;
 pub mod roofline;
 
 use rayon::prelude::*;
@@ -29,10 +31,12 @@ pub use blocks::{
     BLOCK, BlockQ8, BlockQ40, BlockQ41, BlockQ80, Q4, Q4_0_BYTES, Q4_1_BYTES, Q8_0_BYTES, WeightBlock, quantize_block,
 };
 pub use channel::ChannelQ8Matrix;
-pub use dot::{Dot4Fn, DotFn};
+pub use dot_q8::{Dot4Fn, DotFn};
 pub use isa::{Isa, KERNELS_ENV};
+pub use panel::{PANEL, PanelBlock, Q4Matrix};
 
-/// Output columns per work item: each item's weight rows stay in cache across all activation rows.
+/// Output columns per work item: each item's weight rows stay in cache across all activation rows. A
+/// multiple of the Q4 panel height, so that a tile is whole panels.
 const COLUMN_TILE: usize = 16;
 
 /// A block format with dot-product kernels.
@@ -41,25 +45,13 @@ pub trait Kernel: WeightBlock {
     fn kernels(isa: Isa) -> (DotFn<Self>, Dot4Fn<Self>);
 }
 
-impl Kernel for BlockQ41 {
-    fn kernels(isa: Isa) -> (DotFn<Self>, Dot4Fn<Self>) {
-        (dot::select(isa), dot::select4(isa))
-    }
-}
-
-impl Kernel for BlockQ40 {
-    fn kernels(isa: Isa) -> (DotFn<Self>, Dot4Fn<Self>) {
-        (dot::select(isa), dot::select4(isa))
-    }
-}
-
 impl Kernel for BlockQ80 {
     fn kernels(isa: Isa) -> (DotFn<Self>, Dot4Fn<Self>) {
         (dot_q8::select(isa), dot_q8::select4(isa))
     }
 }
 
-/// A quantized weight matrix, `rows` outputs by `cols` inputs.
+/// A quantized weight matrix in the file's row-major block layout, `rows` outputs by `cols` inputs (Q8_0).
 #[derive(Debug, Clone)]
 pub struct QMatrix<B> {
     /// Output features.
@@ -70,10 +62,10 @@ pub struct QMatrix<B> {
     blocks: Vec<B>,
 }
 
-/// Q4_1 weights.
-pub type Q41Matrix = QMatrix<BlockQ41>;
-/// Q4_0 weights.
-pub type Q40Matrix = QMatrix<BlockQ40>;
+/// Q4_1 weights, in panels.
+pub type Q41Matrix = Q4Matrix<BlockQ41>;
+/// Q4_0 weights, in panels.
+pub type Q40Matrix = Q4Matrix<BlockQ40>;
 /// Q8_0 weights.
 pub type Q80Matrix = QMatrix<BlockQ80>;
 
@@ -157,7 +149,7 @@ impl<B: Kernel> QMatrix<B> {
 /// The parallel frame of every matmul here: the `n` output columns in tiles of [`COLUMN_TILE`] spread over
 /// rayon. `fill(columns, out)` writes one tile, `out` being `m x columns.len()`, row-major. Returns
 /// `m x n`, row-major.
-fn tiled(n: usize, m: usize, fill: impl Fn(std::ops::Range<usize>, &mut [f32]) + Sync) -> Vec<f32> {
+pub(crate) fn tiled(n: usize, m: usize, fill: impl Fn(std::ops::Range<usize>, &mut [f32]) + Sync) -> Vec<f32> {
     let tiles: Vec<Vec<f32>> = (0..n.div_ceil(COLUMN_TILE))
         .into_par_iter()
         .map(|tile| {
@@ -187,3 +179,5 @@ pub fn dot_with<B: Kernel>(isa: Isa, w: &[B], x: &[BlockQ8]) -> f32 {
 pub fn dot4_with<B: Kernel>(isa: Isa, w: &[B], x: [&[BlockQ8]; 4]) -> [f32; 4] {
     B::kernels(isa).1(w, x)
 }
+
+const _: () = assert!(COLUMN_TILE.is_multiple_of(PANEL), "a tile is whole panels");

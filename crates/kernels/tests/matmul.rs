@@ -1,11 +1,12 @@
 //! The Q4_1, Q4_0 and Q8_0 kernels against a dequantize-then-multiply reference in f32, on every kernel
-//! path this host runs, and each SIMD path's dot products against the portable ones and against each
-//! other, bit for bit.
+//! path this host runs. The Q4 panels give the same bits on every path, portable included, and for a
+//! row alone or in a batch; the Q8_0 SIMD dot products agree with the portable ones and with each other,
+//! bit for bit.
 
 mod support;
 
 use ferroserve_kernels::{
-    BLOCK, BlockQ8, Isa, Kernel, Q4_0_BYTES, Q4_1_BYTES, Q8_0_BYTES, Q40Matrix, Q41Matrix, Q80Matrix, QMatrix,
+    BLOCK, BlockQ8, Isa, Kernel, Q4, Q4_0_BYTES, Q4_1_BYTES, Q4Matrix, Q8_0_BYTES, Q40Matrix, Q41Matrix, Q80Matrix,
     dot_with, dot4_with, quantize_block,
 };
 use proptest::prelude::*;
@@ -47,41 +48,72 @@ fn gguf_q4_0(rows: usize, cols: usize, scales: &[f32], nibbles: &[u8]) -> Vec<u8
     out
 }
 
-/// Checks `w.matmul(x)` on every path this host runs against the f32 product of its dequantized weights.
-fn assert_matmul_within_rounding<B: Kernel>(w: &QMatrix<B>, xs: &[f32], m: usize) -> Result<(), TestCaseError> {
+/// Checks a matmul on every path this host runs against the f32 product of its dequantized weights
+/// (`dense`, `rows x cols`). `matmul(isa)` computes `x · Wᵀ` for the `m` rows of `xs`.
+fn assert_within_rounding(
+    dense: &[f32],
+    (rows, cols): (usize, usize),
+    xs: &[f32],
+    m: usize,
+    matmul: impl Fn(Isa) -> Vec<f32>,
+) -> Result<(), TestCaseError> {
+    let want = reference(dense, xs, m, rows, cols);
     for isa in paths("matmul") {
-        assert_path_within_rounding(isa, w, xs, m)?;
+        let got = matmul(isa);
+        // The only error is the activations' 8-bit rounding: at most half a step per value, weighted
+        // by the weights.
+        for r in 0..m {
+            let row = &xs[r * cols..(r + 1) * cols];
+            for c in 0..rows {
+                let step: f32 = (0..cols / BLOCK)
+                    .map(|b| {
+                        let amax = row[b * BLOCK..(b + 1) * BLOCK]
+                            .iter()
+                            .fold(0.0f32, |a, v| a.max(v.abs()));
+                        let wsum: f32 = dense[c * cols + b * BLOCK..c * cols + (b + 1) * BLOCK]
+                            .iter()
+                            .map(|v| v.abs())
+                            .sum();
+                        wsum * amax / 127.0 / 2.0
+                    })
+                    .sum();
+                let (g, e) = (got[r * rows + c], want[r * rows + c]);
+                prop_assert!(
+                    (g - e).abs() <= step * 1.01 + 1e-4,
+                    "{isa}: row {r} col {c}: {g} vs {e} (bound {step})"
+                );
+            }
+        }
     }
     Ok(())
 }
 
-/// The only error is the activations' 8-bit rounding: at most half a step per value, weighted by the
-/// weights.
-fn assert_path_within_rounding<B: Kernel>(isa: Isa, w: &QMatrix<B>, xs: &[f32], m: usize) -> Result<(), TestCaseError> {
+/// A Q4 matrix on every path: within rounding of the reference, the same bits as the portable path, and
+/// the same bits for each row alone as in the batch.
+fn assert_q4<B: Q4>(w: &Q4Matrix<B>, xs: &[f32], m: usize) -> Result<(), TestCaseError> {
     let (rows, cols) = (w.rows(), w.cols());
-    let got = w.matmul_isa(isa, xs, m);
-    let dense = w.dequantize();
-    let want = reference(&dense, xs, m, rows, cols);
-    for r in 0..m {
-        let row = &xs[r * cols..(r + 1) * cols];
-        for c in 0..rows {
-            let step: f32 = (0..cols / BLOCK)
-                .map(|b| {
-                    let amax = row[b * BLOCK..(b + 1) * BLOCK]
-                        .iter()
-                        .fold(0.0f32, |a, v| a.max(v.abs()));
-                    let wsum: f32 = dense[c * cols + b * BLOCK..c * cols + (b + 1) * BLOCK]
-                        .iter()
-                        .map(|v| v.abs())
-                        .sum();
-                    wsum * amax / 127.0 / 2.0
-                })
-                .sum();
-            let (g, e) = (got[r * rows + c], want[r * rows + c]);
-            prop_assert!(
-                (g - e).abs() <= step * 1.01 + 1e-4,
-                "{isa}: row {r} col {c}: {g} vs {e} (bound {step})"
-            );
+    assert_within_rounding(&w.dequantize(), (rows, cols), xs, m, |isa| w.matmul_isa(isa, xs, m))?;
+    let portable = w.matmul_isa(Isa::Portable, xs, m);
+    for isa in paths("q4 panels") {
+        let batch = w.matmul_isa(isa, xs, m);
+        prop_assert_eq!(
+            batch.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            portable.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            "{} differs from the portable path",
+            isa
+        );
+        for r in 0..m {
+            let alone = w.matmul_isa(isa, &xs[r * cols..(r + 1) * cols], 1);
+            for c in 0..rows {
+                prop_assert_eq!(
+                    alone[c].to_bits(),
+                    batch[r * rows + c].to_bits(),
+                    "{} row {} col {}",
+                    isa,
+                    r,
+                    c
+                );
+            }
         }
     }
     Ok(())
@@ -159,37 +191,7 @@ proptest! {
         let cols = blocks * BLOCK;
         let w = Q41Matrix::from_gguf_bytes(rows, cols, &gguf_bytes(rows, cols, &scales, &nibbles)).unwrap();
         let xs: Vec<f32> = (0..m * cols).map(|i| x[i % x.len()] * (1.0 + (i % 7) as f32 * 0.1)).collect();
-        assert_matmul_within_rounding(&w, &xs, m)?;
-    }
-
-    #[test]
-    fn every_path_agrees_with_the_portable_dot_product(
-        blocks in 1usize..9,
-        nibbles in proptest::collection::vec(any::<u8>(), 16..64),
-        x in proptest::collection::vec(-10.0f32..10.0, 32..96),
-    ) {
-        let cols = blocks * BLOCK;
-        let w = Q41Matrix::from_gguf_bytes(1, cols, &gguf_bytes(1, cols, &[0.02, 0.01], &nibbles)).unwrap();
-        let xs: Vec<f32> = (0..cols).map(|i| x[i % x.len()]).collect();
-        let xq: Vec<_> = xs.chunks_exact(BLOCK).map(quantize_block).collect();
-        let a = dot_with(Isa::Portable, w.row_blocks(0), &xq);
-        for isa in paths("dot") {
-            let row = w.matmul_isa(isa, &xs, 1)[0];
-            let b = dot_with(isa, w.row_blocks(0), &xq);
-            prop_assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "{isa}: {a} vs {b}");
-            prop_assert!((row - b).abs() <= 1e-4 * b.abs().max(1.0), "{isa}: {row} vs {b}");
-        }
-    }
-
-    #[test]
-    fn four_row_and_one_row_dot_products_agree(
-        blocks in 1usize..9,
-        nibbles in proptest::collection::vec(any::<u8>(), 16..64),
-        x in proptest::collection::vec(-10.0f32..10.0, 32..96),
-    ) {
-        let cols = blocks * BLOCK;
-        let w = Q41Matrix::from_gguf_bytes(1, cols, &gguf_bytes(1, cols, &[0.02, 0.01], &nibbles)).unwrap();
-        assert_dots_agree(w.row_blocks(0), &activation_rows(&x, cols))?;
+        assert_q4(&w, &xs, m)?;
     }
 
     #[test]
@@ -204,7 +206,7 @@ proptest! {
         let cols = blocks * BLOCK;
         let w = Q80Matrix::from_gguf_bytes(rows, cols, &gguf_q8_0(rows, cols, &scales, &values)).unwrap();
         let xs: Vec<f32> = (0..m * cols).map(|i| x[i % x.len()] * (1.0 + (i % 7) as f32 * 0.1)).collect();
-        assert_matmul_within_rounding(&w, &xs, m)?;
+        assert_within_rounding(&w.dequantize(), (rows, cols), &xs, m, |isa| w.matmul_isa(isa, &xs, m))?;
         assert_dots_agree(w.row_blocks(0), &activation_rows(&x, cols))?;
     }
 
@@ -229,8 +231,7 @@ proptest! {
             prop_assert_eq!(*v, d * (f32::from(q) - 8.0));
         }
         let xs: Vec<f32> = (0..m * cols).map(|i| x[i % x.len()]).collect();
-        assert_matmul_within_rounding(&w, &xs, m)?;
-        assert_dots_agree(w.row_blocks(0), &activation_rows(&x, cols))?;
+        assert_q4(&w, &xs, m)?;
     }
 }
 
@@ -267,6 +268,11 @@ fn a_q4_1_block_reads_as_the_file_has_it() {
     );
     assert_eq!(std::mem::size_of::<ferroserve_kernels::BlockQ40>(), Q4_0_BYTES);
     assert_eq!(std::mem::size_of::<ferroserve_kernels::BlockQ80>(), Q8_0_BYTES);
+    assert_eq!(
+        std::mem::size_of::<ferroserve_kernels::PanelBlock>(),
+        ferroserve_kernels::PANEL * Q4_1_BYTES,
+        "a Q4_1 panel is as large as the file's blocks"
+    );
     assert!(Q41Matrix::from_gguf_bytes(2, 33, &[]).is_err());
     assert!(Q41Matrix::from_gguf_bytes(2, 32, &[0; 10]).is_err());
 }

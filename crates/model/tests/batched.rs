@@ -178,28 +178,23 @@ fn our_q4_1_blocks_decode_to_candles_weights() {
 
 /// A Q4_1 weight of the real model: Candle's tensor, our kernel's matrix, and Candle's dequantized values.
 fn q4_1_weight(name: &str) -> (candle_core::quantized::QTensor, ferroserve_kernels::Q41Matrix, Vec<f32>) {
-    weight(name)
+    let (q, dense) = candle_weight(name);
+    let (rows, cols) = q.shape().dims2().unwrap();
+    let ours = ferroserve_kernels::Q41Matrix::from_gguf_bytes(rows, cols, &q.data().unwrap()).unwrap();
+    (q, ours, dense)
 }
 
-/// A weight of the real model in format `B`: Candle's tensor, our kernel's matrix, Candle's dequantized values.
-fn weight<B: ferroserve_kernels::Kernel>(
-    name: &str,
-) -> (
-    candle_core::quantized::QTensor,
-    ferroserve_kernels::QMatrix<B>,
-    Vec<f32>,
-) {
+/// A weight of the real model: Candle's tensor and its dequantized values.
+fn candle_weight(name: &str) -> (candle_core::quantized::QTensor, Vec<f32>) {
     let mut gguf = GgufFile::open(&fixture().path).unwrap();
     let GgufFile { content, file, .. } = &mut gguf;
     let q = content.tensor(file, name, &Device::Cpu).unwrap();
-    let (rows, cols) = q.shape().dims2().unwrap();
-    let ours = ferroserve_kernels::QMatrix::<B>::from_gguf_bytes(rows, cols, &q.data().unwrap()).unwrap();
     let dense = q
         .dequantize(&Device::Cpu)
         .and_then(|t| t.flatten_all())
         .and_then(|t| t.to_vec1())
         .unwrap();
-    (q, ours, dense)
+    (q, dense)
 }
 
 #[test]
@@ -208,29 +203,31 @@ fn our_q4_1_matmul_is_as_accurate_as_candles() {
     // kernel must err no more than Candle's own Q4_1 path.
     for name in ["blk.0.ffn_down.weight", "blk.7.attn_q.weight", "blk.29.ffn_up.weight"] {
         let (q, ours, dense) = q4_1_weight(name);
-        compare_with_candle(name, q, &ours, &dense);
+        compare_with_candle(name, q, (ours.rows(), ours.cols()), |x, m| ours.matmul(x, m), &dense);
     }
 }
 
 #[test]
 fn our_q8_0_output_projection_is_as_accurate_as_candles() {
     // SmolLM2's embedding (tied to the output) is Q8_0; our kernel reads it for the logits.
-    let (q, ours, dense) = weight::<ferroserve_kernels::BlockQ80>("token_embd.weight");
+    let (q, dense) = candle_weight("token_embd.weight");
+    let (rows, cols) = q.shape().dims2().unwrap();
+    let ours = ferroserve_kernels::Q80Matrix::from_gguf_bytes(rows, cols, &q.data().unwrap()).unwrap();
     assert_eq!(q.dtype(), candle_core::quantized::GgmlDType::Q8_0);
     assert_eq!(ours.dequantize(), dense, "our Q8_0 blocks decode to Candle's weights");
     assert_eq!(ours.dequantize_row(7), dense[7 * ours.cols()..8 * ours.cols()]);
-    compare_with_candle("token_embd.weight", q, &ours, &dense);
+    compare_with_candle("token_embd.weight", q, (rows, cols), |x, m| ours.matmul(x, m), &dense);
 }
 
 /// Our matmul against the exact f32 product must err no more than Candle's own quantized path.
-fn compare_with_candle<B: ferroserve_kernels::Kernel>(
+fn compare_with_candle(
     name: &str,
     q: candle_core::quantized::QTensor,
-    ours: &ferroserve_kernels::QMatrix<B>,
+    (rows, cols): (usize, usize),
+    matmul: impl Fn(&[f32], usize) -> Vec<f32>,
     dense: &[f32],
 ) {
     {
-        let (rows, cols) = (ours.rows(), ours.cols());
         let m = 3;
         let x: Vec<f32> = (0..m * cols).map(|i| (i * 37 % 101) as f32 / 50.0 - 1.0).collect();
         let exact: Vec<f32> = (0..m * rows)
@@ -239,7 +236,7 @@ fn compare_with_candle<B: ferroserve_kernels::Kernel>(
                 (0..cols).map(|i| dense[c * cols + i] * x[r * cols + i]).sum()
             })
             .collect();
-        let mine = ours.matmul(&x, m);
+        let mine = matmul(&x, m);
         let theirs: Vec<f32> = candle_core::quantized::QMatMul::from_qtensor(q)
             .unwrap()
             .forward(&candle_core::Tensor::from_vec(x.clone(), (m, cols), &Device::Cpu).unwrap())
