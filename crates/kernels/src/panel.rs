@@ -157,8 +157,22 @@ impl<B: Q4> Q4Matrix<B> {
     /// As [`Q4Matrix::matmul`] on a given path (which this CPU must run), for tests and benchmarks.
     pub fn matmul_isa(&self, isa: Isa, x: &[f32], m: usize) -> Vec<f32> {
         assert_eq!(x.len(), m * self.cols, "x must be m x cols");
+        self.matmul_quantized(isa, &quantize(x), m)
+    }
+
+    /// Several matrices of the same input width applied to the same `x` (a layer's query, key and value
+    /// projections; gate and up): the activations are quantized once, and every matrix's tiles share one
+    /// parallel region. Returns one `m x rows` result per matrix.
+    pub fn matmul_group(mats: &[&Q4Matrix<B>], x: &[f32], m: usize) -> Vec<Vec<f32>> {
+        let cols = mats.first().map_or(0, |w| w.cols);
+        assert!(mats.iter().all(|w| w.cols == cols), "one input width");
+        assert_eq!(x.len(), m * cols, "x must be m x cols");
+        let (isa, xq) = (Isa::active(), quantize(x));
+        mats.par_iter().map(|w| w.matmul_quantized(isa, &xq, m)).collect()
+    }
+
+    fn matmul_quantized(&self, isa: Isa, xq: &[BlockQ8], m: usize) -> Vec<f32> {
         let per_row = self.cols / BLOCK;
-        let xq: Vec<BlockQ8> = x.par_chunks_exact(BLOCK).with_min_len(64).map(quantize_block).collect();
         let x_row = |r: usize| &xq[r * per_row..(r + 1) * per_row];
         let (four, one) = select(isa);
         let min = B::STORES_MIN;
@@ -182,6 +196,11 @@ impl<B: Q4> Q4Matrix<B> {
             }
         })
     }
+}
+
+/// Activation rows quantized block by block.
+fn quantize(x: &[f32]) -> Vec<BlockQ8> {
+    x.par_chunks_exact(BLOCK).with_min_len(64).map(quantize_block).collect()
 }
 
 /// The kernels of a path this CPU runs (panics otherwise).

@@ -94,6 +94,38 @@ impl Linear {
     }
 }
 
+/// `x` through several matrices of the same input width, as row-major vectors: when all are Q4 matrices of
+/// one format, `x` is quantized once and their tiles share one parallel region; otherwise one at a time.
+fn forward_rows_group(linears: &[&Linear], x: &Tensor) -> candle_core::Result<Vec<Vec<f32>>> {
+    let m = x.dims2()?.0;
+    let q41: Option<Vec<&Q41Matrix>> = linears
+        .iter()
+        .map(|l| match l {
+            Linear::Q41(w) => Some(w),
+            _ => None,
+        })
+        .collect();
+    if let Some(ws) = q41 {
+        return Ok(Q41Matrix::matmul_group(&ws, &rows_of(x)?, m));
+    }
+    let q40: Option<Vec<&Q40Matrix>> = linears
+        .iter()
+        .map(|l| match l {
+            Linear::Q40(w) => Some(w),
+            _ => None,
+        })
+        .collect();
+    if let Some(ws) = q40 {
+        return Ok(Q40Matrix::matmul_group(&ws, &rows_of(x)?, m));
+    }
+    linears.iter().map(|l| l.forward_rows(x)).collect()
+}
+
+/// SwiGLU's `silu(gate) * up`, element by element, with Candle's formula for silu.
+fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    gate.iter().zip(up).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect()
+}
+
 /// A tensor's values as a row-major f32 vector.
 fn rows_of(x: &Tensor) -> candle_core::Result<Vec<f32>> {
     x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
@@ -558,10 +590,14 @@ impl BatchedLlama {
             };
             x = (x + block.wo.forward(&y)?)?;
             let h = block.ffn_norm.forward(&x)?;
-            let mlp = block
-                .down
-                .forward(&(candle_nn::ops::silu(&block.gate.forward(&h)?)? * block.up.forward(&h)?)?)?;
-            x = (x + mlp)?;
+            let act = if self.paged {
+                let [gate, up] = <[Vec<f32>; 2]>::try_from(forward_rows_group(&[&block.gate, &block.up], &h)?)
+                    .expect("two matrices, two results");
+                Tensor::from_vec(swiglu(&gate, &up), (h.dims2()?.0, gate.len() / h.dims2()?.0), &self.device)?
+            } else {
+                (candle_nn::ops::silu(&block.gate.forward(&h)?)? * block.up.forward(&h)?)?
+            };
+            x = (x + block.down.forward(&act)?)?;
         }
         for c in chunks.iter_mut() {
             c.cache.len += c.tokens.len();
@@ -583,9 +619,8 @@ impl BatchedLlama {
     ) -> Result<Tensor, ModelError> {
         let s = self.shape;
         let (hd, kvw) = (s.head_dim, s.kv_heads * s.head_dim);
-        let mut q = block.wq.forward_rows(h)?;
-        let mut k = block.wk.forward_rows(h)?;
-        let v = block.wv.forward_rows(h)?;
+        let [mut q, mut k, v] = <[Vec<f32>; 3]>::try_from(forward_rows_group(&[&block.wq, &block.wk, &block.wv], h)?)
+            .expect("three matrices, three results");
         kv::rope(&mut q, s.heads, hd, positions, &self.cos_rows, &self.sin_rows);
         kv::rope(&mut k, s.kv_heads, hd, positions, &self.cos_rows, &self.sin_rows);
         let mut offset = 0;
