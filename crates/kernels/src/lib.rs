@@ -14,6 +14,7 @@
 //! - The dot products take the widest path this CPU runs ([`Isa`]: AVX-512 VNNI, AVX-VNNI, AVX2, or
 //!   portable), chosen at run time; tests compare every path the host runs with the portable one and
 //!   with a dequantize-then-multiply reference.
+//! - [`HalfOps`] are f32 · f16 dot products and weighted sums, for attention over the f16 KV cache.
 //! - [`ChannelQ8Matrix`] is a second format for models that arrive in f32 (the filter's sentence
 //!   encoder): int8 weights with a scale per row against 7-bit activations, four vector operations per
 //!   block and row instead of six (see its module).
@@ -21,6 +22,7 @@
 mod blocks;
 mod channel;
 mod dot_q8;
+mod half_vec;
 mod isa;
 mod panel;
 pub mod roofline;
@@ -32,6 +34,7 @@ pub use blocks::{
 };
 pub use channel::ChannelQ8Matrix;
 pub use dot_q8::{Dot4Fn, DotFn};
+pub use half_vec::HalfOps;
 pub use isa::{Isa, KERNELS_ENV};
 pub use panel::{PANEL, PanelBlock, Q4Matrix};
 

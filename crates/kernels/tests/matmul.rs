@@ -276,3 +276,32 @@ fn a_q4_1_block_reads_as_the_file_has_it() {
     assert!(Q41Matrix::from_gguf_bytes(2, 33, &[]).is_err());
     assert!(Q41Matrix::from_gguf_bytes(2, 32, &[0; 10]).is_err());
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn f16_dot_and_axpy_give_the_same_bits_on_every_path(
+        a in proptest::collection::vec(-4.0f32..4.0, 0..80),
+        alpha in -2.0f32..2.0,
+    ) {
+        let b: Vec<half::f16> = a.iter().rev().map(|v| half::f16::from_f32(v * 0.7)).collect();
+        let want_dot: f32 = a.iter().zip(&b).map(|(x, y)| x * y.to_f32()).sum();
+        let portable = ferroserve_kernels::HalfOps::of(Isa::Portable);
+        for isa in paths("f16 vectors") {
+            let ops = ferroserve_kernels::HalfOps::of(isa);
+            let got = (ops.dot)(&a, &b);
+            prop_assert_eq!(got.to_bits(), (portable.dot)(&a, &b).to_bits(), "{} dot", isa);
+            prop_assert!((got - want_dot).abs() <= 1e-4 * want_dot.abs().max(1.0), "{isa}: {got} vs {want_dot}");
+            let (mut y, mut y0) = (a.clone(), a.clone());
+            (ops.axpy)(&mut y, alpha, &b);
+            (portable.axpy)(&mut y0, alpha, &b);
+            prop_assert_eq!(
+                y.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                y0.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{} axpy",
+                isa
+            );
+        }
+    }
+}

@@ -593,7 +593,11 @@ impl BatchedLlama {
             let act = if self.paged {
                 let [gate, up] = <[Vec<f32>; 2]>::try_from(forward_rows_group(&[&block.gate, &block.up], &h)?)
                     .expect("two matrices, two results");
-                Tensor::from_vec(swiglu(&gate, &up), (h.dims2()?.0, gate.len() / h.dims2()?.0), &self.device)?
+                Tensor::from_vec(
+                    swiglu(&gate, &up),
+                    (h.dims2()?.0, gate.len() / h.dims2()?.0),
+                    &self.device,
+                )?
             } else {
                 (candle_nn::ops::silu(&block.gate.forward(&h)?)? * block.up.forward(&h)?)?
             };

@@ -9,9 +9,11 @@
 //!   head's keys for a block are contiguous.
 //! - **Attention** runs in plain Rust over a whole step: one task per (sequence, KV head) on the rayon
 //!   pool, each handling the query heads that share that KV head (grouped-query attention), with a causal
-//!   mask inside a chunk of several tokens. There is no per-sequence tensor op, copy of the cache or
-//!   `Tensor::cat` on the hot path.
+//!   mask inside a chunk of several tokens. The f16 cache is read in place by the kernels' f32 · f16
+//!   operations ([`HalfOps`]); there is no per-sequence tensor op, copy of the cache or `Tensor::cat` on
+//!   the hot path.
 
+use ferroserve_kernels::HalfOps;
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
@@ -91,7 +93,14 @@ impl PagedKv {
         }
     }
 
+    /// Keys (or values) of one head at the first `n` positions of block `b`: `[n, head_dim]`, in place.
+    fn panel(&self, layer: usize, values: bool, head: usize, b: usize, n: usize) -> &[f16] {
+        let start = self.layout.panel(layer, values, head);
+        &self.blocks[b][start..start + n * self.layout.head_dim]
+    }
+
     /// Keys (or values) of one head at positions `..seen`, as f32 `[seen, head_dim]` in `out`.
+    #[cfg(test)]
     fn gather(&self, layer: usize, values: bool, head: usize, seen: usize, out: &mut Vec<f32>) {
         let hd = self.layout.head_dim;
         let start = self.layout.panel(layer, values, head);
@@ -125,14 +134,23 @@ pub fn attend(layout: KvLayout, heads: usize, layer: usize, jobs: &[AttendJob<'_
     let tasks: Vec<(usize, usize)> = (0..jobs.len())
         .flat_map(|j| (0..layout.kv_heads).map(move |h| (j, h)))
         .collect();
+    let ops = HalfOps::active();
     let parts: Vec<Vec<f32>> = tasks
         .par_iter()
         .map(|&(j, kv_head)| {
             let job = &jobs[j];
             let seen = job.past + job.n;
-            let (mut keys, mut values) = (Vec::new(), Vec::new());
-            job.kv.gather(layer, false, kv_head, seen, &mut keys);
-            job.kv.gather(layer, true, kv_head, seen, &mut values);
+            // The cache's blocks for this head, read in place: (keys, values) of up to BLOCK_TOKENS
+            // positions each.
+            let blocks: Vec<(&[f16], &[f16])> = (0..seen.div_ceil(BLOCK_TOKENS))
+                .map(|b| {
+                    let n = BLOCK_TOKENS.min(seen - b * BLOCK_TOKENS);
+                    (
+                        job.kv.panel(layer, false, kv_head, b, n),
+                        job.kv.panel(layer, true, kv_head, b, n),
+                    )
+                })
+                .collect();
             let mut out = vec![0.0f32; job.n * group * hd];
             let mut scores = vec![0.0f32; seen];
             for i in 0..job.n {
@@ -141,9 +159,10 @@ pub fn attend(layout: KvLayout, heads: usize, layer: usize, jobs: &[AttendJob<'_
                     let head = kv_head * group + g;
                     let row = (job.offset + i) * width + head * hd;
                     let query = &q[row..row + hd];
+                    let keys = blocks.iter().flat_map(|(k, _)| k.chunks_exact(hd));
                     let mut max = f32::NEG_INFINITY;
-                    for (s, key) in scores[..visible].iter_mut().zip(keys.chunks_exact(hd)) {
-                        *s = dot(query, key) * scale;
+                    for (s, key) in scores[..visible].iter_mut().zip(keys) {
+                        *s = (ops.dot)(query, key) * scale;
                         max = max.max(*s);
                     }
                     let mut sum = 0.0;
@@ -152,11 +171,9 @@ pub fn attend(layout: KvLayout, heads: usize, layer: usize, jobs: &[AttendJob<'_
                         sum += *s;
                     }
                     let o = &mut out[(i * group + g) * hd..(i * group + g + 1) * hd];
-                    for (s, value) in scores[..visible].iter().zip(values.chunks_exact(hd)) {
-                        let p = s / sum;
-                        for (o, v) in o.iter_mut().zip(value) {
-                            *o += p * v;
-                        }
+                    let values = blocks.iter().flat_map(|(_, v)| v.chunks_exact(hd));
+                    for (s, value) in scores[..visible].iter().zip(values) {
+                        (ops.axpy)(o, s / sum, value);
                     }
                 }
             }
