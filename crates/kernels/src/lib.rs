@@ -100,6 +100,11 @@ impl<B: Kernel> QMatrix<B> {
         self.cols
     }
 
+    /// Bytes the weights take (what a pass over the matrix reads).
+    pub fn bytes(&self) -> usize {
+        std::mem::size_of_val(self.blocks.as_slice())
+    }
+
     /// The blocks of output row `r`.
     pub fn row_blocks(&self, r: usize) -> &[B] {
         let per_row = self.cols / BLOCK;

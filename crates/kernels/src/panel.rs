@@ -123,6 +123,11 @@ impl<B: Q4> Q4Matrix<B> {
         self.cols
     }
 
+    /// Bytes the weights take (what a pass over the matrix reads), padding included.
+    pub fn bytes(&self) -> usize {
+        std::mem::size_of_val(self.panels.as_slice())
+    }
+
     fn panel(&self, p: usize) -> &[PanelBlock] {
         let per_row = self.cols / BLOCK;
         &self.panels[p * per_row..(p + 1) * per_row]

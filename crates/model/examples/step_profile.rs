@@ -1,11 +1,16 @@
-//! Times the batched forward on the real default model: one prefill chunk, then decode steps for 1, 4
-//! and 16 sequences that each hold `CONTEXT` tokens. Milliseconds per step, best and median of a few.
+//! Times the batched forward on the real default model: one prefill chunk (64, 256 and 512 tokens; 512 is
+//! llama-bench's pp512), then decode steps for 1, 4, 8 and 16 sequences that each hold `CONTEXT` tokens.
+//! Milliseconds per step, best and median of a few. Then the roofline: this machine's memory bandwidth
+//! (a triad) and int8 peak, and how close single-stream decode comes to the bandwidth bound and 16-stream
+//! decode to the compute bound.
 //!
-//! `cargo run --release -p ferroserve-model --example step_profile [prefill|decode [BATCH...]]`
+//! `cargo run --release -p ferroserve-model --example step_profile [prefill|decode|all [BATCH...]]`
+//! (`FERROSERVE_KERNELS=avx2` measures another kernel path; `STEP_PROFILE_REPEATS` sets the repeats.)
 
 use std::time::Instant;
 
 use candle_core::Device;
+use ferroserve_kernels::{Isa, roofline};
 use ferroserve_model::batched::{BatchedLlama, Chunk, SeqCache};
 use ferroserve_model::fetch::{self, DEFAULT_MODEL, Quiet};
 use ferroserve_model::gguf::GgufFile;
@@ -54,7 +59,8 @@ fn main() {
         Some(rest) if !rest.is_empty() => rest.iter().map(|b| b.parse().expect("a batch size")).collect(),
         _ => vec![1, 4, 8, 16],
     };
-    let prefills: &[usize] = if part == "decode" { &[] } else { &[64, 256] };
+    println!("kernel path: {} (this CPU runs: {:?})", Isa::active(), Isa::host());
+    let prefills: &[usize] = if part == "decode" { &[] } else { &[64, 256, 512] };
     for &n in prefills {
         let tokens = prompt(n, 0);
         let ms: Vec<f64> = (0..repeats().min(4))
@@ -79,6 +85,7 @@ fn main() {
     }
 
     let batches = if part == "prefill" { Vec::new() } else { batches };
+    let mut median_ms = Vec::new();
     for &batch in &batches {
         let mut caches: Vec<SeqCache> = (0..batch)
             .map(|s| {
@@ -110,10 +117,54 @@ fn main() {
             })
             .collect();
         let best = ms.iter().copied().fold(f64::MAX, f64::min);
+        let mut sorted = ms.clone();
+        sorted.sort_by(f64::total_cmp);
+        median_ms.push((batch, sorted[sorted.len() / 2]));
+        let median = summary(ms);
         println!(
-            "decode batch {batch:2} at {CONTEXT} ctx: {}  ({:.0} tok/s best)",
-            summary(ms),
+            "decode batch {batch:2} at {CONTEXT} ctx: {median}  ({:.0} tok/s best)",
             batch as f64 / best * 1e3
+        );
+    }
+    if part != "prefill" {
+        print_roofline(&model, &median_ms);
+    }
+}
+
+/// The decode steps measured (batch, median ms) against this machine's bandwidth and int8 peak.
+fn print_roofline(model: &BatchedLlama, steps: &[(usize, f64)]) {
+    let Some((params, bytes)) = model.matmul_footprint() else {
+        println!("roofline: a matrix runs through Candle; no footprint");
+        return;
+    };
+    let triad = roofline::triad_gbps(256 << 20, 5);
+    let isa = Isa::active();
+    let peak = roofline::int8_peak_gops(isa);
+    let kv_bytes = CONTEXT * model.kv_layout().bytes_per_token();
+    println!(
+        "roofline: weights {:.1} M multiplied per token, {:.1} MB read per step; KV {:.2} MB per sequence at {CONTEXT} ctx",
+        params as f64 / 1e6,
+        bytes as f64 / 1e6,
+        kv_bytes as f64 / 1e6
+    );
+    println!(
+        "roofline: triad bandwidth {triad:.1} GB/s; int8 peak {} ({} path{})",
+        peak.map_or("-".into(), |p| format!("{p:.0} GOPS")),
+        isa,
+        if isa == Isa::Avx512Vnni {
+            ", 512-bit vpdpbusd"
+        } else {
+            ""
+        }
+    );
+    for &(batch, ms) in steps {
+        let moved = (bytes + batch * kv_bytes) as f64;
+        let gbps = moved / (ms / 1e3) / 1e9;
+        let gops = 2.0 * params as f64 * batch as f64 / (ms / 1e3) / 1e9;
+        println!(
+            "roofline: batch {batch:2}: {gbps:5.1} GB/s = {:4.0} % of the bandwidth bound; {gops:6.1} GOPS = {} of the int8 peak",
+            100.0 * gbps / triad,
+            peak.map_or("-".into(), |p| format!("{:.1} %", 100.0 * gops / p))
         );
     }
 }

@@ -83,6 +83,16 @@ impl Linear {
         }
     }
 
+    /// Weights (rows x cols) and the bytes a pass over them reads, for our formats.
+    fn footprint(&self) -> Option<(usize, usize)> {
+        match self {
+            Linear::Q41(w) => Some((w.rows() * w.cols(), w.bytes())),
+            Linear::Q40(w) => Some((w.rows() * w.cols(), w.bytes())),
+            Linear::Q80(w) => Some((w.rows() * w.cols(), w.bytes())),
+            Linear::Candle(_) => None,
+        }
+    }
+
     /// As [`Linear::forward`], but the result as a row-major vector (for the CPU attention).
     fn forward_rows(&self, x: &Tensor) -> candle_core::Result<Vec<f32>> {
         match self {
@@ -492,6 +502,17 @@ impl BatchedLlama {
     pub fn with_candle_attention(mut self) -> BatchedLlama {
         self.paged = false;
         self
+    }
+
+    /// The weights every decode step multiplies by (each block's projections and the output projection):
+    /// their count and the bytes one pass reads. `None` when a matrix runs through Candle.
+    pub fn matmul_footprint(&self) -> Option<(usize, usize)> {
+        self.blocks
+            .iter()
+            .flat_map(|b| [&b.wq, &b.wk, &b.wv, &b.wo, &b.gate, &b.up, &b.down])
+            .chain([&self.output])
+            .map(Linear::footprint)
+            .try_fold((0, 0), |(p, b), f| f.map(|(fp, fb)| (p + fp, b + fb)))
     }
 
     /// The model's shape.
