@@ -1,9 +1,15 @@
 //! f32 against f16 vectors, for attention over an f16 KV cache read in place: eight cached values are
-//! widened at a time (F16C) inside the dot product and the weighted sum, instead of the cache being
+//! widened at a time (F16C) inside the dot products and the weighted sums, instead of the cache being
 //! copied into f32 first.
 //!
-//! Both SIMD functions keep eight partial sums in one register and add them in a fixed order; the
-//! portable ones do the same arithmetic in the same order, so every path gives the same bits.
+//! The block operations serve a group of query heads that share a key/value head (grouped-query
+//! attention): each cached vector is loaded and widened once for the whole group.
+//! - [`HalfOps::scores`]: each query's dot product with each key;
+//! - [`HalfOps::mix`]: each query's output plus its weights times the values.
+//!
+//! A dot product keeps eight partial sums in one register and adds them in a fixed order; a weighted sum
+//! adds one position after another with fused multiply-adds. The portable functions do the same
+//! arithmetic in the same order, so every path gives the same bits.
 
 use half::f16;
 
@@ -16,6 +22,12 @@ pub struct HalfOps {
     pub dot: fn(&[f32], &[f16]) -> f32,
     /// `y += alpha · x`, `y` and `x` of one length.
     pub axpy: fn(&mut [f32], f32, &[f16]),
+    /// `scores(hd, queries, keys, out, stride)`: `queries` is `g x hd` and `keys` `n x hd`; writes
+    /// `out[q * stride + k] = queries[q] · keys[k]`.
+    pub scores: fn(usize, &[f32], &[f16], &mut [f32], usize),
+    /// `mix(hd, weights, stride, values, out)`: `values` is `n x hd` and `out` `g x hd`; adds
+    /// `weights[q * stride + k] · values[k]` to `out[q]`, for `k` in order.
+    pub mix: fn(usize, &[f32], usize, &[f16], &mut [f32]),
 }
 
 impl HalfOps {
@@ -27,20 +39,73 @@ impl HalfOps {
     /// The operations of a path this CPU runs (panics otherwise). Every x86 path has AVX2 and F16C.
     pub fn of(isa: Isa) -> HalfOps {
         match isa.require() {
-            Isa::Portable => HalfOps {
-                dot: portable_dot,
-                axpy: portable_axpy,
-            },
+            Isa::Portable => PORTABLE,
             #[cfg(target_arch = "x86_64")]
             _ => HalfOps {
                 dot: x86::dot,
                 axpy: x86::axpy,
+                scores: x86::scores,
+                mix: x86::mix,
             },
             #[cfg(not(target_arch = "x86_64"))]
-            _ => HalfOps {
-                dot: portable_dot,
-                axpy: portable_axpy,
-            },
+            _ => PORTABLE,
+        }
+    }
+}
+
+const PORTABLE: HalfOps = HalfOps {
+    dot: portable_dot,
+    axpy: portable_axpy,
+    scores: portable_scores,
+    mix: portable_mix,
+};
+
+/// Checks the shapes of `scores`: `g` queries of `hd`, `n` keys, room for `g` rows of `out`.
+fn score_shape(hd: usize, queries: &[f32], keys: &[f16], out: &[f32], stride: usize) -> (usize, usize) {
+    assert!(
+        hd > 0 && queries.len().is_multiple_of(hd) && keys.len().is_multiple_of(hd),
+        "whole vectors"
+    );
+    let (g, n) = (queries.len() / hd, keys.len() / hd);
+    assert!(
+        g == 0 || (n <= stride && (g - 1) * stride + n <= out.len()),
+        "room for the scores"
+    );
+    (g, n)
+}
+
+/// Checks the shapes of `mix`: `n` values of `hd`, `g` outputs, weights for each.
+fn mix_shape(hd: usize, weights: &[f32], stride: usize, values: &[f16], out: &[f32]) -> (usize, usize) {
+    assert!(
+        hd > 0 && values.len().is_multiple_of(hd) && out.len().is_multiple_of(hd),
+        "whole vectors"
+    );
+    let (g, n) = (out.len() / hd, values.len() / hd);
+    assert!(
+        g == 0 || (n <= stride && (g - 1) * stride + n <= weights.len()),
+        "a weight for each"
+    );
+    (g, n)
+}
+
+fn portable_scores(hd: usize, queries: &[f32], keys: &[f16], out: &mut [f32], stride: usize) {
+    let (g, n) = score_shape(hd, queries, keys, out, stride);
+    for q in 0..g {
+        for k in 0..n {
+            out[q * stride + k] = portable_dot(&queries[q * hd..(q + 1) * hd], &keys[k * hd..(k + 1) * hd]);
+        }
+    }
+}
+
+fn portable_mix(hd: usize, weights: &[f32], stride: usize, values: &[f16], out: &mut [f32]) {
+    let (g, n) = mix_shape(hd, weights, stride, values, out);
+    for q in 0..g {
+        for k in 0..n {
+            portable_axpy(
+                &mut out[q * hd..(q + 1) * hd],
+                weights[q * stride + k],
+                &values[k * hd..(k + 1) * hd],
+            );
         }
     }
 }
@@ -101,6 +166,112 @@ mod x86 {
         unsafe { axpy_inner(y, alpha, x) }
     }
 
+    /// Query heads a block operation holds in registers at once; larger groups go in several passes.
+    const GROUP: usize = 4;
+
+    pub fn scores(hd: usize, queries: &[f32], keys: &[f16], out: &mut [f32], stride: usize) {
+        let (g, n) = super::score_shape(hd, queries, keys, out, stride);
+        for q0 in (0..g).step_by(GROUP) {
+            let q1 = g.min(q0 + GROUP);
+            // SAFETY: as in `dot`; the shapes were checked above.
+            unsafe {
+                scores_inner(
+                    hd,
+                    &queries[q0 * hd..q1 * hd],
+                    &keys[..n * hd],
+                    &mut out[q0 * stride..],
+                    stride,
+                )
+            }
+        }
+    }
+
+    pub fn mix(hd: usize, weights: &[f32], stride: usize, values: &[f16], out: &mut [f32]) {
+        let (g, n) = super::mix_shape(hd, weights, stride, values, out);
+        for q0 in (0..g).step_by(GROUP) {
+            let q1 = g.min(q0 + GROUP);
+            // SAFETY: as in `dot`; the shapes were checked above.
+            unsafe {
+                mix_inner(
+                    hd,
+                    &weights[q0 * stride..],
+                    stride,
+                    &values[..n * hd],
+                    &mut out[q0 * hd..q1 * hd],
+                )
+            }
+        }
+    }
+
+    /// Up to [`GROUP`] queries against every key: each key's eight-value chunks are widened once for all
+    /// of them. Per (query, key), the same operations in the same order as [`dot_inner`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn scores_inner(hd: usize, queries: &[f32], keys: &[f16], out: &mut [f32], stride: usize) {
+        let (g, n, full) = (queries.len() / hd, keys.len() / hd, hd / 8 * 8);
+        for k in 0..n {
+            let key = &keys[k * hd..(k + 1) * hd];
+            let mut acc = [_mm256_setzero_ps(); GROUP];
+            for c in (0..full).step_by(8) {
+                // SAFETY: `c + 8 <= full <= hd`; `loadu` has no alignment requirement.
+                let kv = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(key.as_ptr().add(c).cast()) });
+                for (q, acc) in acc.iter_mut().enumerate().take(g) {
+                    // SAFETY: query `q` has `hd` values and `c + 8 <= hd`.
+                    let qv = unsafe { _mm256_loadu_ps(queries.as_ptr().add(q * hd + c)) };
+                    *acc = _mm256_fmadd_ps(qv, kv, *acc);
+                }
+            }
+            for (q, acc) in acc.iter().enumerate().take(g) {
+                let mut sum = hsum(*acc);
+                for i in full..hd {
+                    sum = queries[q * hd + i].mul_add(key[i].to_f32(), sum);
+                }
+                out[q * stride + k] = sum;
+            }
+        }
+    }
+
+    /// Up to [`GROUP`] outputs, eight values at a time held in registers across every position: each
+    /// value chunk is widened once for all of them. Per output value, the same fused multiply-adds in the
+    /// same order as [`axpy_inner`] called position by position.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn mix_inner(hd: usize, weights: &[f32], stride: usize, values: &[f16], out: &mut [f32]) {
+        let (g, n, full) = (out.len() / hd, values.len() / hd, hd / 8 * 8);
+        for c in (0..full).step_by(8) {
+            let mut acc = [_mm256_setzero_ps(); GROUP];
+            for (q, acc) in acc.iter_mut().enumerate().take(g) {
+                // SAFETY: output `q` has `hd` values and `c + 8 <= hd`.
+                *acc = unsafe { _mm256_loadu_ps(out.as_ptr().add(q * hd + c)) };
+            }
+            for k in 0..n {
+                // SAFETY: value `k` has `hd` values and `c + 8 <= hd`.
+                let v = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(values.as_ptr().add(k * hd + c).cast()) });
+                for (q, acc) in acc.iter_mut().enumerate().take(g) {
+                    *acc = _mm256_fmadd_ps(_mm256_set1_ps(weights[q * stride + k]), v, *acc);
+                }
+            }
+            for (q, acc) in acc.iter().enumerate().take(g) {
+                // SAFETY: as for the loads.
+                unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(q * hd + c), *acc) };
+            }
+        }
+        for q in 0..g {
+            for k in 0..n {
+                let w = weights[q * stride + k];
+                for i in full..hd {
+                    out[q * hd + i] = w.mul_add(values[k * hd + i].to_f32(), out[q * hd + i]);
+                }
+            }
+        }
+    }
+
+    /// The sum of eight lanes in the portable `reduce`'s order.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn hsum(acc: __m256) -> f32 {
+        let h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+        let q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps(q, q, 1)))
+    }
+
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn dot_inner(a: &[f32], b: &[f16]) -> f32 {
         let n = a.len() / 8 * 8;
@@ -115,9 +286,7 @@ mod x86 {
             };
             acc = _mm256_fmadd_ps(x, y, acc);
         }
-        let h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-        let q = _mm_add_ps(h, _mm_movehl_ps(h, h));
-        let mut sum = _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps(q, q, 1)));
+        let mut sum = hsum(acc);
         for i in n..a.len() {
             sum = a[i].mul_add(b[i].to_f32(), sum);
         }

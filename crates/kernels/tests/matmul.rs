@@ -252,6 +252,10 @@ fn the_kernel_paths_are_detected_and_named() {
         assert_eq!(Isa::parse(isa.name()), Some(isa));
     }
     assert_eq!(Isa::parse("avx1024"), None);
+    // The roofline's measurements exist where the paths do.
+    let triad = ferroserve_kernels::roofline::triad_gbps(1 << 20, 1);
+    assert!(triad.is_finite() && triad > 0.0, "{triad}");
+    assert_eq!(ferroserve_kernels::roofline::int8_peak_gops(Isa::Portable), None);
     println!("active kernel path: {}", Isa::active());
 }
 
@@ -302,6 +306,47 @@ proptest! {
                 "{} axpy",
                 isa
             );
+        }
+    }
+
+    #[test]
+    fn grouped_scores_and_mixes_give_the_same_bits_on_every_path(
+        hd in 1usize..80,
+        g in 1usize..7,
+        n in 0usize..20,
+        seed in proptest::collection::vec(-3.0f32..3.0, 16..64),
+    ) {
+        let v = |i: usize| seed[i % seed.len()] * (1.0 + (i % 5) as f32 * 0.2);
+        let queries: Vec<f32> = (0..g * hd).map(v).collect();
+        let keys: Vec<half::f16> = (0..n * hd).map(|i| half::f16::from_f32(v(i + 7))).collect();
+        let stride = n + 3;
+        let weights: Vec<f32> = (0..g * stride).map(|i| v(i + 3).abs() / 10.0).collect();
+        let portable = ferroserve_kernels::HalfOps::of(Isa::Portable);
+        for isa in paths("f16 blocks") {
+            let ops = ferroserve_kernels::HalfOps::of(isa);
+            let (mut got, mut want) = (vec![0.0f32; g * stride], vec![0.0f32; g * stride]);
+            (ops.scores)(hd, &queries, &keys, &mut got, stride);
+            (portable.scores)(hd, &queries, &keys, &mut want, stride);
+            prop_assert_eq!(got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), want.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), "{} scores", isa);
+            // Each score is the plain dot product.
+            for q in 0..g {
+                for k in 0..n {
+                    let dot = (ops.dot)(&queries[q * hd..(q + 1) * hd], &keys[k * hd..(k + 1) * hd]);
+                    prop_assert_eq!(got[q * stride + k].to_bits(), dot.to_bits());
+                }
+            }
+            let (mut got, mut want) = (queries.clone(), queries.clone());
+            (ops.mix)(hd, &weights, stride, &keys, &mut got);
+            (portable.mix)(hd, &weights, stride, &keys, &mut want);
+            prop_assert_eq!(got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), want.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), "{} mix", isa);
+            // The same as a weighted sum position by position.
+            let mut one_by_one = queries.clone();
+            for q in 0..g {
+                for k in 0..n {
+                    (ops.axpy)(&mut one_by_one[q * hd..(q + 1) * hd], weights[q * stride + k], &keys[k * hd..(k + 1) * hd]);
+                }
+            }
+            prop_assert_eq!(got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), one_by_one.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
         }
     }
 }

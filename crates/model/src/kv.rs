@@ -152,29 +152,38 @@ pub fn attend(layout: KvLayout, heads: usize, layer: usize, jobs: &[AttendJob<'_
                 })
                 .collect();
             let mut out = vec![0.0f32; job.n * group * hd];
-            let mut scores = vec![0.0f32; seen];
+            // One row of scores per query head of the group.
+            let mut scores = vec![0.0f32; group * seen];
             for i in 0..job.n {
                 let visible = job.past + i + 1;
+                // The group's query heads are adjacent in the row.
+                let row = (job.offset + i) * width + kv_head * group * hd;
+                let queries = &q[row..row + group * hd];
+                let visible_blocks = blocks.iter().enumerate().take(visible.div_ceil(BLOCK_TOKENS));
+                for (b, (keys, _)) in visible_blocks.clone() {
+                    let (start, n) = (b * BLOCK_TOKENS, BLOCK_TOKENS.min(visible - b * BLOCK_TOKENS));
+                    (ops.scores)(hd, queries, &keys[..n * hd], &mut scores[start..], seen);
+                }
                 for g in 0..group {
-                    let head = kv_head * group + g;
-                    let row = (job.offset + i) * width + head * hd;
-                    let query = &q[row..row + hd];
-                    let keys = blocks.iter().flat_map(|(k, _)| k.chunks_exact(hd));
+                    let row = &mut scores[g * seen..g * seen + visible];
                     let mut max = f32::NEG_INFINITY;
-                    for (s, key) in scores[..visible].iter_mut().zip(keys) {
-                        *s = (ops.dot)(query, key) * scale;
+                    for s in row.iter_mut() {
+                        *s *= scale;
                         max = max.max(*s);
                     }
                     let mut sum = 0.0;
-                    for s in &mut scores[..visible] {
+                    for s in row.iter_mut() {
                         *s = (*s - max).exp();
                         sum += *s;
                     }
-                    let o = &mut out[(i * group + g) * hd..(i * group + g + 1) * hd];
-                    let values = blocks.iter().flat_map(|(_, v)| v.chunks_exact(hd));
-                    for (s, value) in scores[..visible].iter().zip(values) {
-                        (ops.axpy)(o, s / sum, value);
+                    for s in row.iter_mut() {
+                        *s /= sum;
                     }
+                }
+                let o = &mut out[i * group * hd..(i + 1) * group * hd];
+                for (b, (_, values)) in visible_blocks {
+                    let (start, n) = (b * BLOCK_TOKENS, BLOCK_TOKENS.min(visible - b * BLOCK_TOKENS));
+                    (ops.mix)(hd, &scores[start..], seen, &values[..n * hd], o);
                 }
             }
             out
