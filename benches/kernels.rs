@@ -7,7 +7,7 @@
 //! - `q4_1/{ours-PATH,candle}/M`: an MLP up-projection, 1536 x 576 Q4_1 (our panels), for M activation
 //!   rows (1 is a single-stream decode step, 16 a 16-stream one, 64 a prefill chunk).
 //! - `q4_0/...`: the same shape in Q4_0.
-//! - `q8_0/{ours-PATH,candle}/M`: the output projection, 49152 x 576 Q8_0 (the tied embedding).
+//! - `q8_0/{ours-PATH,candle}/M`: the output projection, 49152 x 576 Q8_0 (the tied embedding; panels too).
 //!
 //! PATH is `portable`, `avx2`, `avx-vnni` or `avx512-vnni`, each where the CPU has it.
 //!
@@ -19,7 +19,7 @@ use std::time::Duration;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use ferroserve_kernels::{Isa, Q4Matrix, QMatrix};
+use ferroserve_kernels::{Isa, Q4Matrix, Q80Matrix};
 
 /// A random `rows x cols` matrix quantized by Candle: Candle's matmul and the bytes our kernels read.
 fn weights(rows: usize, cols: usize, dtype: GgmlDType) -> (QMatMul, Vec<u8>) {
@@ -76,7 +76,7 @@ fn kernels(c: &mut Criterion) {
     compare(c, "q4_0", up, &candle, &|isa, x, m| w.matmul_isa(isa, x, m), &[1, 16]);
     let out = (49152, 576);
     let (candle, bytes) = weights(out.0, out.1, GgmlDType::Q8_0);
-    let w = QMatrix::<ferroserve_kernels::BlockQ80>::from_gguf_bytes(out.0, out.1, &bytes).expect("our layout");
+    let w = Q80Matrix::from_gguf_bytes(out.0, out.1, &bytes).expect("our layout");
     compare(c, "q8_0", out, &candle, &|isa, x, m| w.matmul_isa(isa, x, m), &[1, 16]);
 }
 

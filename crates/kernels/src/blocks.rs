@@ -163,6 +163,9 @@ pub struct BlockQ8 {
     pub d: f32,
     /// Scale times the sum of `qs` (the minimum's share of a Q4_1 dot product).
     pub s: f32,
+    /// 128 times the sum of `qs`: what offsetting signed weights by 128 adds to an integer dot product
+    /// (the Q8_0 kernels' unsigned form).
+    pub offset: i32,
     /// 32 quantized values.
     pub qs: [i8; 32],
 }
@@ -181,6 +184,7 @@ pub fn quantize_block(x: &[f32]) -> BlockQ8 {
     BlockQ8 {
         d,
         s: d * sum as f32,
+        offset: 128 * sum,
         qs,
     }
 }

@@ -153,6 +153,9 @@ mod x86 {
 
     use half::f16;
 
+    // The sum of eight lanes in the portable `reduce`'s order.
+    use crate::isa::x86::hsum;
+
     pub fn dot(a: &[f32], b: &[f16]) -> f32 {
         assert_eq!(a.len(), b.len(), "vectors of one length");
         // SAFETY: `HalfOps::of` hands this out only after `Isa::require` confirmed an x86 SIMD path, all of
@@ -262,14 +265,6 @@ mod x86 {
                 }
             }
         }
-    }
-
-    /// The sum of eight lanes in the portable `reduce`'s order.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn hsum(acc: __m256) -> f32 {
-        let h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-        let q = _mm_add_ps(h, _mm_movehl_ps(h, h));
-        _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps(q, q, 1)))
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]

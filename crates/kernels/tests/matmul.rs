@@ -6,8 +6,7 @@
 mod support;
 
 use ferroserve_kernels::{
-    BLOCK, BlockQ8, Isa, Kernel, Q4, Q4_0_BYTES, Q4_1_BYTES, Q4Matrix, Q8_0_BYTES, Q40Matrix, Q41Matrix, Q80Matrix,
-    dot_with, dot4_with, quantize_block,
+    BLOCK, Isa, Panel, PanelMatrix, Q4_0_BYTES, Q4_1_BYTES, Q8_0_BYTES, Q40Matrix, Q41Matrix, Q80Matrix,
 };
 use proptest::prelude::*;
 use support::{paths, reference};
@@ -88,13 +87,13 @@ fn assert_within_rounding(
     Ok(())
 }
 
-/// A Q4 matrix on every path: within rounding of the reference, the same bits as the portable path, and
+/// A panel matrix on every path: within rounding of the reference, the same bits as the portable path, and
 /// the same bits for each row alone as in the batch.
-fn assert_q4<B: Q4>(w: &Q4Matrix<B>, xs: &[f32], m: usize) -> Result<(), TestCaseError> {
+fn assert_panels<P: Panel>(w: &PanelMatrix<P>, xs: &[f32], m: usize) -> Result<(), TestCaseError> {
     let (rows, cols) = (w.rows(), w.cols());
     assert_within_rounding(&w.dequantize(), (rows, cols), xs, m, |isa| w.matmul_isa(isa, xs, m))?;
     let portable = w.matmul_isa(Isa::Portable, xs, m);
-    for isa in paths("q4 panels") {
+    for isa in paths("panels") {
         let batch = w.matmul_isa(isa, xs, m);
         prop_assert_eq!(
             batch.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
@@ -119,63 +118,6 @@ fn assert_q4<B: Q4>(w: &Q4Matrix<B>, xs: &[f32], m: usize) -> Result<(), TestCas
     Ok(())
 }
 
-/// On every path this host runs, the one-row and four-row dot products of one weight row against four
-/// activation rows agree with the portable ones; every SIMD path gives the same bits as every other (they
-/// compute the same integer sums and apply the scales in the same order).
-fn assert_dots_agree<B: Kernel>(w: &[B], rows: &[Vec<BlockQ8>]) -> Result<(), TestCaseError> {
-    let xs = [&rows[0][..], &rows[1], &rows[2], &rows[3]];
-    let portable = dot4_with(Isa::Portable, w, xs);
-    let mut simd: Option<(Isa, [f32; 4])> = None;
-    for isa in paths("dot") {
-        let four = dot4_with(isa, w, xs);
-        for (r, got) in four.iter().enumerate() {
-            let (one, want) = (dot_with(isa, w, &rows[r]), portable[r]);
-            prop_assert!(
-                (got - want).abs() <= 1e-4 * want.abs().max(1.0),
-                "{isa} row {r}: {got} vs portable {want}"
-            );
-            // Bit for bit: a row's result must not depend on whether it shares a four-row pass, or a
-            // sequence's logits would change with its place in the batch.
-            prop_assert_eq!(
-                got.to_bits(),
-                one.to_bits(),
-                "{} row {}: four-row {} vs one-row {}",
-                isa,
-                r,
-                got,
-                one
-            );
-        }
-        if isa != Isa::Portable {
-            match simd {
-                None => simd = Some((isa, four)),
-                Some((first, theirs)) => prop_assert_eq!(
-                    four.map(f32::to_bits),
-                    theirs.map(f32::to_bits),
-                    "{} and {} differ: {:?} vs {:?}",
-                    isa,
-                    first,
-                    four,
-                    theirs
-                ),
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Four activation rows of `cols` values, quantized.
-fn activation_rows(x: &[f32], cols: usize) -> Vec<Vec<BlockQ8>> {
-    (0..4)
-        .map(|r| {
-            (0..cols)
-                .map(|i| x[(i * (r + 1)) % x.len()] * (r as f32 - 1.5))
-                .collect::<Vec<f32>>()
-        })
-        .map(|xs| xs.chunks_exact(BLOCK).map(quantize_block).collect())
-        .collect()
-}
-
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
@@ -191,7 +133,7 @@ proptest! {
         let cols = blocks * BLOCK;
         let w = Q41Matrix::from_gguf_bytes(rows, cols, &gguf_bytes(rows, cols, &scales, &nibbles)).unwrap();
         let xs: Vec<f32> = (0..m * cols).map(|i| x[i % x.len()] * (1.0 + (i % 7) as f32 * 0.1)).collect();
-        assert_q4(&w, &xs, m)?;
+        assert_panels(&w, &xs, m)?;
     }
 
     #[test]
@@ -206,8 +148,7 @@ proptest! {
         let cols = blocks * BLOCK;
         let w = Q80Matrix::from_gguf_bytes(rows, cols, &gguf_q8_0(rows, cols, &scales, &values)).unwrap();
         let xs: Vec<f32> = (0..m * cols).map(|i| x[i % x.len()] * (1.0 + (i % 7) as f32 * 0.1)).collect();
-        assert_within_rounding(&w.dequantize(), (rows, cols), &xs, m, |isa| w.matmul_isa(isa, &xs, m))?;
-        assert_dots_agree(w.row_blocks(0), &activation_rows(&x, cols))?;
+        assert_panels(&w, &xs, m)?;
     }
 
     #[test]
@@ -231,7 +172,7 @@ proptest! {
             prop_assert_eq!(*v, d * (f32::from(q) - 8.0));
         }
         let xs: Vec<f32> = (0..m * cols).map(|i| x[i % x.len()]).collect();
-        assert_q4(&w, &xs, m)?;
+        assert_panels(&w, &xs, m)?;
     }
 }
 
@@ -272,11 +213,13 @@ fn a_q4_1_block_reads_as_the_file_has_it() {
     );
     assert_eq!(std::mem::size_of::<ferroserve_kernels::BlockQ40>(), Q4_0_BYTES);
     assert_eq!(std::mem::size_of::<ferroserve_kernels::BlockQ80>(), Q8_0_BYTES);
+    use ferroserve_kernels::{PANEL, PanelQ4, PanelQ8};
     assert_eq!(
-        std::mem::size_of::<ferroserve_kernels::PanelBlock>(),
-        ferroserve_kernels::PANEL * Q4_1_BYTES,
-        "a Q4_1 panel is as large as the file's blocks"
+        std::mem::size_of::<PanelQ4<ferroserve_kernels::BlockQ41>>(),
+        PANEL * Q4_1_BYTES,
+        "as the file"
     );
+    assert_eq!(std::mem::size_of::<PanelQ8>(), PANEL * Q8_0_BYTES, "as the file");
     assert!(Q41Matrix::from_gguf_bytes(2, 33, &[]).is_err());
     assert!(Q41Matrix::from_gguf_bytes(2, 32, &[0; 10]).is_err());
 }
