@@ -67,6 +67,7 @@ async fn measure(url: &str, level: Level, requests: u32, max_tokens: u32) -> (Ru
         tls: Default::default(),
         config,
         show_progress: false,
+        server_build: Some("mock server".into()),
     };
     let cpu = cpu_time();
     let result = run(&bench, prompts, |_| {}).await.expect("run against the mock");
