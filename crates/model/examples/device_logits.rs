@@ -2,7 +2,12 @@
 //! prefilled on both, then 32 decode steps that feed both the CPU path's greedy token (so that one
 //! difference does not compound). Prints the largest logit difference, relative to the spread of the CPU
 //! path's logits, and how often the greedy token agrees; exits with status 1 beyond the tolerance
-//! (relative difference 0.05, agreement 90 %).
+//! (relative difference 0.1, agreement 90 %).
+//!
+//! Why 0.1: activations are quantized to 8 bits before every matmul, so a last-bit difference anywhere
+//! (f16 against f32 keys, another summation order) can flip a rounding and grow over 30 blocks. The CPU's
+//! own two attention paths differ by up to 0.044 on this measure (`cpu-candle`, 2026-12-07), with every
+//! greedy token the same; a device may differ by about twice that before it is called wrong.
 //!
 //! ```text
 //! cargo run --release -p ferroserve-model --features cuda --example device_logits -- cuda:0
@@ -20,7 +25,7 @@ use ferroserve_model::gguf::GgufFile;
 
 const PROMPT: usize = 64;
 const STEPS: usize = 32;
-const MAX_RELATIVE: f32 = 0.05;
+const MAX_RELATIVE: f32 = 0.1;
 const MIN_AGREEMENT: f64 = 0.9;
 
 fn load(device: &Device) -> BatchedLlama {
