@@ -79,10 +79,12 @@ impl Queues {
     }
 }
 
-/// How a sequence ended, for the counters.
-#[derive(Debug, Clone, Copy)]
+/// How a sequence ended, for the counters. A completion is told to the client only once the sequence
+/// has left the batch and its KV blocks are back (so that what the client sees next, the metrics
+/// included, already counts them as free).
+#[derive(Debug, Clone)]
 enum Outcome {
-    Completed(u32),
+    Completed(u32, Box<Completion>),
     Cancelled(u32),
     Failed,
 }
@@ -461,8 +463,7 @@ impl EngineLoop {
         let score = self.shared.drift.lock().unwrap_or_else(|e| e.into_inner()).score();
         m.drift_score.set(score);
         tracing::debug!(request_id = %request.request_id, generated = seq.generated, finish = finish.as_str(), "request complete");
-        let _ = events.try_send(Ok(Event::Complete(completion)));
-        Outcome::Completed(seq.generated - seq.resumed)
+        Outcome::Completed(seq.generated - seq.resumed, Box::new(completion))
     }
 
     /// Tells the client its request failed.
@@ -478,23 +479,31 @@ impl EngineLoop {
         }
         // Highest index first, so earlier indices stay valid; `remove` keeps arrival order for the planner.
         ended.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
+        let mut completed = Vec::new();
         for (i, outcome) in ended {
-            running.remove(i);
-            let tokens = match outcome {
-                Outcome::Completed(n) | Outcome::Cancelled(n) => n,
+            // Dropping the sequence frees its KV blocks.
+            let Seq { job, .. } = running.remove(i);
+            let tokens = match &outcome {
+                Outcome::Completed(n, _) | Outcome::Cancelled(n) => *n,
                 Outcome::Failed => 0,
             };
             self.shared.update(|s: &mut WorkerStats| {
                 s.running -= 1;
                 s.generated_tokens += u64::from(tokens);
                 match outcome {
-                    Outcome::Completed(_) => s.completed += 1,
+                    Outcome::Completed(..) => s.completed += 1,
                     Outcome::Cancelled(_) => s.cancelled += 1,
                     Outcome::Failed => {}
                 }
             });
+            if let Outcome::Completed(_, completion) = outcome {
+                completed.push((job.events, completion));
+            }
         }
         self.publish_kv(running);
+        for (events, completion) in completed {
+            let _ = events.try_send(Ok(Event::Complete(*completion)));
+        }
     }
 
     fn publish_kv(&self, running: &[Seq]) {
