@@ -257,12 +257,17 @@ impl EngineLoop {
                             self.shared.update(|s| s.running -= 1);
                         }
                         Ok(Some(finish)) => {
-                            // It ended on the worker that failed, before the completion went out.
-                            self.complete(&mut seq, finish);
+                            // It ended on the worker that failed, before the completion went out. It never
+                            // joined the batch: its cache goes before the completion is sent.
+                            let outcome = self.complete(&mut seq, finish);
+                            let Seq { job, .. } = seq;
                             self.shared.update(|s| {
                                 s.running -= 1;
                                 s.completed += 1;
                             });
+                            if let Outcome::Completed(_, completion) = outcome {
+                                let _ = job.events.try_send(Ok(Event::Complete(*completion)));
+                            }
                         }
                         Ok(None) => running.push(seq),
                     }
@@ -430,7 +435,8 @@ impl EngineLoop {
         Ok(None)
     }
 
-    /// Flushes held text and sends the completion.
+    /// Flushes held text and returns the completion, for the caller to send once the sequence is freed.
+    #[must_use = "the completion is sent by whoever frees the sequence"]
     fn complete(&self, seq: &mut Seq, finish: FinishReason) -> Outcome {
         let m = &self.shared.metrics;
         let Job { request, events, .. } = &seq.job;
