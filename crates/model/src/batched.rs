@@ -22,7 +22,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_transformers::quantized_nn::RmsNorm;
 use std::sync::Arc;
 
-use ferroserve_kernels::{Q40Matrix, Q41Matrix, Q80Matrix};
+use ferroserve_kernels::{PanelMatrix, Q40Matrix, Q41Matrix, Q80Matrix};
 
 use crate::ModelError;
 use crate::gguf::GgufFile;
@@ -107,26 +107,27 @@ impl Linear {
 /// `x` through several matrices of the same input width, as row-major vectors: when all are Q4 matrices of
 /// one format, `x` is quantized once and their tiles share one parallel region; otherwise one at a time.
 fn forward_rows_group(linears: &[&Linear], x: &Tensor) -> candle_core::Result<Vec<Vec<f32>>> {
-    let m = x.dims2()?.0;
-    let q41: Option<Vec<&Q41Matrix>> = linears
-        .iter()
-        .map(|l| match l {
-            Linear::Q41(w) => Some(w),
-            _ => None,
-        })
-        .collect();
-    if let Some(ws) = q41 {
-        return Ok(Q41Matrix::matmul_group(&ws, &rows_of(x)?, m));
+    /// All of `linears` as panel matrices of one format, when `pick` finds each.
+    fn all<'a, P>(
+        linears: &[&'a Linear],
+        pick: fn(&'a Linear) -> Option<&'a PanelMatrix<P>>,
+    ) -> Option<Vec<&'a PanelMatrix<P>>> {
+        linears.iter().map(|l| pick(l)).collect()
     }
-    let q40: Option<Vec<&Q40Matrix>> = linears
-        .iter()
-        .map(|l| match l {
-            Linear::Q40(w) => Some(w),
-            _ => None,
-        })
-        .collect();
+    let m = x.dims2()?.0;
+    let q41 = all(linears, |l| match l {
+        Linear::Q41(w) => Some(w),
+        _ => None,
+    });
+    if let Some(ws) = q41 {
+        return Ok(PanelMatrix::matmul_group(&ws, &rows_of(x)?, m));
+    }
+    let q40 = all(linears, |l| match l {
+        Linear::Q40(w) => Some(w),
+        _ => None,
+    });
     if let Some(ws) = q40 {
-        return Ok(Q40Matrix::matmul_group(&ws, &rows_of(x)?, m));
+        return Ok(PanelMatrix::matmul_group(&ws, &rows_of(x)?, m));
     }
     linears.iter().map(|l| l.forward_rows(x)).collect()
 }
