@@ -87,9 +87,10 @@ fn main() {
     let batches = if part == "prefill" { Vec::new() } else { batches };
     let mut median_ms = Vec::new();
     for &batch in &batches {
+        let pool = model.unbounded_pool();
         let mut caches: Vec<SeqCache> = (0..batch)
             .map(|s| {
-                let mut cache = model.new_cache(CONTEXT + repeats() + 1).expect("cache");
+                let mut cache = model.new_cache_in(&pool, CONTEXT + repeats() + 1).expect("cache");
                 let tokens = prompt(CONTEXT, s as u32);
                 model
                     .forward(&mut [Chunk {

@@ -8,8 +8,9 @@
 //! - Logits are computed only for each sequence's last token.
 //!
 //! Each sequence's KV cache ([`SeqCache`]) is written in place, so the hot path has no `Tensor::cat`:
-//! - on the CPU it is paged, in f16 blocks allocated as the sequence grows, and attention runs in plain
-//!   Rust over the whole step ([`crate::kv`]);
+//! - on the CPU it is paged, in f16 blocks of its engine's pool ([`crate::pool`]) taken as the sequence
+//!   grows and shared between sequences with a common prefix, and attention runs in plain Rust over the
+//!   whole step ([`crate::kv`]);
 //! - on other devices it is preallocated at its capacity as Candle tensors, and attention uses Candle's
 //!   kernels, one sequence at a time.
 //!
@@ -26,7 +27,8 @@ use ferroserve_kernels::{PanelMatrix, Q40Matrix, Q41Matrix, Q80Matrix};
 
 use crate::ModelError;
 use crate::gguf::GgufFile;
-use crate::kv::{self, AttendJob, KvLayout, PagedKv};
+use crate::kv::{self, AttendJob, BLOCK_TOKENS, KvLayout};
+use crate::pool::{BlockId, Blocks, KvPool, PrefixCaching, blocks_for};
 
 /// Positions precomputed for RoPE; a sequence longer than this is refused.
 pub(crate) const MAX_POSITIONS: usize = 8192;
@@ -221,21 +223,43 @@ impl Embedding {
     }
 }
 
-/// One sequence's KV cache, filled up to `len`, never beyond `capacity`.
+/// One sequence's KV cache, filled up to `len`, never beyond `capacity`. Dropping it gives its blocks
+/// back to the pool, where its full blocks stay cached for the next sequence with the same prefix.
 pub struct SeqCache {
+    /// Where its blocks come from and go back to.
+    pool: KvPool,
     /// Where the keys and values are.
     store: Store,
     /// Positions filled.
     len: usize,
-    /// Positions this sequence may reach (its reservation).
+    /// Positions this sequence may reach.
     capacity: usize,
+    /// Positions taken from the prefix cache when it was made.
+    cached: usize,
+    /// The prefix key of the full blocks, and the tokens of the block being filled.
+    key: u64,
+    partial: Vec<u32>,
 }
 
 enum Store {
-    /// CPU: f16 blocks allocated as the sequence grows.
-    Paged(PagedKv),
-    /// Other devices: per block, keys and values `[1, kv_heads, capacity, head_dim]`, allocated up front.
-    Slots(Vec<(Tensor, Tensor)>),
+    /// CPU: the block table, position `p` in block `p / BLOCK_TOKENS`.
+    Paged(Vec<BlockId>),
+    /// Other devices: per block, keys and values `[1, kv_heads, capacity, head_dim]`, allocated up front
+    /// and counted in the pool as `charged` blocks.
+    Slots {
+        layers: Vec<(Tensor, Tensor)>,
+        charged: usize,
+    },
+}
+
+impl Drop for SeqCache {
+    fn drop(&mut self) {
+        let mut blocks = self.pool.lock();
+        match &self.store {
+            Store::Paged(ids) => blocks.release(ids),
+            Store::Slots { charged, .. } => blocks.uncharge(*charged),
+        }
+    }
 }
 
 impl SeqCache {
@@ -254,11 +278,59 @@ impl SeqCache {
         self.capacity
     }
 
+    /// Positions that came from the prefix cache, not computed for this sequence.
+    pub fn cached_tokens(&self) -> usize {
+        self.cached
+    }
+
     /// Paged KV blocks held now (0 for a cache of preallocated slots).
     pub fn blocks(&self) -> usize {
         match &self.store {
-            Store::Paged(kv) => kv.blocks(),
-            Store::Slots(_) => 0,
+            Store::Paged(ids) => ids.len(),
+            Store::Slots { .. } => 0,
+        }
+    }
+
+    /// The block table (empty for preallocated slots).
+    pub fn block_ids(&self) -> &[BlockId] {
+        match &self.store {
+            Store::Paged(ids) => ids,
+            Store::Slots { .. } => &[],
+        }
+    }
+
+    /// Takes the blocks positions `..end` need from the pool. False when the pool has none to spare; the
+    /// blocks taken so far stay.
+    pub fn reserve(&mut self, end: usize) -> bool {
+        let pool = self.pool.clone();
+        let mut blocks = pool.lock();
+        self.grow(&mut blocks, end)
+    }
+
+    fn grow(&mut self, blocks: &mut Blocks, end: usize) -> bool {
+        let Store::Paged(ids) = &mut self.store else {
+            return true;
+        };
+        while ids.len() < blocks_for(end) {
+            match blocks.allocate() {
+                Some(id) => ids.push(id),
+                None => return false,
+            }
+        }
+        true
+    }
+
+    /// Advances past `tokens`, just computed, registering each block they fill.
+    fn record(&mut self, blocks: &mut Blocks, tokens: &[u32]) {
+        for &t in tokens {
+            self.len += 1;
+            if let Store::Paged(ids) = &self.store {
+                self.partial.push(t);
+                if self.partial.len() == BLOCK_TOKENS {
+                    self.key = blocks.register(ids[(self.len - 1) / BLOCK_TOKENS], self.key, &self.partial);
+                    self.partial.clear();
+                }
+            }
         }
     }
 }
@@ -478,6 +550,7 @@ impl BatchedLlama {
         }
         let (cos_rows, sin_rows) = (rows_of(&cos).map_err(err)?, rows_of(&sin).map_err(err)?);
         Ok(BatchedLlama {
+
             embed,
             blocks,
             norm,
@@ -530,29 +603,101 @@ impl BatchedLlama {
         }
     }
 
-    /// An empty KV cache for one sequence of at most `capacity` tokens. On the CPU nothing is allocated
-    /// until tokens arrive.
+    /// A pool of `blocks` KV blocks for one engine. Prefix caching applies to paged caches only (the CPU
+    /// path); with Candle's slot caches it is off.
+    pub fn kv_pool(&self, blocks: usize, caching: PrefixCaching) -> KvPool {
+        let caching = PrefixCaching {
+            enabled: caching.enabled && self.paged,
+            ..caching
+        };
+        KvPool::new(self.kv_layout(), blocks, caching)
+    }
+
+    /// A pool with no bound and no prefix caching, for caches used outside an engine (tests, tools).
+    ///
+    /// A pool is locked for the whole of a step, across its parallel regions: two threads stepping caches
+    /// of one pool at once could deadlock the rayon workers, so each thread should have its own.
+    pub fn unbounded_pool(&self) -> KvPool {
+        self.kv_pool(
+            usize::MAX / 2,
+            PrefixCaching {
+                enabled: false,
+                max_idle_share: 0.0,
+            },
+        )
+    }
+
+    /// An empty KV cache for one sequence of at most `capacity` tokens, in a pool of its own
+    /// ([`BatchedLlama::unbounded_pool`]). On the CPU nothing is allocated until tokens arrive.
     pub fn new_cache(&self, capacity: usize) -> Result<SeqCache, ModelError> {
+        self.new_cache_in(&self.unbounded_pool(), capacity)
+    }
+
+    /// An empty KV cache in `pool`; sequences stepped together must share one pool.
+    pub fn new_cache_in(&self, pool: &KvPool, capacity: usize) -> Result<SeqCache, ModelError> {
+        self.cache_for(pool, &[], capacity, 0)?
+            .ok_or_else(|| ModelError::Cache(format!("the KV pool has no room for a cache of {capacity} positions")))
+    }
+
+    /// A KV cache from `pool` for a sequence of at most `capacity` positions that starts with `tokens`:
+    /// it holds the longest prefix of `tokens` the pool has cached, and blocks for the rest of `tokens`
+    /// and one token more. `None` when the pool cannot spare them and still keep `headroom` blocks
+    /// available (for the running sequences' next tokens).
+    pub fn cache_for(
+        &self,
+        pool: &KvPool,
+        tokens: &[u32],
+        capacity: usize,
+        headroom: usize,
+    ) -> Result<Option<SeqCache>, ModelError> {
         let capacity = capacity.min(MAX_POSITIONS);
+        let mut blocks = pool.lock();
+        let empty = |store| SeqCache {
+            pool: pool.clone(),
+            store,
+            len: 0,
+            capacity,
+            cached: 0,
+            key: crate::pool::ROOT_KEY,
+            partial: Vec::new(),
+        };
         if self.paged {
-            return Ok(SeqCache {
-                store: Store::Paged(PagedKv::new(self.kv_layout())),
-                len: 0,
-                capacity,
-            });
+            let (hit, key) = blocks.lookup(tokens);
+            let mut cache = empty(Store::Paged(hit));
+            cache.len = cache.blocks() * BLOCK_TOKENS;
+            cache.cached = cache.len;
+            cache.key = key;
+            let end = match tokens.len() {
+                0 => 0,
+                n => (n + 1).min(capacity),
+            };
+            let need = blocks_for(end).saturating_sub(cache.blocks());
+            if blocks.stats().available() < need + headroom || !cache.grow(&mut blocks, end) {
+                drop(blocks);
+                return Ok(None);
+            }
+            return Ok(Some(cache));
         }
+        let charged = blocks_for(capacity);
+        if blocks.stats().available() < charged + headroom || !blocks.charge(charged) {
+            return Ok(None);
+        }
+        drop(blocks);
         let s = self.shape;
+        let mut cache = empty(Store::Slots {
+            layers: Vec::new(),
+            charged,
+        });
         let layers = (0..s.layers)
             .map(|_| {
                 let kv = || Tensor::zeros((1, s.kv_heads, capacity, s.head_dim), DType::F32, &self.device);
                 Ok((kv()?, kv()?))
             })
             .collect::<candle_core::Result<_>>()?;
-        Ok(SeqCache {
-            store: Store::Slots(layers),
-            len: 0,
-            capacity,
-        })
+        if let Store::Slots { layers: l, .. } = &mut cache.store {
+            *l = layers;
+        }
+        Ok(Some(cache))
     }
 
     /// Runs one step over every chunk and returns, per chunk, the logits that follow its last token.
@@ -565,7 +710,13 @@ impl BatchedLlama {
     }
 
     fn forward_in_pool(&self, chunks: &mut [Chunk<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
+        let Some(pool) = chunks.first().map(|c| c.cache.pool.clone()) else {
+            return Ok(Vec::new());
+        };
         for c in chunks.iter() {
+            if !c.cache.pool.same(&pool) {
+                return Err(ModelError::Cache("the chunks of one step come from different pools".into()));
+            }
             if c.tokens.is_empty() || c.cache.len + c.tokens.len() > c.cache.capacity {
                 return Err(ModelError::Cache(format!(
                     "a chunk of {} tokens at position {} does not fit a cache of {}",
@@ -575,9 +726,7 @@ impl BatchedLlama {
                 )));
             }
         }
-        if chunks.is_empty() {
-            return Ok(Vec::new());
-        }
+        let mut blocks = pool.lock();
         let total: usize = chunks.iter().map(|c| c.tokens.len()).sum();
         let mut ids = Vec::with_capacity(total);
         let mut positions = Vec::with_capacity(total);
@@ -589,9 +738,14 @@ impl BatchedLlama {
         }
         let rope = if self.paged {
             for c in chunks.iter_mut() {
-                match &mut c.cache.store {
-                    Store::Paged(kv) => kv.reserve(c.cache.len + c.tokens.len()),
-                    Store::Slots(_) => return Err(ModelError::Cache("a slot cache on the CPU path".into())),
+                let end = c.cache.len + c.tokens.len();
+                if matches!(c.cache.store, Store::Slots { .. }) {
+                    return Err(ModelError::Cache("a slot cache on the CPU path".into()));
+                }
+                if !c.cache.grow(&mut blocks, end) {
+                    return Err(ModelError::Cache(format!(
+                        "the KV pool has no free block for positions up to {end}"
+                    )));
                 }
             }
             None
@@ -607,7 +761,7 @@ impl BatchedLlama {
         for (layer, block) in self.blocks.iter().enumerate() {
             let h = block.attn_norm.forward(&x)?;
             let y = match &rope {
-                None => self.attention_paged(layer, block, &h, chunks, &positions)?,
+                None => self.attention_paged(layer, block, &h, chunks, &positions, &mut blocks)?,
                 Some((cos, sin)) => self.attention_slots(layer, block, &h, chunks, cos, sin)?,
             };
             x = (x + block.wo.forward(&y)?)?;
@@ -626,8 +780,9 @@ impl BatchedLlama {
             x = (x + block.down.forward(&act)?)?;
         }
         for c in chunks.iter_mut() {
-            c.cache.len += c.tokens.len();
+            c.cache.record(&mut blocks, c.tokens);
         }
+        drop(blocks);
         let x = x.index_select(&Tensor::new(last.as_slice(), &self.device)?, 0)?;
         let logits = self.output.forward(&self.norm.forward(&x)?)?;
         Ok(logits.to_dtype(DType::F32)?.to_vec2()?)
@@ -642,6 +797,7 @@ impl BatchedLlama {
         h: &Tensor,
         chunks: &mut [Chunk<'_>],
         positions: &[usize],
+        blocks: &mut Blocks,
     ) -> Result<Tensor, ModelError> {
         let s = self.shape;
         let (hd, kvw) = (s.head_dim, s.kv_heads * s.head_dim);
@@ -649,25 +805,33 @@ impl BatchedLlama {
             .expect("three matrices, three results");
         kv::rope(&mut q, s.heads, hd, positions, &self.cos_rows, &self.sin_rows);
         kv::rope(&mut k, s.kv_heads, hd, positions, &self.cos_rows, &self.sin_rows);
+        let layout = self.kv_layout();
         let mut offset = 0;
         let mut spans = Vec::with_capacity(chunks.len());
         for c in chunks.iter_mut() {
             let (past, n) = (c.cache.len, c.tokens.len());
-            if let Store::Paged(cache) = &mut c.cache.store {
+            if let Store::Paged(ids) = &c.cache.store {
                 for i in 0..n {
                     let row = (offset + i) * kvw..(offset + i + 1) * kvw;
-                    cache.write(layer, past + i, &k[row.clone()], &v[row]);
+                    let block = blocks.block_mut(ids[(past + i) / BLOCK_TOKENS]);
+                    kv::write(layout, block, layer, past + i, &k[row.clone()], &v[row]);
                 }
             }
             spans.push((past, n, offset));
             offset += n;
         }
+        let blocks = &*blocks;
         let jobs: Vec<AttendJob<'_>> = chunks
             .iter()
             .zip(spans)
             .filter_map(|(c, (past, n, offset))| match &c.cache.store {
-                Store::Paged(kv) => Some(AttendJob { kv, past, n, offset }),
-                Store::Slots(_) => None,
+                Store::Paged(ids) => Some(AttendJob {
+                    blocks: ids[..blocks_for(past + n)].iter().map(|&id| blocks.block(id)).collect(),
+                    past,
+                    n,
+                    offset,
+                }),
+                Store::Slots { .. } => None,
             })
             .collect();
         let y = kv::attend(self.kv_layout(), s.heads, layer, &jobs, &q);
@@ -697,7 +861,7 @@ impl BatchedLlama {
         for c in chunks.iter_mut() {
             let n = c.tokens.len();
             let past = c.cache.len;
-            let Store::Slots(layers) = &c.cache.store else {
+            let Store::Slots { layers, .. } = &c.cache.store else {
                 return Err(ModelError::Cache("a paged cache on the slot path".into()));
             };
             let (kc, vc) = &layers[layer];

@@ -1,8 +1,8 @@
 //! The KV cache on the CPU, and the attention that reads it.
 //!
 //! - **Paged.** A sequence's keys and values live in fixed-size blocks of [`BLOCK_TOKENS`] positions,
-//!   allocated as the sequence grows and listed in its block table. A sequence holds only what it has
-//!   written, rounded up to a block, and its blocks are freed when it is dropped (finished or cancelled).
+//!   taken from its engine's pool ([`crate::pool`]) as the sequence grows and listed in its block table.
+//!   Full blocks can be shared between sequences with the same prefix.
 //! - **f16.** Values are stored in half precision: 23 KB per position for SmolLM2-135M instead of 46 KB.
 //!   Attention reads them back as f32.
 //! - **Layout.** A block holds every layer's keys and values, each `[kv_head][position][head_dim]`, so one
@@ -34,7 +34,7 @@ pub struct KvLayout {
 
 impl KvLayout {
     /// f16 values in one block: every layer's keys and values for [`BLOCK_TOKENS`] positions.
-    fn block_len(&self) -> usize {
+    pub(crate) fn block_len(&self) -> usize {
         self.layers * 2 * self.kv_heads * BLOCK_TOKENS * self.head_dim
     }
 
@@ -49,73 +49,30 @@ impl KvLayout {
     }
 }
 
-/// One sequence's paged KV cache.
-pub struct PagedKv {
-    layout: KvLayout,
-    /// The block table: block `i` holds positions `i * BLOCK_TOKENS..(i + 1) * BLOCK_TOKENS`.
-    blocks: Vec<Box<[f16]>>,
+/// Stores position `pos` of `layer` in `block` (the block holding it): `k` and `v` are
+/// `[kv_heads * head_dim]`.
+pub fn write(layout: KvLayout, block: &mut [f16], layer: usize, pos: usize, k: &[f32], v: &[f32]) {
+    let hd = layout.head_dim;
+    let row = (pos % BLOCK_TOKENS) * hd;
+    for h in 0..layout.kv_heads {
+        let at = layout.panel(layer, false, h) + row;
+        block[at..at + hd].convert_from_f32_slice(&k[h * hd..(h + 1) * hd]);
+        let at = layout.panel(layer, true, h) + row;
+        block[at..at + hd].convert_from_f32_slice(&v[h * hd..(h + 1) * hd]);
+    }
 }
 
-impl PagedKv {
-    /// An empty cache; nothing is allocated until [`PagedKv::reserve`].
-    pub fn new(layout: KvLayout) -> PagedKv {
-        PagedKv {
-            layout,
-            blocks: Vec::new(),
-        }
-    }
-
-    /// Blocks allocated.
-    pub fn blocks(&self) -> usize {
-        self.blocks.len()
-    }
-
-    /// Allocates the blocks that positions `..end` need.
-    pub fn reserve(&mut self, end: usize) {
-        let len = self.layout.block_len();
-        while self.blocks.len() < end.div_ceil(BLOCK_TOKENS) {
-            self.blocks.push(vec![f16::ZERO; len].into_boxed_slice());
-        }
-    }
-
-    /// Stores position `pos` of `layer`: `k` and `v` are `[kv_heads * head_dim]`. The block must be
-    /// reserved.
-    pub fn write(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
-        let l = self.layout;
-        let hd = l.head_dim;
-        let block = &mut self.blocks[pos / BLOCK_TOKENS];
-        let row = (pos % BLOCK_TOKENS) * hd;
-        for h in 0..l.kv_heads {
-            let at = l.panel(layer, false, h) + row;
-            block[at..at + hd].convert_from_f32_slice(&k[h * hd..(h + 1) * hd]);
-            let at = l.panel(layer, true, h) + row;
-            block[at..at + hd].convert_from_f32_slice(&v[h * hd..(h + 1) * hd]);
-        }
-    }
-
-    /// Keys (or values) of one head at the first `n` positions of block `b`: `[n, head_dim]`, in place.
-    fn panel(&self, layer: usize, values: bool, head: usize, b: usize, n: usize) -> &[f16] {
-        let start = self.layout.panel(layer, values, head);
-        &self.blocks[b][start..start + n * self.layout.head_dim]
-    }
-
-    /// Keys (or values) of one head at positions `..seen`, as f32 `[seen, head_dim]` in `out`.
-    #[cfg(test)]
-    fn gather(&self, layer: usize, values: bool, head: usize, seen: usize, out: &mut Vec<f32>) {
-        let hd = self.layout.head_dim;
-        let start = self.layout.panel(layer, values, head);
-        out.resize(seen * hd, 0.0);
-        for (block, dst) in self.blocks.iter().zip(out.chunks_mut(BLOCK_TOKENS * hd)) {
-            block[start..start + dst.len()].convert_to_f32_slice(dst);
-        }
-    }
+/// Keys (or values) of one head at the first `n` positions of `block`: `[n, head_dim]`, in place.
+fn panel(layout: KvLayout, block: &[f16], layer: usize, values: bool, head: usize, n: usize) -> &[f16] {
+    let start = layout.panel(layer, values, head);
+    &block[start..start + n * layout.head_dim]
 }
 
 /// One sequence's part of a step: `n` new tokens at positions `past..past + n`, whose rows start at
 /// `offset` in the step's flattened batch. Their keys and values are already in `kv`.
 pub struct AttendJob<'a> {
-    /// The sequence's cache.
-    pub kv: &'a PagedKv,
+    /// The sequence's blocks, in position order.
+    pub blocks: Vec<&'a [f16]>,
     /// Positions cached before this step.
     pub past: usize,
     /// New tokens.
@@ -145,9 +102,10 @@ pub fn attend(layout: KvLayout, heads: usize, layer: usize, jobs: &[AttendJob<'_
             let blocks: Vec<(&[f16], &[f16])> = (0..seen.div_ceil(BLOCK_TOKENS))
                 .map(|b| {
                     let n = BLOCK_TOKENS.min(seen - b * BLOCK_TOKENS);
+                    let block = job.blocks[b];
                     (
-                        job.kv.panel(layer, false, kv_head, b, n),
-                        job.kv.panel(layer, true, kv_head, b, n),
+                        panel(layout, block, layer, false, kv_head, n),
+                        panel(layout, block, layer, true, kv_head, n),
                     )
                 })
                 .collect();
@@ -245,27 +203,29 @@ mod tests {
         ((seed * 2654435761) % 1000) as f32 / 500.0 - 1.0
     }
 
+    /// Zeroed blocks for `positions`.
+    fn blocks_for(positions: usize) -> Vec<Vec<f16>> {
+        (0..positions.div_ceil(BLOCK_TOKENS))
+            .map(|_| vec![f16::ZERO; LAYOUT.block_len()])
+            .collect()
+    }
+
     #[test]
-    fn blocks_grow_with_positions_and_values_read_back() {
-        let mut kv = PagedKv::new(LAYOUT);
-        assert_eq!(kv.blocks(), 0, "nothing is allocated up front");
-        kv.reserve(BLOCK_TOKENS + 1);
-        assert_eq!(kv.blocks(), 2);
+    fn values_written_read_back_from_their_block_and_panel() {
+        let mut blocks = blocks_for(BLOCK_TOKENS + 1);
+        assert_eq!(blocks.len(), 2);
         let width = LAYOUT.kv_heads * LAYOUT.head_dim;
         for pos in 0..=BLOCK_TOKENS {
             let k: Vec<f32> = (0..width).map(|i| value(pos * 100 + i)).collect();
             let v: Vec<f32> = (0..width).map(|i| value(pos * 100 + i + 50)).collect();
-            kv.write(1, pos, &k, &v);
+            write(LAYOUT, &mut blocks[pos / BLOCK_TOKENS], 1, pos, &k, &v);
         }
-        let mut out = Vec::new();
-        kv.gather(1, true, 1, BLOCK_TOKENS + 1, &mut out);
         for pos in 0..=BLOCK_TOKENS {
+            let values = panel(LAYOUT, &blocks[pos / BLOCK_TOKENS], 1, true, 1, BLOCK_TOKENS);
             for d in 0..LAYOUT.head_dim {
                 let want = value(pos * 100 + LAYOUT.head_dim + d + 50);
-                assert!(
-                    (out[pos * LAYOUT.head_dim + d] - want).abs() < 1e-3,
-                    "pos {pos} dim {d}"
-                );
+                let got = values[(pos % BLOCK_TOKENS) * LAYOUT.head_dim + d].to_f32();
+                assert!((got - want).abs() < 1e-3, "pos {pos} dim {d}");
             }
         }
         assert_eq!(LAYOUT.bytes_per_token(), 2 * 2 * 2 * 8 * 2);
@@ -309,8 +269,7 @@ mod tests {
     fn attention_is_causal_and_matches_a_direct_computation() {
         let (heads, hd, n, past) = (4, LAYOUT.head_dim, 3, 5);
         let kvw = LAYOUT.kv_heads * hd;
-        let mut kv = PagedKv::new(LAYOUT);
-        kv.reserve(past + n);
+        let mut blocks = blocks_for(past + n);
         let round = |x: f32| f16::from_f32(x).to_f32();
         let keys: Vec<Vec<f32>> = (0..past + n)
             .map(|p| (0..kvw).map(|i| value(p * 31 + i)).collect())
@@ -319,11 +278,11 @@ mod tests {
             .map(|p| (0..kvw).map(|i| value(p * 37 + i + 7)).collect())
             .collect();
         for p in 0..past + n {
-            kv.write(0, p, &keys[p], &vals[p]);
+            write(LAYOUT, &mut blocks[p / BLOCK_TOKENS], 0, p, &keys[p], &vals[p]);
         }
         let q: Vec<f32> = (0..n * heads * hd).map(|i| value(i + 3)).collect();
         let job = AttendJob {
-            kv: &kv,
+            blocks: blocks.iter().map(|b| b.as_slice()).collect(),
             past,
             n,
             offset: 0,

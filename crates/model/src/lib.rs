@@ -14,6 +14,7 @@ pub mod gguf;
 pub mod kv;
 pub mod llama;
 pub mod minilm;
+pub mod pool;
 pub mod tokenizer;
 pub mod validate;
 

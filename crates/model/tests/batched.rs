@@ -97,7 +97,8 @@ fn a_batch_gives_each_sequence_what_it_gets_alone() {
 
     // Step 0: all three prompts prefilled in one step. Steps 1-3: one decode token each, and at step 2 a
     // fourth sequence joins with its prompt split over two steps (chunked prefill mixed with decode).
-    let mut caches: Vec<_> = (0..4).map(|_| m.new_cache(256).unwrap()).collect();
+    let pool = m.unbounded_pool();
+    let mut caches: Vec<_> = (0..4).map(|_| m.new_cache_in(&pool, 256).unwrap()).collect();
     let late = tokens("Water boils at one hundred degrees Celsius at sea level, and");
     let late_expected = alone(&late, 0);
     let (late_a, late_b) = late.split_at(5);
@@ -266,7 +267,8 @@ fn paged_attention_matches_candles_attention_and_allocates_by_the_block() {
         tokens("Rust is"),
     );
     let run = |m: &BatchedLlama| {
-        let mut caches: Vec<_> = (0..2).map(|_| m.new_cache(64).unwrap()).collect();
+        let pool = m.unbounded_pool();
+        let mut caches: Vec<_> = (0..2).map(|_| m.new_cache_in(&pool, 64).unwrap()).collect();
         let (ca, cb) = caches.split_at_mut(1);
         let first = m
             .forward(&mut [
