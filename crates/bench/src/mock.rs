@@ -251,6 +251,7 @@ impl Inference for MockInference {
                     usage: Some(pb::Usage {
                         prompt_tokens,
                         completion_tokens: r.max_tokens,
+                        ..Default::default()
                     }),
                     model_version: "mock@1".into(),
                     ..Default::default()

@@ -91,6 +91,9 @@ pub struct Usage {
     pub prompt_tokens: u32,
     /// Tokens generated (stop-string tokens included, EOS excluded).
     pub completion_tokens: u32,
+    /// Of the prompt tokens, those whose KV came from the prefix cache instead of being computed
+    /// (OpenAI's `prompt_tokens_details.cached_tokens`).
+    pub cached_tokens: u32,
 }
 
 /// Milliseconds from the request's arrival.

@@ -1,5 +1,6 @@
 //! The engine's front door: checks requests on the caller's task and queues them for the engine thread.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -14,8 +15,11 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::{ReceiverStream, WatchStream};
 
 use crate::instruments::EngineMetrics;
-use crate::run::{EngineLoop, Job};
+use crate::run::EngineLoop;
 use crate::schedule::BatchLimits;
+use crate::seq::Job;
+use ferroserve_model::kv::BLOCK_TOKENS;
+use ferroserve_model::pool::{KvPool, PoolStats, PrefixCaching};
 
 /// Engine settings from the `[engine]` and `[cost]` config sections.
 #[derive(Debug, Clone, PartialEq)]
@@ -28,6 +32,8 @@ pub struct EngineConfig {
     pub price: Price,
     /// Continuous batching: sequences, tokens per step, KV budget.
     pub batch: BatchLimits,
+    /// Reuse of computed prefixes in the KV pool.
+    pub prefix_caching: PrefixCaching,
     /// Test-only fault injection (`FERROSERVE_TEST_FAULT=engine-panic:<marker>`): the engine thread panics
     /// on a request whose text contains the marker. Never set in a real deployment.
     pub test_fault_marker: Option<String>,
@@ -43,9 +49,19 @@ impl Default for EngineConfig {
                 usd_per_hour: 0.0,
             },
             batch: BatchLimits::default(),
+            prefix_caching: PrefixCaching::default(),
             test_fault_marker: None,
         }
     }
+}
+
+/// What the engine's KV pool holds ([`EngineHandle::kv`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvReport {
+    /// Blocks in use, idle (cached), and the capacity.
+    pub blocks: PoolStats,
+    /// Sequences preempted since the engine started.
+    pub preemptions: u64,
 }
 
 /// State that both the handle and the engine thread touch.
@@ -60,6 +76,10 @@ pub(crate) struct Shared {
     pub cost: Arc<CostMeter>,
     /// False once the supervisor gave up on the engine thread.
     pub alive: watch::Sender<bool>,
+    /// The KV pool (its counts are read by [`EngineHandle::kv`]).
+    pub pool: KvPool,
+    /// Sequences preempted so far.
+    pub preemptions: AtomicU64,
 }
 
 impl Shared {
@@ -116,16 +136,32 @@ impl EngineHandle {
     /// Starts the engine thread for `model`.
     pub fn start(model: LoadedModel, config: EngineConfig) -> EngineHandle {
         let (jobs, queue) = sync_channel(config.queue_capacity);
-        let LoadedModel { info, text, model } = model;
+        let LoadedModel { mut info, text, model } = model;
+        // A sequence can grow only as far as the pool holds: the context this engine serves is the smaller.
+        let pool_blocks = config.batch.kv_budget_tokens / BLOCK_TOKENS;
+        let pool_tokens = (pool_blocks * BLOCK_TOKENS) as u32;
+        if pool_tokens < info.context_length {
+            tracing::warn!(
+                context = info.context_length,
+                kv_budget_tokens = config.batch.kv_budget_tokens,
+                "the KV budget is smaller than the model's context; requests are limited to the budget"
+            );
+            info.context_length = pool_tokens;
+        }
+        let pool = model.kv_pool(pool_blocks, config.prefix_caching);
         let shared = Arc::new(Shared {
             stats: watch::Sender::new(WorkerStats::default()),
             metrics: EngineMetrics::new(&info),
             drift: Mutex::new(DriftMonitor::new(config.drift_window_tokens)),
             cost: cost::meter(&config.price),
             alive: watch::Sender::new(true),
+            pool: pool.clone(),
+            preemptions: AtomicU64::new(0),
         });
         let engine = EngineLoop {
             model,
+            pool,
+            share_prefixes: config.prefix_caching.enabled,
             text: Arc::clone(&text),
             limits: config.batch,
             shared: Arc::clone(&shared),
@@ -201,11 +237,11 @@ impl EngineHandle {
         // engine never blocks on a slow client, and the channel can hold no more than that.
         let (events, rx) = mpsc::channel(request.max_tokens as usize + 2);
         let prompt_len = prompt.len();
-        let mut prompt = prompt;
-        prompt.extend_from_slice(&request.continuation);
+        let mut tokens = prompt;
+        tokens.extend_from_slice(&request.continuation);
         let job = Job {
             request,
-            prompt,
+            tokens,
             prompt_len,
             events,
         };
@@ -229,6 +265,14 @@ impl EngineHandle {
     /// The current counters.
     pub fn stats(&self) -> WorkerStats {
         *self.shared.stats.borrow()
+    }
+
+    /// The KV pool's blocks by state, and the preemptions so far.
+    pub fn kv(&self) -> KvReport {
+        KvReport {
+            blocks: self.shared.pool.stats(),
+            preemptions: self.shared.preemptions.load(Ordering::Relaxed),
+        }
     }
 }
 

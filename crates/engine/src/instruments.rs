@@ -18,6 +18,11 @@ pub(crate) struct EngineMetrics {
     pub kv_usage: Gauge,
     pub kv_blocks_used: Gauge,
     pub kv_blocks_capacity: Gauge,
+    pub kv_blocks_cached: Gauge,
+    /// Prompt tokens looked up in the prefix cache at admission, and those found (vLLM's names).
+    pub prefix_cache_queries: Counter,
+    pub prefix_cache_hits: Counter,
+    pub preemptions: Counter,
     /// Step time, by phase: prefill, decode, mixed.
     pub step_seconds: [Histogram; 3],
     pub cancelled: Counter,
@@ -48,6 +53,10 @@ impl EngineMetrics {
             kv_usage: metrics::gauge!(names::KV_CACHE_USAGE_RATIO, &mv),
             kv_blocks_used: metrics::gauge!(names::KV_CACHE_BLOCKS_USED, &mv),
             kv_blocks_capacity: metrics::gauge!(names::KV_CACHE_BLOCKS_CAPACITY, &mv),
+            kv_blocks_cached: metrics::gauge!(names::KV_CACHE_BLOCKS_CACHED, &mv),
+            prefix_cache_queries: metrics::counter!(names::PREFIX_CACHE_QUERIES_TOTAL, &mv),
+            prefix_cache_hits: metrics::counter!(names::PREFIX_CACHE_HITS_TOTAL, &mv),
+            preemptions: metrics::counter!(names::PREEMPTIONS_TOTAL, &mv),
             step_seconds: ["prefill", "decode", "mixed"].map(|phase| {
                 let labels = [mv[0].clone(), mv[1].clone(), (names::LABEL_PHASE, phase.to_string())];
                 metrics::histogram!(names::ENGINE_STEP_SECONDS, &labels)

@@ -13,8 +13,10 @@ mod instruments;
 mod run;
 pub mod sampler;
 pub mod schedule;
+mod seq;
 pub mod stop;
 mod supervise;
 
-pub use handle::{EngineConfig, EngineHandle};
+pub use ferroserve_model::pool::PrefixCaching;
+pub use handle::{EngineConfig, EngineHandle, KvReport};
 pub use schedule::BatchLimits;

@@ -1,62 +1,35 @@
-//! The engine thread: continuous batching. Each step admits waiting requests that fit
-//! ([`schedule::admits`]), runs one forward over the planned tokens of every running sequence
-//! ([`schedule::plan`]: decode tokens first, then prefill chunks), samples for the sequences whose prompt
-//! is complete, and lets finished sequences leave, which frees their KV cache at once.
+//! The engine thread: continuous batching over a shared KV pool. Each step admits waiting sequences the
+//! pool has blocks for ([`EngineLoop::admit`]: their longest cached prefix, plus blocks for the rest of the
+//! prompt), gives every planned sequence the blocks its tokens need, preempting the most recently
+//! admitted when the pool runs out, runs one forward over the planned tokens ([`schedule::plan`]: decode
+//! tokens first, then prefill chunks), samples for the sequences that have computed all their tokens, and
+//! lets finished sequences leave, which gives their blocks back (full ones stay cached for reuse).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::mpsc::Receiver;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use ferroserve_core::{
     Alternative, BackendError, Completion, Event, FinishReason, MAX_TOP_LOGPROBS, Timings, TokenChunk, TokenDetail,
-    Usage, ValidRequest, WorkerStats,
+    Usage, WorkerStats,
 };
-use ferroserve_model::batched::{BatchedLlama, Chunk, SeqCache};
-use ferroserve_model::detok::IncrementalDecoder;
+use ferroserve_model::batched::{BatchedLlama, Chunk};
+use ferroserve_model::kv::BLOCK_TOKENS;
+use ferroserve_model::pool::KvPool;
 use ferroserve_model::{ModelError, TextCodec};
-use tokio::sync::mpsc;
 
 use crate::handle::Shared;
-use crate::sampler::Sampler;
-use crate::schedule::{self, BatchLimits, SeqView, Take};
-use crate::stop::StopMatcher;
-
-/// One queued request.
-pub(crate) struct Job {
-    /// The validated request.
-    pub request: ValidRequest,
-    /// Its prompt, already tokenized and checked against the context length, followed by its
-    /// continuation (tokens a failed worker already generated), which is prefilled with it.
-    pub prompt: Vec<u32>,
-    /// Tokens of `prompt` that are the prompt proper (usage counts these as prompt tokens).
-    pub prompt_len: usize,
-    /// Where its events go. Closed means the client left.
-    pub events: mpsc::Sender<Result<Event, BackendError>>,
-}
-
-impl Job {
-    /// Tokens already generated elsewhere.
-    fn resumed(&self) -> usize {
-        self.prompt.len() - self.prompt_len
-    }
-
-    /// Whether the request's text contains the test fault marker.
-    fn has_marker(&self, marker: &str) -> bool {
-        match &self.request.input {
-            ferroserve_core::Input::Prompt(t) => t.contains(marker),
-            ferroserve_core::Input::Chat(m) => m.iter().any(|m| m.content.contains(marker)),
-        }
-    }
-}
+use crate::schedule::{self, BatchLimits, SeqView};
+use crate::seq::{Job, Outcome, Seq, ms_since};
 
 /// The requests the engine holds: waiting for a place in the batch, and running. They live outside the
 /// loop so that after a panic the supervisor can tell each of them what happened.
 #[derive(Default)]
 pub(crate) struct Queues {
-    /// Accepted, not yet in the batch, in admission order.
-    waiting: VecDeque<Job>,
-    /// In the batch.
+    /// Not in the batch, in admission order: new, or preempted (those go back to the front).
+    waiting: VecDeque<Seq>,
+    /// In the batch, in the order they were admitted.
     running: Vec<Seq>,
 }
 
@@ -65,10 +38,7 @@ impl Queues {
     /// of the counters. Returns how many there were.
     pub fn fail_all(&mut self, shared: &Shared, error: &BackendError) -> usize {
         let (waiting, running) = (self.waiting.len(), self.running.len());
-        for job in self.waiting.drain(..) {
-            let _ = job.events.try_send(Err(error.clone()));
-        }
-        for seq in self.running.drain(..) {
+        for seq in self.waiting.drain(..).chain(self.running.drain(..)) {
             let _ = seq.job.events.try_send(Err(error.clone()));
         }
         shared.update(|s| {
@@ -79,79 +49,18 @@ impl Queues {
     }
 }
 
-/// How a sequence ended, for the counters. A completion is told to the client only once the sequence
-/// has left the batch and its KV blocks are back (so that what the client sees next, the metrics
-/// included, already counts them as free).
-#[derive(Debug, Clone)]
-enum Outcome {
-    Completed(u32, Box<Completion>),
-    Cancelled(u32),
-    Failed,
-}
-
-/// A sequence in the running batch.
-struct Seq {
-    /// The request and its channel.
-    job: Job,
-    /// Its own KV cache, freed when the sequence leaves.
-    cache: SeqCache,
-    /// Prompt tokens already in the cache.
-    prefilled: usize,
-    /// The token to feed on its next decode step.
-    next: [u32; 1],
-    /// Per-request sampler, seeded: the same seed gives the same text whatever else is in the batch.
-    sampler: Sampler,
-    /// Stop strings over the streamed text.
-    stops: StopMatcher,
-    /// Token ids to text, one whole character at a time.
-    detok: IncrementalDecoder,
-    /// Tokens generated so far, the continuation's included (usage counts them all).
-    generated: u32,
-    /// Of those, the continuation's: generated elsewhere, so not counted again in this worker's totals.
-    resumed: u32,
-    /// Arrival to admission.
-    queue_ms: f64,
-    /// Arrival to first token.
-    ttft_ms: f64,
-}
-
-impl Seq {
-    /// Brings the decoder, the stop matcher and the sampler to where the failed worker left them, from
-    /// the continuation alone: each is deterministic in the tokens it saw. The text it would release was
-    /// streamed already, so it is dropped; a partial stop string stays held, as it was there.
-    ///
-    /// Returns how the request ends already, if it does: the continuation may hold its last token or
-    /// complete a stop string (the worker failed before it sent the completion). An end-of-sequence token
-    /// is never streamed, so it cannot be in a continuation.
-    fn resume(&mut self, text: &TextCodec) -> Result<Option<FinishReason>, ModelError> {
-        let continuation = self.job.prompt[self.job.prompt_len..].to_vec();
-        for id in continuation {
-            let piece = self.detok.push(&text.tokenizer, id)?;
-            self.sampler.skip_draw(id);
-            if self.stops.push(&piece).stopped {
-                return Ok(Some(FinishReason::Stop));
-            }
-        }
-        Ok((self.generated >= self.job.request.max_tokens).then_some(FinishReason::Length))
-    }
-
-    fn view(&self) -> SeqView {
-        SeqView {
-            prompt: self.job.prompt.len(),
-            prefilled: self.prefilled,
-            reserved: self.cache.capacity(),
-        }
-    }
-}
-
 /// Everything the engine thread owns.
 pub(crate) struct EngineLoop {
     /// The model weights, shared by every sequence.
     pub model: Arc<BatchedLlama>,
+    /// The KV blocks of every sequence, and the prefix cache.
+    pub pool: KvPool,
     /// Tokenizer, for detokenizing and spotting end-of-sequence.
     pub text: Arc<TextCodec>,
     /// Batch size, step size and KV budget.
     pub limits: BatchLimits,
+    /// Whether requests wait for a running sequence computing their prefix (prefix caching on).
+    pub share_prefixes: bool,
     /// Counters, metrics, drift and cost, shared with the handle.
     pub shared: Arc<Shared>,
     /// Test-only fault injection: the engine panics when it admits a request whose text contains this
@@ -159,14 +68,10 @@ pub(crate) struct EngineLoop {
     pub test_fault_marker: Option<String>,
 }
 
-fn ms_since(t: SystemTime) -> f64 {
-    t.elapsed().map_or(0.0, |d| d.as_secs_f64() * 1e3)
-}
-
-/// Puts a job in the waiting queue by priority, behind every job of the same or a higher one.
-fn enqueue(waiting: &mut VecDeque<Job>, job: Job) {
-    let at = schedule::queue_position(waiting.iter().map(|j| j.request.priority), job.request.priority);
-    waiting.insert(at, job);
+/// Puts a sequence in the waiting queue by priority, behind every one of the same or a higher one.
+fn enqueue(waiting: &mut VecDeque<Seq>, seq: Seq) {
+    let at = schedule::queue_position(waiting.iter().map(|s| s.job.request.priority), seq.job.request.priority);
+    waiting.insert(at, seq);
 }
 
 impl EngineLoop {
@@ -175,145 +80,220 @@ impl EngineLoop {
         loop {
             if q.running.is_empty() && q.waiting.is_empty() {
                 match queue.recv() {
-                    Ok(job) => enqueue(&mut q.waiting, job),
+                    Ok(job) => self.accept(&mut q.waiting, job),
                     Err(_) => break,
                 }
             }
             while let Ok(job) = queue.try_recv() {
-                enqueue(&mut q.waiting, job);
+                self.accept(&mut q.waiting, job);
             }
-            if self.shared.is_draining() && !q.waiting.is_empty() {
+            if self.shared.is_draining() && q.waiting.iter().any(|s| !s.started()) {
                 // Draining: what has not started goes back to the router, which sends it elsewhere.
-                let mut not_started = Queues {
-                    waiting: std::mem::take(&mut q.waiting),
+                let (started, not_started) = std::mem::take(&mut q.waiting).into_iter().partition(Seq::started);
+                q.waiting = started;
+                let mut handed_back = Queues {
+                    waiting: not_started,
                     running: Vec::new(),
                 };
-                not_started.fail_all(
+                handed_back.fail_all(
                     &self.shared,
                     &BackendError::Unavailable("this worker is draining; the request had not started".into()),
                 );
             }
             self.admit(&mut q.waiting, &mut q.running);
             if !q.running.is_empty() {
-                self.step(&mut q.running);
+                self.step(&mut q.waiting, &mut q.running);
             }
         }
         tracing::debug!("engine thread exiting: all handles dropped");
     }
 
-    /// Moves waiting requests into the batch while they fit, in queue order (priority, then arrival).
-    fn admit(&mut self, waiting: &mut VecDeque<Job>, running: &mut Vec<Seq>) {
+    /// Takes a job from the channel: a waiting sequence, or at once a completion when a continuation
+    /// already ends the request (the worker that failed had not sent it).
+    fn accept(&self, waiting: &mut VecDeque<Seq>, job: Job) {
+        let mut seq = Seq::new(job);
+        match seq.resume(&self.text) {
+            Ok(None) => enqueue(waiting, seq),
+            Ok(Some(finish)) => {
+                let outcome = self.complete(&mut seq, finish);
+                self.shared.update(|s| {
+                    s.waiting -= 1;
+                    s.completed += 1;
+                });
+                if let Outcome::Completed(_, completion) = outcome {
+                    let _ = seq.job.events.try_send(Ok(Event::Complete(*completion)));
+                }
+            }
+            Err(e) => {
+                self.fail(&seq.job, &e);
+                self.shared.update(|s| s.waiting -= 1);
+            }
+        }
+    }
+
+    /// Moves waiting sequences into the batch while they fit, in queue order (priority, then arrival).
+    fn admit(&mut self, waiting: &mut VecDeque<Seq>, running: &mut Vec<Seq>) {
         let m = &self.shared.metrics;
-        while let Some(job) = waiting.front() {
-            if job.events.is_closed() {
-                waiting.pop_front();
+        while let Some(seq) = waiting.front_mut() {
+            if seq.job.events.is_closed() {
+                let mut seq = waiting.pop_front().expect("front exists");
+                let n = seq.take_uncounted();
                 m.cancelled.increment(1);
                 m.finished(FinishReason::Cancelled);
+                m.generation_tokens_total.increment(u64::from(n));
                 self.shared.update(|s| {
                     s.waiting -= 1;
                     s.cancelled += 1;
+                    s.generated_tokens += u64::from(n);
                 });
                 continue;
             }
-            // The KV cache holds the prompt, the continuation, and what is left to generate.
-            let need = job.prompt_len + job.request.max_tokens as usize;
-            let views: Vec<SeqView> = running.iter().map(Seq::view).collect();
-            if !schedule::admits(&self.limits, &views, need) {
+            if !schedule::has_slot(&self.limits, running.len()) {
+                break;
+            }
+            let others = running.iter().map(|r| (r.job.tokens.as_slice(), r.computed()));
+            if self.share_prefixes && schedule::waits_for_prefix(&seq.job.tokens, others, BLOCK_TOKENS) {
                 break;
             }
             if let Some(marker) = &self.test_fault_marker
-                && job.has_marker(marker)
+                && seq.job.has_marker(marker)
             {
                 // Test-only: the chaos suite's engine-thread panic. The job is still queued, so the
                 // supervisor answers it with the rest.
                 panic!("test fault: a request carried the engine panic marker");
             }
-            let job = waiting.pop_front().expect("front exists");
+            // Keep a block free for each running sequence's next token, so that admitting does not
+            // preempt at once.
+            let headroom = running.len();
+            match self
+                .model
+                .cache_for(&self.pool, &seq.job.tokens, seq.capacity(), headroom)
+            {
+                Ok(Some(cache)) => {
+                    m.prefix_cache_queries.increment(seq.job.tokens.len() as u64);
+                    m.prefix_cache_hits.increment(cache.cached_tokens() as u64);
+                    if !seq.started() {
+                        let queue_ms = ms_since(seq.job.request.arrived);
+                        m.queue_duration.record(queue_ms / 1e3);
+                        seq.queue_ms = Some(queue_ms);
+                        seq.cached_prompt = cache.cached_tokens().min(seq.job.prompt_len) as u32;
+                    }
+                    seq.cache = Some(cache);
+                }
+                // The pool cannot spare the blocks until running sequences finish.
+                Ok(None) if !running.is_empty() => break,
+                Ok(None) => {
+                    // Nothing runs, so every block is available: this cannot happen for a request within
+                    // the context the engine advertises (at most the pool). Refuse rather than spin.
+                    let seq = waiting.pop_front().expect("front exists");
+                    self.fail(
+                        &seq.job,
+                        &ModelError::Cache("the request needs more KV blocks than the pool has".into()),
+                    );
+                    self.shared.update(|s| s.waiting -= 1);
+                    continue;
+                }
+                Err(e) => {
+                    let seq = waiting.pop_front().expect("front exists");
+                    self.fail(&seq.job, &e);
+                    self.shared.update(|s| s.waiting -= 1);
+                    continue;
+                }
+            }
+            let seq = waiting.pop_front().expect("front exists");
             self.shared.update(|s| {
                 s.waiting -= 1;
                 s.running += 1;
             });
-            let queue_ms = ms_since(job.request.arrived);
-            m.queue_duration.record(queue_ms / 1e3);
-            let resumed = job.resumed();
-            match self.model.new_cache(need) {
-                Ok(cache) => {
-                    let mut seq = Seq {
-                        sampler: Sampler::new(job.request.sampling, &job.prompt),
-                        stops: StopMatcher::new(&job.request.stop),
-                        detok: IncrementalDecoder::default(),
-                        job,
-                        cache,
-                        prefilled: 0,
-                        next: [0],
-                        generated: resumed as u32,
-                        resumed: resumed as u32,
-                        queue_ms,
-                        ttft_ms: 0.0,
-                    };
-                    match seq.resume(&self.text) {
-                        Err(e) => {
-                            self.fail(&seq.job, &e);
-                            self.shared.update(|s| s.running -= 1);
-                        }
-                        Ok(Some(finish)) => {
-                            // It ended on the worker that failed, before the completion went out. It never
-                            // joined the batch: its cache goes before the completion is sent.
-                            let outcome = self.complete(&mut seq, finish);
-                            let Seq { job, .. } = seq;
-                            self.shared.update(|s| {
-                                s.running -= 1;
-                                s.completed += 1;
-                            });
-                            if let Outcome::Completed(_, completion) = outcome {
-                                let _ = job.events.try_send(Ok(Event::Complete(*completion)));
-                            }
-                        }
-                        Ok(None) => running.push(seq),
-                    }
-                }
-                Err(e) => {
-                    self.fail(&job, &e);
-                    self.shared.update(|s| s.running -= 1);
-                }
+            running.push(seq);
+        }
+        self.publish_kv();
+    }
+
+    /// Gives each planned sequence the blocks its tokens need. While the pool cannot, preempts the most
+    /// recently admitted sequence: its blocks go back (its full ones stay cached), and it waits at the
+    /// front of the queue to be recomputed from its prompt and the tokens it generated. Returns the plan.
+    fn plan_with_blocks(
+        &self,
+        waiting: &mut VecDeque<Seq>,
+        running: &mut Vec<Seq>,
+    ) -> Vec<(usize, std::ops::Range<usize>)> {
+        loop {
+            let views: Vec<SeqView> = running.iter().map(Seq::view).collect();
+            let plan = schedule::plan(&self.limits, &views);
+            let short = plan.iter().any(|(i, r)| {
+                !running[*i]
+                    .cache
+                    .as_mut()
+                    .expect("a running sequence has a cache")
+                    .reserve(r.end)
+            });
+            if !short {
+                return plan;
+            }
+            let Some(v) = schedule::victim(running.len()) else {
+                return Vec::new();
+            };
+            let mut seq = running.remove(v);
+            // Its blocks go back now; its full blocks stay cached for its return.
+            seq.cache = None;
+            let n = seq.take_uncounted();
+            let m = &self.shared.metrics;
+            m.preemptions.increment(1);
+            self.shared
+                .preemptions
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            m.generation_tokens_total.increment(u64::from(n));
+            self.shared.update(|s| {
+                s.running -= 1;
+                s.waiting += 1;
+                s.generated_tokens += u64::from(n);
+            });
+            tracing::info!(
+                request_id = %seq.job.request.request_id,
+                generated = seq.generated,
+                "preempted: the KV pool is full; it is recomputed from its cached prefix when blocks free up"
+            );
+            waiting.push_front(seq);
+            if running.is_empty() {
+                return Vec::new();
             }
         }
-        self.publish_kv(running);
     }
 
     /// One forward over the planned tokens, then sampling and streaming for each sequence.
-    fn step(&mut self, running: &mut Vec<Seq>) {
+    fn step(&mut self, waiting: &mut VecDeque<Seq>, running: &mut Vec<Seq>) {
         // A client that left frees its place before the step, not after.
         let mut ended: Vec<(usize, Outcome)> = Vec::new();
-        for (i, seq) in running.iter().enumerate() {
+        for (i, seq) in running.iter_mut().enumerate() {
             if seq.job.events.is_closed() {
+                let n = seq.take_uncounted();
                 self.shared.metrics.cancelled.increment(1);
                 self.shared.metrics.finished(FinishReason::Cancelled);
-                ended.push((i, Outcome::Cancelled(seq.generated)));
+                self.shared.metrics.generation_tokens_total.increment(u64::from(n));
+                ended.push((i, Outcome::Cancelled(n)));
             }
         }
         self.retire(running, ended);
-        if running.is_empty() {
+        let plan = self.plan_with_blocks(waiting, running);
+        if plan.is_empty() {
+            self.publish_kv();
             return;
         }
-        let views: Vec<SeqView> = running.iter().map(Seq::view).collect();
-        let mut takes: Vec<Option<Take>> = vec![None; running.len()];
-        for (i, take) in schedule::plan(&self.limits, &views) {
-            takes[i] = Some(take);
-        }
         let started = Instant::now();
+        let mut takes: Vec<Option<std::ops::Range<usize>>> = vec![None; running.len()];
+        for (i, range) in plan {
+            takes[i] = Some(range);
+        }
         let mut order = Vec::with_capacity(running.len());
         let mut chunks: Vec<Chunk<'_>> = Vec::with_capacity(running.len());
         for (i, (seq, take)) in running.iter_mut().zip(&takes).enumerate() {
-            let tokens: &[u32] = match take {
-                None => continue,
-                Some(Take::Decode) => &seq.next,
-                Some(Take::Prefill(r)) => &seq.job.prompt[r.clone()],
-            };
+            let Some(range) = take else { continue };
+            let Seq { cache, job, .. } = seq;
             order.push(i);
             chunks.push(Chunk {
-                cache: &mut seq.cache,
-                tokens,
+                cache: cache.as_mut().expect("a running sequence has a cache"),
+                tokens: &job.tokens[range.clone()],
             });
         }
         let step_tokens: usize = chunks.iter().map(|c| c.tokens.len()).sum();
@@ -333,11 +313,8 @@ impl EngineLoop {
             Ok(all) => {
                 for (&i, mut logits) in order.iter().zip(all) {
                     let seq = &mut running[i];
-                    if let Some(Take::Prefill(r)) = &takes[i] {
-                        seq.prefilled = r.end;
-                        if seq.prefilled < seq.job.prompt.len() {
-                            continue;
-                        }
+                    if seq.computed() < seq.job.tokens.len() {
+                        continue;
                     }
                     produced += 1;
                     match self.advance(seq, &mut logits) {
@@ -353,7 +330,7 @@ impl EngineLoop {
         }
         let elapsed = started.elapsed().as_secs_f64();
         self.shared.cost.charge(elapsed, produced);
-        let prefills = takes.iter().filter(|t| matches!(t, Some(Take::Prefill(_)))).count();
+        let prefills = takes.iter().flatten().filter(|r| r.len() > 1).count();
         let phase = match (prefills, order.len() - prefills) {
             (_, 0) => 0,
             (0, _) => 1,
@@ -419,19 +396,19 @@ impl EngineLoop {
         };
         if seq.job.events.try_send(Ok(Event::Token(chunk))).is_err() {
             tracing::info!(request_id = %request.request_id, generated = seq.generated, "client gone; generation cancelled");
+            let n = seq.take_uncounted();
             m.cancelled.increment(1);
             m.finished(FinishReason::Cancelled);
-            m.generation_tokens_total
-                .increment(u64::from(seq.generated - seq.resumed));
-            return Ok(Some(Outcome::Cancelled(seq.generated - seq.resumed)));
+            m.generation_tokens_total.increment(u64::from(n));
+            return Ok(Some(Outcome::Cancelled(n)));
         }
         if check.stopped {
             return Ok(Some(self.complete(seq, FinishReason::Stop)));
         }
-        if seq.generated >= request.max_tokens || seq.cache.len() + 1 > seq.cache.capacity() {
+        if seq.generated >= request.max_tokens || seq.job.tokens.len() + 1 > seq.capacity() {
             return Ok(Some(self.complete(seq, FinishReason::Length)));
         }
-        seq.next = [pick.token];
+        seq.job.tokens.push(pick.token);
         Ok(None)
     }
 
@@ -439,6 +416,7 @@ impl EngineLoop {
     #[must_use = "the completion is sent by whoever frees the sequence"]
     fn complete(&self, seq: &mut Seq, finish: FinishReason) -> Outcome {
         let m = &self.shared.metrics;
+        let n = seq.take_uncounted();
         let Job { request, events, .. } = &seq.job;
         let tail = seq.stops.finish();
         if !tail.is_empty() {
@@ -453,23 +431,23 @@ impl EngineLoop {
             usage: Usage {
                 prompt_tokens,
                 completion_tokens: seq.generated,
+                cached_tokens: seq.cached_prompt,
             },
             timings: Timings {
-                queue_ms: seq.queue_ms,
+                queue_ms: seq.queue_ms.unwrap_or(0.0),
                 time_to_first_token_ms: seq.ttft_ms,
                 total_ms: ms_since(request.arrived),
             },
         };
         m.prompt_tokens_total.increment(u64::from(prompt_tokens));
-        m.generation_tokens_total
-            .increment(u64::from(seq.generated - seq.resumed));
+        m.generation_tokens_total.increment(u64::from(n));
         m.request_prompt_tokens.record(f64::from(prompt_tokens));
         m.request_generation_tokens.record(f64::from(seq.generated));
         m.finished(finish);
         let score = self.shared.drift.lock().unwrap_or_else(|e| e.into_inner()).score();
         m.drift_score.set(score);
         tracing::debug!(request_id = %request.request_id, generated = seq.generated, finish = finish.as_str(), "request complete");
-        Outcome::Completed(seq.generated - seq.resumed, Box::new(completion))
+        Outcome::Completed(n, Box::new(completion))
     }
 
     /// Tells the client its request failed.
@@ -506,22 +484,18 @@ impl EngineLoop {
                 completed.push((job.events, completion));
             }
         }
-        self.publish_kv(running);
+        self.publish_kv();
         for (events, completion) in completed {
             let _ = events.try_send(Ok(Event::Complete(*completion)));
         }
     }
 
-    fn publish_kv(&self, running: &[Seq]) {
-        let views: Vec<SeqView> = running.iter().map(Seq::view).collect();
+    fn publish_kv(&self) {
+        let stats = self.pool.stats();
         let m = &self.shared.metrics;
-        m.kv_usage.set(schedule::kv_usage(&self.limits, &views));
-        m.kv_blocks_used
-            .set(running.iter().map(|s| s.cache.blocks()).sum::<usize>() as f64);
-        m.kv_blocks_capacity.set(
-            self.limits
-                .kv_budget_tokens
-                .div_ceil(ferroserve_model::kv::BLOCK_TOKENS) as f64,
-        );
+        m.kv_usage.set(stats.in_use as f64 / stats.capacity.max(1) as f64);
+        m.kv_blocks_used.set(stats.in_use as f64);
+        m.kv_blocks_cached.set(stats.idle as f64);
+        m.kv_blocks_capacity.set(stats.capacity as f64);
     }
 }

@@ -1,14 +1,19 @@
-//! Continuous-batching decisions, apart from the model so that they can be tested alone: which waiting
-//! requests join the batch, and which tokens of each running sequence go into the next step.
+//! Continuous-batching decisions, apart from the model so that they can be tested alone: when a waiting
+//! request may join the batch, and which tokens of each running sequence go into the next step.
 //!
 //! Policy:
-//! - First come, first served: a waiting request joins when the batch has a free sequence slot and its
-//!   KV reservation (prompt + max_tokens) fits the budget. The head of the queue is never skipped, so a
-//!   large request is not starved by small ones behind it. A request larger than the whole budget runs
-//!   when the batch is empty.
+//! - First come, first served (by priority, then arrival): the head of the queue joins when the batch has
+//!   a free sequence slot and the KV pool can give it blocks for its prompt (the engine asks the pool).
+//!   The head is never skipped, so a large request is not starved by small ones behind it.
+//! - Admission does not reserve `max_tokens`: a sequence takes blocks as it grows. When the pool runs
+//!   out, the most recently admitted sequence is preempted ([`victim`]) and recomputed later.
+//! - A request whose prompt shares whole blocks with a running sequence that is still computing them
+//!   waits for it ([`waits_for_prefix`]), then takes them from the prefix cache instead of computing
+//!   them again (the copies of an `n > 1` request, a burst with one system prompt).
 //! - Each step, every decoding sequence contributes its one token first (decode latency is what streams
 //!   feel), then prefilling sequences take what is left of `max_batch_tokens`, oldest first, as chunks of
-//!   their prompts. A long prompt is thus spread over several steps and never freezes the other streams.
+//!   what they have not computed. A long prompt is thus spread over several steps and never freezes the
+//!   other streams.
 
 use std::ops::Range;
 
@@ -38,21 +43,17 @@ impl Default for BatchLimits {
 /// What the scheduler knows of a running sequence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SeqView {
-    /// Prompt tokens.
-    pub prompt: usize,
-    /// Prompt tokens already in the KV cache.
-    pub prefilled: usize,
-    /// KV positions reserved for it (prompt + max_tokens).
-    pub reserved: usize,
+    /// Its tokens: prompt, and what it has generated.
+    pub tokens: usize,
+    /// Of those, the ones in its KV cache. One short of `tokens` means decoding (the last sampled token
+    /// goes in next); fewer means prefilling (a prompt, or a preempted sequence's recomputation).
+    pub computed: usize,
 }
 
-/// One sequence's share of a step.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Take {
-    /// Its last sampled token.
-    Decode,
-    /// These prompt tokens.
-    Prefill(Range<usize>),
+impl SeqView {
+    fn pending(&self) -> usize {
+        self.tokens - self.computed
+    }
 }
 
 /// Where a request of priority `new` joins a waiting queue whose priorities, front to back, are `queue`:
@@ -68,22 +69,37 @@ pub fn queue_position(queue: impl Iterator<Item = i32>, new: i32) -> usize {
     at
 }
 
-/// Whether a request reserving `need` positions may join `running`.
-pub fn admits(limits: &BatchLimits, running: &[SeqView], need: usize) -> bool {
-    if running.is_empty() {
-        return true;
-    }
-    let used: usize = running.iter().map(|s| s.reserved).sum();
-    running.len() < limits.max_seqs && used + need <= limits.kv_budget_tokens
+/// Whether the batch has room for one more sequence.
+pub fn has_slot(limits: &BatchLimits, running: usize) -> bool {
+    running < limits.max_seqs
 }
 
-/// The next step: `(index into running, what it runs)`, decodes first, then prefill chunks in order.
-pub fn plan(limits: &BatchLimits, running: &[SeqView]) -> Vec<(usize, Take)> {
-    let mut steps: Vec<(usize, Take)> = running
+/// The sequence to preempt when the KV pool runs out: the most recently admitted (vLLM's policy), the
+/// last of `running`, which is in admission order.
+pub fn victim(running: usize) -> Option<usize> {
+    running.checked_sub(1)
+}
+
+/// Whether a request starting with `tokens` should wait for a running sequence (`others`: each one's
+/// tokens and how many are computed) that shares at least one whole block with it and has not computed
+/// that block yet. Once computed, the blocks are in the prefix cache and the request takes them.
+pub fn waits_for_prefix<'a>(tokens: &[u32], others: impl Iterator<Item = (&'a [u32], usize)>, block: usize) -> bool {
+    others.into_iter().any(|(other, computed)| {
+        let common = tokens.iter().zip(other).take_while(|(a, b)| a == b).count();
+        // The cache never hands out the block with a request's last token.
+        let shareable = common.min(tokens.len().saturating_sub(1)) / block * block;
+        shareable > 0 && computed < shareable
+    })
+}
+
+/// The next step: `(index into running, the range of its tokens to run)`, decodes first, then prefill
+/// chunks in order.
+pub fn plan(limits: &BatchLimits, running: &[SeqView]) -> Vec<(usize, Range<usize>)> {
+    let mut steps: Vec<(usize, Range<usize>)> = running
         .iter()
         .enumerate()
-        .filter(|(_, s)| s.prefilled == s.prompt)
-        .map(|(i, _)| (i, Take::Decode))
+        .filter(|(_, s)| s.pending() == 1)
+        .map(|(i, s)| (i, s.computed..s.tokens))
         .collect();
     let mut left = limits.max_batch_tokens.saturating_sub(steps.len());
     // Always make progress: with no decode token in the step, the oldest prefill gets at least one token.
@@ -94,18 +110,13 @@ pub fn plan(limits: &BatchLimits, running: &[SeqView]) -> Vec<(usize, Take)> {
         if left == 0 {
             break;
         }
-        if s.prefilled < s.prompt {
-            let n = (s.prompt - s.prefilled).min(left);
-            steps.push((i, Take::Prefill(s.prefilled..s.prefilled + n)));
+        if s.pending() > 1 {
+            let n = s.pending().min(left);
+            steps.push((i, s.computed..s.computed + n));
             left -= n;
         }
     }
     steps
-}
-
-/// KV positions reserved by `running`, as a fraction of the budget (the `kv_usage` gauge).
-pub fn kv_usage(limits: &BatchLimits, running: &[SeqView]) -> f64 {
-    running.iter().map(|s| s.reserved).sum::<usize>() as f64 / limits.kv_budget_tokens.max(1) as f64
 }
 
 #[cfg(test)]
@@ -126,12 +137,9 @@ mod tests {
         assert_eq!(queue_position(std::iter::empty(), 3), 0);
     }
 
-    fn seq(prompt: usize, prefilled: usize, reserved: usize) -> SeqView {
-        SeqView {
-            prompt,
-            prefilled,
-            reserved,
-        }
+    /// A sequence of `tokens` with `computed` in its cache.
+    fn seq(tokens: usize, computed: usize) -> SeqView {
+        SeqView { tokens, computed }
     }
 
     const LIMITS: BatchLimits = BatchLimits {
@@ -141,33 +149,26 @@ mod tests {
     };
 
     #[test]
-    fn admission_respects_slots_and_the_kv_budget() {
-        assert!(
-            admits(&LIMITS, &[], 500),
-            "an empty batch takes even an oversized request"
-        );
-        assert!(admits(&LIMITS, &[seq(10, 10, 40)], 60));
-        assert!(!admits(&LIMITS, &[seq(10, 10, 40)], 61), "over the KV budget");
-        let full = [seq(1, 1, 1), seq(1, 1, 1), seq(1, 1, 1)];
-        assert!(!admits(&LIMITS, &full, 1), "no free sequence slot");
+    fn slots_and_the_preemption_victim() {
+        assert!(has_slot(&LIMITS, 2));
+        assert!(!has_slot(&LIMITS, 3), "no free sequence slot");
+        assert_eq!(victim(3), Some(2), "the most recently admitted");
+        assert_eq!(victim(0), None);
     }
 
     #[test]
     fn decodes_go_first_and_prefill_is_chunked() {
         // Two decoding sequences and a 20-token prompt: 2 decode tokens + 6 prompt tokens = 8.
-        let running = [seq(5, 5, 20), seq(20, 0, 40), seq(3, 3, 10)];
-        assert_eq!(
-            plan(&LIMITS, &running),
-            vec![(0, Take::Decode), (2, Take::Decode), (1, Take::Prefill(0..6))]
-        );
+        let running = [seq(6, 5), seq(20, 0), seq(4, 3)];
+        assert_eq!(plan(&LIMITS, &running), vec![(0, 5..6), (2, 3..4), (1, 0..6)]);
         // The prompt continues where it stopped, and a second prompt waits for the budget.
-        let running = [seq(20, 6, 40), seq(4, 0, 10)];
-        assert_eq!(plan(&LIMITS, &running), vec![(0, Take::Prefill(6..14))]);
-        let running = [seq(20, 18, 40), seq(4, 0, 10)];
-        assert_eq!(
-            plan(&LIMITS, &running),
-            vec![(0, Take::Prefill(18..20)), (1, Take::Prefill(0..4))]
-        );
+        let running = [seq(20, 6), seq(4, 0)];
+        assert_eq!(plan(&LIMITS, &running), vec![(0, 6..14)]);
+        let running = [seq(20, 18), seq(4, 0)];
+        assert_eq!(plan(&LIMITS, &running), vec![(0, 18..20), (1, 0..4)]);
+        // A preempted sequence recomputes its prompt and generated tokens from what the cache still has.
+        let running = [seq(5, 4), seq(30, 16)];
+        assert_eq!(plan(&LIMITS, &running), vec![(0, 4..5), (1, 16..23)]);
     }
 
     #[test]
@@ -176,8 +177,8 @@ mod tests {
             max_batch_tokens: 0,
             ..LIMITS
         };
-        assert_eq!(plan(&tight, &[seq(4, 0, 8)]), vec![(0, Take::Prefill(0..1))]);
-        let decoding = [seq(2, 2, 8), seq(2, 2, 8)];
+        assert_eq!(plan(&tight, &[seq(4, 0)]), vec![(0, 0..1)]);
+        let decoding = [seq(3, 2), seq(3, 2)];
         let one = BatchLimits {
             max_batch_tokens: 1,
             ..LIMITS
@@ -191,41 +192,78 @@ mod tests {
     }
 
     #[test]
-    fn a_simulated_run_finishes_every_request_in_order_of_arrival() {
-        // A mock model: each decode step finishes a sequence after `gen` tokens. The schedule must
-        // admit, prefill and finish all requests without exceeding any limit.
-        let requests: Vec<(usize, usize)> = vec![(30, 5), (3, 2), (50, 4), (2, 9), (7, 1)];
-        let mut waiting: std::collections::VecDeque<_> = requests.iter().copied().enumerate().collect();
+    fn a_request_waits_only_for_whole_blocks_still_being_computed() {
+        let a: Vec<u32> = (0..40).collect();
+        let mut b = a[..35].to_vec();
+        b.extend([900, 901]);
+        // b shares 35 tokens with a: two whole blocks of 16.
+        assert!(
+            waits_for_prefix(&b, [(&a[..], 20)].into_iter(), 16),
+            "a has not computed block 2"
+        );
+        assert!(
+            !waits_for_prefix(&b, [(&a[..], 32)].into_iter(), 16),
+            "both blocks are cached"
+        );
+        let c: Vec<u32> = (100..140).collect();
+        assert!(
+            !waits_for_prefix(&c, [(&a[..], 0)].into_iter(), 16),
+            "nothing in common"
+        );
+        // A copy of a 16-token prompt: its only block holds its last token, which it computes itself.
+        assert!(!waits_for_prefix(&a[..16], [(&a[..], 0)].into_iter(), 16));
+    }
+
+    #[test]
+    fn a_simulated_run_finishes_every_request() {
+        // A mock model: each decode step finishes a sequence after `gen` tokens, and a pool of 6 blocks of
+        // 4 positions. The schedule admits, prefills, preempts and finishes every request.
+        const BLOCK: usize = 4;
+        let pool = 6;
+        let requests: Vec<(usize, usize)> = vec![(9, 5), (3, 2), (10, 4), (2, 9), (7, 1)];
+        let mut waiting: std::collections::VecDeque<(usize, SeqView, usize)> = requests
+            .iter()
+            .enumerate()
+            .map(|(id, &(p, g))| (id, seq(p, 0), g))
+            .collect();
         let mut running: Vec<(usize, SeqView, usize)> = Vec::new();
         let mut finished = Vec::new();
+        let mut preempted = 0;
+        let held = |r: &[(usize, SeqView, usize)]| r.iter().map(|s| s.1.computed.div_ceil(BLOCK)).sum::<usize>();
         for _ in 0..1000 {
-            while let Some(&(id, (p, g))) = waiting.front() {
-                let views: Vec<SeqView> = running.iter().map(|r| r.1).collect();
-                if !admits(&LIMITS, &views, p + g) {
+            while let Some(&(id, view, g)) = waiting.front() {
+                let need = (view.tokens + 1).div_ceil(BLOCK);
+                if !has_slot(&LIMITS, running.len()) || held(&running) + need + running.len() > pool {
                     break;
                 }
                 waiting.pop_front();
-                running.push((id, seq(p, 0, p + g), g));
+                running.push((id, seq(view.tokens, 0), g));
             }
             if running.is_empty() && waiting.is_empty() {
                 break;
             }
+            // Preempt until the planned tokens fit the pool.
+            loop {
+                let views: Vec<SeqView> = running.iter().map(|r| r.1).collect();
+                let after: usize = plan(&LIMITS, &views)
+                    .iter()
+                    .map(|(i, r)| r.end.div_ceil(BLOCK) - views[*i].computed.div_ceil(BLOCK))
+                    .sum();
+                if held(&running) + after <= pool || running.len() == 1 {
+                    break;
+                }
+                let v = running.remove(victim(running.len()).unwrap());
+                preempted += 1;
+                waiting.push_front((v.0, seq(v.1.tokens, 0), v.2));
+            }
             let views: Vec<SeqView> = running.iter().map(|r| r.1).collect();
-            assert!(views.iter().map(|v| v.reserved).sum::<usize>() <= LIMITS.kv_budget_tokens || views.len() == 1);
-            let steps = plan(&LIMITS, &views);
-            let tokens: usize = steps
-                .iter()
-                .map(|(_, t)| match t {
-                    Take::Decode => 1,
-                    Take::Prefill(r) => r.len(),
-                })
-                .sum();
-            assert!(tokens <= LIMITS.max_batch_tokens.max(views.len()));
-            for (i, take) in steps {
+            for (i, range) in plan(&LIMITS, &views) {
                 let r = &mut running[i];
-                match take {
-                    Take::Prefill(range) => r.1.prefilled = range.end,
-                    Take::Decode => r.2 -= 1,
+                r.1.computed = range.end;
+                if r.1.computed == r.1.tokens {
+                    // Sampled: one more token, or done.
+                    r.2 -= 1;
+                    r.1.tokens += 1;
                 }
             }
             running.retain(|r| {
@@ -239,5 +277,6 @@ mod tests {
         let mut all = finished.clone();
         all.sort();
         assert_eq!(all, vec![0, 1, 2, 3, 4], "every request finishes: {finished:?}");
+        assert!(preempted > 0, "the small pool forced preemptions");
     }
 }

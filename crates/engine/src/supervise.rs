@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use ferroserve_core::BackendError;
 use ferroserve_telemetry::names;
 
-use crate::run::{EngineLoop, Job, Queues};
+use crate::run::{EngineLoop, Queues};
+use crate::seq::Job;
 
 /// Restarts tolerated within [`RESTART_WINDOW`] before the engine is declared dead.
 const MAX_RESTARTS: usize = 3;

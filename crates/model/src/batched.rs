@@ -550,7 +550,6 @@ impl BatchedLlama {
         }
         let (cos_rows, sin_rows) = (rows_of(&cos).map_err(err)?, rows_of(&sin).map_err(err)?);
         Ok(BatchedLlama {
-
             embed,
             blocks,
             norm,
@@ -715,7 +714,9 @@ impl BatchedLlama {
         };
         for c in chunks.iter() {
             if !c.cache.pool.same(&pool) {
-                return Err(ModelError::Cache("the chunks of one step come from different pools".into()));
+                return Err(ModelError::Cache(
+                    "the chunks of one step come from different pools".into(),
+                ));
             }
             if c.tokens.is_empty() || c.cache.len + c.tokens.len() > c.cache.capacity {
                 return Err(ModelError::Cache(format!(

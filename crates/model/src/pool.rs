@@ -344,7 +344,15 @@ mod tests {
         let first = fill(&mut b, &prompt(40, 0));
         assert_eq!(first.len(), 3);
         b.release(&first);
-        assert_eq!(b.stats(), PoolStats { capacity: 8, in_use: 0, idle: 2 }, "two full blocks stay cached");
+        assert_eq!(
+            b.stats(),
+            PoolStats {
+                capacity: 8,
+                in_use: 0,
+                idle: 2
+            },
+            "two full blocks stay cached"
+        );
         // Same 32-token prefix, different tail: both full blocks are reused.
         let mut other = prompt(32, 0);
         other.extend([999, 998, 997]);
@@ -365,7 +373,10 @@ mod tests {
         b.release(&ids);
         let mut changed = prompt(33, 0);
         changed[3] += 1;
-        assert!(b.lookup(&changed).0.is_empty(), "block 1 matches, but its prefix does not");
+        assert!(
+            b.lookup(&changed).0.is_empty(),
+            "block 1 matches, but its prefix does not"
+        );
     }
 
     #[test]
@@ -388,7 +399,7 @@ mod tests {
         assert!(b.allocate().is_some());
         assert!(b.allocate().is_some());
         assert!(b.allocate().is_none(), "every block is held");
-        drop(held);
+        assert_eq!(b.refs(held), 1);
     }
 
     #[test]

@@ -71,7 +71,9 @@ fn cache(pool: &KvPool, prompt: &[u32]) -> SeqCache {
 
 #[test]
 fn a_cached_prefix_gives_the_logits_and_text_of_computing_it() {
-    let prompt = tokens(&format!("{SYSTEM}\nQuestion: when does the library open on Sunday?\nAnswer:"));
+    let prompt = tokens(&format!(
+        "{SYSTEM}\nQuestion: when does the library open on Sunday?\nAnswer:"
+    ));
     assert!(prompt.len() > 3 * BLOCK_TOKENS, "{} tokens", prompt.len());
     // Reference: no caching at all.
     let mut plain = fixture().model.new_cache(512).unwrap();
@@ -84,11 +86,19 @@ fn a_cached_prefix_gives_the_logits_and_text_of_computing_it() {
     drop(first);
     let mut second = cache(&pool, &prompt);
     let full = (prompt.len() - 1) / BLOCK_TOKENS * BLOCK_TOKENS;
-    assert_eq!(second.cached_tokens(), full, "every full block before the last token is reused");
+    assert_eq!(
+        second.cached_tokens(),
+        full,
+        "every full block before the last token is reused"
+    );
     let again = run(&mut second, &prompt, 6);
     for (step, ((w, g), a)) in want.iter().zip(&got).zip(&again).enumerate() {
         assert!(max_abs_diff(w, g) <= 1e-4, "step {step}: {}", max_abs_diff(w, g));
-        assert!(max_abs_diff(w, a) <= 1e-4, "step {step} from the cache: {}", max_abs_diff(w, a));
+        assert!(
+            max_abs_diff(w, a) <= 1e-4,
+            "step {step} from the cache: {}",
+            max_abs_diff(w, a)
+        );
     }
     let greedy = |l: &[Vec<f32>]| l.iter().map(|x| argmax(x)).collect::<Vec<_>>();
     assert_eq!(greedy(&want), greedy(&again), "the same greedy text");
@@ -131,8 +141,14 @@ fn eviction_under_pressure_never_touches_a_running_sequence() {
     // Other prompts churn through every block nobody holds, evicting all idle ones, between the running
     // sequence's decode steps.
     for step in 0..8 {
-        let other = tokens(&format!("Unrelated text number {step} about rivers, mountains and the sea."));
-        let mut c = fixture().model.cache_for(&pool, &other, 64, 0).unwrap().expect("room for one more");
+        let other = tokens(&format!(
+            "Unrelated text number {step} about rivers, mountains and the sea."
+        ));
+        let mut c = fixture()
+            .model
+            .cache_for(&pool, &other, 64, 0)
+            .unwrap()
+            .expect("room for one more");
         run(&mut c, &other, 0);
         assert!(
             running.block_ids().iter().all(|&id| pool.lock().refs(id) >= 1),
@@ -157,7 +173,12 @@ fn eviction_under_pressure_never_touches_a_running_sequence() {
     assert_eq!(pool.stats().in_use, 0, "every block is given back");
     // A pool too full for a request says so instead of failing mid-run.
     let held: Vec<SeqCache> = (0..blocks)
-        .map_while(|i| fixture().model.cache_for(&pool, &tokens(&format!("filler {i}")), 32, 0).unwrap())
+        .map_while(|i| {
+            fixture()
+                .model
+                .cache_for(&pool, &tokens(&format!("filler {i}")), 32, 0)
+                .unwrap()
+        })
         .collect();
     assert!(fixture().model.cache_for(&pool, &prompt, 512, 0).unwrap().is_none());
     drop(held);

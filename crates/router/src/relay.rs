@@ -397,6 +397,7 @@ impl Relay {
             usage: Some(pb::Usage {
                 prompt_tokens: c.usage.prompt_tokens,
                 completion_tokens: c.usage.completion_tokens,
+                cached_tokens: c.usage.cached_tokens,
             }),
             model_version: self.d.model.qualified(),
             request_id: self.d.request_id.clone(),
@@ -431,6 +432,7 @@ impl Relay {
             usage: Some(pb::Usage {
                 prompt_tokens: 0,
                 completion_tokens: self.clock.tokens,
+                cached_tokens: 0,
             }),
             model_version: self.d.model.qualified(),
             request_id: self.d.request_id.clone(),

@@ -37,10 +37,21 @@ pub const RUNNING_REQUESTS: &str = "ferroserve_running_requests";
 pub const WAITING_REQUESTS: &str = "ferroserve_waiting_requests";
 /// Tokens processed per engine step (prefill chunks and decode tokens together).
 pub const BATCH_TOKENS: &str = "ferroserve_batch_tokens";
-/// Fraction of the KV-cache budget in use, 0 to 1.
+/// Fraction of the KV pool's blocks held by sequences, 0 to 1 (idle cached blocks count as free).
 pub const KV_CACHE_USAGE_RATIO: &str = "ferroserve_kv_cache_usage_ratio";
-/// Paged KV blocks held by running sequences (CPU engine; a block is 16 positions of every layer).
+/// KV blocks held by running sequences (a block is 16 positions of every layer; a block shared by
+/// several sequences counts once).
 pub const KV_CACHE_BLOCKS_USED: &str = "ferroserve_kv_cache_blocks_used";
+/// KV blocks no sequence holds that keep a computed prefix for reuse (evicted first when blocks run out).
+pub const KV_CACHE_BLOCKS_CACHED: &str = "ferroserve_kv_cache_blocks_cached";
+/// Prompt tokens looked up in the prefix cache when a sequence is admitted (vLLM's
+/// `prefix_cache_queries`).
+pub const PREFIX_CACHE_QUERIES_TOTAL: &str = "ferroserve_prefix_cache_queries_total";
+/// Of those, the tokens found cached, whose KV was not computed again (vLLM's `prefix_cache_hits`).
+pub const PREFIX_CACHE_HITS_TOTAL: &str = "ferroserve_prefix_cache_hits_total";
+/// Sequences preempted because the KV pool ran out of blocks; each is recomputed later (vLLM's
+/// `num_preemptions`).
+pub const PREEMPTIONS_TOTAL: &str = "ferroserve_num_preemptions_total";
 /// Paged KV blocks the budget allows (`kv_budget_tokens` / 16).
 pub const KV_CACHE_BLOCKS_CAPACITY: &str = "ferroserve_kv_cache_blocks_capacity";
 /// Wall time of one engine step (one batched forward and its sampling), by `phase`: `prefill` (only
@@ -151,6 +162,10 @@ pub const ALL: &[&str] = &[
     KV_CACHE_USAGE_RATIO,
     KV_CACHE_BLOCKS_USED,
     KV_CACHE_BLOCKS_CAPACITY,
+    KV_CACHE_BLOCKS_CACHED,
+    PREFIX_CACHE_QUERIES_TOTAL,
+    PREFIX_CACHE_HITS_TOTAL,
+    PREEMPTIONS_TOTAL,
     ENGINE_STEP_SECONDS,
     CANCELLED_REQUESTS_TOTAL,
     RATE_LIMITED_TOTAL,
@@ -333,6 +348,25 @@ pub fn describe() {
     describe_gauge!(KV_CACHE_USAGE_RATIO, "Fraction of the KV-cache budget in use (0 to 1).");
     describe_gauge!(KV_CACHE_BLOCKS_USED, "Paged KV blocks held by running sequences.");
     describe_gauge!(KV_CACHE_BLOCKS_CAPACITY, "Paged KV blocks the budget allows.");
+    describe_gauge!(
+        KV_CACHE_BLOCKS_CACHED,
+        "KV blocks no sequence holds, kept as a reusable prefix (evicted first)."
+    );
+    describe_counter!(
+        PREFIX_CACHE_QUERIES_TOTAL,
+        Unit::Count,
+        "Prompt tokens looked up in the prefix cache at admission."
+    );
+    describe_counter!(
+        PREFIX_CACHE_HITS_TOTAL,
+        Unit::Count,
+        "Prompt tokens found in the prefix cache at admission (not computed again)."
+    );
+    describe_counter!(
+        PREEMPTIONS_TOTAL,
+        Unit::Count,
+        "Sequences preempted because the KV pool ran out of blocks (recomputed later)."
+    );
     describe_gauge!(
         ROLLOUT_CANARY_WEIGHT,
         "Canary share of unpinned traffic in a running rollout, percent."

@@ -171,6 +171,7 @@ pub(crate) fn event_to_wire(e: Event) -> pb::WorkEvent {
             queue_ms: c.timings.queue_ms,
             time_to_first_token_ms: c.timings.time_to_first_token_ms,
             total_ms: c.timings.total_ms,
+            cached_tokens: c.usage.cached_tokens,
         }),
     };
     pb::WorkEvent { event: Some(event) }
@@ -206,6 +207,7 @@ pub(crate) fn event_from_wire(e: pb::WorkEvent) -> Result<Event, BackendError> {
             usage: Usage {
                 prompt_tokens: c.prompt_tokens,
                 completion_tokens: c.completion_tokens,
+                cached_tokens: c.cached_tokens.min(c.prompt_tokens),
             },
             timings: Timings {
                 queue_ms: c.queue_ms,
@@ -373,6 +375,7 @@ mod tests {
             usage: Usage {
                 prompt_tokens: 3,
                 completion_tokens: 4,
+                cached_tokens: 2,
             },
             timings: Timings {
                 queue_ms: 1.0,

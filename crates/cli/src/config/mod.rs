@@ -302,8 +302,12 @@ pub struct EngineSection {
     pub max_batch_seqs: usize,
     /// Tokens in one step (decode tokens plus prefill chunks); bounds how long one step takes.
     pub max_batch_tokens: usize,
-    /// KV-cache positions reserved across the batch (each request reserves prompt + max_tokens).
+    /// KV-cache positions across the batch: the pool's size, in tokens (blocks of 16).
     pub kv_budget_tokens: usize,
+    /// Keep finished sequences' full KV blocks, and start new sequences from their longest cached prefix.
+    pub prefix_caching: bool,
+    /// The largest share of the pool that cached blocks no sequence holds may keep, 0 to 1.
+    pub prefix_cache_max_share: f64,
 }
 
 impl Default for EngineSection {
@@ -315,6 +319,8 @@ impl Default for EngineSection {
             max_batch_seqs: e.batch.max_seqs,
             max_batch_tokens: e.batch.max_batch_tokens,
             kv_budget_tokens: e.batch.kv_budget_tokens,
+            prefix_caching: e.prefix_caching.enabled,
+            prefix_cache_max_share: e.prefix_caching.max_idle_share,
         }
     }
 }
@@ -602,6 +608,15 @@ impl FileConfig {
         if self.engine.queue_capacity == 0 {
             return Err(err("engine.queue_capacity", "must be at least 1"));
         }
+        if !(0.0..=1.0).contains(&self.engine.prefix_cache_max_share) {
+            return Err(err(
+                "engine.prefix_cache_max_share",
+                "must be between 0 and 1 (a share of the KV budget)",
+            ));
+        }
+        if self.engine.kv_budget_tokens < ferroserve_model::kv::BLOCK_TOKENS {
+            return Err(err("engine.kv_budget_tokens", "must be at least 16 (one KV block)"));
+        }
         for (key, value) in [
             ("engine.max_batch_seqs", self.engine.max_batch_seqs),
             ("engine.max_batch_tokens", self.engine.max_batch_tokens),
@@ -708,6 +723,10 @@ impl FileConfig {
                     max_seqs: self.engine.max_batch_seqs,
                     max_batch_tokens: self.engine.max_batch_tokens,
                     kv_budget_tokens: self.engine.kv_budget_tokens,
+                },
+                prefix_caching: ferroserve_engine::PrefixCaching {
+                    enabled: self.engine.prefix_caching,
+                    max_idle_share: self.engine.prefix_cache_max_share,
                 },
                 price: Price {
                     worker_kind: self.cost.worker_kind,

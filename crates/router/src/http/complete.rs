@@ -78,19 +78,28 @@ pub(super) fn finish_reason(c: &pb::GenerationComplete) -> &'static str {
     }
 }
 
-fn usage_json(prompt: u32, completion: u32) -> Value {
-    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+/// OpenAI's usage object; `cached` is `prompt_tokens_details.cached_tokens`, the prompt tokens the worker
+/// took from its prefix cache.
+fn usage_json(prompt: u32, completion: u32, cached: u32) -> Value {
+    json!({
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    })
 }
 
-/// Usage of all copies: the prompt once, every copy's completion tokens.
+/// Usage of all copies: the prompt once (with the first copy's cached count: the copies after it find
+/// the prompt cached, but it was computed once), every copy's completion tokens.
 fn total_usage<'a>(done: impl Iterator<Item = &'a pb::GenerationComplete>) -> Value {
-    let (mut prompt, mut completion) = (0, 0);
+    let (mut prompt, mut completion, mut cached) = (0, 0, u32::MAX);
     for c in done {
         let u = c.usage.unwrap_or_default();
         prompt = prompt.max(u.prompt_tokens);
         completion += u.completion_tokens;
+        cached = cached.min(u.cached_tokens);
     }
-    usage_json(prompt, completion)
+    usage_json(prompt, completion, if cached == u32::MAX { 0 } else { cached })
 }
 
 /// One token's logprob entry in OpenAI's chat form.

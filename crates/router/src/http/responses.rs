@@ -153,7 +153,7 @@ impl Shell {
                     "input_tokens": u.prompt_tokens,
                     "output_tokens": u.completion_tokens,
                     "total_tokens": u.prompt_tokens + u.completion_tokens,
-                    "input_tokens_details": {"cached_tokens": 0},
+                    "input_tokens_details": {"cached_tokens": u.cached_tokens},
                     "output_tokens_details": {"reasoning_tokens": 0},
                 });
                 (status, json!([self.message(text, "completed")]), usage, incomplete)

@@ -120,6 +120,7 @@ impl Backend for MockBackend {
                 usage: Usage {
                     prompt_tokens: MOCK_PROMPT_TOKENS,
                     completion_tokens: n,
+                    cached_tokens: 0,
                 },
                 timings: Default::default(),
             };
