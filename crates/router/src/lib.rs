@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+pub mod affinity;
 mod deadline;
 mod error;
 mod http;
@@ -31,6 +32,7 @@ mod traffic;
 mod validate;
 mod versions;
 
+pub use affinity::Routing;
 pub use error::{HttpError, LIMIT_METADATA, RETRY_AFTER_MS, RouterError};
 pub use http::HttpLimits;
 pub use live::{Live, LiveSettings, Reloader};

@@ -13,6 +13,7 @@ use ferroserve_filter::{Action, FilterHub, OutputGuard, Stage};
 use ferroserve_proto::v1 as pb;
 use tonic::Status;
 
+use crate::affinity::PrefixKeys;
 use crate::live::Live;
 use crate::migrate::Handoff;
 use crate::observe::Observations;
@@ -289,8 +290,9 @@ impl Pipeline {
         let mut guard = OutputGuard::new(Arc::clone(&self.filters), self.filters.selection(), &request_id);
         let mut tried = Vec::new();
         let mut refused = None;
+        let keys = PrefixKeys::of(&valid.input);
         loop {
-            let lease = match self.pool.pick(&selector, &tried) {
+            let lease = match self.pool.pick_for(&selector, &tried, &keys) {
                 Ok(lease) => lease,
                 // Every worker refused it: the last refusal says why (a full queue, a drain).
                 Err(e) => return Err(refused.map_or(e, RouterError::from)),

@@ -1,5 +1,7 @@
-//! The router's workers, and the choice of which one takes a request: the least loaded healthy worker
-//! serving the wanted model, counted by the router's own in-flight requests to each.
+//! The router's workers, and the choice of which one takes a request among the healthy workers serving
+//! the wanted model: by default the one that recently served the longest prefix of its prompt, unless it
+//! is loaded well beyond the least loaded ([`crate::affinity`]); or simply the least loaded. Load is the
+//! router's own in-flight requests to each.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -11,7 +13,11 @@ use tokio::sync::watch;
 
 use ferroserve_telemetry::names;
 
+use crate::affinity::{self, Candidate, PrefixIndex, PrefixKeys, Routing};
 use crate::{ModelSelector, RouterError};
+
+/// Prefix keys the routing index remembers (about 64 bytes of prompt each): 64 MiB of prompts.
+const PREFIX_INDEX_KEYS: usize = 1 << 20;
 
 /// One worker and what the router knows of it.
 struct Member {
@@ -45,6 +51,10 @@ pub struct Pool {
     healthy: watch::Sender<usize>,
     /// Model name used for `ModelSelector::Default`; the first member's model when unset.
     default_model: Option<String>,
+    /// How a worker is chosen.
+    routing: Routing,
+    /// Which workers recently served which prompt prefixes (prefix-aware routing).
+    index: Mutex<PrefixIndex>,
 }
 
 /// A worker chosen for one request. Holding it counts as load; dropping it ends that.
@@ -96,13 +106,21 @@ pub struct WorkerView {
 }
 
 impl Pool {
-    /// An empty pool. `default_model` names the model used when a request leaves `model` empty.
+    /// An empty pool with the default routing. `default_model` names the model used when a request leaves
+    /// `model` empty.
     pub fn new(default_model: Option<String>) -> Arc<Pool> {
+        Pool::with_routing(default_model, Routing::default())
+    }
+
+    /// An empty pool choosing workers by `routing`.
+    pub fn with_routing(default_model: Option<String>, routing: Routing) -> Arc<Pool> {
         Arc::new(Pool {
             members: RwLock::new(Vec::new()),
             next: AtomicUsize::new(0),
             healthy: watch::Sender::new(0),
             default_model,
+            routing,
+            index: Mutex::new(PrefixIndex::new(PREFIX_INDEX_KEYS)),
         })
     }
 
@@ -323,21 +341,54 @@ impl Pool {
 
     /// Chooses the least loaded healthy worker for `selector`, skipping the locations in `tried`.
     pub fn pick(&self, selector: &ModelSelector, tried: &[String]) -> Result<Lease, RouterError> {
+        self.pick_for(selector, tried, &PrefixKeys::default())
+    }
+
+    /// Chooses a healthy worker for `selector` and a prompt with prefix `keys` by the pool's routing,
+    /// skipping the locations in `tried`, and records the choice in the prefix index.
+    pub fn pick_for(
+        &self,
+        selector: &ModelSelector,
+        tried: &[String],
+        keys: &PrefixKeys,
+    ) -> Result<Lease, RouterError> {
         let (serving, label) = self.serving(selector)?;
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let n = serving.len();
-        let best = (0..n)
+        let open: Vec<&Arc<Member>> = (0..n)
             .map(|i| &serving[(start + i) % n])
             .filter(|m| {
                 m.is_healthy()
                     && !m.stats.lock().expect("stats lock").draining
                     && !tried.iter().any(|t| t == m.backend.location())
             })
-            .min_by_key(|m| m.in_flight.load(Ordering::Relaxed))
-            .ok_or_else(|| RouterError::NoWorker {
+            .collect();
+        if open.is_empty() {
+            return Err(RouterError::NoWorker {
                 model: label,
                 reason: format!("all {n} workers serving it are unhealthy, draining or refused the request"),
-            })?;
+            });
+        }
+        let candidates: Vec<Candidate<'_>> = open
+            .iter()
+            .map(|m| Candidate {
+                location: m.backend.location(),
+                load: m.in_flight.load(Ordering::Relaxed),
+            })
+            .collect();
+        let routing = if keys.is_empty() {
+            Routing::LeastLoaded
+        } else {
+            self.routing
+        };
+        let mut index = self.index.lock().expect("prefix index lock");
+        let (at, outcome) = affinity::choose(routing, &index, keys, &candidates);
+        let best = open[at];
+        if let Some(outcome) = outcome {
+            index.record(keys, best.backend.location());
+            metrics::counter!(names::PREFIX_ROUTING_TOTAL, names::LABEL_OUTCOME => outcome.label()).increment(1);
+        }
+        drop(index);
         best.in_flight.fetch_add(1, Ordering::Relaxed);
         Ok(Lease {
             member: Arc::clone(best),

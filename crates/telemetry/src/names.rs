@@ -63,6 +63,10 @@ pub const ENGINE_RESTARTS_TOTAL: &str = "ferroserve_engine_restarts_total";
 /// Streams continued on another worker after theirs failed, by `outcome`: `resumed` (after tokens had been
 /// sent), `redispatched` (before any), or `failed` (no worker could take it).
 pub const MIGRATIONS_TOTAL: &str = "ferroserve_migrations_total";
+/// Worker choices under prefix-aware routing, by `outcome`: `hit` (the worker that recently served the
+/// longest prefix of the prompt), `miss` (no worker known to hold any of it; least loaded), `overloaded`
+/// (the matching worker was too loaded; least loaded). The hit rate is hit over all.
+pub const PREFIX_ROUTING_TOTAL: &str = "ferroserve_prefix_routing_total";
 /// Client streams given up on because the client took nothing for the stall timeout.
 pub const CLIENT_STALLS_TOTAL: &str = "ferroserve_client_stalls_total";
 /// Generations stopped because the client left or its deadline passed.
@@ -198,6 +202,7 @@ pub const ALL: &[&str] = &[
     CONNECTIONS_OPEN,
     ENGINE_RESTARTS_TOTAL,
     MIGRATIONS_TOTAL,
+    PREFIX_ROUTING_TOTAL,
     CLIENT_STALLS_TOTAL,
     CONNECTIONS_REFUSED_TOTAL,
     TLS_RELOADS_TOTAL,
@@ -361,6 +366,11 @@ pub fn describe() {
         PREFIX_CACHE_HITS_TOTAL,
         Unit::Count,
         "Prompt tokens found in the prefix cache at admission (not computed again)."
+    );
+    describe_counter!(
+        PREFIX_ROUTING_TOTAL,
+        Unit::Count,
+        "Worker choices under prefix-aware routing, by outcome (hit, miss, overloaded)."
     );
     describe_counter!(
         PREEMPTIONS_TOTAL,

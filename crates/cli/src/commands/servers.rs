@@ -378,7 +378,7 @@ pub async fn start_serve(settings: Settings, model_path: PathBuf) -> anyhow::Res
         &stopped,
     )
     .await?;
-    let pool = Pool::new(Some(settings.model_name.clone()));
+    let pool = Pool::with_routing(Some(settings.model_name.clone()), settings.routing);
     let slot = BackendSlot::new();
     let weights = Arc::new(Weights::default());
     let task = tokio::spawn({
@@ -488,7 +488,7 @@ pub async fn start_router(settings: Settings) -> anyhow::Result<Running> {
         &stopped,
     )
     .await?;
-    let pool = Pool::new(Some(settings.model_name.clone()));
+    let pool = Pool::with_routing(Some(settings.model_name.clone()), settings.routing);
     for address in settings.workers.clone() {
         let pool = Arc::clone(&pool);
         let client = settings.worker_client.clone();

@@ -400,6 +400,8 @@ pub struct Settings {
     pub worker_stall: Duration,
     /// Where the router saves its traffic policy, if anywhere.
     pub state_file: Option<PathBuf>,
+    /// How the router chooses among a model's workers.
+    pub routing: ferroserve_router::Routing,
     /// Model name.
     pub model_name: String,
     /// Model version.
@@ -746,6 +748,7 @@ impl FileConfig {
                 prestop: Duration::from_secs_f64(prestop),
                 timeout: drain_timeout,
             },
+            routing: self.router.routing(),
             state_file: self.router.state_file,
             workers: self.router.workers,
             keys,

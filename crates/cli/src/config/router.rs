@@ -49,6 +49,21 @@ pub struct RouterSection {
     /// Where the traffic policy (splits, kill switch, history) is saved so that a restart keeps it;
     /// unset keeps it in memory only.
     pub state_file: Option<PathBuf>,
+    /// How a worker is chosen: `prefix_aware` (the worker that recently served the longest prefix of the
+    /// prompt, unless overloaded) or `least_loaded`.
+    pub routing: RoutingPolicy,
+    /// Under `prefix_aware`: requests in flight a prefix match may cost over the least loaded worker.
+    pub prefix_max_imbalance: u32,
+}
+
+/// `router.routing`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RoutingPolicy {
+    /// Prefer the worker holding the prompt's prefix.
+    PrefixAware,
+    /// Always the least loaded worker.
+    LeastLoaded,
 }
 
 impl Default for RouterSection {
@@ -72,11 +87,23 @@ impl Default for RouterSection {
             worker_stall_timeout_secs: 120.0,
             worker_heartbeat_timeout_secs: 5.0,
             state_file: None,
+            routing: RoutingPolicy::PrefixAware,
+            prefix_max_imbalance: 4,
         }
     }
 }
 
 impl RouterSection {
+    /// The routing policy.
+    pub(super) fn routing(&self) -> ferroserve_router::Routing {
+        match self.routing {
+            RoutingPolicy::PrefixAware => ferroserve_router::Routing::PrefixAware {
+                max_imbalance: self.prefix_max_imbalance,
+            },
+            RoutingPolicy::LeastLoaded => ferroserve_router::Routing::LeastLoaded,
+        }
+    }
+
     /// The stall timeouts and the heartbeat timeout: client, worker, heartbeat.
     pub(super) fn timeouts(&self) -> Result<(Duration, Duration, Duration), ConfigError> {
         let secs = |key: &str, v: f64| {
