@@ -57,7 +57,15 @@ async fn unary_matches_stream_and_echoes_request_id() {
     );
     assert_eq!(unary.request_id, "my-id-7");
     assert_eq!(done.request_id, "my-id-7");
-    assert_eq!(unary.usage, done.usage);
+    let (first, second) = (unary.usage.unwrap(), done.usage.unwrap());
+    assert_eq!(
+        (first.prompt_tokens, first.completion_tokens),
+        (second.prompt_tokens, second.completion_tokens)
+    );
+    // The second call found the first one's prompt in the prefix cache: every full 16-token block
+    // before its last token, and the same text.
+    assert_eq!(first.cached_tokens, 0);
+    assert_eq!(second.cached_tokens, (second.prompt_tokens - 1) / 16 * 16);
     server.shutdown().await.unwrap();
 }
 

@@ -1,5 +1,10 @@
-//! What the load tester sends: synthetic prompts of a set length in tokens, or prompts from a JSONL file,
-//! chosen with a seed so that two runs (two peers) send the same prompts in the same order.
+//! What the load tester sends, chosen with a seed so that two runs (two peers) send the same prompts in
+//! the same order:
+//! - synthetic prompts of a set length in tokens, none repeated;
+//! - groups of prompts sharing a prefix (vLLM's prefix-repetition dataset): a long system prompt, or
+//!   tool descriptions, shared by many requests;
+//! - multi-turn conversations that resend their history, turn after turn;
+//! - prompts from a JSONL file.
 
 use std::path::{Path, PathBuf};
 
@@ -51,6 +56,33 @@ pub enum PromptSource {
         input_tokens: u32,
         /// Send each as a one-message conversation rather than raw text.
         chat: bool,
+    },
+    /// `groups` random prefixes of `prefix_tokens`; prompt `i` is prefix `i % groups` followed by its own
+    /// `suffix_tokens` (as a chat: the prefix is the system message, the suffix the user's).
+    SharedPrefix {
+        /// Tokens of each shared prefix.
+        prefix_tokens: u32,
+        /// Tokens after it, different for every prompt.
+        suffix_tokens: u32,
+        /// Distinct prefixes.
+        groups: u32,
+        /// Send each as a conversation rather than raw text.
+        chat: bool,
+    },
+    /// `conversations` chats of `turns` turns; turn `t` resends the system prompt and every earlier turn
+    /// (the user's message and a fixed reply of `reply_tokens`) with a new question. Sent in order, turn
+    /// by turn across the conversations, so that a turn follows the one before it.
+    MultiTurn {
+        /// Conversations.
+        conversations: u32,
+        /// Turns per conversation.
+        turns: u32,
+        /// Tokens of each conversation's system prompt.
+        system_tokens: u32,
+        /// Tokens of each user message.
+        user_tokens: u32,
+        /// Tokens of each earlier reply resent as history.
+        reply_tokens: u32,
     },
     /// One JSON object per line: `{"prompt": "..."}` or `{"messages": [{"role", "content"}, ...]}`.
     File {
@@ -109,6 +141,8 @@ pub struct Prompts {
     cursor: usize,
     /// Shuffles each pass; seeded so that the order repeats run to run.
     rng: StdRng,
+    /// Sent in the pool's order, every pass (conversations, whose turns must follow each other).
+    ordered: bool,
 }
 
 impl Prompts {
@@ -141,6 +175,34 @@ impl Prompts {
                     })
                     .collect()
             }
+            PromptSource::SharedPrefix {
+                prefix_tokens,
+                suffix_tokens,
+                groups,
+                chat,
+            } => {
+                if *prefix_tokens == 0 || *suffix_tokens == 0 || *groups == 0 {
+                    return Err(BenchError::setting(
+                        "prefix-tokens, suffix-tokens, groups",
+                        "must each be at least 1",
+                    ));
+                }
+                let prefixes: Vec<(String, u32)> = (0..*groups)
+                    .map(|_| synthetic(&mut rng, *prefix_tokens, tokens))
+                    .collect();
+                (0..count.max(1))
+                    .map(|i| {
+                        let (prefix, p) = &prefixes[i % prefixes.len()];
+                        let (suffix, s) = synthetic(&mut rng, *suffix_tokens, tokens);
+                        let body = match chat {
+                            true => PromptBody::Chat(vec![message("system", prefix), message("user", &suffix)]),
+                            false => PromptBody::Text(format!("{prefix} {suffix}")),
+                        };
+                        Prompt { body, tokens: p + s }
+                    })
+                    .collect()
+            }
+            PromptSource::MultiTurn { .. } => conversations(source, &mut rng, tokens)?,
             PromptSource::File { path } => read_jsonl(path, tokens)?,
         };
         let mut prompts = Prompts {
@@ -148,6 +210,7 @@ impl Prompts {
             cursor: 0,
             pool,
             rng,
+            ordered: matches!(source, PromptSource::MultiTurn { .. }),
         };
         prompts.shuffle();
         Ok(prompts)
@@ -155,8 +218,20 @@ impl Prompts {
 
     fn shuffle(&mut self) {
         self.order = (0..self.pool.len()).collect();
-        self.order.shuffle(&mut self.rng);
+        if !self.ordered {
+            self.order.shuffle(&mut self.rng);
+        }
         self.cursor = 0;
+    }
+
+    /// Prompts in the pool: for conversations, every turn of every one.
+    pub fn len(&self) -> usize {
+        self.pool.len()
+    }
+
+    /// Whether the pool is empty (never, once loaded).
+    pub fn is_empty(&self) -> bool {
+        self.pool.is_empty()
     }
 
     /// The next prompt in the seeded order.
@@ -186,6 +261,69 @@ impl Prompts {
     pub fn mean_tokens(&self) -> f64 {
         self.pool.iter().map(|p| f64::from(p.tokens)).sum::<f64>() / self.pool.len() as f64
     }
+}
+
+fn message(role: &str, content: &str) -> Message {
+    Message {
+        role: role.into(),
+        content: content.into(),
+    }
+}
+
+/// The turns of a [`PromptSource::MultiTurn`] workload, turn-major: every conversation's first turn,
+/// then every second turn, and so on.
+fn conversations(
+    source: &PromptSource,
+    rng: &mut StdRng,
+    tokens: Option<&TokenCounter>,
+) -> Result<Vec<Prompt>, BenchError> {
+    let PromptSource::MultiTurn {
+        conversations,
+        turns,
+        system_tokens,
+        user_tokens,
+        reply_tokens,
+    } = *source
+    else {
+        unreachable!("called for multi-turn sources only");
+    };
+    if conversations == 0 || turns == 0 || system_tokens == 0 || user_tokens == 0 || reply_tokens == 0 {
+        return Err(BenchError::setting(
+            "conversations, turns, system-tokens, user-tokens, reply-tokens",
+            "must each be at least 1",
+        ));
+    }
+    // Each conversation: its system prompt, then (question, reply) per turn.
+    let chats: Vec<(Message, u32, Vec<(Message, u32, Message, u32)>)> = (0..conversations)
+        .map(|_| {
+            let (system, s) = synthetic(rng, system_tokens, tokens);
+            let turns = (0..turns)
+                .map(|_| {
+                    let (q, qn) = synthetic(rng, user_tokens, tokens);
+                    let (a, an) = synthetic(rng, reply_tokens, tokens);
+                    (message("user", &q), qn, message("assistant", &a), an)
+                })
+                .collect();
+            (message("system", &system), s, turns)
+        })
+        .collect();
+    let mut pool = Vec::with_capacity((conversations * turns) as usize);
+    for t in 0..turns as usize {
+        for (system, s, history) in &chats {
+            let mut messages = vec![system.clone()];
+            let mut n = *s;
+            for (q, qn, a, an) in &history[..t] {
+                messages.extend([q.clone(), a.clone()]);
+                n += qn + an;
+            }
+            messages.push(history[t].0.clone());
+            pool.push(Prompt {
+                body: PromptBody::Chat(messages),
+                tokens: n + history[t].1,
+            });
+        }
+    }
+    Ok(pool)
 }
 
 /// One line of a prompt file.
@@ -282,6 +420,58 @@ mod tests {
         assert!(matches!(pass[0].body, PromptBody::Chat(_)));
         let warm = p.for_warmup().next_prompt();
         assert!(pass.contains(&warm), "warm-up draws from the same pool");
+    }
+
+    #[test]
+    fn shared_prefix_prompts_share_their_group_prefix_only() {
+        let source = PromptSource::SharedPrefix {
+            prefix_tokens: 30,
+            suffix_tokens: 5,
+            groups: 2,
+            chat: true,
+        };
+        let p = Prompts::load(&source, 1, 6, None).unwrap();
+        let system = |i: usize| match &p.pool[i].body {
+            PromptBody::Chat(m) => (m[0].content.clone(), m[1].content.clone()),
+            PromptBody::Text(_) => panic!("chat expected"),
+        };
+        assert_eq!(system(0).0, system(2).0, "the same group shares its prefix");
+        assert_ne!(system(0).0, system(1).0, "groups differ");
+        assert_ne!(system(0).1, system(2).1, "each has its own question");
+        assert_eq!(p.pool[0].tokens, 35);
+    }
+
+    #[test]
+    fn multi_turn_prompts_resend_the_history_in_turn_order() {
+        let source = PromptSource::MultiTurn {
+            conversations: 3,
+            turns: 4,
+            system_tokens: 20,
+            user_tokens: 5,
+            reply_tokens: 8,
+        };
+        let mut p = Prompts::load(&source, 2, 0, None).unwrap();
+        assert_eq!(p.len(), 12);
+        let sent: Vec<Vec<Message>> = (0..12)
+            .map(|_| match p.next_prompt().body {
+                PromptBody::Chat(m) => m,
+                PromptBody::Text(_) => panic!("chat expected"),
+            })
+            .collect();
+        // Turn-major: conversation c's turn t is request t * 3 + c, and it extends turn t - 1.
+        for t in 1..4 {
+            for c in 0..3 {
+                let (now, before) = (&sent[t * 3 + c], &sent[(t - 1) * 3 + c]);
+                assert_eq!(now.len(), 2 * t + 2, "system, {t} earlier turns, a question");
+                assert_eq!(&now[..before.len()], &before[..], "the history is resent as it was");
+                assert_eq!(now[now.len() - 2].role, "assistant");
+            }
+        }
+        assert_eq!(
+            p.next_prompt().body,
+            PromptBody::Chat(sent[0].clone()),
+            "the next pass keeps the order"
+        );
     }
 
     #[test]

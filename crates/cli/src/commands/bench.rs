@@ -103,6 +103,29 @@ pub struct RunArgs {
     /// JSONL prompts instead: {"prompt": "..."} or {"messages": [{"role", "content"}, ...]} per line.
     #[arg(long)]
     pub prompts: Option<PathBuf>,
+    /// What synthetic prompts look like: `random` (none shares anything), `shared-prefix` (groups of
+    /// prompts with one prefix: --prefix-tokens, --groups, then --input-tokens of their own) or
+    /// `multi-turn` (--conversations of --turns, each turn resending the history; sent in order).
+    #[arg(long, value_enum, default_value = "random", conflicts_with = "prompts")]
+    pub workload: Workload,
+    /// shared-prefix: tokens of each shared prefix (as the system message with --chat).
+    #[arg(long, default_value_t = 1024)]
+    pub prefix_tokens: u32,
+    /// shared-prefix: distinct prefixes.
+    #[arg(long, default_value_t = 1)]
+    pub groups: u32,
+    /// multi-turn: conversations (their turns are interleaved: every first turn, then every second...).
+    #[arg(long, default_value_t = 16)]
+    pub conversations: u32,
+    /// multi-turn: turns per conversation.
+    #[arg(long, default_value_t = 4)]
+    pub turns: u32,
+    /// multi-turn: tokens of each conversation's system prompt.
+    #[arg(long, default_value_t = 256)]
+    pub system_tokens: u32,
+    /// multi-turn: tokens of each earlier reply resent as history (--input-tokens sizes each question).
+    #[arg(long, default_value_t = 64)]
+    pub reply_tokens: u32,
     /// GGUF whose tokenizer sizes synthetic prompts exactly [default: the cached default model, if any].
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
@@ -127,6 +150,17 @@ pub struct RunArgs {
     /// No progress bars.
     #[arg(long)]
     pub quiet: bool,
+}
+
+/// The shape of synthetic prompts (`--workload`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Workload {
+    /// Random words; no two prompts share a prefix.
+    Random,
+    /// Groups of prompts sharing a long prefix.
+    SharedPrefix,
+    /// Conversations that resend their history.
+    MultiTurn,
 }
 
 /// Dispatches `ferroserve bench ...`.
@@ -192,11 +226,24 @@ async fn measure(a: RunArgs) -> anyhow::Result<()> {
         seed: a.seed,
     };
     load.validate()?;
-    let source = match &a.prompts {
-        Some(path) => PromptSource::File { path: path.clone() },
-        None => PromptSource::Synthetic {
+    let source = match (&a.prompts, a.workload) {
+        (Some(path), _) => PromptSource::File { path: path.clone() },
+        (None, Workload::Random) => PromptSource::Synthetic {
             input_tokens: a.input_tokens,
             chat: a.chat,
+        },
+        (None, Workload::SharedPrefix) => PromptSource::SharedPrefix {
+            prefix_tokens: a.prefix_tokens,
+            suffix_tokens: a.input_tokens,
+            groups: a.groups,
+            chat: a.chat,
+        },
+        (None, Workload::MultiTurn) => PromptSource::MultiTurn {
+            conversations: a.conversations,
+            turns: a.turns,
+            system_tokens: a.system_tokens,
+            user_tokens: a.input_tokens,
+            reply_tokens: a.reply_tokens,
         },
     };
     // Enough synthetic prompts that none repeats within a run (a repeat could hit a prefix cache).
