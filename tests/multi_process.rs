@@ -87,6 +87,25 @@ async fn router_spreads_concurrent_requests_across_two_worker_processes() {
     .await
     .expect("the worker cancelled the abandoned generation in time");
 
+    // Prefix-aware routing: a conversation's next turn resends its history and lands on the worker that
+    // served the first turn, whose prefix cache holds it. (Least-loaded routing alternates between two
+    // idle workers, and the other worker would compute the whole prompt again.)
+    let history = "I am planning a trip along the river and would like to know which towns have a \
+                   bridge, a market and a museum that opens on Sunday mornings. We travel by bicycle, \
+                   with two children, and we would rather sleep in small guest houses than in hotels.";
+    let mut c = client(&router.url).await;
+    let (_, first) = stream_all(&mut c, chat(history, 4)).await;
+    // Only the default system prompt, which earlier requests shared, can be cached yet.
+    let first = first.usage.unwrap().cached_tokens;
+    for turn in 0..3 {
+        let (_, next) = stream_all(&mut c, chat(&format!("{history} And on turn {turn}?"), 4)).await;
+        let cached = next.usage.unwrap().cached_tokens;
+        assert!(
+            cached >= first + 48,
+            "turn {turn} found the shared history cached ({cached} tokens, {first} before it)"
+        );
+    }
+
     router.stop().await;
     w1.stop().await;
     w2.stop().await;

@@ -395,3 +395,109 @@ impl Pool {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferroserve_core::{BackendError, EventStream, Input, StatsStream, ValidRequest};
+    use futures::future::BoxFuture;
+
+    /// A mock worker: only a location and a stats stream that says it is up; it generates nothing.
+    struct MockWorker {
+        info: ModelInfo,
+        location: String,
+        stats: watch::Sender<WorkerStats>,
+    }
+
+    impl Backend for MockWorker {
+        fn model(&self) -> &ModelInfo {
+            &self.info
+        }
+        fn location(&self) -> &str {
+            &self.location
+        }
+        fn generate(&self, _: ValidRequest) -> BoxFuture<'_, Result<EventStream, BackendError>> {
+            Box::pin(async { Err(BackendError::Internal("a mock worker generates nothing".into())) })
+        }
+        fn watch_stats(&self) -> StatsStream {
+            tokio_stream::wrappers::WatchStream::new(self.stats.subscribe()).boxed()
+        }
+        fn snapshot_drift_baseline(&self) -> BoxFuture<'_, Result<u64, BackendError>> {
+            Box::pin(async { Ok(0) })
+        }
+    }
+
+    async fn two_workers(routing: Routing) -> Arc<Pool> {
+        let pool = Pool::with_routing(Some("m".into()), routing);
+        for location in ["w1", "w2"] {
+            pool.add(Arc::new(MockWorker {
+                info: ModelInfo {
+                    name: "m".into(),
+                    version: "v".into(),
+                    context_length: 4096,
+                    defaults: Default::default(),
+                },
+                location: location.into(),
+                stats: watch::Sender::new(WorkerStats::default()),
+            }));
+        }
+        let mut healthy = pool.watch_healthy();
+        healthy.wait_for(|&n| n == 2).await.expect("both workers come up");
+        pool
+    }
+
+    fn keys(text: &str) -> PrefixKeys {
+        PrefixKeys::of(&Input::Prompt(text.into()))
+    }
+
+    const SYSTEM: &str = "You are the assistant of a bicycle shop. You know the opening hours, the prices of \
+        repairs and which parts are in stock, and you answer in two sentences at most.";
+
+    #[tokio::test]
+    async fn a_repeated_prefix_lands_on_the_worker_that_served_it() {
+        let pool = two_workers(Routing::PrefixAware { max_imbalance: 2 }).await;
+        let first = pool
+            .pick_for(
+                &ModelSelector::Default,
+                &[],
+                &keys(&format!("{SYSTEM} Are you open today?")),
+            )
+            .unwrap();
+        let home = first.location().to_string();
+        drop(first);
+        // Both idle: least-loaded rotates its tie-break, so half of these would go elsewhere by chance.
+        for i in 0..6 {
+            let lease = pool
+                .pick_for(&ModelSelector::Default, &[], &keys(&format!("{SYSTEM} Question {i}?")))
+                .unwrap();
+            assert_eq!(lease.location(), home, "request {i} follows its prefix");
+        }
+        // While it is busy within the threshold it keeps them; past it, the other worker takes them.
+        let held: Vec<Lease> = (0..3)
+            .map(|i| {
+                pool.pick_for(&ModelSelector::Default, &[], &keys(&format!("{SYSTEM} Busy {i}?")))
+                    .unwrap()
+            })
+            .collect();
+        assert!(
+            held.iter().all(|l| l.location() == home),
+            "loads 0, 1, 2 are within 2 of 0"
+        );
+        let spill = pool
+            .pick_for(&ModelSelector::Default, &[], &keys(&format!("{SYSTEM} Spill?")))
+            .unwrap();
+        assert_ne!(spill.location(), home, "load 3 is more than 2 over the idle worker");
+    }
+
+    #[tokio::test]
+    async fn least_loaded_routing_ignores_prefixes() {
+        let pool = two_workers(Routing::LeastLoaded).await;
+        let a = pool.pick_for(&ModelSelector::Default, &[], &keys(SYSTEM)).unwrap();
+        let b = pool.pick_for(&ModelSelector::Default, &[], &keys(SYSTEM)).unwrap();
+        assert_ne!(
+            a.location(),
+            b.location(),
+            "the same prefix goes to the less loaded worker"
+        );
+    }
+}
