@@ -9,20 +9,26 @@
 # 1. shared system prompt: a 1024-token system prompt shared by every request, plus a 16-token question,
 #    16 output tokens, at 1 and 4 streams: Ferroserve with the prefix cache on, off, and llama-server
 #    (its own per-slot prompt cache, `cache_prompt`, on as its users run it).
-# 2. multi-turn: 16 conversations of 4 turns, each turn resending the system prompt (256 tokens) and the
-#    earlier turns (32-token questions, 64-token replies), 64 output tokens, 16 streams: the same three.
+# 2. multi-turn: 16 conversations of 8 turns (TURNS), each turn resending the system prompt (256 tokens) and
+#    the earlier turns (32-token questions, 64-token replies), 64 output tokens, 16 streams: the same three.
+#    Ferroserve runs with its default KV pool (kv_budget_tokens in configs/ferroserve.toml).
 # 3. two workers behind one router, 8 groups of prompts with a 256-token prefix each, 8 streams, each worker
 #    with a 2048-token KV pool: prefix-aware routing against least-loaded. Hit rates from the router's and
 #    the workers' /metrics.
 # 4. long requests mixed in: 12 streams of 64 + 128 tokens, and beside them 4 streams asking for
 #    max_tokens 2048: block admission against the old reservation of prompt + max_tokens (OLD_FERROSERVE, a
-#    binary built before this change; skipped without it).
+#    binary built before this change; skipped without it), both with an 8192-token KV budget, the old
+#    default.
+#
+# PHASES (default "shared turns router mixed") picks what runs; the ratios are printed for what ran.
 #
 # Every request goes through OpenAI's chat API with server-sent events, so the protocol is not a variable.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 out="${OUT:-bench-results/prefix-$(date +%Y%m%d-%H%M%S)}"
+phases="${PHASES:-shared turns router mixed}"
+turns_per_chat="${TURNS:-8}"
 mkdir -p "$out"
 llama_port=18081
 llama_bin="$(scripts/build-llama-server.sh | tail -n 1)"
@@ -81,31 +87,38 @@ shared() {
 }
 
 turns() {
-  bench --target "$1/v1/chat/completions" --workload multi-turn --conversations 16 --turns 4 \
-    --system-tokens 256 --input-tokens 32 --reply-tokens 64 --max-tokens 64 --concurrency 16 --requests 64 \
+  bench --target "$1/v1/chat/completions" --workload multi-turn --conversations 16 --turns "$turns_per_chat" \
+    --system-tokens 256 --input-tokens 32 --reply-tokens 64 --max-tokens 64 --concurrency 16 \
+    --requests $(( 16 * turns_per_chat )) \
     --seed 12 --label "$2" --output "$out/turns-$2.json" | tee "$out/turns-$2.txt"
 }
 
+has() { [[ " $phases " == *" $1 "* ]]; }
+
 for caching in on off; do
+  has shared || has turns || break
   echo "==> ferroserve, prefix cache $caching"
   flag=true; [[ $caching == off ]] && flag=false
   config "$out/cache-$caching.toml" -e "s/^prefix_caching = true/prefix_caching = $flag/"
   start_serve "$ferroserve" "$out/cache-$caching.toml" "$out/ferroserve-cache-$caching.log"
-  shared "$http" "ferroserve-cache-$caching"
-  turns "$http" "ferroserve-cache-$caching"
+  if has shared; then shared "$http" "ferroserve-cache-$caching"; fi
+  if has turns; then turns "$http" "ferroserve-cache-$caching"; fi
   echo "prefix cache $caching: queries $(metric "$metrics" ferroserve_prefix_cache_queries_total) hits $(metric "$metrics" ferroserve_prefix_cache_hits_total) preemptions $(metric "$metrics" ferroserve_num_preemptions_total)" | tee -a "$out/counters.txt"
   stop_last
 done
 
-echo "==> llama-server (cache_prompt on, per slot)"
-start_llama
-shared "http://127.0.0.1:$llama_port" llama-server
-turns "http://127.0.0.1:$llama_port" llama-server
-stop_last
+if has shared || has turns; then
+  echo "==> llama-server (cache_prompt on, per slot)"
+  start_llama
+  if has shared; then shared "http://127.0.0.1:$llama_port" llama-server; fi
+  if has turns; then turns "http://127.0.0.1:$llama_port" llama-server; fi
+  stop_last
+fi
 
-echo "==> two workers behind a router"
-config "$out/worker.toml" -e 's/^kv_budget_tokens = 8192/kv_budget_tokens = 2048/'
+config "$out/worker.toml" -e 's/^kv_budget_tokens = .*/kv_budget_tokens = 2048/'
 for policy in prefix_aware least_loaded; do
+  has router || break
+  echo "==> two workers behind a router, $policy"
   urls=(); wmetrics=()
   for w in 1 2; do
     log="$out/worker-$policy-$w.log"
@@ -138,11 +151,11 @@ for policy in prefix_aware least_loaded; do
   stop_last; stop_last; stop_last
 done
 
-if [[ -n "${OLD_FERROSERVE:-}" ]]; then
+if [[ -n "${OLD_FERROSERVE:-}" ]] && has mixed; then
   for build in blocks reservation; do
     bin="$ferroserve"; [[ $build == reservation ]] && bin="$OLD_FERROSERVE"
     echo "==> long requests mixed in: $build ($bin)"
-    config "$out/mixed-$build.toml"
+    config "$out/mixed-$build.toml" -e 's/^kv_budget_tokens = .*/kv_budget_tokens = 8192/'
     # The old binary's config has no prefix-caching keys.
     [[ $build == reservation ]] && sed -i -e '/^prefix_caching/d' -e '/^prefix_cache_max_share/d' -e '/^routing =/d' -e '/^prefix_max_imbalance/d' "$out/mixed-$build.toml"
     start_serve "$bin" "$out/mixed-$build.toml" "$out/mixed-$build.log"
@@ -165,9 +178,12 @@ fi
 
 echo "==> ratios (b / a)"
 for w in shared turns; do
+  has "$w" || continue
   "$ferroserve" bench compare "$out/$w-ferroserve-cache-off.json" "$out/$w-ferroserve-cache-on.json" | tee "$out/compare-$w-cache.txt"
   "$ferroserve" bench compare "$out/$w-llama-server.json" "$out/$w-ferroserve-cache-on.json" | tee "$out/compare-$w-llama.txt"
 done
-"$ferroserve" bench compare "$out/router-least_loaded.json" "$out/router-prefix_aware.json" | tee "$out/compare-router.txt"
+if has router; then
+  "$ferroserve" bench compare "$out/router-least_loaded.json" "$out/router-prefix_aware.json" | tee "$out/compare-router.txt"
+fi
 cat "$out/counters.txt"
 echo "==> results in $out"

@@ -78,7 +78,10 @@ def unary_and_streaming_chat(client):
     check(roles == ["assistant"], "the role comes once, first", roles)
     check(finish == r.choices[0].finish_reason, "stream finish_reason", finish)
     check(usage is not None and usage.completion_tokens == u.completion_tokens, "include_usage", usage)
-    ok(f"streaming chat: {len(pieces)} chunks, same text, usage chunk last")
+    # The same prompt a second time: its full 16-token blocks came from the worker's prefix cache.
+    details = usage.prompt_tokens_details
+    check(details is not None and details.cached_tokens >= 16, "prompt_tokens_details.cached_tokens", usage)
+    ok(f"streaming chat: {len(pieces)} chunks, same text, usage chunk last, {details.cached_tokens} tokens cached")
 
 
 def completions_and_seed(client, grpc_text, grpc_usage):

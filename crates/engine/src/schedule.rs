@@ -35,7 +35,9 @@ impl Default for BatchLimits {
             // On 2 CPU cores a step of 128 tokens takes ~0.5 s: a prompt chunk stalls the other streams
             // that long. 256 doubled the ITL p99 at 16 streams for no more throughput (see the config).
             max_batch_tokens: 128,
-            kv_budget_tokens: 8192,
+            // 0.75 GB of f16 KV for SmolLM2-135M (23 KB a token), taken as used: room for 16 long
+            // sequences and the prefixes of many conversations (vLLM's CPU backend defaults to 4 GiB).
+            kv_budget_tokens: 32768,
         }
     }
 }

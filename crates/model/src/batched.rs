@@ -28,7 +28,9 @@ use ferroserve_kernels::{PanelMatrix, Q40Matrix, Q41Matrix, Q80Matrix};
 use crate::ModelError;
 use crate::gguf::GgufFile;
 use crate::kv::{self, AttendJob, BLOCK_TOKENS, KvLayout};
-use crate::pool::{BlockId, Blocks, KvPool, PrefixCaching, blocks_for};
+use crate::pool::{Blocks, KvPool, PrefixCaching, blocks_for};
+pub use crate::seq_cache::SeqCache;
+use crate::seq_cache::Store;
 
 /// Positions precomputed for RoPE; a sequence longer than this is refused.
 pub(crate) const MAX_POSITIONS: usize = 8192;
@@ -220,118 +222,6 @@ impl Embedding {
             }
             Embedding::Dense(t) => t.index_select(&Tensor::new(ids, device)?, 0)?,
         })
-    }
-}
-
-/// One sequence's KV cache, filled up to `len`, never beyond `capacity`. Dropping it gives its blocks
-/// back to the pool, where its full blocks stay cached for the next sequence with the same prefix.
-pub struct SeqCache {
-    /// Where its blocks come from and go back to.
-    pool: KvPool,
-    /// Where the keys and values are.
-    store: Store,
-    /// Positions filled.
-    len: usize,
-    /// Positions this sequence may reach.
-    capacity: usize,
-    /// Positions taken from the prefix cache when it was made.
-    cached: usize,
-    /// The prefix key of the full blocks, and the tokens of the block being filled.
-    key: u64,
-    partial: Vec<u32>,
-}
-
-enum Store {
-    /// CPU: the block table, position `p` in block `p / BLOCK_TOKENS`.
-    Paged(Vec<BlockId>),
-    /// Other devices: per block, keys and values `[1, kv_heads, capacity, head_dim]`, allocated up front
-    /// and counted in the pool as `charged` blocks.
-    Slots {
-        layers: Vec<(Tensor, Tensor)>,
-        charged: usize,
-    },
-}
-
-impl Drop for SeqCache {
-    fn drop(&mut self) {
-        let mut blocks = self.pool.lock();
-        match &self.store {
-            Store::Paged(ids) => blocks.release(ids),
-            Store::Slots { charged, .. } => blocks.uncharge(*charged),
-        }
-    }
-}
-
-impl SeqCache {
-    /// Tokens already in the cache: the position of the next token.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether nothing has been run yet.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Positions this cache can hold.
-    pub fn capacity(&self) -> usize {
-        self.capacity
-    }
-
-    /// Positions that came from the prefix cache, not computed for this sequence.
-    pub fn cached_tokens(&self) -> usize {
-        self.cached
-    }
-
-    /// Paged KV blocks held now (0 for a cache of preallocated slots).
-    pub fn blocks(&self) -> usize {
-        match &self.store {
-            Store::Paged(ids) => ids.len(),
-            Store::Slots { .. } => 0,
-        }
-    }
-
-    /// The block table (empty for preallocated slots).
-    pub fn block_ids(&self) -> &[BlockId] {
-        match &self.store {
-            Store::Paged(ids) => ids,
-            Store::Slots { .. } => &[],
-        }
-    }
-
-    /// Takes the blocks positions `..end` need from the pool. False when the pool has none to spare; the
-    /// blocks taken so far stay.
-    pub fn reserve(&mut self, end: usize) -> bool {
-        let pool = self.pool.clone();
-        let mut blocks = pool.lock();
-        self.grow(&mut blocks, end)
-    }
-
-    fn grow(&mut self, blocks: &mut Blocks, end: usize) -> bool {
-        let Store::Paged(ids) = &mut self.store else {
-            return true;
-        };
-        while ids.len() < blocks_for(end) {
-            match blocks.allocate() {
-                Some(id) => ids.push(id),
-                None => return false,
-            }
-        }
-        true
-    }
-
-    /// Advances past `tokens`, just computed, registering each block they fill.
-    fn record(&mut self, blocks: &mut Blocks, tokens: &[u32]) {
-        for &t in tokens {
-            self.len += 1;
-            if let Store::Paged(ids) = &self.store {
-                self.partial.push(t);
-                if self.partial.len() == BLOCK_TOKENS {
-                    self.key = blocks.register(ids[(self.len - 1) / BLOCK_TOKENS], self.key, &self.partial);
-                    self.partial.clear();
-                }
-            }
-        }
     }
 }
 

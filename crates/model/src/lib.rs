@@ -15,6 +15,7 @@ pub mod kv;
 pub mod llama;
 pub mod minilm;
 pub mod pool;
+mod seq_cache;
 pub mod tokenizer;
 pub mod validate;
 

@@ -106,6 +106,8 @@ pub struct Blocks {
     /// Registered blocks held by none, least recently used first.
     idle: BTreeMap<u64, BlockId>,
     clock: u64,
+    /// Blocks with at least one holder.
+    held: usize,
     /// Blocks counted for caches preallocated outside the pool (Candle slot caches on other devices).
     charged: usize,
     caching: PrefixCaching,
@@ -118,10 +120,9 @@ impl Blocks {
 
     /// The counts by state.
     pub fn stats(&self) -> PoolStats {
-        let held = self.refs.iter().filter(|&&r| r > 0).count();
         PoolStats {
             capacity: self.capacity,
-            in_use: held + self.charged,
+            in_use: self.held + self.charged,
             idle: self.idle.len(),
         }
     }
@@ -148,6 +149,7 @@ impl Blocks {
             id
         };
         self.refs[Self::at(id)] = 1;
+        self.held += 1;
         Some(id)
     }
 
@@ -167,6 +169,7 @@ impl Blocks {
             if self.refs[i] > 0 {
                 continue;
             }
+            self.held -= 1;
             if self.caching.enabled && self.entries[i].is_some() {
                 self.clock += 1;
                 self.stamps[i] = self.clock;
@@ -203,6 +206,7 @@ impl Blocks {
             }
             if self.refs[i] == 0 {
                 self.idle.remove(&self.stamps[i]);
+                self.held += 1;
             }
             self.refs[i] += 1;
             taken.push(id);
@@ -280,6 +284,7 @@ impl KvPool {
             index: HashMap::new(),
             idle: BTreeMap::new(),
             clock: 0,
+            held: 0,
             charged: 0,
             caching,
         })))
