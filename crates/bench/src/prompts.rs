@@ -293,33 +293,39 @@ fn conversations(
             "must each be at least 1",
         ));
     }
-    // Each conversation: its system prompt, then (question, reply) per turn.
-    let chats: Vec<(Message, u32, Vec<(Message, u32, Message, u32)>)> = (0..conversations)
-        .map(|_| {
-            let (system, s) = synthetic(rng, system_tokens, tokens);
-            let turns = (0..turns)
-                .map(|_| {
-                    let (q, qn) = synthetic(rng, user_tokens, tokens);
-                    let (a, an) = synthetic(rng, reply_tokens, tokens);
-                    (message("user", &q), qn, message("assistant", &a), an)
-                })
-                .collect();
-            (message("system", &system), s, turns)
+    /// A message and its tokens.
+    type Said = (Message, u32);
+    /// A conversation: its system prompt, then (question, reply) per turn.
+    struct Chat {
+        system: Said,
+        turns: Vec<(Said, Said)>,
+    }
+    let mut said = |role: &str, n: u32| {
+        let (text, tokens) = synthetic(rng, n, tokens);
+        (message(role, &text), tokens)
+    };
+    let chats: Vec<Chat> = (0..conversations)
+        .map(|_| Chat {
+            system: said("system", system_tokens),
+            turns: (0..turns)
+                .map(|_| (said("user", user_tokens), said("assistant", reply_tokens)))
+                .collect(),
         })
         .collect();
     let mut pool = Vec::with_capacity((conversations * turns) as usize);
     for t in 0..turns as usize {
-        for (system, s, history) in &chats {
-            let mut messages = vec![system.clone()];
-            let mut n = *s;
-            for (q, qn, a, an) in &history[..t] {
+        for chat in &chats {
+            let mut messages = vec![chat.system.0.clone()];
+            let mut n = chat.system.1;
+            for ((q, qn), (a, an)) in &chat.turns[..t] {
                 messages.extend([q.clone(), a.clone()]);
                 n += qn + an;
             }
-            messages.push(history[t].0.clone());
+            let (question, qn) = &chat.turns[t].0;
+            messages.push(question.clone());
             pool.push(Prompt {
                 body: PromptBody::Chat(messages),
-                tokens: n + history[t].1,
+                tokens: n + qn,
             });
         }
     }

@@ -1,31 +1,13 @@
 //! The flattened-batch forward against Candle's reference `quantized_llama` (one sequence at a time), and
 //! against itself unbatched, on the real SmolLM2 GGUF.
 
-use std::sync::OnceLock;
+mod support;
 
 use candle_core::{Device, Module};
 use ferroserve_model::batched::{BatchedLlama, Chunk, argmax};
-use ferroserve_model::fetch::{self, DEFAULT_MODEL, Quiet};
 use ferroserve_model::gguf::GgufFile;
 use ferroserve_model::llama::Llama;
-use ferroserve_model::tokenizer::TextTokenizer;
-
-struct Fixture {
-    path: std::path::PathBuf,
-    model: BatchedLlama,
-    tokenizer: TextTokenizer,
-}
-
-fn fixture() -> &'static Fixture {
-    static F: OnceLock<Fixture> = OnceLock::new();
-    F.get_or_init(|| {
-        let path = fetch::ensure(&DEFAULT_MODEL, &fetch::default_cache_dir(), &Quiet).expect("default model");
-        let mut gguf = GgufFile::open(&path).expect("gguf opens");
-        let tokenizer = TextTokenizer::from_gguf(&gguf).expect("tokenizer");
-        let model = BatchedLlama::load(&mut gguf, &Device::Cpu).expect("weights load");
-        Fixture { path, model, tokenizer }
-    })
-}
+use support::fixture;
 
 fn tokens(text: &str) -> Vec<u32> {
     fixture().tokenizer.encode(text).expect("encodes")

@@ -2,31 +2,12 @@
 //! the logits it would get computing everything, shared blocks survive pressure, and every block is given
 //! back.
 
-use std::sync::OnceLock;
+mod support;
 
-use candle_core::Device;
-use ferroserve_model::batched::{BatchedLlama, Chunk, SeqCache, argmax};
-use ferroserve_model::fetch::{self, DEFAULT_MODEL, Quiet};
-use ferroserve_model::gguf::GgufFile;
+use ferroserve_model::batched::{Chunk, SeqCache, argmax};
 use ferroserve_model::kv::BLOCK_TOKENS;
 use ferroserve_model::pool::{KvPool, PrefixCaching};
-use ferroserve_model::tokenizer::TextTokenizer;
-
-struct Fixture {
-    model: BatchedLlama,
-    tokenizer: TextTokenizer,
-}
-
-fn fixture() -> &'static Fixture {
-    static F: OnceLock<Fixture> = OnceLock::new();
-    F.get_or_init(|| {
-        let path = fetch::ensure(&DEFAULT_MODEL, &fetch::default_cache_dir(), &Quiet).expect("default model");
-        let mut gguf = GgufFile::open(&path).expect("gguf opens");
-        let tokenizer = TextTokenizer::from_gguf(&gguf).expect("tokenizer");
-        let model = BatchedLlama::load(&mut gguf, &Device::Cpu).expect("weights load");
-        Fixture { model, tokenizer }
-    })
-}
+use support::fixture;
 
 const SYSTEM: &str = "You are a careful assistant for a library. You answer questions about opening hours, \
     loans, renewals and fines, briefly and politely, and you never invent a policy you were not told.";
