@@ -19,7 +19,7 @@ use crate::run::EngineLoop;
 use crate::schedule::BatchLimits;
 use crate::seq::Job;
 use ferroserve_model::kv::BLOCK_TOKENS;
-use ferroserve_model::pool::{KvPool, PoolStats, PrefixCaching};
+use ferroserve_model::pool::{PoolStats, PrefixCaching};
 
 /// Engine settings from the `[engine]` and `[cost]` config sections.
 #[derive(Debug, Clone, PartialEq)]
@@ -76,8 +76,9 @@ pub(crate) struct Shared {
     pub cost: Arc<CostMeter>,
     /// False once the supervisor gave up on the engine thread.
     pub alive: watch::Sender<bool>,
-    /// The KV pool (its counts are read by [`EngineHandle::kv`]).
-    pub pool: KvPool,
+    /// The KV pool's counts as the engine last published them (read by [`EngineHandle::kv`] without
+    /// waiting for a step, which holds the pool).
+    pub kv_blocks: Mutex<PoolStats>,
     /// Sequences preempted so far.
     pub preemptions: AtomicU64,
 }
@@ -155,13 +156,15 @@ impl EngineHandle {
             drift: Mutex::new(DriftMonitor::new(config.drift_window_tokens)),
             cost: cost::meter(&config.price),
             alive: watch::Sender::new(true),
-            pool: pool.clone(),
+            kv_blocks: Mutex::new(pool.stats()),
             preemptions: AtomicU64::new(0),
         });
+        let share_prefixes = pool.lock().caching();
         let engine = EngineLoop {
             model,
             pool,
-            share_prefixes: config.prefix_caching.enabled,
+            // Off where the model's caches cannot share blocks (Candle slot caches), whatever the config.
+            share_prefixes,
             text: Arc::clone(&text),
             limits: config.batch,
             shared: Arc::clone(&shared),
@@ -270,7 +273,7 @@ impl EngineHandle {
     /// The KV pool's blocks by state, and the preemptions so far.
     pub fn kv(&self) -> KvReport {
         KvReport {
-            blocks: self.shared.pool.stats(),
+            blocks: *self.shared.kv_blocks.lock().unwrap_or_else(|e| e.into_inner()),
             preemptions: self.shared.preemptions.load(Ordering::Relaxed),
         }
     }

@@ -37,7 +37,9 @@ impl Queues {
     /// Ends every request held with `error` (UNAVAILABLE: another worker may take it) and takes them out
     /// of the counters. Returns how many there were.
     pub fn fail_all(&mut self, shared: &Shared, error: &BackendError) -> usize {
-        let (waiting, running) = (self.waiting.len(), self.running.len());
+        // A preempted sequence waits, but counts as running: it has started.
+        let preempted = self.waiting.iter().filter(|s| s.started()).count();
+        let (waiting, running) = (self.waiting.len() - preempted, self.running.len() + preempted);
         for seq in self.waiting.drain(..).chain(self.running.drain(..)) {
             let _ = seq.job.events.try_send(Err(error.clone()));
         }
@@ -66,6 +68,15 @@ pub(crate) struct EngineLoop {
     /// Test-only fault injection: the engine panics when it admits a request whose text contains this
     /// marker (the chaos suite's engine-thread panic). `None` in every real deployment.
     pub test_fault_marker: Option<String>,
+}
+
+/// Takes a sequence that leaves the waiting queue out of the counters: a preempted one counts as running.
+fn leave_waiting(seq: &Seq, s: &mut WorkerStats) {
+    if seq.started() {
+        s.running -= 1;
+    } else {
+        s.waiting -= 1;
+    }
 }
 
 /// Puts a sequence in the waiting queue by priority, behind every one of the same or a higher one.
@@ -142,7 +153,7 @@ impl EngineLoop {
                 m.finished(FinishReason::Cancelled);
                 m.generation_tokens_total.increment(u64::from(n));
                 self.shared.update(|s| {
-                    s.waiting -= 1;
+                    leave_waiting(&seq, s);
                     s.cancelled += 1;
                     s.generated_tokens += u64::from(n);
                 });
@@ -165,14 +176,19 @@ impl EngineLoop {
             // Keep a block free for each running sequence's next token, so that admitting does not
             // preempt at once.
             let headroom = running.len();
+            let fresh = !seq.started();
             match self
                 .model
                 .cache_for(&self.pool, &seq.job.tokens, seq.capacity(), headroom)
             {
                 Ok(Some(cache)) => {
-                    m.prefix_cache_queries.increment(seq.job.tokens.len() as u64);
-                    m.prefix_cache_hits.increment(cache.cached_tokens() as u64);
-                    if !seq.started() {
+                    // Counted once a request, as vLLM does: a preempted sequence finding its own blocks
+                    // again is not a prefix hit.
+                    if fresh && self.share_prefixes {
+                        m.prefix_cache_queries.increment(seq.job.tokens.len() as u64);
+                        m.prefix_cache_hits.increment(cache.cached_tokens() as u64);
+                    }
+                    if fresh {
                         let queue_ms = ms_since(seq.job.request.arrived);
                         m.queue_duration.record(queue_ms / 1e3);
                         seq.queue_ms = Some(queue_ms);
@@ -190,21 +206,23 @@ impl EngineLoop {
                         &seq.job,
                         &ModelError::Cache("the request needs more KV blocks than the pool has".into()),
                     );
-                    self.shared.update(|s| s.waiting -= 1);
+                    self.shared.update(|s| leave_waiting(&seq, s));
                     continue;
                 }
                 Err(e) => {
                     let seq = waiting.pop_front().expect("front exists");
                     self.fail(&seq.job, &e);
-                    self.shared.update(|s| s.waiting -= 1);
+                    self.shared.update(|s| leave_waiting(&seq, s));
                     continue;
                 }
             }
             let seq = waiting.pop_front().expect("front exists");
-            self.shared.update(|s| {
-                s.waiting -= 1;
-                s.running += 1;
-            });
+            if fresh {
+                self.shared.update(|s| {
+                    s.waiting -= 1;
+                    s.running += 1;
+                });
+            }
             running.push(seq);
         }
         self.publish_kv();
@@ -231,7 +249,8 @@ impl EngineLoop {
             if !short {
                 return plan;
             }
-            let Some(v) = schedule::victim(running.len()) else {
+            let priorities: Vec<i32> = running.iter().map(|s| s.job.request.priority).collect();
+            let Some(v) = schedule::victim(&priorities) else {
                 return Vec::new();
             };
             let mut seq = running.remove(v);
@@ -244,17 +263,18 @@ impl EngineLoop {
                 .preemptions
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             m.generation_tokens_total.increment(u64::from(n));
-            self.shared.update(|s| {
-                s.running -= 1;
-                s.waiting += 1;
-                s.generated_tokens += u64::from(n);
-            });
+            // It stays counted as running (it has started), so it takes no place in the waiting queue's
+            // bound.
+            self.shared.update(|s| s.generated_tokens += u64::from(n));
             tracing::info!(
                 request_id = %seq.job.request.request_id,
                 generated = seq.generated,
                 "preempted: the KV pool is full; it is recomputed from its cached prefix when blocks free up"
             );
-            waiting.push_front(seq);
+            let at =
+                schedule::preempted_position(waiting.iter().map(|s| s.job.request.priority), seq.job.request.priority);
+            waiting.insert(at, seq);
+            self.publish_kv();
             if running.is_empty() {
                 return Vec::new();
             }
@@ -463,10 +483,15 @@ impl EngineLoop {
         }
         // Highest index first, so earlier indices stay valid; `remove` keeps arrival order for the planner.
         ended.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
+        // Dropping the sequences frees their KV blocks; the pool's figures are published before the
+        // counters say they have gone.
+        let ended: Vec<(Job, Outcome)> = ended
+            .into_iter()
+            .map(|(i, outcome)| (running.remove(i).job, outcome))
+            .collect();
+        self.publish_kv();
         let mut completed = Vec::new();
-        for (i, outcome) in ended {
-            // Dropping the sequence frees its KV blocks.
-            let Seq { job, .. } = running.remove(i);
+        for (job, outcome) in ended {
             let tokens = match &outcome {
                 Outcome::Completed(n, _) | Outcome::Cancelled(n) => *n,
                 Outcome::Failed => 0,
@@ -484,7 +509,6 @@ impl EngineLoop {
                 completed.push((job.events, completion));
             }
         }
-        self.publish_kv();
         for (events, completion) in completed {
             let _ = events.try_send(Ok(Event::Complete(*completion)));
         }
@@ -492,6 +516,7 @@ impl EngineLoop {
 
     fn publish_kv(&self) {
         let stats = self.pool.stats();
+        *self.shared.kv_blocks.lock().unwrap_or_else(|e| e.into_inner()) = stats;
         let m = &self.shared.metrics;
         m.kv_usage.set(stats.in_use as f64 / stats.capacity.max(1) as f64);
         m.kv_blocks_used.set(stats.in_use as f64);

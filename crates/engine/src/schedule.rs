@@ -76,10 +76,21 @@ pub fn has_slot(limits: &BatchLimits, running: usize) -> bool {
     running < limits.max_seqs
 }
 
-/// The sequence to preempt when the KV pool runs out: the most recently admitted (vLLM's policy), the
-/// last of `running`, which is in admission order.
-pub fn victim(running: usize) -> Option<usize> {
-    running.checked_sub(1)
+/// The sequence to preempt when the KV pool runs out, given the running sequences' priorities in
+/// admission order: the lowest priority, and among those the most recently admitted (vLLM's policy).
+pub fn victim(priorities: &[i32]) -> Option<usize> {
+    priorities
+        .iter()
+        .enumerate()
+        .min_by_key(|&(i, &p)| (p, std::cmp::Reverse(i)))
+        .map(|(i, _)| i)
+}
+
+/// Where a preempted sequence of priority `p` goes back into a waiting queue whose priorities, front to
+/// back, are `queue`: ahead of every request of its own or a lower priority (it started before them),
+/// behind the higher ones.
+pub fn preempted_position(queue: impl Iterator<Item = i32>, p: i32) -> usize {
+    queue.take_while(|&q| q > p).count()
 }
 
 /// Whether a request starting with `tokens` should wait for a running sequence (`others`: each one's
@@ -154,8 +165,15 @@ mod tests {
     fn slots_and_the_preemption_victim() {
         assert!(has_slot(&LIMITS, 2));
         assert!(!has_slot(&LIMITS, 3), "no free sequence slot");
-        assert_eq!(victim(3), Some(2), "the most recently admitted");
-        assert_eq!(victim(0), None);
+        assert_eq!(victim(&[0, 0, 0]), Some(2), "the most recently admitted");
+        assert_eq!(victim(&[0, -1, 0, 5]), Some(1), "the lowest priority first");
+        assert_eq!(victim(&[]), None);
+        assert_eq!(
+            preempted_position([5, 0, 0, -1].into_iter(), 0),
+            1,
+            "behind 5, ahead of its equals"
+        );
+        assert_eq!(preempted_position([0, 0].into_iter(), 3), 0);
     }
 
     #[test]
@@ -254,7 +272,7 @@ mod tests {
                 if held(&running) + after <= pool || running.len() == 1 {
                     break;
                 }
-                let v = running.remove(victim(running.len()).unwrap());
+                let v = running.remove(victim(&vec![0; running.len()]).unwrap());
                 preempted += 1;
                 waiting.push_front((v.0, seq(v.1.tokens, 0), v.2));
             }

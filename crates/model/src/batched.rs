@@ -551,20 +551,24 @@ impl BatchedLlama {
             partial: Vec::new(),
         };
         if self.paged {
-            let (hit, key) = blocks.lookup(tokens);
-            let mut cache = empty(Store::Paged(hit));
-            cache.len = cache.blocks() * BLOCK_TOKENS;
-            cache.cached = cache.len;
-            cache.key = key;
+            // No cache exists while the guard is held: a cache's drop takes the lock.
+            let (mut ids, key) = blocks.lookup(tokens);
+            let cached = ids.len() * BLOCK_TOKENS;
             let end = match tokens.len() {
                 0 => 0,
                 n => (n + 1).min(capacity),
             };
-            let need = blocks_for(end).saturating_sub(cache.blocks());
-            if blocks.stats().available() < need + headroom || !cache.grow(&mut blocks, end) {
-                drop(blocks);
+            let need = blocks_for(end).saturating_sub(ids.len());
+            if blocks.stats().available() < need + headroom {
+                blocks.release(&ids);
                 return Ok(None);
             }
+            for _ in 0..need {
+                ids.push(blocks.allocate().expect("available blocks can be allocated"));
+            }
+            drop(blocks);
+            let mut cache = empty(Store::Paged(ids));
+            (cache.len, cache.cached, cache.key) = (cached, cached, key);
             return Ok(Some(cache));
         }
         let charged = blocks_for(capacity);

@@ -19,7 +19,7 @@
 //! A pool is one model version's: sequences of different versions never share one.
 
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{DefaultHasher, Hash, Hasher};
+use std::hash::{BuildHasher, Hash, Hasher, RandomState};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use half::f16;
@@ -76,9 +76,10 @@ struct Entry {
     tokens: [u32; BLOCK_TOKENS],
 }
 
-/// The key of a block whose tokens are `tokens`, after the prefix whose key is `parent`.
-pub(crate) fn chain_key(parent: u64, tokens: &[u32]) -> u64 {
-    let mut h = DefaultHasher::new();
+/// The key of a block whose tokens are `tokens`, after the prefix whose key is `parent`. The hasher's keys
+/// are random per pool, so no client can aim for a collision.
+pub(crate) fn chain_key(hasher: &RandomState, parent: u64, tokens: &[u32]) -> u64 {
+    let mut h = hasher.build_hasher();
     parent.hash(&mut h);
     tokens.hash(&mut h);
     h.finish()
@@ -111,6 +112,8 @@ pub struct Blocks {
     /// Blocks counted for caches preallocated outside the pool (Candle slot caches on other devices).
     charged: usize,
     caching: PrefixCaching,
+    /// Keys the chain hash.
+    hasher: RandomState,
 }
 
 impl Blocks {
@@ -197,7 +200,7 @@ impl Blocks {
             return (taken, parent);
         }
         for block in tokens[..tokens.len() - 1].chunks_exact(BLOCK_TOKENS) {
-            let key = chain_key(parent, block);
+            let key = chain_key(&self.hasher, parent, block);
             let Some(&id) = self.index.get(&key) else { break };
             let i = Self::at(id);
             match &self.entries[i] {
@@ -218,7 +221,7 @@ impl Blocks {
     /// Registers `id`, now holding `tokens` after the prefix keyed `parent`; returns its key. A block whose
     /// key another block already has stays unregistered (two sequences computed the same prefix at once).
     pub fn register(&mut self, id: BlockId, parent: u64, tokens: &[u32]) -> u64 {
-        let key = chain_key(parent, tokens);
+        let key = chain_key(&self.hasher, parent, tokens);
         if self.caching.enabled && !self.index.contains_key(&key) {
             let mut t = [0u32; BLOCK_TOKENS];
             t.copy_from_slice(tokens);
@@ -251,13 +254,19 @@ impl Blocks {
     /// One block's values, for writing. Only a block a single sequence holds is written.
     pub fn block_mut(&mut self, id: BlockId) -> &mut [f16] {
         let i = Self::at(id);
-        debug_assert_eq!(self.refs[i], 1, "a shared block is never written");
+        // Checked in release builds too: a write to a shared block would corrupt another sequence.
+        assert_eq!(self.refs[i], 1, "a shared block is never written");
         let len = self.layout.block_len();
         let data = &mut self.storage[i];
         if data.is_empty() {
             *data = vec![f16::ZERO; len].into_boxed_slice();
         }
         data
+    }
+
+    /// Whether finished sequences' blocks are kept for reuse.
+    pub fn caching(&self) -> bool {
+        self.caching.enabled
     }
 
     /// Where values sit in a block.
@@ -287,6 +296,7 @@ impl KvPool {
             held: 0,
             charged: 0,
             caching,
+            hasher: RandomState::new(),
         })))
     }
 

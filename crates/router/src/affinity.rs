@@ -12,6 +12,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::Arc;
 
 use ferroserve_core::Input;
 
@@ -109,8 +110,8 @@ impl PrefixKeys {
 /// One prefix key's entry.
 #[derive(Debug, Default)]
 struct Entry {
-    /// Workers (by location), most recent last.
-    workers: Vec<String>,
+    /// Workers (by location, shared between the keys of one recording), most recent last.
+    workers: Vec<Arc<str>>,
     /// Times the key is in the recording queue.
     queued: u32,
 }
@@ -150,7 +151,7 @@ impl PrefixIndex {
         for (i, key) in keys.0.iter().enumerate() {
             let Some(entry) = self.keys.get(key) else { break };
             for w in &entry.workers {
-                depth.insert(w.as_str(), i + 1);
+                depth.insert(&**w, i + 1);
             }
         }
         depth
@@ -158,10 +159,11 @@ impl PrefixIndex {
 
     /// Records that `worker` now serves `keys`.
     pub fn record(&mut self, keys: &PrefixKeys, worker: &str) {
+        let worker: Arc<str> = Arc::from(worker);
         for &key in &keys.0 {
             let entry = self.keys.entry(key).or_default();
-            entry.workers.retain(|w| w != worker);
-            entry.workers.push(worker.to_string());
+            entry.workers.retain(|w| *w != worker);
+            entry.workers.push(Arc::clone(&worker));
             if entry.workers.len() > WORKERS_PER_KEY {
                 entry.workers.remove(0);
             }
@@ -194,7 +196,7 @@ impl PrefixIndex {
     /// Forgets a worker (it left the pool).
     pub fn forget(&mut self, worker: &str) {
         self.keys.retain(|_, entry| {
-            entry.workers.retain(|w| w != worker);
+            entry.workers.retain(|w| &**w != worker);
             !entry.workers.is_empty()
         });
     }

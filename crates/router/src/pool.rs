@@ -16,8 +16,9 @@ use ferroserve_telemetry::names;
 use crate::affinity::{self, Candidate, PrefixIndex, PrefixKeys, Routing};
 use crate::{ModelSelector, RouterError};
 
-/// Prefix keys the routing index remembers (about 64 bytes of prompt each): 64 MiB of prompts.
-const PREFIX_INDEX_KEYS: usize = 1 << 20;
+/// Prefix keys the routing index remembers, each standing for 64 bytes of prompt (16 MiB of prompts). An
+/// entry takes about 100 bytes with its place in the recording queue: some 30 MB in all.
+const PREFIX_INDEX_KEYS: usize = 1 << 18;
 
 /// One worker and what the router knows of it.
 struct Member {
@@ -199,6 +200,11 @@ impl Pool {
             .retain(|m| !Arc::ptr_eq(m, old));
         old.gone.store(true, Ordering::Relaxed);
         old.removed.notify_one();
+        // The process behind it changed: whatever prefixes it held are gone.
+        self.index
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .forget(old.backend.location());
         self.add(replacement);
     }
 
@@ -243,6 +249,12 @@ impl Pool {
         });
         *members = kept;
         drop(members);
+        let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
+        for m in &gone {
+            // A worker that comes back at the same address starts with an empty cache.
+            index.forget(m.backend.location());
+        }
+        drop(index);
         for m in &gone {
             // Its follower marks it unhealthy and stops.
             m.gone.store(true, Ordering::Relaxed);
@@ -381,7 +393,7 @@ impl Pool {
         } else {
             self.routing
         };
-        let mut index = self.index.lock().expect("prefix index lock");
+        let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
         let (at, outcome) = affinity::choose(routing, &index, keys, &candidates);
         let best = open[at];
         if let Some(outcome) = outcome {
