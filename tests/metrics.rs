@@ -37,15 +37,18 @@ async fn metrics_follow_traffic_with_bounded_labels() {
     ] {
         assert!(sample(&text, &series).is_some(), "missing {series} in:\n{text}");
     }
-    // 8192 budget tokens in blocks of 16; the finished request returned its blocks.
+    // The default 32768 budget tokens in blocks of 16; the finished request returned its blocks, and its
+    // prompt's full blocks stay cached for reuse.
     assert_eq!(
         sample(&text, &format!("ferroserve_kv_cache_blocks_capacity{{{mv}}}")),
-        Some(512.0)
+        Some(2048.0)
     );
     assert_eq!(
         sample(&text, &format!("ferroserve_kv_cache_blocks_used{{{mv}}}")),
         Some(0.0)
     );
+    assert!(sample(&text, &format!("ferroserve_kv_cache_blocks_cached{{{mv}}}")).is_some_and(|n| n >= 1.0));
+    assert!(sample(&text, &format!("ferroserve_prefix_cache_queries_total{{{mv}}}")).is_some_and(|n| n >= 1.0));
     let generated = |text: &str| sample(text, &format!("ferroserve_generation_tokens_total{{{mv}}}")).unwrap_or(0.0);
     assert!(generated(&text) >= 6.0);
     assert_eq!(
