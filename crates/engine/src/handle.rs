@@ -159,12 +159,9 @@ impl EngineHandle {
             kv_blocks: Mutex::new(pool.stats()),
             preemptions: AtomicU64::new(0),
         });
-        let share_prefixes = pool.lock().caching();
         let engine = EngineLoop {
             model,
             pool,
-            // Off where the model's caches cannot share blocks (Candle slot caches), whatever the config.
-            share_prefixes,
             text: Arc::clone(&text),
             limits: config.batch,
             shared: Arc::clone(&shared),

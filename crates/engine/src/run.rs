@@ -61,8 +61,6 @@ pub(crate) struct EngineLoop {
     pub text: Arc<TextCodec>,
     /// Batch size, step size and KV budget.
     pub limits: BatchLimits,
-    /// Whether requests wait for a running sequence computing their prefix (prefix caching on).
-    pub share_prefixes: bool,
     /// Counters, metrics, drift and cost, shared with the handle.
     pub shared: Arc<Shared>,
     /// Test-only fault injection: the engine panics when it admits a request whose text contains this
@@ -163,7 +161,7 @@ impl EngineLoop {
                 break;
             }
             let others = running.iter().map(|r| (r.job.tokens.as_slice(), r.computed()));
-            if self.share_prefixes && schedule::waits_for_prefix(&seq.job.tokens, others, BLOCK_TOKENS) {
+            if self.caching() && schedule::waits_for_prefix(&seq.job.tokens, others, BLOCK_TOKENS) {
                 break;
             }
             if let Some(marker) = &self.test_fault_marker
@@ -184,7 +182,7 @@ impl EngineLoop {
                 Ok(Some(cache)) => {
                     // Counted once a request, as vLLM does: a preempted sequence finding its own blocks
                     // again is not a prefix hit.
-                    if fresh && self.share_prefixes {
+                    if fresh && self.caching() {
                         m.prefix_cache_queries.increment(seq.job.tokens.len() as u64);
                         m.prefix_cache_hits.increment(cache.cached_tokens() as u64);
                     }
@@ -512,6 +510,12 @@ impl EngineLoop {
         for (events, completion) in completed {
             let _ = events.try_send(Ok(Event::Complete(*completion)));
         }
+    }
+
+    /// Whether the pool caches prefixes: as configured, and off where the model's caches cannot share
+    /// blocks (Candle slot caches). Then requests neither wait for a shared prefix nor count as queries.
+    fn caching(&self) -> bool {
+        self.pool.lock().caching()
     }
 
     fn publish_kv(&self) {

@@ -335,6 +335,17 @@ mod tests {
         KvPool::new(LAYOUT, capacity, PrefixCaching::default())
     }
 
+    fn pool_with(capacity: usize, enabled: bool, max_idle_share: f64) -> KvPool {
+        KvPool::new(
+            LAYOUT,
+            capacity,
+            PrefixCaching {
+                enabled,
+                max_idle_share,
+            },
+        )
+    }
+
     /// A sequence's blocks for `tokens`, registered as a finished sequence's are.
     fn fill(b: &mut Blocks, tokens: &[u32]) -> Vec<BlockId> {
         let (mut ids, mut parent) = b.lookup(tokens);
@@ -436,14 +447,7 @@ mod tests {
 
     #[test]
     fn the_idle_share_bounds_what_stays_cached() {
-        let p = KvPool::new(
-            LAYOUT,
-            10,
-            PrefixCaching {
-                enabled: true,
-                max_idle_share: 0.2,
-            },
-        );
+        let p = pool_with(10, true, 0.2);
         let mut b = p.lock();
         let a = fill(&mut b, &prompt(64, 0));
         b.release(&a);
@@ -453,14 +457,7 @@ mod tests {
 
     #[test]
     fn with_caching_off_nothing_is_found() {
-        let p = KvPool::new(
-            LAYOUT,
-            4,
-            PrefixCaching {
-                enabled: false,
-                max_idle_share: 1.0,
-            },
-        );
+        let p = pool_with(4, false, 1.0);
         let mut b = p.lock();
         let a = fill(&mut b, &prompt(33, 0));
         b.release(&a);
