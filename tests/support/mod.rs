@@ -7,6 +7,7 @@ pub mod faults;
 pub mod procs;
 pub mod proxy;
 pub mod raw;
+pub mod redis;
 
 use std::path::PathBuf;
 use std::time::Duration;

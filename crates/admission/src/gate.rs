@@ -15,7 +15,7 @@ use tokio::sync::oneshot;
 mod ticket;
 mod view;
 
-pub use ticket::{Generated, Permit, Waiting};
+pub use ticket::{FinishHook, Generated, Permit, Waiting};
 pub use view::{LimitsView, PatchError, Snapshot};
 use view::{server_view, tenant_view};
 
@@ -100,6 +100,15 @@ pub struct Rejection {
     pub retry_after: Option<Duration>,
 }
 
+/// Where a request's tenant limits were checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Here, against this gate's tenant buckets and caps (at this replica's share of them in a fleet).
+    Local,
+    /// Already, cluster-wide (by the shared store): the gate applies only the server's own limits.
+    Cluster,
+}
+
 /// What a request asks of the gate.
 #[derive(Debug, Clone)]
 pub struct Ask {
@@ -165,6 +174,7 @@ struct TenantState<C: Clock> {
 /// A request waiting for a slot.
 struct Waiter<C: Clock + Clone> {
     tenant: String,
+    scope: Scope,
     reserved: u32,
     max_tokens: u32,
     /// Priority rank and place in line when it arrived, for learning queue waits.
@@ -187,6 +197,17 @@ struct State<C: Clock + Clone> {
     queued_tokens: u64,
     next_seq: u64,
     estimate: ServiceEstimate,
+    /// How many replicas enforce the tenant limits apart: the tenant buckets and caps hold 1/share of
+    /// each limit (1 alone, or when a shared store enforces them).
+    share: u32,
+}
+
+impl<C: Clock + Clone> TenantState<C> {
+    /// Rebuilds the buckets for `effective` limits, carrying their levels.
+    fn rebucket(&mut self, effective: &TenantLimits, clock: &C) {
+        let old = std::mem::replace(&mut self.buckets, Buckets::new(&TenantLimits::default(), clock));
+        self.buckets = old.reconfigure(effective, clock);
+    }
 }
 
 /// The admission gate. Cheap to share; every method takes `&self`.
@@ -248,6 +269,7 @@ impl<C: Clock + Clone> Admission<C> {
             queued_tokens: 0,
             next_seq: 0,
             estimate: ServiceEstimate::default(),
+            share: 1,
         };
         Arc::new(Admission {
             clock,
@@ -262,9 +284,14 @@ impl<C: Clock + Clone> Admission<C> {
 
     /// Decides at once: a permit, a place in the queue, or a rejection naming the limit.
     pub fn admit(self: &Arc<Self>, ask: Ask) -> Result<Admitted<C>, Rejection> {
+        self.admit_in(ask, Scope::Local)
+    }
+
+    /// [`Admission::admit`] for a request whose tenant limits were checked `scope`.
+    pub fn admit_in(self: &Arc<Self>, ask: Ask, scope: Scope) -> Result<Admitted<C>, Rejection> {
         let started = Instant::now();
         let name = ask.tenant.name.clone();
-        let result = self.decide(ask);
+        let result = self.decide(ask, scope);
         metrics::histogram!(names::ADMISSION_DECISION_SECONDS).record(started.elapsed().as_secs_f64());
         if let Err(r) = &result {
             count_refusal(name, r.reason);
@@ -272,9 +299,10 @@ impl<C: Clock + Clone> Admission<C> {
         result
     }
 
-    fn decide(self: &Arc<Self>, ask: Ask) -> Result<Admitted<C>, Rejection> {
+    fn decide(self: &Arc<Self>, ask: Ask, scope: Scope) -> Result<Admitted<C>, Rejection> {
         let mut guard = self.lock();
         let st = &mut *guard;
+        let share = st.share;
         let name = ask.tenant.name.as_str();
         let tenant = st.tenants.entry(name.to_string()).or_insert_with(|| TenantState {
             limits: TenantLimits::default(),
@@ -282,20 +310,14 @@ impl<C: Clock + Clone> Admission<C> {
             running: 0,
             queued: 0,
         });
-        if let Some(max) = tenant.limits.max_in_flight
-            && tenant.running + tenant.queued >= max
-        {
-            return Err(Rejection {
-                reason: Reason::TenantConcurrency,
-                message: format!(
-                    "tenant `{name}` already has {max} requests in flight, its limit; wait for one to finish"
-                ),
-                retry_after: Some(st.estimate.slot_free_in(1)),
-            });
+        let local = scope == Scope::Local;
+        if local {
+            check_tenant(tenant, name, share, &ask, &st.estimate)?;
         }
-        take_all(&tenant.buckets, &ask, &format!("tenant `{name}`"), true)?;
         if let Err(e) = take_all(&st.server_buckets, &ask, "the server", false) {
-            tenant.buckets.refund(1, ask.tokens);
+            if local {
+                tenant.buckets.refund(1, ask.tokens);
+            }
             return Err(e);
         }
         let slots = st.server.shared.max_in_flight.unwrap_or(u32::MAX);
@@ -312,7 +334,7 @@ impl<C: Clock + Clone> Admission<C> {
             Duration::ZERO
         };
         let refuse = |st: &State<C>, rejection: Rejection| {
-            st.refund(name, 1, ask.tokens);
+            st.refund(name, scope, 1, ask.tokens);
             Err(rejection)
         };
         if let (Some(deadline), Some(generate)) = (ask.deadline, st.estimate.generation(ask.max_tokens))
@@ -333,7 +355,7 @@ impl<C: Clock + Clone> Admission<C> {
             return refuse(st, rejection);
         }
         if !must_wait {
-            return Ok(Admitted::Now(self.start(st, name, ask.tokens)));
+            return Ok(Admitted::Now(self.start(st, name, scope, ask.tokens)));
         }
         if st.queue.len() as u32 >= st.server.max_queued_requests
             || st.queued_tokens + u64::from(ask.tokens) > st.server.max_queued_tokens
@@ -361,6 +383,7 @@ impl<C: Clock + Clone> Admission<C> {
             key,
             Waiter {
                 tenant: name.to_string(),
+                scope,
                 reserved: ask.tokens,
                 max_tokens: ask.max_tokens,
                 rank: key.0,
@@ -386,7 +409,7 @@ impl<C: Clock + Clone> Admission<C> {
     }
 
     /// Marks a request as running and hands out its permit.
-    fn start(self: &Arc<Self>, st: &mut State<C>, tenant: &str, reserved: u32) -> Permit<C> {
+    fn start(self: &Arc<Self>, st: &mut State<C>, tenant: &str, scope: Scope, reserved: u32) -> Permit<C> {
         st.running += 1;
         if let Some(t) = st.tenants.get_mut(tenant) {
             t.running += 1;
@@ -396,8 +419,10 @@ impl<C: Clock + Clone> Admission<C> {
         Permit {
             admission: Arc::clone(self),
             tenant: tenant.to_string(),
+            scope,
             reserved,
             used: None,
+            on_finish: None,
             timing: None,
             started: Instant::now(),
         }
@@ -412,7 +437,9 @@ impl<C: Clock + Clone> Admission<C> {
             let st = &mut *guard;
             let used = permit.used.unwrap_or(0);
             if let Some(t) = st.tenants.get_mut(&permit.tenant) {
-                reconcile(&t.buckets, permit.reserved, used);
+                if permit.scope == Scope::Local {
+                    reconcile(&t.buckets, permit.reserved, used);
+                }
                 t.running = t.running.saturating_sub(1);
                 metrics::gauge!(names::ADMISSION_IN_FLIGHT, names::LABEL_TENANT => permit.tenant.clone())
                     .set(f64::from(t.running));
@@ -438,7 +465,7 @@ impl<C: Clock + Clone> Admission<C> {
                 if let (Some(left), Some(generate)) = (left, st.estimate.generation(w.max_tokens))
                     && generate > left
                 {
-                    st.refund(&w.tenant, 1, w.reserved);
+                    st.refund(&w.tenant, w.scope, 1, w.reserved);
                     count_refusal(w.tenant.clone(), Reason::QueueDeadline);
                     let rejection = Rejection {
                         reason: Reason::QueueDeadline,
@@ -455,7 +482,7 @@ impl<C: Clock + Clone> Admission<C> {
                     refusals.push((w.grant, rejection));
                     continue;
                 }
-                let next = self.start(st, &w.tenant, w.reserved);
+                let next = self.start(st, &w.tenant, w.scope, w.reserved);
                 grants.push((w.grant, next));
             }
             publish_queue(st);
@@ -488,16 +515,16 @@ impl<C: Clock + Clone> Admission<C> {
     }
 
     fn apply(&self, st: &mut State<C>, name: &str, limits: TenantLimits) {
+        let share = st.share;
         match st.tenants.get_mut(name) {
             Some(t) if t.limits == limits => {}
             Some(t) => {
-                let old = std::mem::replace(&mut t.buckets, Buckets::new(&TenantLimits::default(), &self.clock));
-                t.buckets = old.reconfigure(&limits, &self.clock);
+                t.rebucket(&limits.shared_by(share), &self.clock);
                 t.limits = limits;
             }
             None => {
                 let state = TenantState {
-                    buckets: Buckets::new(&limits, &self.clock),
+                    buckets: Buckets::new(&limits.shared_by(share), &self.clock),
                     limits,
                     running: 0,
                     queued: 0,
@@ -543,6 +570,37 @@ impl<C: Clock + Clone> Admission<C> {
         }
     }
 
+    /// Sets how many replicas enforce the tenant limits apart: each tenant's buckets and cap become
+    /// 1/`replicas` of its limits (levels carried). A fleet sets this to its live replica count, so that a
+    /// replica cut off from the shared store admits only its part.
+    pub fn set_share(&self, replicas: u32) {
+        let replicas = replicas.max(1);
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        if st.share == replicas {
+            return;
+        }
+        st.share = replicas;
+        for t in st.tenants.values_mut() {
+            let effective = t.limits.shared_by(replicas);
+            t.rebucket(&effective, &self.clock);
+        }
+    }
+
+    /// The replicas the tenant limits are divided among (1: not divided).
+    pub fn share(&self) -> u32 {
+        self.lock().share
+    }
+
+    /// One tenant's configured limits (whole, not a replica's share); `None` for a tenant with none.
+    pub fn tenant_limits(&self, name: &str) -> Option<TenantLimits> {
+        self.lock()
+            .tenants
+            .get(name)
+            .map(|t| t.limits.clone())
+            .filter(|l| !l.is_unlimited())
+    }
+
     /// The waiting queue's bounds: requests and reserved tokens.
     pub fn queue_limits(&self) -> (u32, u64) {
         let guard = self.lock();
@@ -583,17 +641,64 @@ impl<C: Clock + Clone> Admission<C> {
 }
 
 impl<C: Clock + Clone> State<C> {
-    /// Gives request cells and tokens back to a tenant's buckets and the server's.
-    fn refund(&self, tenant: &str, requests: u32, tokens: u32) {
-        if let Some(t) = self.tenants.get(tenant) {
+    /// Gives request cells and tokens back to the server's buckets, and to the tenant's when they were
+    /// taken from them (`Scope::Local`).
+    fn refund(&self, tenant: &str, scope: Scope, requests: u32, tokens: u32) {
+        if scope == Scope::Local
+            && let Some(t) = self.tenants.get(tenant)
+        {
             t.buckets.refund(requests, tokens);
         }
         self.server_buckets.refund(requests, tokens);
     }
 }
 
+/// The tenant's own limits, here: its concurrency cap, then its buckets. Under a replica's share (a fleet
+/// cut off from its shared store), a reservation that only the whole bucket could cover waits rather than
+/// being refused for good.
+fn check_tenant<C: Clock + Clone>(
+    tenant: &TenantState<C>,
+    name: &str,
+    share: u32,
+    ask: &Ask,
+    estimate: &ServiceEstimate,
+) -> Result<(), Rejection> {
+    if let Some(max) = tenant.limits.shared_by(share).max_in_flight
+        && tenant.running + tenant.queued >= max
+    {
+        let part = if share > 1 {
+            format!(" (this replica's share, 1/{share}, while the fleet's shared store is unreachable)")
+        } else {
+            String::new()
+        };
+        return Err(Rejection {
+            reason: Reason::TenantConcurrency,
+            message: format!(
+                "tenant `{name}` already has {max} requests in flight, its limit{part}; wait for one to finish"
+            ),
+            retry_after: Some(estimate.slot_free_in(1)),
+        });
+    }
+    take_all(&tenant.buckets, ask, &format!("tenant `{name}`"), true).map_err(|e| {
+        let whole = tenant.limits.tokens.map_or(0, |r| r.burst);
+        if e.reason == Reason::TooLarge && share > 1 && ask.tokens <= whole {
+            let wait = tenant.limits.tokens.map_or(Duration::from_secs(1), |r| r.interval());
+            return Rejection {
+                reason: Reason::TenantTokens,
+                message: format!(
+                    "tenant `{name}` reserves {} tokens, more than this replica's share (1/{share}) of its token \
+                     bucket while the fleet's shared store is unreachable; retry shortly",
+                    ask.tokens
+                ),
+                retry_after: Some(wait.max(Duration::from_secs(1))),
+            };
+        }
+        e
+    })
+}
+
 /// Counts a refusal by tenant and the limit that made it.
-fn count_refusal(tenant: String, reason: Reason) {
+pub fn count_refusal(tenant: String, reason: Reason) {
     metrics::counter!(names::RATE_LIMITED_TOTAL, names::LABEL_TENANT => tenant, names::LABEL_REASON => reason.label())
         .increment(1);
 }

@@ -21,7 +21,8 @@ mod limits;
 
 pub use bucket::Rate;
 pub use gate::{
-    Admission, Admitted, Ask, Generated, LimitsView, PatchError, Permit, Reason, Rejection, Snapshot, Waiting,
+    Admission, Admitted, Ask, FinishHook, Generated, LimitsView, PatchError, Permit, Reason, Rejection, Scope,
+    Snapshot, Waiting, count_refusal,
 };
 pub use keys::{AdminAccess, AuthError, KeyStore, Priority, Tenant, TenantKey, parse_sha256, sha256_hex};
 pub use limits::{AdmissionLimits, LimitsPatch, ServerLimits, TenantLimits, rate};

@@ -126,6 +126,32 @@ impl TenantLimits {
     }
 }
 
+impl TenantLimits {
+    /// One replica's part of these limits when `replicas` replicas enforce them apart (a fleet whose shared
+    /// store is unreachable): each rate and burst divided, the concurrency cap divided rounding up.
+    pub fn shared_by(&self, replicas: u32) -> TenantLimits {
+        if replicas <= 1 {
+            return self.clone();
+        }
+        let n = f64::from(replicas);
+        let part = |r: Rate| Rate {
+            amount: r.amount / n,
+            per: r.per,
+            burst: (f64::from(r.burst) / n).ceil().max(1.0) as u32,
+        };
+        TenantLimits {
+            requests: self.requests.map(part),
+            tokens: self.tokens.map(part),
+            max_in_flight: self.max_in_flight.map(|m| m.div_ceil(replicas).max(1)),
+        }
+    }
+
+    /// True when no limit of any kind is set.
+    pub fn is_unlimited(&self) -> bool {
+        self.requests.is_none() && self.tokens.is_none() && self.max_in_flight.is_none()
+    }
+}
+
 impl ServerLimits {
     /// These limits with `patch` applied, or a message naming the field to fix.
     pub fn patched(&self, patch: &LimitsPatch) -> Result<ServerLimits, String> {
@@ -206,6 +232,24 @@ mod tests {
         };
         assert!(TenantLimits::default().patched(&patch).is_err());
         assert!(rate(1.0 / 86_400.0, Duration::from_secs(1), Some(1), "x").is_ok());
+    }
+
+    #[test]
+    fn a_replica_share_divides_rates_bursts_and_caps() {
+        let full = TenantLimits {
+            requests: Some(rate(9.0, Duration::from_secs(1), Some(10), "r").unwrap()),
+            tokens: Some(rate(600.0, Duration::from_secs(60), Some(1000), "t").unwrap()),
+            max_in_flight: Some(4),
+        };
+        assert_eq!(full.shared_by(1), full);
+        let third = full.shared_by(3);
+        assert_eq!(third.requests.unwrap().amount, 3.0);
+        assert_eq!(third.requests.unwrap().burst, 4, "10 / 3 rounds up");
+        assert_eq!(third.tokens.unwrap().amount, 200.0);
+        assert_eq!(third.tokens.unwrap().burst, 334);
+        assert_eq!(third.max_in_flight, Some(2));
+        assert_eq!(full.shared_by(100).max_in_flight, Some(1), "a cap never falls to 0");
+        assert!(TenantLimits::default().is_unlimited() && !full.is_unlimited());
     }
 
     #[test]

@@ -95,6 +95,10 @@ pub struct ServerArgs {
     /// router.worker_token_file).
     #[arg(long, env = "FERROSERVE_WORKER_TOKEN_FILE")]
     pub worker_token_file: Option<PathBuf>,
+    /// Redis shared by a fleet of routers, e.g. redis://127.0.0.1:6379: tenant limits hold across every
+    /// router that uses it (overrides cluster.redis_url; `serve` and `router` only).
+    #[arg(long, env = "FERROSERVE_REDIS_URL")]
+    pub redis_url: Option<String>,
 }
 
 /// Options of the router command.
@@ -148,6 +152,9 @@ impl ServerArgs {
         }
         if let Some(l) = &self.http_listen {
             file.server.http_listen = l.clone();
+        }
+        if let Some(url) = &self.redis_url {
+            file.cluster.redis_url = url.clone();
         }
         if let Some(p) = &self.model_path {
             file.model.path = Some(p.clone());

@@ -94,6 +94,20 @@ fn report(pool: &Pool) -> pb::ListWorkersResponse {
     pb::ListWorkersResponse { workers }
 }
 
+fn fleet_to_wire(s: ferroserve_cluster::ClusterState) -> pb::FleetState {
+    let mode = match s.mode {
+        ferroserve_cluster::Mode::Shared => pb::FleetMode::Shared,
+        ferroserve_cluster::Mode::Degraded => pb::FleetMode::Degraded,
+    };
+    pb::FleetState {
+        mode: mode as i32,
+        replicas: s.replicas,
+        replica: s.replica,
+        seconds_in_mode: s.since.as_secs_f64(),
+        last_error: s.last_error.unwrap_or_default(),
+    }
+}
+
 fn limits_to_wire(v: LimitsView) -> pb::LimitsState {
     let l = &v.limits;
     pb::LimitsState {
@@ -176,6 +190,7 @@ impl Admin for AdminService {
         Ok(Response::new(pb::GetLimitsResponse {
             server: Some(server),
             tenants: snapshot.tenants.into_iter().map(limits_to_wire).collect(),
+            fleet: self.live.cluster().map(|c| fleet_to_wire(c.state())),
         }))
     }
 

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use ferroserve_admission::{Admission, AdmissionLimits, KeyStore};
+use ferroserve_cluster::Cluster;
 
 /// The settings a reload may change, validated.
 pub struct LiveSettings {
@@ -27,16 +28,34 @@ pub struct Live {
     admission: Arc<Admission>,
     /// How to re-read the config; `None` when the router was built without a file.
     reload: Option<Reloader>,
+    /// The fleet this replica shares tenant limits with, if any.
+    cluster: Option<Arc<Cluster>>,
 }
 
 impl Live {
     /// Live state starting from these keys and this gate.
     pub fn new(keys: KeyStore, admission: Arc<Admission>, reload: Option<Reloader>) -> Arc<Live> {
+        Self::in_fleet(keys, admission, reload, None)
+    }
+
+    /// [`Live::new`] for a replica of a fleet: tenant limits are decided with the others through `cluster`.
+    pub fn in_fleet(
+        keys: KeyStore,
+        admission: Arc<Admission>,
+        reload: Option<Reloader>,
+        cluster: Option<Arc<Cluster>>,
+    ) -> Arc<Live> {
         Arc::new(Live {
             keys: ArcSwap::from_pointee(keys),
             admission,
             reload,
+            cluster,
         })
+    }
+
+    /// The fleet, when this router is one of several replicas.
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.as_ref()
     }
 
     /// The credentials in force now.

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferroserve_admission::{Admitted, Ask, Permit, Tenant};
+use ferroserve_admission::{Admitted, Ask, Permit, Scope, Tenant};
 use ferroserve_core::{BackendError, Input, RequestLimits};
 use ferroserve_filter::{Action, FilterHub, OutputGuard, Stage};
 use ferroserve_proto::v1 as pb;
@@ -214,18 +214,31 @@ impl Pipeline {
 
     /// Admission of any work (a generation, or an embedding on the HTTP door), waiting in the queue until
     /// the ask's deadline.
+    /// In a fleet, the tenant's limits are reserved across the replicas first (in Redis), and the gate
+    /// applies this replica's own limits; the permit settles the fleet's reservation when it ends.
     pub(crate) async fn admit_ask(&self, ask: Ask, at: Instant) -> Result<Permit, RouterError> {
         let deadline = ask.deadline.map(|d| at + d);
-        match self.live.admission().admit(ask)? {
-            Admitted::Now(permit) => Ok(permit),
+        let (scope, ticket) = match self.live.cluster() {
+            Some(cluster) => {
+                let r = cluster.reserve(&ask.tenant.name, ask.tokens).await?;
+                (r.scope, r.ticket)
+            }
+            None => (Scope::Local, None),
+        };
+        let mut permit = match self.live.admission().admit_in(ask, scope)? {
+            Admitted::Now(permit) => permit,
             Admitted::Queued(waiting) => tokio::select! {
-                granted = waiting.granted() => Ok(granted?),
-                () = until(deadline) => Err(RouterError::DeadlineExceeded {
+                granted = waiting.granted() => granted?,
+                () = until(deadline) => return Err(RouterError::DeadlineExceeded {
                     elapsed_ms: at.elapsed().as_millis() as u64,
                     completion_tokens: 0,
                 }),
             },
+        };
+        if let Some(ticket) = ticket {
+            permit.on_finish(ticket.into_hook());
         }
+        Ok(permit)
     }
 
     /// The input filter; the completion to send when it blocks. The filter this request starts with is the

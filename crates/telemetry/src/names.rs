@@ -148,6 +148,21 @@ pub const VERSION_DISABLED: &str = "ferroserve_version_disabled";
 /// Traffic policy changes, by `model` and `action` (`set`, `disable`, `enable`, `rollback`, `unload`).
 pub const TRAFFIC_POLICY_CHANGES_TOTAL: &str = "ferroserve_traffic_policy_changes_total";
 
+// --- Fleet (router replicas sharing Redis) ---
+
+/// 1 while this replica decides tenant limits in the shared store (Redis), 0 while it falls back to its
+/// local share because Redis is unreachable. Absent without `cluster.redis_url`.
+pub const CLUSTER_REDIS_UP: &str = "ferroserve_cluster_redis_up";
+/// Live router replicas in the fleet, as this replica last counted them (leases in Redis).
+pub const CLUSTER_REPLICAS: &str = "ferroserve_cluster_replicas";
+/// Tenant-limit decisions, by `outcome` (`shared_admitted`, `shared_refused`, `local`: decided on the
+/// replica's share because Redis was unreachable).
+pub const CLUSTER_DECISIONS_TOTAL: &str = "ferroserve_cluster_decisions_total";
+/// Time one shared decision took: the round trip to Redis and its script.
+pub const CLUSTER_DECISION_SECONDS: &str = "ferroserve_cluster_decision_seconds";
+/// Calls to Redis that failed or timed out, by `kind` (`reserve`, `settle`, `heartbeat`).
+pub const CLUSTER_REDIS_ERRORS_TOTAL: &str = "ferroserve_cluster_redis_errors_total";
+
 /// Every metric name above, for checks that dashboards and alerts use only real names.
 pub const ALL: &[&str] = &[
     REQUESTS_TOTAL,
@@ -198,6 +213,11 @@ pub const ALL: &[&str] = &[
     ROLLOUT_DECISIONS_TOTAL,
     VERSION_TRAFFIC_SHARE_RATIO,
     VERSION_DISABLED,
+    CLUSTER_REDIS_UP,
+    CLUSTER_REPLICAS,
+    CLUSTER_DECISIONS_TOTAL,
+    CLUSTER_DECISION_SECONDS,
+    CLUSTER_REDIS_ERRORS_TOTAL,
     TRAFFIC_POLICY_CHANGES_TOTAL,
     CONNECTIONS_OPEN,
     ENGINE_RESTARTS_TOTAL,
@@ -308,6 +328,7 @@ pub const HISTOGRAM_BUCKETS: &[(&str, &[f64])] = &[
     (QUEUE_DURATION_SECONDS, LATENCY_BUCKETS),
     (ADMISSION_WAIT_SECONDS, LATENCY_BUCKETS),
     (ADMISSION_DECISION_SECONDS, DECISION_BUCKETS),
+    (CLUSTER_DECISION_SECONDS, DECISION_BUCKETS),
     (FILTER_DURATION_SECONDS, FILTER_BUCKETS),
     (INTER_TOKEN_LATENCY_SECONDS, INTER_TOKEN_BUCKETS),
     (TIME_PER_OUTPUT_TOKEN_SECONDS, INTER_TOKEN_BUCKETS),
@@ -440,6 +461,27 @@ pub fn describe() {
         ADMISSION_DECISION_SECONDS,
         Unit::Seconds,
         "Time the admission gate took to admit, queue or reject."
+    );
+    describe_gauge!(
+        CLUSTER_REDIS_UP,
+        Unit::Count,
+        "1 while tenant limits are decided in Redis, 0 while this replica falls back to its share."
+    );
+    describe_gauge!(CLUSTER_REPLICAS, Unit::Count, "Live router replicas in the fleet.");
+    describe_counter!(
+        CLUSTER_DECISIONS_TOTAL,
+        Unit::Count,
+        "Tenant-limit decisions, by outcome (shared_admitted, shared_refused, local)."
+    );
+    describe_histogram!(
+        CLUSTER_DECISION_SECONDS,
+        Unit::Seconds,
+        "Round trip of one shared tenant-limit decision to Redis."
+    );
+    describe_counter!(
+        CLUSTER_REDIS_ERRORS_TOTAL,
+        Unit::Count,
+        "Calls to Redis that failed or timed out, by kind."
     );
     describe_histogram!(
         ADMISSION_WAIT_SECONDS,

@@ -7,7 +7,7 @@ use ferroserve_telemetry::names;
 use governor::clock::{Clock, DefaultClock};
 use tokio::sync::oneshot;
 
-use super::{Admission, Reason, Rejection, count_refusal, publish_queue};
+use super::{Admission, Reason, Rejection, Scope, count_refusal, publish_queue};
 use crate::estimate::Timing;
 
 /// The right to run one request. Dropping it frees the slot and reconciles the token reservation with
@@ -15,11 +15,17 @@ use crate::estimate::Timing;
 pub struct Permit<C: Clock + Clone = DefaultClock> {
     pub(super) admission: Arc<Admission<C>>,
     pub(super) tenant: String,
+    pub(super) scope: Scope,
     pub(super) reserved: u32,
     pub(super) used: Option<u32>,
     pub(super) timing: Option<Timing>,
     pub(super) started: Instant,
+    /// Told what the request used when the permit ends (a shared store's reservation to settle).
+    pub(super) on_finish: Option<FinishHook>,
 }
+
+/// What a permit's end tells a hook: the tokens it used, if it reported them.
+pub type FinishHook = Box<dyn FnOnce(Option<u32>) + Send + Sync>;
 
 /// When a request's tokens came, as the router saw them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,12 +54,20 @@ impl<C: Clock + Clone> Permit<C> {
     pub fn reserved(&self) -> u32 {
         self.reserved
     }
+
+    /// Runs `hook` with the tokens used (as [`Permit::settle`] reported them) when the permit ends.
+    pub fn on_finish(&mut self, hook: FinishHook) {
+        self.on_finish = Some(hook);
+    }
 }
 
 impl<C: Clock + Clone> Drop for Permit<C> {
     fn drop(&mut self) {
         let admission = Arc::clone(&self.admission);
         admission.finish(self);
+        if let Some(hook) = self.on_finish.take() {
+            hook(self.used);
+        }
     }
 }
 
@@ -148,7 +162,7 @@ impl<C: Clock + Clone> Drop for Waiting<C> {
             if let Some(t) = st.tenants.get_mut(&w.tenant) {
                 t.queued = t.queued.saturating_sub(1);
             }
-            st.refund(&w.tenant, 0, w.reserved);
+            st.refund(&w.tenant, w.scope, 0, w.reserved);
             publish_queue(st);
         }
     }

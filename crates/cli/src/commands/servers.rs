@@ -172,7 +172,7 @@ impl PublicTls {
 /// The router's parts, warning when it runs without credentials. A SIGHUP (until `stopped`) re-reads the
 /// config file, when the settings came from one, and applies its keys and limits live, and reloads the
 /// certificates in `certs`.
-fn router_parts(
+async fn router_parts(
     settings: &Settings,
     pool: Arc<Pool>,
     stopped: &Stop,
@@ -196,11 +196,24 @@ fn router_parts(
         }) as Reloader
     });
     let has_reload = reload.is_some();
-    let live = Live::new(
-        settings.keys.clone(),
-        Admission::new(settings.admission.clone()),
-        reload,
-    );
+    let admission = Admission::new(settings.admission.clone());
+    let cluster = match &settings.cluster {
+        Some(config) => {
+            let cluster = ferroserve_cluster::Cluster::start(config.clone(), Arc::clone(&admission)).await?;
+            let state = cluster.state();
+            tracing::info!(mode = state.mode.label(), replicas = state.replicas, replica = %state.replica,
+                "joined the fleet: tenant limits are shared through Redis");
+            let leaving = Arc::clone(&cluster);
+            let stop = stopped.wait();
+            tokio::spawn(async move {
+                stop.await;
+                leaving.leave().await;
+            });
+            Some(cluster)
+        }
+        None => None,
+    };
+    let live = Live::in_fleet(settings.keys.clone(), admission, reload, cluster);
     Hangup {
         live: has_reload.then(|| Arc::clone(&live)),
         certs: tls.certs(),
@@ -395,7 +408,7 @@ pub async fn start_serve(settings: Settings, model_path: PathBuf) -> anyhow::Res
                 settings: settings.clone(),
                 weights: Arc::clone(&weights),
             });
-            let parts = router_parts(&settings, Arc::clone(&pool), &stopped, Some(loader), &tls, http)?;
+            let parts = router_parts(&settings, Arc::clone(&pool), &stopped, Some(loader), &tls, http).await?;
             let server = ferroserve_router::serve(listener, parts, stopped.wait());
             serve_while_loading(server, load, "router").await
         }
@@ -509,7 +522,7 @@ pub async fn start_router(settings: Settings) -> anyhow::Result<Running> {
             }
         });
     }
-    let parts = router_parts(&settings, pool, &stopped, None, &tls, http)?;
+    let parts = router_parts(&settings, pool, &stopped, None, &tls, http).await?;
     let task = tokio::spawn(async move {
         ferroserve_router::serve(listener, parts, stopped.wait())
             .await

@@ -22,6 +22,7 @@ use ferroserve_telemetry::cost::Price;
 use ferroserve_worker::WorkerClientConfig;
 use serde::Deserialize;
 
+mod cluster;
 mod network;
 mod router;
 mod versions;
@@ -53,6 +54,8 @@ pub struct FileConfig {
     pub filter: FilterSection,
     /// `[connections]`: connection and HTTP/2 limits of every listener.
     pub connections: ConnectionsSection,
+    /// `[cluster]`: the fleet of routers that shares tenant limits through Redis.
+    pub cluster: cluster::ClusterSection,
 }
 
 /// `[filter]`.
@@ -442,6 +445,8 @@ pub struct Settings {
     pub filter: FilterSettings,
     /// How to read these settings again (SIGHUP, `Admin.ReloadConfig`); set by the command line.
     pub reload: Option<ReloadSource>,
+    /// The fleet this router shares tenant limits with, if `cluster.redis_url` is set.
+    pub cluster: Option<ferroserve_cluster::ClusterConfig>,
 }
 
 /// Produces fresh settings from the same file and flags, for a live reload.
@@ -703,6 +708,7 @@ impl FileConfig {
             tenants,
         };
         let drain_timeout = Duration::from_secs_f64(d);
+        let cluster = self.cluster.settings()?;
         Ok(Settings {
             listen,
             worker_listen,
@@ -755,6 +761,7 @@ impl FileConfig {
             admission,
             filter,
             reload: None,
+            cluster,
         })
     }
 }

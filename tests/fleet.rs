@@ -1,0 +1,331 @@
+//! A fleet on 127.0.0.1: a real `redis-server`, one real `ferroserve worker` and three `ferroserve router`
+//! processes sharing tenant limits through Redis (`--redis-url`).
+//!
+//! - A tenant's requests-per-second limit, hit through all three replicas at once, admits at most
+//!   R·t + burst over the fleet, not three times that.
+//! - Its in-flight cap holds across replicas, and a slot given back on one replica is usable on another.
+//! - Redis killed under load: no request fails because of it, every replica reports itself degraded, and
+//!   when Redis returns they go back to deciding in it, having restated what they hold.
+
+mod support;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use ferroserve_admission::sha256_hex;
+use ferroserve_proto::v1 as pb;
+use ferroserve_proto::v1::admin_client::AdminClient;
+use ferroserve_proto::v1::inference_client::InferenceClient;
+use support::procs::{Proc, spawn};
+use support::redis::Redis;
+use support::*;
+use tonic::Code;
+use tonic::transport::Channel;
+
+const ADMIN: &str = "fleet-admin-token";
+/// 3 requests per second, burst 3, at most 2 in flight.
+const CAPPED: &str = "fleet-key-capped";
+/// Limits far above anything the test sends.
+const ROOMY: &str = "fleet-key-roomy";
+const RATE: f64 = 3.0;
+const BURST: u32 = 3;
+
+fn config(dir: &std::path::Path) -> PathBuf {
+    let path = dir.join("fleet.toml");
+    let text = format!(
+        r#"
+[admission]
+max_in_flight = 16
+max_queued_requests = 64
+
+[auth]
+admin_token_sha256 = "{admin}"
+
+[[auth.keys]]
+tenant = "capped"
+key_sha256 = "{capped}"
+requests_per_second = {RATE}
+request_burst = {BURST}
+max_in_flight = 2
+
+[[auth.keys]]
+tenant = "roomy"
+key_sha256 = "{roomy}"
+requests_per_second = 1000.0
+tokens_per_minute = 10000000.0
+max_in_flight = 100
+
+[cluster]
+heartbeat_ms = 100
+lease_ms = 1000
+timeout_ms = 50
+"#,
+        admin = sha256_hex(ADMIN),
+        capped = sha256_hex(CAPPED),
+        roomy = sha256_hex(ROOMY),
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn with_key<T>(message: T, key: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(message);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {key}").parse().unwrap());
+    r
+}
+
+struct Fleet {
+    dir: PathBuf,
+    _worker: Proc,
+    routers: Vec<Proc>,
+}
+
+impl Fleet {
+    async fn start(redis: &Redis, replicas: usize) -> Fleet {
+        let dir = std::env::temp_dir().join(format!("ferroserve-fleet-{}-{}", std::process::id(), redis.port));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = config(&dir);
+        let model = model_path();
+        let loopback = ["--listen", "127.0.0.1:0", "--metrics-listen", ""];
+        let worker = spawn(&[&["worker", "--model-path", model.to_str().unwrap()][..], &loopback].concat()).await;
+        let mut routers = Vec::new();
+        for _ in 0..replicas {
+            let args = [
+                "router",
+                "--config",
+                config.to_str().unwrap(),
+                "--worker",
+                &worker.url,
+                "--redis-url",
+                &redis.url(),
+            ];
+            routers.push(spawn(&[&args[..], &loopback].concat()).await);
+        }
+        for r in &routers {
+            wait_serving(&r.url).await;
+        }
+        let fleet = Fleet {
+            dir,
+            _worker: worker,
+            routers,
+        };
+        fleet
+            .until_every(|f| f.mode == pb::FleetMode::Shared as i32 && f.replicas == replicas as u32)
+            .await;
+        fleet
+    }
+
+    async fn clients(&self) -> Vec<InferenceClient<Channel>> {
+        let mut out = Vec::new();
+        for r in &self.routers {
+            out.push(client(&r.url).await);
+        }
+        out
+    }
+
+    async fn fleet_state(&self, i: usize) -> pb::FleetState {
+        let mut admin = AdminClient::connect(self.routers[i].url.clone()).await.unwrap();
+        let limits = admin
+            .get_limits(with_key(pb::GetLimitsRequest {}, ADMIN))
+            .await
+            .expect("GetLimits")
+            .into_inner();
+        limits.fleet.expect("a fleet replica reports its fleet")
+    }
+
+    /// Polls (bounded) until every replica's fleet state satisfies `done`.
+    async fn until_every(&self, done: impl Fn(&pb::FleetState) -> bool) {
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        let mut last = Vec::new();
+        let reached = tokio::time::timeout(WAIT, async {
+            loop {
+                tick.tick().await;
+                last.clear();
+                for i in 0..self.routers.len() {
+                    last.push(self.fleet_state(i).await);
+                }
+                if last.iter().all(&done) {
+                    return;
+                }
+            }
+        })
+        .await;
+        assert!(
+            reached.is_ok(),
+            "the fleet never reached the state; last seen: {last:?}"
+        );
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Sends `capped` requests as fast as each replica answers, one client per replica, for `window`;
+/// returns (admitted, refused, seconds from the first send to the last answer).
+async fn hammer(clients: Vec<InferenceClient<Channel>>, window: Duration) -> (u32, u32, f64) {
+    let start = Instant::now();
+    let tasks = clients.into_iter().map(|mut c| {
+        tokio::spawn(async move {
+            let (mut admitted, mut refused) = (0, 0);
+            while start.elapsed() < window {
+                match c.generate_stream(with_key(chat("Hi", 1), CAPPED)).await {
+                    Ok(stream) => {
+                        admitted += 1;
+                        let mut stream = stream.into_inner();
+                        while let Ok(Some(_)) = stream.message().await {}
+                    }
+                    Err(s) => {
+                        assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+                        refused += 1;
+                    }
+                }
+            }
+            (admitted, refused)
+        })
+    });
+    let results = futures::future::join_all(tasks).await;
+    let elapsed = start.elapsed().as_secs_f64();
+    results
+        .into_iter()
+        .map(|r| r.expect("client task"))
+        .fold((0, 0, elapsed), |(a, r, e), (a2, r2)| (a + a2, r + r2, e))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_limits_hold_across_three_replicas() {
+    let redis = Redis::start().await;
+    let fleet = Fleet::start(&redis, 3).await;
+
+    // Requests per second: three replicas hit at once admit R·t + burst over the fleet, not 3x that.
+    let (admitted, refused, seconds) = hammer(fleet.clients().await, Duration::from_secs(2)).await;
+    let allowed = RATE * seconds + f64::from(BURST);
+    eprintln!("3 replicas over {seconds:.2} s: {admitted} admitted, {refused} refused, {allowed:.1} allowed");
+    assert!(
+        f64::from(admitted) <= allowed + 1.0,
+        "{admitted} admitted over {seconds:.2} s, above R·t + burst = {allowed:.1}"
+    );
+    assert!(
+        f64::from(admitted) >= f64::from(BURST),
+        "the burst itself was admitted: {admitted}"
+    );
+    assert!(refused > 0, "the clients sent more than the limit");
+
+    // In flight: two long streams through replicas 0 and 1 hold the tenant's cap of 2; replica 2 refuses a
+    // third, naming the fleet. Requests spaced past the rate limit.
+    let mut clients = fleet.clients().await;
+    let mut long = Vec::new();
+    for c in clients.iter_mut().take(2) {
+        let started = until_admitted(c, seeded(1, 400)).await;
+        long.push(started);
+    }
+    let third = until_refused_or_admitted(&mut clients[2], seeded(2, 4)).await;
+    let refusal = third.expect_err("a third request in flight is refused");
+    assert_eq!(refusal.code(), Code::ResourceExhausted);
+    assert!(refusal.message().contains("across the fleet"), "{}", refusal.message());
+
+    // One stream ends (the client leaves): its slot comes back, and replica 2 admits.
+    drop(long.pop());
+    let mut c2 = clients[2].clone();
+    let admitted = until_admitted(&mut c2, seeded(3, 2)).await;
+    drop(admitted);
+    drop(long);
+    drop(fleet);
+    redis.kill().await;
+}
+
+/// Sends `request` as `capped` until it is admitted (bounded), retrying refusals every 20 ms. Returns the
+/// open stream.
+async fn until_admitted(
+    c: &mut InferenceClient<Channel>,
+    request: pb::GenerateRequest,
+) -> tonic::Streaming<pb::GenerateStreamResponse> {
+    let deadline = Instant::now() + WAIT;
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    loop {
+        tick.tick().await;
+        match c.generate_stream(with_key(request.clone(), CAPPED)).await {
+            Ok(s) => return s.into_inner(),
+            Err(s) if s.code() == Code::ResourceExhausted && Instant::now() < deadline => {}
+            Err(s) => panic!("not admitted in time: {s:?}"),
+        }
+    }
+}
+
+/// Sends `request` as `capped`, retrying refusals for the rate limit (not for concurrency).
+async fn until_refused_or_admitted(
+    c: &mut InferenceClient<Channel>,
+    request: pb::GenerateRequest,
+) -> Result<tonic::Streaming<pb::GenerateStreamResponse>, tonic::Status> {
+    let deadline = Instant::now() + WAIT;
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    loop {
+        tick.tick().await;
+        match c.generate_stream(with_key(request.clone(), CAPPED)).await {
+            Ok(s) => return Ok(s.into_inner()),
+            Err(s) if s.message().contains("requests per second") && Instant::now() < deadline => {}
+            Err(s) => return Err(s),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_under_load_fails_nothing_and_the_fleet_converges_when_it_returns() {
+    let redis = Redis::start().await;
+    let fleet = Fleet::start(&redis, 3).await;
+    let clients = fleet.clients().await;
+    // Load: each replica sends `roomy` requests back to back until told to stop.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let load: Vec<_> = clients
+        .into_iter()
+        .map(|mut c| {
+            let stopped = stopped.clone();
+            tokio::spawn(async move {
+                let (mut ok, mut failed) = (0u32, Vec::new());
+                while !*stopped.borrow() {
+                    match c.generate_stream(with_key(chat("Hi", 2), ROOMY)).await {
+                        Ok(s) => {
+                            let mut s = s.into_inner();
+                            let mut complete = false;
+                            while let Ok(Some(m)) = s.message().await {
+                                complete |= matches!(m.event, Some(pb::generate_stream_response::Event::Complete(_)));
+                            }
+                            if complete {
+                                ok += 1
+                            } else {
+                                failed.push("stream ended without a completion".to_string())
+                            }
+                        }
+                        Err(s) => failed.push(format!("{:?}: {}", s.code(), s.message())),
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+
+    let port = redis.kill().await;
+    fleet.until_every(|f| f.mode == pb::FleetMode::Degraded as i32).await;
+    let state = fleet.fleet_state(0).await;
+    assert!(!state.last_error.is_empty(), "a degraded replica says why: {state:?}");
+    assert_eq!(state.replicas, 3, "the share while degraded is the last count");
+
+    let redis = Redis::on(port).await;
+    fleet
+        .until_every(|f| f.mode == pb::FleetMode::Shared as i32 && f.replicas == 3)
+        .await;
+    stop.send(true).unwrap();
+    let mut total = 0;
+    for task in load {
+        let (ok, failed) = task.await.expect("load task");
+        assert!(failed.is_empty(), "requests failed during the outage: {failed:?}");
+        total += ok;
+    }
+    assert!(total > 0, "the load ran");
+    eprintln!("{total} requests through the outage, none failed");
+    drop(fleet);
+    redis.kill().await;
+}
