@@ -196,6 +196,28 @@ async fn the_in_flight_cap_is_the_fleets_and_a_dead_replicas_slots_come_back() {
     std::mem::forget(a2);
     fleet.remove(0).freeze();
     let b2 = until_admitted(&fleet[0], "capped", &limits).await;
+
+    // Redis restarts empty while the survivor holds 2: its next heartbeat restates them, and a newcomer is
+    // refused again.
+    let port = redis.kill().await;
+    let redis = Redis::on(port).await;
+    let newcomer = Cluster::start(config(&redis), Admission::new(AdmissionLimits::default()))
+        .await
+        .unwrap();
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    let refused = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            tick.tick().await;
+            match newcomer.reserve_at("capped", limits.clone(), 10, 0).await {
+                Err(r) => return r,
+                // Admitted before the survivor restated its holdings: give it back and look again.
+                Ok(r) => drop(r),
+            }
+        }
+    })
+    .await
+    .expect("the restated holdings fill the cap");
+    assert_eq!(refused.reason, Reason::TenantConcurrency);
     drop((b1, b2));
     redis.kill().await;
 }
