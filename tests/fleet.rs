@@ -77,24 +77,42 @@ fn with_key<T>(message: T, key: &str) -> tonic::Request<T> {
 
 struct Fleet {
     dir: PathBuf,
-    _worker: Proc,
+    config: PathBuf,
+    url: Option<String>,
+    workers: Vec<Proc>,
     routers: Vec<Proc>,
 }
 
 impl Fleet {
     /// `replicas` routers in front of one worker, sharing `redis` (or each on its own without it).
     async fn start(redis: Option<&Redis>, replicas: usize) -> Fleet {
+        Self::start_with(redis, replicas, &[None]).await
+    }
+
+    /// `replicas` routers in front of one worker per entry of `versions` (the same model file, served
+    /// under that version label, or the default one for `None`).
+    async fn start_with(redis: Option<&Redis>, replicas: usize, versions: &[Option<&str>]) -> Fleet {
         let tag = redis.map_or(0, |r| r.port);
         let dir = std::env::temp_dir().join(format!("ferroserve-fleet-{}-{tag}-{replicas}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let config = config(&dir);
         let model = model_path();
         let loopback = ["--listen", "127.0.0.1:0", "--metrics-listen", ""];
-        let worker = spawn(&[&["worker", "--model-path", model.to_str().unwrap()][..], &loopback].concat()).await;
+        let mut workers = Vec::new();
+        for version in versions {
+            let mut args = vec!["worker", "--model-path", model.to_str().unwrap()];
+            if let Some(v) = version {
+                args.extend(["--model-version", v]);
+            }
+            workers.push(spawn(&[&args[..], &loopback].concat()).await);
+        }
         let mut routers = Vec::new();
         let url = redis.map(Redis::url);
         for _ in 0..replicas {
-            let mut args = vec!["router", "--config", config.to_str().unwrap(), "--worker", &worker.url];
+            let mut args = vec!["router", "--config", config.to_str().unwrap()];
+            for w in &workers {
+                args.extend(["--worker", w.url.as_str()]);
+            }
             if let Some(url) = &url {
                 args.extend(["--redis-url", url.as_str()]);
             }
@@ -105,7 +123,9 @@ impl Fleet {
         }
         let fleet = Fleet {
             dir,
-            _worker: worker,
+            config,
+            url,
+            workers,
             routers,
         };
         if redis.is_some() {
@@ -114,6 +134,26 @@ impl Fleet {
                 .await;
         }
         fleet
+    }
+
+    /// Starts one more router like the others; returns its index.
+    async fn add_router(&mut self) -> usize {
+        let mut args = vec!["router", "--config", self.config.to_str().unwrap()];
+        for w in &self.workers {
+            args.extend(["--worker", w.url.as_str()]);
+        }
+        if let Some(url) = &self.url {
+            args.extend(["--redis-url", url.as_str()]);
+        }
+        let loopback = ["--listen", "127.0.0.1:0", "--metrics-listen", ""];
+        let router = spawn(&[&args[..], &loopback].concat()).await;
+        wait_serving(&router.url).await;
+        self.routers.push(router);
+        self.routers.len() - 1
+    }
+
+    async fn admin(&self, i: usize) -> AdminClient<Channel> {
+        AdminClient::connect(self.routers[i].url.clone()).await.unwrap()
     }
 
     async fn clients(&self) -> Vec<InferenceClient<Channel>> {
@@ -379,4 +419,142 @@ async fn figures_admitted_against_allowed() {
     for r in rows {
         eprintln!("{r}");
     }
+}
+
+/// The versions a replica's traffic policy names: (weights, disabled versions).
+async fn policy_of(fleet: &Fleet, i: usize) -> (Vec<(String, u32)>, Vec<String>) {
+    let state = fleet
+        .admin(i)
+        .await
+        .get_traffic(with_key(pb::GetTrafficRequest::default(), ADMIN))
+        .await
+        .expect("GetTraffic")
+        .into_inner();
+    let mut weights: Vec<_> = state.weights.into_iter().collect();
+    weights.sort();
+    let disabled = state
+        .versions
+        .into_iter()
+        .filter(|v| v.disabled)
+        .map(|v| v.version)
+        .collect();
+    (weights, disabled)
+}
+
+/// The version that served a request with `session` through `c`.
+async fn served_by(c: &mut InferenceClient<Channel>, session: String) -> String {
+    let mut request = chat("Hi", 1);
+    request.session = session;
+    let (_, done) = stream_all_as(c, request, ROOMY).await;
+    // "name@version"
+    done.model_version.rsplit('@').next().unwrap_or_default().to_string()
+}
+
+async fn stream_all_as(
+    c: &mut InferenceClient<Channel>,
+    request: pb::GenerateRequest,
+    key: &str,
+) -> (u32, pb::GenerationComplete) {
+    let mut stream = c
+        .generate_stream(with_key(request, key))
+        .await
+        .expect("admitted")
+        .into_inner();
+    let mut tokens = 0;
+    while let Some(m) = stream.message().await.expect("stream") {
+        match m.event.expect("event") {
+            pb::generate_stream_response::Event::Token(_) => tokens += 1,
+            pb::generate_stream_response::Event::Complete(c) => return (tokens, c),
+        }
+    }
+    panic!("no completion")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_and_a_kill_switch_set_on_one_replica_hold_on_all_and_survive_a_restart() {
+    let redis = Redis::start().await;
+    let mut fleet = Fleet::start_with(Some(&redis), 3, &[Some("a"), Some("b")]).await;
+    let mut admin = fleet.admin(0).await;
+
+    // A split set on replica 0 is every replica's policy when the call returns.
+    let split = pb::SetTrafficRequest {
+        weights: [("a".to_string(), 50), ("b".to_string(), 50)].into(),
+        reason: "fleet test".into(),
+        ..Default::default()
+    };
+    admin.set_traffic(with_key(split, ADMIN)).await.expect("SetTraffic");
+    for i in 0..3 {
+        let (weights, disabled) = policy_of(&fleet, i).await;
+        assert_eq!(weights, vec![("a".into(), 50), ("b".into(), 50)], "replica {i}");
+        assert!(disabled.is_empty(), "replica {i}");
+    }
+
+    // The kill switch on replica 0: once DisableVersion returns, replicas 1 and 2 start nothing on b.
+    // Toggled ten times, each time checked with requests whose sessions would otherwise split.
+    let mut clients = fleet.clients().await;
+    let mut took = Vec::new();
+    for round in 0..10 {
+        let disable = pb::VersionRequest {
+            version: "b".into(),
+            reason: format!("round {round}"),
+            ..Default::default()
+        };
+        let started = Instant::now();
+        admin
+            .disable_version(with_key(disable, ADMIN))
+            .await
+            .expect("DisableVersion");
+        took.push(started.elapsed());
+        for (i, c) in clients.iter_mut().enumerate().skip(1) {
+            for s in 0..4 {
+                let version = served_by(c, format!("session-{round}-{s}")).await;
+                assert_eq!(version, "a", "replica {i} served a request on the disabled version b");
+            }
+        }
+        let enable = pb::VersionRequest {
+            version: "b".into(),
+            reason: format!("round {round}"),
+            ..Default::default()
+        };
+        admin
+            .enable_version(with_key(enable, ADMIN))
+            .await
+            .expect("EnableVersion");
+    }
+    took.sort();
+    eprintln!(
+        "kill switch applied on all 3 replicas when DisableVersion returned: p50 {:.1} ms, max {:.1} ms over {} \
+         calls",
+        took[took.len() / 2].as_secs_f64() * 1000.0,
+        took[took.len() - 1].as_secs_f64() * 1000.0,
+        took.len()
+    );
+    // Both versions serve again once enabled: the sessions spread over a and b.
+    let mut seen = std::collections::BTreeSet::new();
+    for s in 0..16 {
+        seen.insert(served_by(&mut clients[2], format!("after-{s}")).await);
+    }
+    assert_eq!(seen.len(), 2, "{seen:?}");
+
+    // Disabled once more, then a router restarts (a new replica starts and one stops): it starts with the
+    // fleet's policy, not the config's.
+    let disable = pb::VersionRequest {
+        version: "b".into(),
+        reason: "before the restart".into(),
+        ..Default::default()
+    };
+    admin
+        .disable_version(with_key(disable, ADMIN))
+        .await
+        .expect("DisableVersion");
+    let stopped = fleet.routers.remove(2);
+    stopped.stop().await;
+    let new = fleet.add_router().await;
+    let (weights, disabled) = policy_of(&fleet, new).await;
+    assert_eq!(weights, vec![("a".into(), 50), ("b".into(), 50)]);
+    assert_eq!(disabled, vec!["b".to_string()]);
+    let mut c = client(&fleet.routers[new].url).await;
+    assert_eq!(served_by(&mut c, "new-router".into()).await, "a");
+    drop(fleet);
+    redis.kill().await;
 }

@@ -244,6 +244,16 @@ impl Cluster {
         format!("{}:replicas", self.config.key_prefix)
     }
 
+    /// How often this replica renews its lease: the bound on how stale a periodic check leaves it.
+    pub fn heartbeat_interval(&self) -> Duration {
+        self.config.heartbeat
+    }
+
+    /// The Redis client, for connections of their own (pub/sub).
+    pub(crate) fn client(&self) -> &redis::Client {
+        &self.client
+    }
+
     /// The connection, while Redis is reachable.
     pub(crate) fn connection(&self) -> Option<MultiplexedConnection> {
         if !self.up.load(Ordering::Acquire) {

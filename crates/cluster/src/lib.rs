@@ -17,16 +17,22 @@
 //!   itself degraded (`ferroserve_cluster_redis_up` 0, `GetLimits`), and goes back to Redis at the first
 //!   heartbeat that reaches it.
 //!
+//! - **Control documents** (the traffic policy: splits, cohorts, the kill switch, its history) are stored
+//!   whole with a revision, changed only by compare-and-set, announced by pub/sub and checked at every
+//!   heartbeat; a change returns once every live replica has applied it ([`doc`]).
+//!
 //! The server-wide limits (`[admission]`: slots, queue, server rates) stay each replica's own: they
 //! describe what this replica may put in flight.
 #![forbid(unsafe_code)]
 
+pub mod doc;
 mod fleet;
 mod scripts;
 mod ticket;
 
 use std::time::Duration;
 
+pub use doc::{Cas, DocError};
 pub use fleet::{Cluster, ClusterState, Mode};
 pub use ticket::{Reservation, Ticket};
 

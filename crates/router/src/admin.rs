@@ -314,7 +314,7 @@ impl Admin for AdminService {
 
     async fn set_traffic(&self, request: Request<pb::SetTrafficRequest>) -> Result<Response<pb::TrafficState>, Status> {
         let who = versions::operator(request.metadata());
-        Ok(Response::new(self.versions.set(&who, request.into_inner())?))
+        Ok(Response::new(self.versions.set(&who, request.into_inner()).await?))
     }
 
     async fn disable_version(
@@ -324,9 +324,10 @@ impl Admin for AdminService {
         let who = versions::operator(request.metadata());
         let r = request.into_inner();
         let (cancel, version) = (r.cancel_in_flight, r.version.clone());
-        let state = self.versions.switch(&who, r, true)?;
+        let state = self.versions.switch(&who, r, true).await?;
         if cancel {
-            // After the switch: nothing new reaches the version, and what runs there now ends.
+            // After the switch: nothing new reaches the version, and what runs there now ends (in a fleet,
+            // every replica cancels its own when it applies the change).
             self.in_flight.cancel(&format!("{}@{version}", state.model));
         }
         Ok(Response::new(state))
@@ -334,11 +335,9 @@ impl Admin for AdminService {
 
     async fn enable_version(&self, request: Request<pb::VersionRequest>) -> Result<Response<pb::TrafficState>, Status> {
         let who = versions::operator(request.metadata());
-        Ok(Response::new(self.versions.switch(
-            &who,
-            request.into_inner(),
-            false,
-        )?))
+        Ok(Response::new(
+            self.versions.switch(&who, request.into_inner(), false).await?,
+        ))
     }
 
     async fn rollback_traffic(
@@ -346,7 +345,7 @@ impl Admin for AdminService {
         request: Request<pb::RollbackTrafficRequest>,
     ) -> Result<Response<pb::TrafficState>, Status> {
         let who = versions::operator(request.metadata());
-        Ok(Response::new(self.versions.rollback(&who, request.into_inner())?))
+        Ok(Response::new(self.versions.rollback(&who, request.into_inner()).await?))
     }
 
     async fn start_rollout(
@@ -356,7 +355,9 @@ impl Admin for AdminService {
         let plan = versions::rollout_plan(&self.pool, request.into_inner())?;
         let (traffic, observations) = (Arc::clone(&self.versions.traffic), Arc::clone(&self.observations));
         let pool = Arc::clone(&self.pool);
-        Ok(Response::new(self.rollouts.start(plan, traffic, observations, pool)))
+        Ok(Response::new(
+            self.rollouts.start(plan, traffic, observations, pool).await,
+        ))
     }
 
     async fn get_rollout(&self, request: Request<pb::GetRolloutRequest>) -> Result<Response<pb::RolloutState>, Status> {
@@ -374,7 +375,7 @@ impl Admin for AdminService {
 
     async fn unload_version(&self, request: Request<pb::VersionRequest>) -> Result<Response<pb::TrafficState>, Status> {
         let who = versions::operator(request.metadata());
-        let state = self.versions.unload(&who, request.into_inner())?;
+        let state = self.versions.unload(&who, request.into_inner()).await?;
         Ok(Response::new(state))
     }
 }

@@ -69,6 +69,9 @@ pub enum RouterError {
     /// A config reload was refused; the running settings stay.
     #[error("configuration not reloaded, the running settings stay: {0}")]
     Reload(String),
+    /// A change to state the fleet shares could not reach Redis; nothing changed anywhere.
+    #[error(transparent)]
+    Fleet(#[from] ferroserve_cluster::DocError),
 }
 
 /// A refused request's status. Quotas (the caller's own limits, or the server's rate limits) are
@@ -106,7 +109,7 @@ impl From<&RouterError> for Status {
         match e {
             RouterError::Invalid { .. } => Status::invalid_argument(message),
             RouterError::ModelNotFound { .. } => Status::not_found(message),
-            RouterError::NoWorker { .. } => Status::unavailable(message),
+            RouterError::NoWorker { .. } | RouterError::Fleet(_) => Status::unavailable(message),
             RouterError::DeadlineExceeded { .. } => Status::deadline_exceeded(message),
             RouterError::Auth(AuthError::Unauthenticated(_)) => Status::unauthenticated(message),
             RouterError::Auth(AuthError::PermissionDenied(_)) => Status::permission_denied(message),

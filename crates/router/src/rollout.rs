@@ -113,7 +113,7 @@ pub struct Rollouts {
 
 impl Rollouts {
     /// Starts `plan` (replacing a running rollout of its model) and its controller task.
-    pub fn start(
+    pub async fn start(
         self: &Arc<Self>,
         plan: Plan,
         traffic: Arc<Traffic>,
@@ -142,7 +142,7 @@ impl Rollouts {
                 },
             );
         }
-        self.enter_step(&model, id, 0, &traffic);
+        self.enter_step(&model, id, 0, &traffic).await;
         let state = self.state(&model);
         let rollouts = Arc::clone(self);
         tokio::spawn(async move { rollouts.control(model, id, traffic, observations, pool).await });
@@ -179,20 +179,28 @@ impl Rollouts {
     }
 
     /// Sets the split for step `step` and records it.
-    fn enter_step(&self, model: &str, id: u64, step: usize, traffic: &Traffic) {
-        let mut runs = self.runs.lock().expect("rollout lock");
-        let Some(run) = runs.get_mut(model).filter(|r| r.id == id) else {
-            return;
+    async fn enter_step(&self, model: &str, id: u64, step: usize, traffic: &Traffic) {
+        let (weight, baseline, canary, decision) = {
+            let mut runs = self.runs.lock().expect("rollout lock");
+            let Some(run) = runs.get_mut(model).filter(|r| r.id == id) else {
+                return;
+            };
+            let (weight, _) = run.plan.steps[step];
+            let (baseline, canary) = (run.plan.baseline.clone(), run.plan.canary.clone());
+            run.step = step;
+            let decision = format!("step {}: canary {canary} at {weight} %", step + 1);
+            run.decisions.push(decision.clone());
+            (weight, baseline, canary, decision)
         };
-        let (weight, _) = run.plan.steps[step];
-        let (baseline, canary) = (run.plan.baseline.clone(), run.plan.canary.clone());
-        run.step = step;
-        let decision = format!("step {}: canary {canary} at {weight} %", step + 1);
-        run.decisions.push(decision.clone());
-        traffic.change(model, WHO, "set", &decision, |p| {
-            p.weights = [(baseline, 100 - weight), (canary.clone(), weight)].into();
-            p.disabled.remove(&canary);
-        });
+        let set = traffic
+            .commit(model, WHO, "set", &decision, |p| {
+                p.weights = [(baseline.clone(), 100 - weight), (canary.clone(), weight)].into();
+                p.disabled.remove(&canary);
+            })
+            .await;
+        if let Err(e) = set {
+            tracing::error!(%model, error = %e, "the rollout could not set its step's split");
+        }
         metrics::gauge!(names::ROLLOUT_CANARY_WEIGHT, names::LABEL_MODEL => model.to_string()).set(f64::from(weight));
         if step > 0 {
             metrics::counter!(names::ROLLOUT_DECISIONS_TOTAL, names::LABEL_MODEL => model.to_string(), names::LABEL_DECISION => "promote").increment(1);
@@ -251,10 +259,17 @@ impl Rollouts {
             if let Some(reason) = breach(&run.plan.thresholds, &canary, &baseline) {
                 let decision = format!("rolled back at step {}: {reason}", run.step + 1);
                 let (baseline_v, canary_v) = (run.plan.baseline.clone(), run.plan.canary.clone());
-                traffic.change(&model, WHO, "disable", &decision, |p| {
-                    p.weights = [(baseline_v, 100)].into();
-                    p.disabled.insert(canary_v);
-                });
+                let rolled_back = traffic
+                    .commit(&model, WHO, "disable", &decision, |p| {
+                        p.weights = [(baseline_v.clone(), 100)].into();
+                        p.disabled.insert(canary_v.clone());
+                    })
+                    .await;
+                if let Err(e) = rolled_back {
+                    // Try again next tick: a breached canary must not stay in traffic.
+                    tracing::error!(%model, error = %e, "could not roll the canary back; retrying");
+                    continue;
+                }
                 tracing::warn!(%model, %decision, "canary rolled back");
                 metrics::gauge!(names::ROLLOUT_CANARY_WEIGHT, names::LABEL_MODEL => model.clone()).set(0.0);
                 metrics::counter!(names::ROLLOUT_DECISIONS_TOTAL, names::LABEL_MODEL => model.clone(), names::LABEL_DECISION => "rollback").increment(1);
@@ -273,7 +288,7 @@ impl Rollouts {
                 self.finish(&model, id, "promoted", decision);
                 return;
             }
-            self.enter_step(&model, id, run.step + 1, &traffic);
+            self.enter_step(&model, id, run.step + 1, &traffic).await;
             step_started = Instant::now();
         }
     }

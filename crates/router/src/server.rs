@@ -226,6 +226,10 @@ pub async fn serve(
     let traffic = traffic(config.state_file.clone(), policies);
     let observations = Arc::new(Observations::default());
     let in_flight = Arc::new(InFlight::default());
+    if let Some(cluster) = live.cluster() {
+        traffic.join(Arc::clone(cluster), Arc::clone(&in_flight)).await;
+    }
+    let syncing = tokio::spawn(crate::traffic::follow(Arc::clone(&traffic), std::future::pending()));
     let max_request_bytes = config.limits.max_request_bytes;
     let pipeline = Arc::new(Pipeline {
         pool: Arc::clone(&pool),
@@ -269,6 +273,7 @@ pub async fn serve(
         shutdown.await;
         follower.abort();
         budgets.abort();
+        syncing.abort();
     });
     let server = config
         .connections

@@ -15,13 +15,18 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::PathBuf;
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use ferroserve_cluster::Cluster;
 use ferroserve_telemetry::names;
 use tokio::sync::watch;
+
+mod fleet;
+
+pub use fleet::follow;
 
 /// Changes kept in the history.
 const HISTORY: usize = 256;
@@ -37,6 +42,10 @@ pub struct Policy {
     pub cohorts: BTreeMap<String, String>,
     /// Versions taken out of traffic.
     pub disabled: BTreeSet<String>,
+    /// Version -> how many times its requests in flight were cancelled (a kill switch with
+    /// `cancel_in_flight`): a replica that sees the count rise cancels its own.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub cancels: BTreeMap<String, u64>,
 }
 
 impl Policy {
@@ -86,12 +95,16 @@ pub struct VersionAsk<'a> {
 }
 
 /// Everything a router must not forget across a restart: policies (the kill switch among them), their
-/// undo stacks and the history. Saved whole as JSON after every change.
-#[derive(Default, Serialize, Deserialize)]
+/// undo stacks and the history. Saved whole as JSON after every change, and in a fleet shared whole in
+/// Redis under a revision.
+#[derive(Default, Clone, Serialize, Deserialize)]
 struct State {
     policies: HashMap<String, Policy>,
     undo: HashMap<String, Vec<Policy>>,
     history: VecDeque<Change>,
+    /// The fleet's revision of this state (0: never shared).
+    #[serde(default)]
+    revision: u64,
 }
 
 /// Every model's policy, its undo stack and the change history.
@@ -100,6 +113,8 @@ pub struct Traffic {
     state: RwLock<State>,
     /// Where the state is saved; `None` keeps it in memory only.
     store: Option<PathBuf>,
+    /// The fleet the state is shared with, and the in-flight requests its kill switches cancel.
+    fleet: OnceLock<(Arc<Cluster>, Arc<InFlight>)>,
 }
 
 /// FNV-1a: a stable hash, so a session keeps its version across router restarts and replicas.
@@ -138,6 +153,7 @@ impl Traffic {
         Traffic {
             state: RwLock::new(state),
             store,
+            fleet: OnceLock::new(),
         }
     }
 
@@ -186,32 +202,22 @@ impl Traffic {
             .collect()
     }
 
-    /// Replaces `model`'s policy with `edit` applied to it, recording the change.
+    /// Replaces `model`'s policy with `edit` applied to it, recording the change, in this router alone
+    /// (see [`Traffic::commit`] for a fleet).
     pub fn change(&self, model: &str, who: &str, action: &str, reason: &str, edit: impl FnOnce(&mut Policy)) -> Policy {
         let mut state = self.state.write().expect("traffic lock");
-        let before = state.policies.get(model).cloned().unwrap_or_default();
-        let mut after = before.clone();
-        edit(&mut after);
+        let (before, after) = edit_state(&mut state, model, who, action, reason, edit);
         publish(model, action, &before, &after);
-        let undo = state.undo.entry(model.to_string()).or_default();
-        undo.push(before);
-        if undo.len() > UNDO {
-            undo.remove(0);
-        }
-        state.policies.insert(model.to_string(), after.clone());
-        record(&mut state, model, who, action, &after, reason);
         self.save(&state);
         after
     }
 
-    /// Restores the policy before the last change; `None` when there is nothing to undo.
+    /// Restores the policy before the last change, in this router alone; `None` when there is nothing to
+    /// undo.
     pub fn rollback(&self, model: &str, who: &str, reason: &str) -> Option<Policy> {
         let mut state = self.state.write().expect("traffic lock");
-        let previous = state.undo.get_mut(model)?.pop()?;
-        let current = state.policies.get(model).cloned().unwrap_or_default();
+        let (current, previous) = rollback_state(&mut state, model, who, reason)?;
         publish(model, "rollback", &current, &previous);
-        state.policies.insert(model.to_string(), previous.clone());
-        record(&mut state, model, who, "rollback", &previous, reason);
         self.save(&state);
         Some(previous)
     }
@@ -309,6 +315,38 @@ fn publish(model: &str, action: &str, before: &Policy, after: &Policy) {
         metrics::gauge!(names::VERSION_TRAFFIC_SHARE_RATIO, &labels).set(share);
         metrics::gauge!(names::VERSION_DISABLED, &labels).set(if after.disabled.contains(v) { 1.0 } else { 0.0 });
     }
+}
+
+/// Applies `edit` to `model`'s policy in `state`, keeping the old one for undo and recording the change;
+/// returns the policy before and after.
+fn edit_state(
+    state: &mut State,
+    model: &str,
+    who: &str,
+    action: &str,
+    reason: &str,
+    edit: impl FnOnce(&mut Policy),
+) -> (Policy, Policy) {
+    let before = state.policies.get(model).cloned().unwrap_or_default();
+    let mut after = before.clone();
+    edit(&mut after);
+    let undo = state.undo.entry(model.to_string()).or_default();
+    undo.push(before.clone());
+    if undo.len() > UNDO {
+        undo.remove(0);
+    }
+    state.policies.insert(model.to_string(), after.clone());
+    record(state, model, who, action, &after, reason);
+    (before, after)
+}
+
+/// Restores `model`'s policy before its last change in `state`; the policy before and after.
+fn rollback_state(state: &mut State, model: &str, who: &str, reason: &str) -> Option<(Policy, Policy)> {
+    let previous = state.undo.get_mut(model)?.pop()?;
+    let current = state.policies.get(model).cloned().unwrap_or_default();
+    state.policies.insert(model.to_string(), previous.clone());
+    record(state, model, who, "rollback", &previous, reason);
+    Some((current, previous))
 }
 
 fn record(state: &mut State, model: &str, who: &str, action: &str, policy: &Policy, reason: &str) {

@@ -175,7 +175,7 @@ impl Versions {
     }
 
     /// `SetTraffic`: every version named must be served, and some weight must be above zero.
-    pub(crate) fn set(&self, who: &str, r: pb::SetTrafficRequest) -> Result<pb::TrafficState, RouterError> {
+    pub(crate) async fn set(&self, who: &str, r: pb::SetTrafficRequest) -> Result<pb::TrafficState, RouterError> {
         let name = model(&self.pool, &r.model)?;
         for version in r.weights.keys() {
             check_version(&self.pool, &name, version, &format!("weights[{version}]"))?;
@@ -191,15 +191,18 @@ impl Versions {
         }
         let weights: BTreeMap<String, u32> = r.weights.into_iter().collect();
         let cohorts: BTreeMap<String, String> = r.cohorts.into_iter().collect();
-        self.traffic.change(&name, who, "set", &r.reason, |p: &mut Policy| {
-            p.weights = weights;
-            p.cohorts = cohorts;
-        });
+        self.traffic
+            .commit(&name, who, "set", &r.reason, |p: &mut Policy| {
+                p.weights = weights.clone();
+                p.cohorts = cohorts.clone();
+            })
+            .await?;
         Ok(self.state(&name))
     }
 
-    /// `DisableVersion` and `EnableVersion`.
-    pub(crate) fn switch(
+    /// `DisableVersion` and `EnableVersion`. A disable with `cancel_in_flight` also counts a cancellation,
+    /// which every replica (this one included) carries out on its requests in flight on that version.
+    pub(crate) async fn switch(
         &self,
         who: &str,
         r: pb::VersionRequest,
@@ -208,21 +211,32 @@ impl Versions {
         let name = model(&self.pool, &r.model)?;
         check_version(&self.pool, &name, &r.version, "version")?;
         let action = if disable { "disable" } else { "enable" };
-        self.traffic.change(&name, who, action, &r.reason, |p| {
-            if disable {
-                p.disabled.insert(r.version.clone());
-            } else {
-                p.disabled.remove(&r.version);
-            }
-        });
+        let cancel = disable && r.cancel_in_flight;
+        self.traffic
+            .commit(&name, who, action, &r.reason, |p| {
+                if disable {
+                    p.disabled.insert(r.version.clone());
+                } else {
+                    p.disabled.remove(&r.version);
+                }
+                if cancel {
+                    *p.cancels.entry(r.version.clone()).or_insert(0) += 1;
+                }
+            })
+            .await?;
         Ok(self.state(&name))
     }
 
     /// `RollbackTraffic`.
-    pub(crate) fn rollback(&self, who: &str, r: pb::RollbackTrafficRequest) -> Result<pb::TrafficState, RouterError> {
+    pub(crate) async fn rollback(
+        &self,
+        who: &str,
+        r: pb::RollbackTrafficRequest,
+    ) -> Result<pb::TrafficState, RouterError> {
         let name = model(&self.pool, &r.model)?;
         self.traffic
-            .rollback(&name, who, &r.reason)
+            .commit_rollback(&name, who, &r.reason)
+            .await?
             .ok_or_else(|| RouterError::Invalid {
                 field: "model".into(),
                 message: format!("{name} has no earlier traffic policy to roll back to"),
@@ -304,7 +318,7 @@ impl Versions {
     }
 
     /// `UnloadVersion`: refused for a model's last version, so that unloading never leaves it unserved.
-    pub(crate) fn unload(&self, who: &str, r: pb::VersionRequest) -> Result<pb::TrafficState, RouterError> {
+    pub(crate) async fn unload(&self, who: &str, r: pb::VersionRequest) -> Result<pb::TrafficState, RouterError> {
         let name = model(&self.pool, &r.model)?;
         check_version(&self.pool, &name, &r.version, "version")?;
         if self.pool.versions(&name).len() < 2 {
@@ -317,11 +331,13 @@ impl Versions {
             });
         }
         let version = r.version.clone();
-        self.traffic.change(&name, who, "unload", &r.reason, |p| {
-            p.weights.remove(&version);
-            p.cohorts.retain(|_, v| *v != version);
-            p.disabled.remove(&version);
-        });
+        self.traffic
+            .commit(&name, who, "unload", &r.reason, |p| {
+                p.weights.remove(&version);
+                p.cohorts.retain(|_, v| *v != version);
+                p.disabled.remove(&version);
+            })
+            .await?;
         self.pool.remove_version(&name, &r.version);
         self.registry.set(&format!("{name}@{}", r.version), "unloaded");
         Ok(self.state(&name))

@@ -163,6 +163,7 @@ fn traffic(t: &TrafficSection, labels: &[&str], remote: bool) -> Result<Policy, 
         weights: t.weights.clone(),
         cohorts: t.cohorts.clone(),
         disabled: Default::default(),
+        cancels: Default::default(),
     })
 }
 

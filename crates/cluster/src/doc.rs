@@ -1,0 +1,178 @@
+//! Shared control documents: a replicated value (the traffic policy, for one) stored whole in Redis with a
+//! revision number, changed only by compare-and-set, announced by pub/sub, and acknowledged by every
+//! replica that applied it.
+//!
+//! Keys for document `d` under the prefix `p`: `p:doc:d` (the bytes), `p:doc:d:rev` (its revision, 0 when
+//! never written), `p:doc:d:acks` (replica id -> the revision it applied), and the channel `p:doc:d`.
+
+use std::sync::LazyLock;
+use std::time::{Duration, Instant};
+
+use redis::Script;
+
+use crate::fleet::Cluster;
+
+/// Sets the document if its revision is still the expected one; announces the new revision.
+///
+/// KEYS: doc, rev. ARGV: expected revision, bytes, channel. Returns `{1, new}` or `{0, current}`.
+static CAS: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local cur = tonumber(redis.call('GET', KEYS[2]) or '0')
+if cur ~= tonumber(ARGV[1]) then return {0, cur} end
+redis.call('SET', KEYS[1], ARGV[2])
+local new = redis.call('INCR', KEYS[2])
+redis.call('PUBLISH', ARGV[3], new)
+return {1, new}
+",
+    )
+});
+
+/// The live replicas that have not yet acknowledged a revision.
+///
+/// KEYS: replicas set, acks hash. ARGV: revision. Returns the lagging replica ids.
+static LAGGING: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local t = redis.call('TIME')
+local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local live = redis.call('ZRANGEBYSCORE', KEYS[1], ms, '+inf')
+local out = {}
+for _, r in ipairs(live) do
+  local a = tonumber(redis.call('HGET', KEYS[2], r) or '0')
+  if a < tonumber(ARGV[1]) then table.insert(out, r) end
+end
+return out
+",
+    )
+});
+
+/// Why a shared document could not be read or written.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DocError {
+    /// Redis did not answer: the change was not made, anywhere.
+    #[error("the fleet's shared store (Redis) is unreachable ({0}); nothing was changed, retry when it is back")]
+    Unreachable(String),
+}
+
+/// The outcome of a compare-and-set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cas {
+    /// Written: the new revision.
+    Written(u64),
+    /// Someone else wrote first: the revision now.
+    Conflict(u64),
+}
+
+impl Cluster {
+    fn doc_key(&self, doc: &str) -> String {
+        format!("{}:doc:{doc}", self.config.key_prefix)
+    }
+
+    /// The pub/sub channel a document's new revisions are announced on.
+    pub fn doc_channel(&self, doc: &str) -> String {
+        self.doc_key(doc)
+    }
+
+    fn shared_connection(&self) -> Result<redis::aio::MultiplexedConnection, DocError> {
+        self.connection()
+            .ok_or_else(|| DocError::Unreachable("this replica is degraded".into()))
+    }
+
+    /// The document's revision and bytes (`None` when never written).
+    pub async fn load_doc(&self, doc: &str) -> Result<(u64, Option<Vec<u8>>), DocError> {
+        let mut conn = self.shared_connection()?;
+        let key = self.doc_key(doc);
+        let mut cmd = redis::cmd("MGET");
+        cmd.arg(format!("{key}:rev")).arg(&key);
+        let read = cmd.query_async::<(Option<u64>, Option<Vec<u8>>)>(&mut conn);
+        match tokio::time::timeout(self.config.timeout * 4, read).await {
+            Ok(Ok((rev, bytes))) => Ok((rev.unwrap_or(0), bytes)),
+            Ok(Err(e)) => Err(DocError::Unreachable(e.to_string())),
+            Err(_) => Err(DocError::Unreachable("no answer in time".into())),
+        }
+    }
+
+    /// The document's revision alone (0 when never written).
+    pub async fn doc_revision(&self, doc: &str) -> Result<u64, DocError> {
+        let mut conn = self.shared_connection()?;
+        let mut cmd = redis::cmd("GET");
+        cmd.arg(format!("{}:rev", self.doc_key(doc)));
+        let read = cmd.query_async::<Option<u64>>(&mut conn);
+        match tokio::time::timeout(self.config.timeout * 4, read).await {
+            Ok(Ok(rev)) => Ok(rev.unwrap_or(0)),
+            Ok(Err(e)) => Err(DocError::Unreachable(e.to_string())),
+            Err(_) => Err(DocError::Unreachable("no answer in time".into())),
+        }
+    }
+
+    /// Writes `bytes` if the document is still at `expected`.
+    pub async fn compare_and_set(&self, doc: &str, expected: u64, bytes: &[u8]) -> Result<Cas, DocError> {
+        let mut conn = self.shared_connection()?;
+        let key = self.doc_key(doc);
+        let mut call = CAS.prepare_invoke();
+        call.key(&key)
+            .key(format!("{key}:rev"))
+            .arg(expected)
+            .arg(bytes)
+            .arg(&key);
+        match tokio::time::timeout(self.config.timeout * 4, call.invoke_async::<(i64, u64)>(&mut conn)).await {
+            Ok(Ok((1, new))) => Ok(Cas::Written(new)),
+            Ok(Ok((_, now))) => Ok(Cas::Conflict(now)),
+            Ok(Err(e)) => Err(DocError::Unreachable(e.to_string())),
+            Err(_) => Err(DocError::Unreachable("no answer in time".into())),
+        }
+    }
+
+    /// Records that this replica applied `revision` of the document.
+    pub async fn ack_doc(&self, doc: &str, revision: u64) {
+        let Ok(mut conn) = self.shared_connection() else { return };
+        let mut cmd = redis::cmd("HSET");
+        cmd.arg(format!("{}:acks", self.doc_key(doc)))
+            .arg(&self.replica)
+            .arg(revision);
+        let write = cmd.query_async::<i64>(&mut conn);
+        let _ = tokio::time::timeout(self.config.timeout * 4, write).await;
+    }
+
+    /// Waits (polling, at most `within`) until every live replica has applied `revision`; returns the
+    /// replicas still lagging when the time ran out (empty: all applied).
+    pub async fn wait_applied(&self, doc: &str, revision: u64, within: Duration) -> Vec<String> {
+        let until = Instant::now() + within;
+        let mut tick = tokio::time::interval(Duration::from_millis(2));
+        let mut lagging = Vec::new();
+        while Instant::now() < until {
+            tick.tick().await;
+            let Ok(mut conn) = self.shared_connection() else {
+                continue;
+            };
+            let mut call = LAGGING.prepare_invoke();
+            call.key(format!("{}:replicas", self.config.key_prefix))
+                .key(format!("{}:acks", self.doc_key(doc)))
+                .arg(revision);
+            let read = call.invoke_async::<Vec<String>>(&mut conn);
+            if let Ok(Ok(l)) = tokio::time::timeout(self.config.timeout * 4, read).await {
+                if l.is_empty() {
+                    return l;
+                }
+                lagging = l;
+            }
+        }
+        lagging
+    }
+
+    /// A connection that receives the document's announcements (a new one: pub/sub holds its connection).
+    pub async fn subscribe_doc(&self, doc: &str) -> Result<redis::aio::PubSub, DocError> {
+        let connect = self.client().get_async_pubsub();
+        let mut pubsub = match tokio::time::timeout(self.config.heartbeat, connect).await {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => return Err(DocError::Unreachable(e.to_string())),
+            Err(_) => return Err(DocError::Unreachable("connecting timed out".into())),
+        };
+        pubsub
+            .subscribe(self.doc_channel(doc))
+            .await
+            .map_err(|e| DocError::Unreachable(e.to_string()))?;
+        Ok(pubsub)
+    }
+}
