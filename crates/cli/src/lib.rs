@@ -5,6 +5,7 @@
 pub mod args;
 pub mod commands;
 pub mod config;
+pub mod discovery;
 mod progress;
 pub mod running;
 

@@ -242,11 +242,21 @@ impl Pool {
     /// Takes every worker of `name@version` out of the pool; requests already leased to them finish.
     /// Returns how many left.
     pub fn remove_version(&self, name: &str, version: &str) -> usize {
-        let mut members = self.members.write().expect("pool lock");
-        let (gone, kept): (Vec<_>, Vec<_>) = members.drain(..).partition(|m| {
+        self.remove_where(|m| {
             let info = m.backend.model();
             info.name == name && info.version == version
-        });
+        })
+    }
+
+    /// Takes the worker at `location` out of the pool (it left discovery); requests already leased to it
+    /// finish. Returns whether it was there.
+    pub fn remove_location(&self, location: &str) -> bool {
+        self.remove_where(|m| m.backend.location() == location) > 0
+    }
+
+    fn remove_where(&self, leaves: impl Fn(&Member) -> bool) -> usize {
+        let mut members = self.members.write().expect("pool lock");
+        let (gone, kept): (Vec<_>, Vec<_>) = members.drain(..).partition(|m| leaves(m));
         *members = kept;
         drop(members);
         let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());

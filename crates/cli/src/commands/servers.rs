@@ -18,12 +18,13 @@ use ferroserve_net::{ALPN_H2, ALPN_HTTP1};
 use ferroserve_router::{
     Live, LiveSettings, LoadSpec, Pool, Progress as LoadProgress, Reloader, RouterConfig, RouterParts, VersionLoader,
 };
-use ferroserve_worker::{BackendSlot, RemoteWorker, WorkerServerConfig};
+use ferroserve_worker::{BackendSlot, WorkerServerConfig};
 use futures::future::BoxFuture;
 use tokio::net::TcpListener;
 
 use super::listen::{Hangup, bind, load_tls, metrics};
 use crate::config::Settings;
+use crate::discovery::{WorkerTarget, follow_dns, join_worker};
 use crate::running::{Running, Stop};
 
 /// Things already loaded in this process, by canonical file path, held weakly: versions loaded from the
@@ -487,7 +488,7 @@ pub async fn start_worker(settings: Settings, model_path: PathBuf) -> anyhow::Re
 pub async fn start_router(settings: Settings) -> anyhow::Result<Running> {
     anyhow::ensure!(
         !settings.workers.is_empty(),
-        "the router needs at least one worker: pass --worker http://host:port or set router.workers"
+        "the router needs at least one worker: pass --worker http://host:port (or dns://name:port) or set router.workers"
     );
     let tls = PublicTls::load(&settings)?;
     let listener = bind(settings.listen, "router").await?;
@@ -502,23 +503,24 @@ pub async fn start_router(settings: Settings) -> anyhow::Result<Running> {
     )
     .await?;
     let pool = Pool::with_routing(Some(settings.model_name.clone()), settings.routing);
-    for address in settings.workers.clone() {
-        let pool = Arc::clone(&pool);
-        let client = settings.worker_client.clone();
+    let mut discovery = Vec::new();
+    for entry in &settings.workers {
+        match WorkerTarget::parse(entry).map_err(anyhow::Error::msg)? {
+            WorkerTarget::Static(address) => {
+                join_worker(&pool, address, &settings.worker_client);
+            }
+            WorkerTarget::Dns { name, port } => {
+                let (pool, client) = (Arc::clone(&pool), settings.worker_client.clone());
+                discovery.push(tokio::spawn(follow_dns(pool, name, port, client, settings.dns)));
+            }
+        }
+    }
+    {
+        let stop = stopped.wait();
         tokio::spawn(async move {
-            let mut backoff = Duration::from_millis(100);
-            loop {
-                match RemoteWorker::connect(&address, &client).await {
-                    Ok(w) => {
-                        pool.add(Arc::new(w));
-                        return;
-                    }
-                    Err(e) => {
-                        tracing::info!(worker = %address, error = %e, retry_in = ?backoff, "worker not ready");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
-                    }
-                }
+            stop.await;
+            for d in discovery {
+                d.abort();
             }
         });
     }

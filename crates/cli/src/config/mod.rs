@@ -435,8 +435,10 @@ pub struct Settings {
     pub worker_token: Option<TokenHash>,
     /// How a router reaches its workers: TLS and the token.
     pub worker_client: WorkerClientConfig,
-    /// Remote workers (router command).
+    /// Remote workers (router command): addresses, or `dns://name:port` names.
     pub workers: Vec<String>,
+    /// How `dns://` worker names are resolved.
+    pub dns: crate::discovery::DnsSettings,
     /// Credentials.
     pub keys: KeyStore,
     /// Admission limits, per tenant and for the server.
@@ -637,13 +639,19 @@ impl FileConfig {
         let (model_defaults, versions, traffic) =
             versions::resolve(&self.model, &limits, !self.router.workers.is_empty())?;
         for (i, w) in self.router.workers.iter().enumerate() {
-            if !(w.starts_with("http://") || w.starts_with("https://")) || w.parse::<tonic::transport::Uri>().is_err() {
-                return Err(err(
-                    &format!("router.workers[{i}]"),
-                    format!("`{w}` is not a worker URL; use http://host:port, or https://host:port for TLS"),
-                ));
+            let key = format!("router.workers[{i}]");
+            match crate::discovery::WorkerTarget::parse(w) {
+                Ok(crate::discovery::WorkerTarget::Static(_)) if w.parse::<tonic::transport::Uri>().is_err() => {
+                    return Err(err(
+                        &key,
+                        format!("`{w}` is not a URL; use http://host:port, or https://host:port for TLS"),
+                    ));
+                }
+                Ok(_) => {}
+                Err(e) => return Err(err(&key, e)),
             }
         }
+        let dns = self.router.dns()?;
         let r = &self.router;
         let connections = self.connections.validate()?;
         let (client_stall, worker_stall, heartbeat) = r.timeouts()?;
@@ -757,6 +765,7 @@ impl FileConfig {
             routing: self.router.routing(),
             state_file: self.router.state_file,
             workers: self.router.workers,
+            dns,
             keys,
             admission,
             filter,

@@ -54,6 +54,11 @@ pub struct RouterSection {
     pub routing: RoutingPolicy,
     /// Under `prefix_aware`: requests in flight a prefix match may cost over the least loaded worker.
     pub prefix_max_imbalance: u32,
+    /// Milliseconds between lookups of each `dns://` worker name.
+    pub dns_interval_ms: u64,
+    /// The DNS server (`ip:port`) to resolve `dns://` worker names with; unset: the system's resolver
+    /// (`/etc/resolv.conf`, as in a Kubernetes pod).
+    pub dns_server: Option<String>,
 }
 
 /// `router.routing`.
@@ -89,6 +94,8 @@ impl Default for RouterSection {
             state_file: None,
             routing: RoutingPolicy::PrefixAware,
             prefix_max_imbalance: 4,
+            dns_interval_ms: 5000,
+            dns_server: None,
         }
     }
 }
@@ -102,6 +109,26 @@ impl RouterSection {
             },
             RoutingPolicy::LeastLoaded => ferroserve_router::Routing::LeastLoaded,
         }
+    }
+
+    /// How `dns://` worker names are resolved.
+    pub(super) fn dns(&self) -> Result<crate::discovery::DnsSettings, ConfigError> {
+        if self.dns_interval_ms == 0 {
+            return Err(err("router.dns_interval_ms", "must be at least 1"));
+        }
+        let server = match &self.dns_server {
+            None => None,
+            Some(s) => Some(s.parse().map_err(|_| {
+                err(
+                    "router.dns_server",
+                    format!("`{s}` is not an ip:port, e.g. 10.96.0.10:53; leave it unset for the system's resolver"),
+                )
+            })?),
+        };
+        Ok(crate::discovery::DnsSettings {
+            every: Duration::from_millis(self.dns_interval_ms),
+            server,
+        })
     }
 
     /// The stall timeouts and the heartbeat timeout: client, worker, heartbeat.
