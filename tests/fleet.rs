@@ -32,6 +32,14 @@ const BURST: u32 = 3;
 
 fn config(dir: &std::path::Path) -> PathBuf {
     let path = dir.join("fleet.toml");
+    // Two rules-only filter configs, `strict` enforcing at start.
+    let filters = dir.join("filters");
+    std::fs::create_dir_all(&filters).unwrap();
+    for name in ["strict", "lenient"] {
+        let rules = "[[rules.categories]]\nname = \"test\"\naction = \"block\"\npatterns = ['\\bforbidden\\b']\n";
+        let text = format!("name = \"{name}\"\nversion = \"1\"\n\n{rules}");
+        std::fs::write(filters.join(format!("{name}.toml")), text).unwrap();
+    }
     let text = format!(
         r#"
 [admission]
@@ -55,6 +63,12 @@ requests_per_second = 1000.0
 tokens_per_minute = 10000000.0
 max_in_flight = 100
 
+[filter]
+dir = "{filters}"
+active = "strict"
+enabled = true
+watch_interval_secs = 0
+
 [cluster]
 heartbeat_ms = 100
 lease_ms = 1000
@@ -63,6 +77,7 @@ timeout_ms = 50
         admin = sha256_hex(ADMIN),
         capped = sha256_hex(CAPPED),
         roomy = sha256_hex(ROOMY),
+        filters = filters.display(),
     );
     std::fs::write(&path, text).unwrap();
     path
@@ -555,6 +570,89 @@ async fn a_split_and_a_kill_switch_set_on_one_replica_hold_on_all_and_survive_a_
     assert_eq!(disabled, vec!["b".to_string()]);
     let mut c = client(&fleet.routers[new].url).await;
     assert_eq!(served_by(&mut c, "new-router".into()).await, "a");
+    drop(fleet);
+    redis.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filter_and_limit_changes_on_one_replica_reach_every_replica() {
+    let redis = Redis::start().await;
+    let mut fleet = Fleet::start(Some(&redis), 3).await;
+    let mut admin = fleet.admin(0).await;
+
+    // The filter: swapped, shadowed and switched off on replica 0; every replica's selection follows
+    // before each call returns.
+    let swap = pb::SwapFilterRequest { name: "lenient".into() };
+    admin.swap_filter(with_key(swap, ADMIN)).await.expect("SwapFilter");
+    let shadow = pb::SetShadowFilterRequest { name: "strict".into() };
+    admin
+        .set_shadow_filter(with_key(shadow, ADMIN))
+        .await
+        .expect("SetShadowFilter");
+    admin
+        .disable_filter(with_key(pb::DisableFilterRequest {}, ADMIN))
+        .await
+        .expect("DisableFilter");
+    for i in 0..3 {
+        let f = fleet
+            .admin(i)
+            .await
+            .list_filters(with_key(pb::ListFiltersRequest {}, ADMIN))
+            .await
+            .expect("ListFilters")
+            .into_inner();
+        assert_eq!(
+            (f.active.as_str(), f.shadow.as_str(), f.enabled),
+            ("lenient@1", "strict@1", false),
+            "replica {i}"
+        );
+    }
+    // An unknown filter is refused on the replica that got the call, and nothing changes anywhere.
+    let unknown = pb::SwapFilterRequest { name: "nope".into() };
+    let e = admin.swap_filter(with_key(unknown, ADMIN)).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+
+    // A limit: changed on replica 1, in force on every replica when the call returns.
+    let limits = pb::SetLimitsRequest {
+        tenant: "capped".into(),
+        limits: Some(pb::Limits {
+            requests_per_second: Some(7.0),
+            max_in_flight: Some(5),
+            ..Default::default()
+        }),
+    };
+    fleet
+        .admin(1)
+        .await
+        .set_limits(with_key(limits, ADMIN))
+        .await
+        .expect("SetLimits");
+    for i in 0..3 {
+        let all = fleet
+            .admin(i)
+            .await
+            .get_limits(with_key(pb::GetLimitsRequest {}, ADMIN))
+            .await
+            .expect("GetLimits")
+            .into_inner();
+        let capped = all.tenants.iter().find(|t| t.tenant == "capped").expect("capped");
+        let l = capped.limits.unwrap();
+        assert_eq!(
+            (l.requests_per_second, l.max_in_flight, l.request_burst),
+            (Some(7.0), Some(5), Some(BURST)),
+            "replica {i}"
+        );
+    }
+    // A replica that starts later applies the fleet's changes over its config.
+    let new = fleet.add_router().await;
+    let f = fleet
+        .admin(new)
+        .await
+        .list_filters(with_key(pb::ListFiltersRequest {}, ADMIN))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((f.active.as_str(), f.enabled), ("lenient@1", false));
     drop(fleet);
     redis.kill().await;
 }

@@ -5,7 +5,7 @@
 //! Keys for document `d` under the prefix `p`: `p:doc:d` (the bytes), `p:doc:d:rev` (its revision, 0 when
 //! never written), `p:doc:d:acks` (replica id -> the revision it applied), and the channel `p:doc:d`.
 
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use redis::Script;
@@ -46,6 +46,24 @@ return out
 ",
     )
 });
+
+/// Compare-and-set attempts before a change gives up under contention.
+const ATTEMPTS: usize = 16;
+/// How long a change waits for every live replica to apply it.
+const APPLY_WITHIN: Duration = Duration::from_secs(2);
+
+/// A value every replica keeps a copy of, replicated through one document.
+pub trait Replicated: Send + Sync + 'static {
+    /// The document's name.
+    fn doc(&self) -> &'static str;
+    /// The revision this replica's copy is at (0: never shared).
+    fn revision(&self) -> u64;
+    /// This replica's copy, to seed a fleet that has none (a first start, or a Redis that lost its data);
+    /// `None` when there is nothing worth seeding.
+    fn seed(&self) -> Option<Vec<u8>>;
+    /// Takes `bytes` at `revision` as this replica's copy.
+    fn install(&self, revision: u64, bytes: &[u8]);
+}
 
 /// Why a shared document could not be read or written.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -174,5 +192,110 @@ impl Cluster {
             .await
             .map_err(|e| DocError::Unreachable(e.to_string()))?;
         Ok(pubsub)
+    }
+}
+
+impl Cluster {
+    /// Changes a replicated value for the whole fleet: `edit` turns the latest document (`None`: never
+    /// written) into the new one, or `None` to change nothing; on a conflict it is applied again to the newer
+    /// revision. The new revision is installed here, then waited on (bounded) until every live replica has
+    /// applied it. Returns what `edit` returned.
+    pub async fn commit_doc<D: Replicated, R>(
+        &self,
+        value: &D,
+        edit: impl Fn(Option<&[u8]>) -> Option<(Vec<u8>, R)>,
+    ) -> Result<Option<R>, DocError> {
+        let doc = value.doc();
+        for _ in 0..ATTEMPTS {
+            let (revision, bytes) = self.load_doc(doc).await?;
+            let Some((next, out)) = edit(bytes.as_deref()) else {
+                return Ok(None);
+            };
+            if let Cas::Written(new) = self.compare_and_set(doc, revision, &next).await? {
+                value.install(new, &next);
+                self.ack_doc(doc, new).await;
+                let lagging = self.wait_applied(doc, new, APPLY_WITHIN).await;
+                if !lagging.is_empty() {
+                    tracing::warn!(
+                        doc,
+                        revision = new,
+                        ?lagging,
+                        "change committed, but these replicas have not applied it yet"
+                    );
+                }
+                return Ok(Some(out));
+            }
+        }
+        Err(DocError::Unreachable(format!(
+            "{ATTEMPTS} attempts lost to concurrent changes"
+        )))
+    }
+
+    /// Brings `value` up to the fleet's revision (seeding the fleet from it when the fleet has none), and
+    /// acknowledges the revision applied.
+    pub async fn sync_doc<D: Replicated>(&self, value: &D) -> Result<(), DocError> {
+        let doc = value.doc();
+        let revision = self.doc_revision(doc).await?;
+        if revision == 0
+            && let Some(seed) = value.seed()
+            && let Cas::Written(new) = self.compare_and_set(doc, 0, &seed).await?
+        {
+            tracing::info!(
+                doc,
+                revision = new,
+                "the fleet had no copy: seeded it with this replica's"
+            );
+            value.install(new, &seed);
+            self.ack_doc(doc, new).await;
+            return Ok(());
+        }
+        if revision != value.revision() {
+            let (revision, bytes) = self.load_doc(doc).await?;
+            if let Some(b) = bytes {
+                value.install(revision, &b);
+            }
+        }
+        self.ack_doc(doc, value.revision()).await;
+        Ok(())
+    }
+
+    /// Keeps `value` at the fleet's revision until the task is aborted: follows the announcements, and
+    /// checks the revision every heartbeat whether or not one came.
+    pub async fn follow_doc<D: Replicated>(self: Arc<Self>, value: Arc<D>) {
+        use futures::StreamExt;
+        let doc = value.doc();
+        let mut tick = tokio::time::interval(self.heartbeat_interval());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let _ = self.sync_doc(&*value).await;
+            let mut messages = self
+                .subscribe_doc(doc)
+                .await
+                .ok()
+                .map(redis::aio::PubSub::into_on_message);
+            loop {
+                let message = async {
+                    match messages.as_mut() {
+                        Some(m) => m.next().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    m = message => {
+                        if m.is_none() {
+                            break; // the subscription dropped: resubscribe
+                        }
+                        let _ = self.sync_doc(&*value).await;
+                    }
+                    _ = tick.tick() => {
+                        if self.sync_doc(&*value).await.is_err() || messages.is_none() {
+                            break;
+                        }
+                    }
+                }
+            }
+            // Before resubscribing, wait a heartbeat, so that an unreachable Redis is not hammered.
+            tick.tick().await;
+        }
     }
 }

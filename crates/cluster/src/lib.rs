@@ -32,7 +32,7 @@ mod ticket;
 
 use std::time::Duration;
 
-pub use doc::{Cas, DocError};
+pub use doc::{Cas, DocError, Replicated};
 pub use fleet::{Cluster, ClusterState, Mode};
 pub use ticket::{Reservation, Ticket};
 

@@ -14,6 +14,7 @@ use tonic::{Request, Response, Status};
 use ferroserve_admission::{LimitsPatch, LimitsView};
 use ferroserve_filter::{Feedback, FilterHub};
 
+use crate::control::SharedControl;
 use crate::live::Live;
 use crate::observe::Observations;
 use crate::pool::Pool;
@@ -30,6 +31,8 @@ pub(crate) struct AdminService {
     pub live: Arc<Live>,
     /// The content filter it controls.
     pub filters: Arc<FilterHub>,
+    /// Filter selection and limit changes, shared with the fleet.
+    pub control: Arc<SharedControl>,
     /// Each version's recent outcomes.
     pub observations: Arc<Observations>,
     /// The automatic canary analyses.
@@ -201,7 +204,7 @@ impl Admin for AdminService {
         let request = request.into_inner();
         let patch = patch_from_wire(request.limits.unwrap_or_default());
         let tenant = Some(request.tenant.as_str()).filter(|t| !t.is_empty());
-        let applied = self.live.admission().patch(tenant, &patch).map_err(RouterError::from)?;
+        let applied = self.control.set_limits(tenant, &patch).await?;
         tracing::info!(tenant = tenant.unwrap_or("(server)"), ?patch, "limits changed");
         Ok(Response::new(pb::SetLimitsResponse {
             applied: Some(limits_to_wire(applied)),
@@ -227,9 +230,10 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::SwapFilterRequest>,
     ) -> Result<Response<pb::ListFiltersResponse>, Status> {
-        self.filters
-            .swap_checked(&request.into_inner().name)
-            .map_err(RouterError::from)?;
+        let name = request.into_inner().name;
+        self.control
+            .select_filter(|hub| hub.swap_checked(&name).map(drop).map_err(RouterError::from))
+            .await?;
         Ok(Response::new(filters_to_wire(&self.filters)))
     }
 
@@ -237,7 +241,12 @@ impl Admin for AdminService {
         &self,
         _: Request<pb::EnableFilterRequest>,
     ) -> Result<Response<pb::ListFiltersResponse>, Status> {
-        self.filters.set_enabled(true);
+        self.control
+            .select_filter(|hub| {
+                hub.set_enabled(true);
+                Ok(())
+            })
+            .await?;
         Ok(Response::new(filters_to_wire(&self.filters)))
     }
 
@@ -245,7 +254,12 @@ impl Admin for AdminService {
         &self,
         _: Request<pb::DisableFilterRequest>,
     ) -> Result<Response<pb::ListFiltersResponse>, Status> {
-        self.filters.set_enabled(false);
+        self.control
+            .select_filter(|hub| {
+                hub.set_enabled(false);
+                Ok(())
+            })
+            .await?;
         Ok(Response::new(filters_to_wire(&self.filters)))
     }
 
@@ -254,9 +268,10 @@ impl Admin for AdminService {
         request: Request<pb::SetShadowFilterRequest>,
     ) -> Result<Response<pb::ListFiltersResponse>, Status> {
         let name = request.into_inner().name;
-        self.filters
-            .set_shadow(Some(name.as_str()).filter(|n| !n.is_empty()))
-            .map_err(RouterError::from)?;
+        let shadow = Some(name.as_str()).filter(|n| !n.is_empty());
+        self.control
+            .select_filter(|hub| hub.set_shadow(shadow).map(drop).map_err(RouterError::from))
+            .await?;
         Ok(Response::new(filters_to_wire(&self.filters)))
     }
 

@@ -26,6 +26,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Status};
 
 use crate::admin::AdminService;
+use crate::control::SharedControl;
 use crate::http::{HttpDoor, HttpLimits, serve_http};
 use crate::inference::{InferenceService, authorization};
 use crate::live::Live;
@@ -226,10 +227,14 @@ pub async fn serve(
     let traffic = traffic(config.state_file.clone(), policies);
     let observations = Arc::new(Observations::default());
     let in_flight = Arc::new(InFlight::default());
+    let control = SharedControl::new(Arc::clone(&live), Arc::clone(&filters));
+    let mut syncing = Vec::new();
     if let Some(cluster) = live.cluster() {
         traffic.join(Arc::clone(cluster), Arc::clone(&in_flight)).await;
+        control.join(Arc::clone(cluster)).await;
+        syncing.push(tokio::spawn(crate::traffic::follow(Arc::clone(&traffic))));
+        syncing.push(tokio::spawn(Arc::clone(cluster).follow_doc(Arc::clone(&control))));
     }
-    let syncing = tokio::spawn(crate::traffic::follow(Arc::clone(&traffic), std::future::pending()));
     let max_request_bytes = config.limits.max_request_bytes;
     let pipeline = Arc::new(Pipeline {
         pool: Arc::clone(&pool),
@@ -255,6 +260,7 @@ pub async fn serve(
         pool,
         live,
         filters,
+        control,
         observations,
         rollouts: Arc::default(),
         versions,
@@ -273,7 +279,9 @@ pub async fn serve(
         shutdown.await;
         follower.abort();
         budgets.abort();
-        syncing.abort();
+        for s in syncing {
+            s.abort();
+        }
     });
     let server = config
         .connections
