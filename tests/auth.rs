@@ -276,9 +276,12 @@ async fn the_worker_contract_needs_the_internal_token_on_every_rpc() {
     file.worker.listen = "127.0.0.1:0".into();
     file.worker.metrics_listen = String::new();
     file.worker.token_sha256 = Some(sha256_hex("internal-token"));
-    let worker = ferroserve::commands::servers::start_worker(file.validate().unwrap(), model_path())
-        .await
-        .unwrap();
+    let worker = ferroserve::commands::servers::start_worker(
+        file.validate().unwrap(),
+        ferroserve::commands::servers::WorkerModel::File(model_path()),
+    )
+    .await
+    .unwrap();
     wait_serving(&worker.url()).await;
     let channel = tonic::transport::Channel::from_shared(worker.url())
         .unwrap()

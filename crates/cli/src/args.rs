@@ -24,7 +24,7 @@ pub enum Command {
     /// Router only, in front of remote workers (`--worker http://host:port`, repeatable).
     Router(RouterArgs),
     /// A worker: loads the model and serves the internal contract to a router.
-    Worker(ServerArgs),
+    Worker(WorkerArgs),
     /// Sends one request and prints tokens as they stream.
     Generate(crate::commands::generate::GenerateArgs),
     /// Downloads the default model into the cache and verifies its checksum.
@@ -99,6 +99,21 @@ pub struct ServerArgs {
     /// router that uses it (overrides cluster.redis_url; `serve` and `router` only).
     #[arg(long, env = "FERROSERVE_REDIS_URL")]
     pub redis_url: Option<String>,
+}
+
+/// Options of the worker command.
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// Common server options.
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// Serve a mock engine instead of the model: placeholder tokens, no model loaded (version `mock`). For
+    /// measuring the router and the network alone.
+    #[arg(long)]
+    pub mock: bool,
+    /// With --mock: microseconds per generated token (0: as fast as the transport takes them).
+    #[arg(long, default_value_t = 0, requires = "mock")]
+    pub mock_token_us: u64,
 }
 
 /// Options of the router command.

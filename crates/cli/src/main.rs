@@ -34,8 +34,14 @@ async fn main() -> anyhow::Result<()> {
             announce_and_run("serve", servers::start_serve(settings, model).await?).await
         }
         Command::Worker(a) => {
-            let settings = a.settings(Role::Worker, &[])?;
-            let model = commands::resolve_model(&settings, &ferroserve::Bars::default())?;
+            let settings = a.server.settings(Role::Worker, &[])?;
+            let model = if a.mock {
+                servers::WorkerModel::Mock {
+                    per_token: std::time::Duration::from_micros(a.mock_token_us),
+                }
+            } else {
+                servers::WorkerModel::File(commands::resolve_model(&settings, &ferroserve::Bars::default())?)
+            };
             announce_and_run("worker", servers::start_worker(settings, model).await?).await
         }
         Command::Router(a) => {

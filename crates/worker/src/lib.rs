@@ -6,10 +6,12 @@
 #![forbid(unsafe_code)]
 
 mod convert;
+pub mod mock;
 mod remote;
 mod server;
 mod slot;
 
+pub use mock::MockBackend;
 pub use remote::{AddToken, RemoteWorker, WorkerClientConfig};
 pub use server::{WorkerServerConfig, check_work_request, serve};
 pub use slot::BackendSlot;

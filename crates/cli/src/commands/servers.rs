@@ -418,7 +418,19 @@ pub async fn start_serve(settings: Settings, model_path: PathBuf) -> anyhow::Res
 }
 
 /// A worker process: the internal contract around one engine.
-pub async fn start_worker(settings: Settings, model_path: PathBuf) -> anyhow::Result<Running> {
+/// What a worker serves.
+pub enum WorkerModel {
+    /// The model in this GGUF file.
+    File(PathBuf),
+    /// A mock engine: placeholder tokens, `per_token` apart, no model.
+    Mock {
+        /// Time per generated token.
+        per_token: Duration,
+    },
+}
+
+/// A worker serving `model` to routers.
+pub async fn start_worker(settings: Settings, model: WorkerModel) -> anyhow::Result<Running> {
     let tls = load_tls(&settings.worker_tls, &[ALPN_H2], "worker.tls_cert")?;
     let listener = bind(settings.worker_listen, "worker").await?;
     let addr = listener.local_addr()?;
@@ -463,7 +475,16 @@ pub async fn start_worker(settings: Settings, model_path: PathBuf) -> anyhow::Re
         let slot = slot.clone();
         async move {
             let load = async {
-                let engine = load_engine(&settings, model_path, Arc::default()).await?;
+                let engine: Arc<dyn Backend> = match model {
+                    WorkerModel::File(path) => load_engine(&settings, path, Arc::default()).await?,
+                    WorkerModel::Mock { per_token } => {
+                        tracing::warn!(
+                            ?per_token,
+                            "serving a MOCK engine: placeholder tokens, no model (--mock)"
+                        );
+                        Arc::new(ferroserve_worker::MockBackend::new(&settings.model_name, per_token))
+                    }
+                };
                 slot.fill(engine);
                 let _ = loaded.send(());
                 anyhow::Ok(())
