@@ -656,3 +656,121 @@ async fn filter_and_limit_changes_on_one_replica_reach_every_replica() {
     drop(fleet);
     redis.kill().await;
 }
+
+/// The rollout of the default model as replica `i` sees it.
+async fn rollout_on(fleet: &Fleet, i: usize) -> pb::RolloutState {
+    fleet
+        .admin(i)
+        .await
+        .get_rollout(with_key(pb::GetRolloutRequest::default(), ADMIN))
+        .await
+        .expect("GetRollout")
+        .into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollouts_judge_dies_and_another_replica_finishes_the_rollout() {
+    let redis = Redis::start().await;
+    let mut fleet = Fleet::start_with(Some(&redis), 3, &[Some("a"), Some("b")]).await;
+    let ids: Vec<String> = {
+        let mut ids = Vec::new();
+        for i in 0..3 {
+            ids.push(fleet.fleet_state(i).await.replica);
+        }
+        ids
+    };
+    // Canary b in two steps of at least 300 ms each, judged on two requests a side; thresholds off.
+    let start = pb::StartRolloutRequest {
+        baseline: "a".into(),
+        canary: "b".into(),
+        steps: vec![
+            pb::RolloutStep {
+                weight: 50,
+                min_duration_ms: 300,
+            },
+            pb::RolloutStep {
+                weight: 100,
+                min_duration_ms: 300,
+            },
+        ],
+        thresholds: Some(pb::RolloutThresholds {
+            min_requests: 2,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    fleet
+        .admin(0)
+        .await
+        .start_rollout(with_key(start, ADMIN))
+        .await
+        .expect("StartRollout");
+
+    // Load through every replica until told to stop.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut load = Vec::new();
+    for (i, mut c) in fleet.clients().await.into_iter().enumerate() {
+        let stopped = stopped.clone();
+        load.push(tokio::spawn(async move {
+            let mut n = 0u32;
+            while !*stopped.borrow() {
+                n += 1;
+                let mut request = chat("Hi", 1);
+                request.session = format!("judge-{i}-{n}");
+                // A replica being killed fails its own requests; only the survivors' count.
+                if let Ok(s) = c.generate_stream(with_key(request, ROOMY)).await {
+                    let mut s = s.into_inner();
+                    while let Ok(Some(_)) = s.message().await {}
+                }
+            }
+        }));
+    }
+
+    // The judge makes its first promotion; then its replica dies.
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    let first = tokio::time::timeout(WAIT, async {
+        loop {
+            tick.tick().await;
+            let r = rollout_on(&fleet, 0).await;
+            if r.step >= 1 && !r.judge.is_empty() {
+                return r;
+            }
+        }
+    })
+    .await
+    .expect("the judge promoted to step 2");
+    let dead = ids
+        .iter()
+        .position(|id| *id == first.judge)
+        .expect("the judge is one of the replicas");
+    let mut judge = fleet.routers.remove(dead);
+    judge.kill9().await;
+    // Replica indexes shift after the removal; index 0 is a survivor either way.
+    let survivor = 0;
+
+    // Another replica takes the judging over once the lease ends, and finishes the rollout.
+    let done = tokio::time::timeout(WAIT, async {
+        loop {
+            tick.tick().await;
+            let r = rollout_on(&fleet, survivor).await;
+            if r.status != "running" {
+                return r;
+            }
+        }
+    })
+    .await
+    .expect("the rollout ended in time");
+    stop.send(true).unwrap();
+    for l in load {
+        let _ = l.await;
+    }
+    assert_eq!(done.status, "promoted", "{done:?}");
+    assert_ne!(done.judge, first.judge, "a surviving replica finished it: {done:?}");
+    assert!(ids.contains(&done.judge), "{done:?}");
+    eprintln!(
+        "judge {} died after step 1; {} finished: {:?}",
+        first.judge, done.judge, done.decisions
+    );
+    drop(fleet);
+    redis.kill().await;
+}

@@ -27,6 +27,7 @@
 
 pub mod doc;
 mod fleet;
+mod lead;
 mod scripts;
 mod ticket;
 

@@ -371,7 +371,7 @@ impl Admin for AdminService {
         let (traffic, observations) = (Arc::clone(&self.versions.traffic), Arc::clone(&self.observations));
         let pool = Arc::clone(&self.pool);
         Ok(Response::new(
-            self.rollouts.start(plan, traffic, observations, pool).await,
+            self.rollouts.start(plan, traffic, observations, pool).await?,
         ))
     }
 

@@ -68,7 +68,42 @@ fn mean(v: impl Iterator<Item = f64>) -> f64 {
 /// Recent samples per `name@version`.
 #[derive(Default)]
 pub struct Observations {
-    windows: Mutex<HashMap<String, VecDeque<Sample>>>,
+    windows: Mutex<HashMap<String, Window>>,
+}
+
+/// One version's recent samples, and how many of them were handed to the fleet already.
+#[derive(Default)]
+struct Window {
+    samples: VecDeque<Sample>,
+    /// Samples recorded but not yet taken by [`Observations::take_new`] (at most the window's length).
+    unshared: usize,
+}
+
+/// The summary of a set of samples.
+pub fn summarize(samples: &[Sample]) -> Summary {
+    let n = samples.len();
+    if n == 0 {
+        return Summary::default();
+    }
+    let share = |f: fn(&Sample) -> bool| samples.iter().filter(|s| f(s)).count() as f64 / n as f64;
+    Summary {
+        requests: n,
+        error_rate: share(|s| s.failed),
+        ttft_p95_ms: p95(samples
+            .iter()
+            .filter_map(|s| s.ttft)
+            .map(|d| d.as_secs_f64() * 1e3)
+            .collect()),
+        itl_p95_ms: p95(samples
+            .iter()
+            .filter_map(|s| s.itl)
+            .map(|d| d.as_secs_f64() * 1e3)
+            .collect()),
+        block_rate: share(|s| s.filtered),
+        mean_logprob: mean(samples.iter().filter_map(|s| s.mean_logprob)),
+        mean_entropy: mean(samples.iter().filter_map(|s| s.mean_entropy)),
+        mean_tokens: mean(samples.iter().filter(|s| !s.failed).map(|s| f64::from(s.tokens))),
+    }
 }
 
 impl Observations {
@@ -76,10 +111,11 @@ impl Observations {
     pub fn record(&self, version: &str, sample: Sample) {
         let mut windows = self.windows.lock().expect("observations lock");
         let w = windows.entry(version.to_string()).or_default();
-        w.push_back(sample);
-        if w.len() > KEEP {
-            w.pop_front();
+        w.samples.push_back(sample);
+        if w.samples.len() > KEEP {
+            w.samples.pop_front();
         }
+        w.unshared = (w.unshared + 1).min(w.samples.len());
     }
 
     /// `version`'s requests that finished after `since`.
@@ -87,31 +123,23 @@ impl Observations {
         let windows = self.windows.lock().expect("observations lock");
         let samples: Vec<Sample> = windows
             .get(version)
-            .map(|w| w.iter().filter(|s| s.at >= since).copied().collect())
+            .map(|w| w.samples.iter().filter(|s| s.at >= since).copied().collect())
             .unwrap_or_default();
-        let n = samples.len();
-        if n == 0 {
-            return Summary::default();
-        }
-        let share = |f: fn(&Sample) -> bool| samples.iter().filter(|s| f(s)).count() as f64 / n as f64;
-        Summary {
-            requests: n,
-            error_rate: share(|s| s.failed),
-            ttft_p95_ms: p95(samples
-                .iter()
-                .filter_map(|s| s.ttft)
-                .map(|d| d.as_secs_f64() * 1e3)
-                .collect()),
-            itl_p95_ms: p95(samples
-                .iter()
-                .filter_map(|s| s.itl)
-                .map(|d| d.as_secs_f64() * 1e3)
-                .collect()),
-            block_rate: share(|s| s.filtered),
-            mean_logprob: mean(samples.iter().filter_map(|s| s.mean_logprob)),
-            mean_entropy: mean(samples.iter().filter_map(|s| s.mean_entropy)),
-            mean_tokens: mean(samples.iter().filter(|s| !s.failed).map(|s| f64::from(s.tokens))),
-        }
+        summarize(&samples)
+    }
+
+    /// The samples recorded since the last call, per version, for the fleet's shared windows.
+    pub fn take_new(&self) -> Vec<(String, Vec<Sample>)> {
+        let mut windows = self.windows.lock().expect("observations lock");
+        windows
+            .iter_mut()
+            .filter(|(_, w)| w.unshared > 0)
+            .map(|(version, w)| {
+                let new = w.samples.iter().skip(w.samples.len() - w.unshared).copied().collect();
+                w.unshared = 0;
+                (version.clone(), new)
+            })
+            .collect()
     }
 }
 

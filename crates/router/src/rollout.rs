@@ -10,16 +10,22 @@
 //! One rollout per model; starting another supersedes it.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
 
+use ferroserve_cluster::Cluster;
 use ferroserve_proto::v1 as pb;
 use ferroserve_telemetry::names;
+use serde::{Deserialize, Serialize};
 
-use crate::ModelSelector;
+mod fleet;
+
+pub use fleet::share_observations;
+
 use crate::observe::{Observations, Summary};
 use crate::pool::Pool;
 use crate::traffic::Traffic;
+use crate::{ModelSelector, RouterError};
 
 /// How often a running rollout is judged.
 const TICK: Duration = Duration::from_millis(50);
@@ -27,7 +33,7 @@ const TICK: Duration = Duration::from_millis(50);
 const WHO: &str = "canary-analysis";
 
 /// A rollout's plan.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Plan {
     /// Model name.
     pub model: String,
@@ -38,6 +44,7 @@ pub struct Plan {
     /// (canary weight in percent, minimum duration) per step.
     pub steps: Vec<(u32, Duration)>,
     /// Limits on the canary against the baseline.
+    #[serde(with = "fleet::thresholds")]
     pub thresholds: pb::RolloutThresholds,
 }
 
@@ -93,60 +100,127 @@ pub fn breach(t: &pb::RolloutThresholds, canary: &Summary, baseline: &Summary) -
     None
 }
 
+/// Where a rollout stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum Status {
+    /// Judged every tick.
+    Running,
+    /// The canary has all traffic.
+    Promoted,
+    /// A threshold was breached: the canary is disabled.
+    RolledBack,
+    /// An operator disabled the canary.
+    Stopped,
+    /// Another rollout of the model replaced it.
+    Superseded,
+}
+
+impl Status {
+    /// The wire word (`RolloutState.status`).
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Status::Running => "running",
+            Status::Promoted => "promoted",
+            Status::RolledBack => "rolled_back",
+            Status::Stopped => "stopped",
+            Status::Superseded => "superseded",
+        }
+    }
+}
+
 /// One model's rollout as it stands.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Run {
     plan: Plan,
-    /// Bumped by every start: a controller whose id is stale stops.
+    /// Random per start: a judge whose id is stale stops.
     id: u64,
-    status: &'static str,
+    status: Status,
     step: usize,
     decisions: Vec<String>,
+    /// When the current step began (wall clock, so that another replica's judge can continue it).
+    step_started: SystemTime,
+    /// The fencing token of the judge that last wrote (0 alone): a deposed judge's write is refused.
+    judge: u64,
+    /// The replica whose judge last wrote (empty alone).
+    #[serde(default)]
+    judged_by: String,
+}
+
+/// What a judge needs: where traffic goes, what each version did, the workers.
+#[derive(Clone)]
+struct Judging {
+    traffic: Arc<Traffic>,
+    observations: Arc<Observations>,
+    pool: Arc<Pool>,
 }
 
 /// Every model's rollout.
 #[derive(Default)]
 pub struct Rollouts {
     runs: Mutex<HashMap<String, Run>>,
-    next_id: Mutex<u64>,
+    /// In a fleet: the shared state's revision, the judges running here, and what they need.
+    fleet: OnceLock<fleet::Shared>,
 }
 
 impl Rollouts {
-    /// Starts `plan` (replacing a running rollout of its model) and its controller task.
+    /// Starts `plan` (replacing a running rollout of its model). Alone, its judge runs here; in a fleet, on
+    /// whichever replica leads the model's judging.
     pub async fn start(
         self: &Arc<Self>,
         plan: Plan,
         traffic: Arc<Traffic>,
         observations: Arc<Observations>,
         pool: Arc<Pool>,
-    ) -> pb::RolloutState {
-        let id = {
-            let mut next = self.next_id.lock().expect("rollout lock");
-            *next += 1;
-            *next
-        };
+    ) -> Result<pb::RolloutState, RouterError> {
         let model = plan.model.clone();
-        {
-            let mut runs = self.runs.lock().expect("rollout lock");
-            if let Some(old) = runs.get_mut(&model).filter(|r| r.status == "running") {
-                old.status = "superseded";
-            }
-            runs.insert(
-                model.clone(),
-                Run {
-                    plan,
-                    id,
-                    status: "running",
-                    step: 0,
-                    decisions: Vec::new(),
-                },
-            );
+        let run = Run {
+            plan,
+            id: rand::random::<u64>() >> 1,
+            status: Status::Running,
+            step: 0,
+            decisions: Vec::new(),
+            step_started: SystemTime::now(),
+            judge: 0,
+            judged_by: String::new(),
+        };
+        let id = run.id;
+        self.put(run).await?;
+        self.enter_step(&model, id, 0, 0, &traffic).await;
+        if self.fleet.get().is_none() {
+            let (rollouts, judged) = (Arc::clone(self), model.clone());
+            let judging = Judging {
+                traffic,
+                observations,
+                pool,
+            };
+            tokio::spawn(async move { rollouts.control(judged, id, judging, None).await });
         }
-        self.enter_step(&model, id, 0, &traffic).await;
-        let state = self.state(&model);
-        let rollouts = Arc::clone(self);
-        tokio::spawn(async move { rollouts.control(model, id, traffic, observations, pool).await });
-        state
+        Ok(self.state(&model))
+    }
+
+    /// Records a new run, superseding a running one of its model.
+    async fn put(&self, run: Run) -> Result<(), RouterError> {
+        let supersede = |runs: &mut HashMap<String, Run>| {
+            if let Some(old) = runs.get_mut(&run.plan.model).filter(|r| r.status == Status::Running) {
+                old.status = Status::Superseded;
+            }
+            runs.insert(run.plan.model.clone(), run.clone());
+        };
+        match self.fleet.get() {
+            None => supersede(&mut self.runs.lock().expect("rollout lock")),
+            Some(shared) => {
+                shared
+                    .cluster
+                    .commit_doc(self, |bytes| {
+                        let mut runs = fleet::parse(bytes);
+                        supersede(&mut runs);
+                        Some((fleet::encode(&runs), ()))
+                    })
+                    .await?;
+            }
+        }
+        Ok(())
     }
 
     /// The rollout of `model` ("none" when there never was one).
@@ -163,7 +237,7 @@ impl Rollouts {
             model: model.to_string(),
             baseline: r.plan.baseline.clone(),
             canary: r.plan.canary.clone(),
-            status: r.status.into(),
+            status: r.status.label().into(),
             step: r.step as u32,
             steps: r
                 .plan
@@ -175,23 +249,73 @@ impl Rollouts {
                 })
                 .collect(),
             decisions: r.decisions.clone(),
+            judge: r.judged_by.clone(),
         }
     }
 
-    /// Sets the split for step `step` and records it.
-    async fn enter_step(&self, model: &str, id: u64, step: usize, traffic: &Traffic) {
-        let (weight, baseline, canary, decision) = {
-            let mut runs = self.runs.lock().expect("rollout lock");
-            let Some(run) = runs.get_mut(model).filter(|r| r.id == id) else {
-                return;
-            };
-            let (weight, _) = run.plan.steps[step];
-            let (baseline, canary) = (run.plan.baseline.clone(), run.plan.canary.clone());
-            run.step = step;
-            let decision = format!("step {}: canary {canary} at {weight} %", step + 1);
-            run.decisions.push(decision.clone());
-            (weight, baseline, canary, decision)
+    /// The run `id` of `model`, if it is still the model's.
+    fn run(&self, model: &str, id: u64) -> Option<Run> {
+        self.runs
+            .lock()
+            .expect("rollout lock")
+            .get(model)
+            .filter(|r| r.id == id)
+            .cloned()
+    }
+
+    /// Changes run `id` of `model` with `change` if it is still running and no newer judge wrote it; true
+    /// when changed. In a fleet the change is a compare-and-set on the shared state, fenced by `token`.
+    async fn transition(&self, model: &str, id: u64, token: u64, change: impl Fn(&mut Run)) -> bool {
+        let me = self.fleet.get().map(|s| s.cluster.state().replica).unwrap_or_default();
+        let apply = |runs: &mut HashMap<String, Run>| {
+            let run = runs
+                .get_mut(model)
+                .filter(|r| r.id == id && r.status == Status::Running && r.judge <= token)?;
+            run.judge = token;
+            if token > 0 {
+                run.judged_by = me.clone();
+            }
+            change(run);
+            Some(())
         };
+        match self.fleet.get() {
+            None => apply(&mut self.runs.lock().expect("rollout lock")).is_some(),
+            Some(shared) => {
+                let committed = shared
+                    .cluster
+                    .commit_doc(self, |bytes| {
+                        let mut runs = fleet::parse(bytes);
+                        apply(&mut runs)?;
+                        Some((fleet::encode(&runs), ()))
+                    })
+                    .await;
+                match committed {
+                    Ok(done) => done.is_some(),
+                    Err(e) => {
+                        tracing::warn!(%model, error = %e, "the rollout's decision could not be recorded; judging again");
+                        false
+                    }
+                }
+            }
+        }
+    }
+
+    /// Moves run `id` to step `step` (recording it) and sets its split.
+    async fn enter_step(&self, model: &str, id: u64, step: usize, token: u64, traffic: &Traffic) -> bool {
+        let Some(run) = self.run(model, id) else { return false };
+        let (weight, _) = run.plan.steps[step];
+        let (baseline, canary) = (run.plan.baseline.clone(), run.plan.canary.clone());
+        let decision = format!("step {}: canary {canary} at {weight} %", step + 1);
+        let entered = self
+            .transition(model, id, token, |r| {
+                r.step = step;
+                r.step_started = SystemTime::now();
+                r.decisions.push(decision.clone());
+            })
+            .await;
+        if !entered {
+            return false;
+        }
         let set = traffic
             .commit(model, WHO, "set", &decision, |p| {
                 p.weights = [(baseline.clone(), 100 - weight), (canary.clone(), weight)].into();
@@ -205,93 +329,114 @@ impl Rollouts {
         if step > 0 {
             metrics::counter!(names::ROLLOUT_DECISIONS_TOTAL, names::LABEL_MODEL => model.to_string(), names::LABEL_DECISION => "promote").increment(1);
         }
+        true
     }
 
-    /// Ends the rollout with `status`, recording `decision`.
-    fn finish(&self, model: &str, id: u64, status: &'static str, decision: String) {
-        let mut runs = self.runs.lock().expect("rollout lock");
-        if let Some(run) = runs.get_mut(model).filter(|r| r.id == id) {
-            run.status = status;
-            run.decisions.push(decision);
-        }
+    /// Ends run `id` with `status`, recording `decision`.
+    async fn finish(&self, model: &str, id: u64, token: u64, status: Status, decision: String) -> bool {
+        self.transition(model, id, token, |r| {
+            r.status = status;
+            r.decisions.push(decision.clone());
+        })
+        .await
     }
 
-    async fn control(
-        self: Arc<Self>,
-        model: String,
-        id: u64,
-        traffic: Arc<Traffic>,
-        observations: Arc<Observations>,
-        pool: Arc<Pool>,
-    ) {
-        let mut step_started = Instant::now();
-        let mut tick = tokio::time::interval(TICK);
+    /// The judge of run `id`: every tick, if this replica leads the model's judging (always, alone),
+    /// compares canary and baseline over the step's window and promotes, rolls back or waits.
+    async fn control(self: Arc<Self>, model: String, id: u64, judging: Judging, cluster: Option<Arc<Cluster>>) {
+        let every = cluster.as_ref().map_or(TICK, |c| c.heartbeat_interval().max(TICK));
+        let mut tick = tokio::time::interval(every);
         loop {
             tick.tick().await;
-            let Some(run) = self
-                .runs
-                .lock()
-                .expect("rollout lock")
-                .get(&model)
-                .filter(|r| r.id == id)
-                .cloned()
-            else {
+            let Some(run) = self.run(&model, id) else { return };
+            if run.status != Status::Running {
                 return;
+            }
+            let token = match &cluster {
+                None => 0,
+                Some(c) => match c.lead(&format!("judge:{model}")).await {
+                    Some(token) => token,
+                    None => continue,
+                },
             };
-            if run.status != "running" {
+            if !self.judge(&model, &run, token, &judging, cluster.as_deref()).await {
                 return;
             }
-            // An operator's kill switch wins: the rollout stops rather than re-enable the canary.
-            if traffic.policy(&model).disabled.contains(&run.plan.canary) {
-                let decision = format!("stopped at step {}: an operator disabled the canary", run.step + 1);
-                metrics::gauge!(names::ROLLOUT_CANARY_WEIGHT, names::LABEL_MODEL => model.clone()).set(0.0);
-                self.finish(&model, id, "stopped", decision);
-                return;
-            }
-            let qualified = |v: &str| format!("{model}@{v}");
-            let since = window_start(step_started, Instant::now(), run.plan.thresholds.window_ms);
-            let canary = observations.summary(&qualified(&run.plan.canary), since);
-            let baseline = observations.summary(&qualified(&run.plan.baseline), since);
-            let min = run.plan.thresholds.min_requests.max(1) as usize;
-            if canary.requests < min {
-                continue;
-            }
-            if let Some(reason) = breach(&run.plan.thresholds, &canary, &baseline) {
-                let decision = format!("rolled back at step {}: {reason}", run.step + 1);
-                let (baseline_v, canary_v) = (run.plan.baseline.clone(), run.plan.canary.clone());
-                let rolled_back = traffic
-                    .commit(&model, WHO, "disable", &decision, |p| {
-                        p.weights = [(baseline_v.clone(), 100)].into();
-                        p.disabled.insert(canary_v.clone());
-                    })
-                    .await;
-                if let Err(e) = rolled_back {
-                    // Try again next tick: a breached canary must not stay in traffic.
-                    tracing::error!(%model, error = %e, "could not roll the canary back; retrying");
-                    continue;
-                }
-                tracing::warn!(%model, %decision, "canary rolled back");
-                metrics::gauge!(names::ROLLOUT_CANARY_WEIGHT, names::LABEL_MODEL => model.clone()).set(0.0);
-                metrics::counter!(names::ROLLOUT_DECISIONS_TOTAL, names::LABEL_MODEL => model.clone(), names::LABEL_DECISION => "rollback").increment(1);
-                self.finish(&model, id, "rolled_back", decision);
-                return;
-            }
-            let (_, min_duration) = run.plan.steps[run.step];
-            // The baseline must be judged too, unless the canary already has all the traffic.
-            let baseline_seen = baseline.requests >= min || run.plan.steps[run.step].0 >= 100;
-            if step_started.elapsed() < min_duration || !baseline_seen {
-                continue;
-            }
-            if run.step + 1 == run.plan.steps.len() {
-                let baseline = take_drift_baseline(&pool, &model, &run.plan.canary).await;
-                let decision = format!("promoted: canary {} has all traffic; {baseline}", run.plan.canary);
-                self.finish(&model, id, "promoted", decision);
-                return;
-            }
-            self.enter_step(&model, id, run.step + 1, &traffic).await;
-            step_started = Instant::now();
         }
     }
+
+    /// One judgement of `run`; false once it ended.
+    async fn judge(&self, model: &str, run: &Run, token: u64, j: &Judging, cluster: Option<&Cluster>) -> bool {
+        let id = run.id;
+        // An operator's kill switch wins: the rollout stops rather than re-enable the canary.
+        if j.traffic.policy(model).disabled.contains(&run.plan.canary) {
+            let decision = format!("stopped at step {}: an operator disabled the canary", run.step + 1);
+            metrics::gauge!(names::ROLLOUT_CANARY_WEIGHT, names::LABEL_MODEL => model.to_string()).set(0.0);
+            self.finish(model, id, token, Status::Stopped, decision).await;
+            return false;
+        }
+        let qualified = |v: &str| format!("{model}@{v}");
+        let step_started = instant_of(run.step_started);
+        let since = window_start(step_started, Instant::now(), run.plan.thresholds.window_ms);
+        let (canary, baseline) = match cluster {
+            None => (
+                j.observations.summary(&qualified(&run.plan.canary), since),
+                j.observations.summary(&qualified(&run.plan.baseline), since),
+            ),
+            Some(c) => (
+                fleet::summary(c, &qualified(&run.plan.canary), since).await,
+                fleet::summary(c, &qualified(&run.plan.baseline), since).await,
+            ),
+        };
+        let min = run.plan.thresholds.min_requests.max(1) as usize;
+        if canary.requests < min {
+            return true;
+        }
+        if let Some(reason) = breach(&run.plan.thresholds, &canary, &baseline) {
+            let decision = format!("rolled back at step {}: {reason}", run.step + 1);
+            if !self
+                .finish(model, id, token, Status::RolledBack, decision.clone())
+                .await
+            {
+                return true;
+            }
+            let (baseline_v, canary_v) = (run.plan.baseline.clone(), run.plan.canary.clone());
+            let rolled_back = j
+                .traffic
+                .commit(model, WHO, "disable", &decision, |p| {
+                    p.weights = [(baseline_v.clone(), 100)].into();
+                    p.disabled.insert(canary_v.clone());
+                })
+                .await;
+            if let Err(e) = rolled_back {
+                tracing::error!(%model, error = %e, "could not take the rolled-back canary out of traffic");
+            }
+            tracing::warn!(%model, %decision, "canary rolled back");
+            metrics::gauge!(names::ROLLOUT_CANARY_WEIGHT, names::LABEL_MODEL => model.to_string()).set(0.0);
+            metrics::counter!(names::ROLLOUT_DECISIONS_TOTAL, names::LABEL_MODEL => model.to_string(), names::LABEL_DECISION => "rollback").increment(1);
+            return false;
+        }
+        let (_, min_duration) = run.plan.steps[run.step];
+        // The baseline must be judged too, unless the canary already has all the traffic.
+        let baseline_seen = baseline.requests >= min || run.plan.steps[run.step].0 >= 100;
+        if step_started.elapsed() < min_duration || !baseline_seen {
+            return true;
+        }
+        if run.step + 1 == run.plan.steps.len() {
+            let taken = take_drift_baseline(&j.pool, model, &run.plan.canary).await;
+            let decision = format!("promoted: canary {} has all traffic; {taken}", run.plan.canary);
+            self.finish(model, id, token, Status::Promoted, decision).await;
+            return false;
+        }
+        self.enter_step(model, id, run.step + 1, token, &j.traffic).await;
+        true
+    }
+}
+
+/// The instant a wall-clock time corresponds to on this machine's monotonic clock.
+fn instant_of(at: SystemTime) -> Instant {
+    let ago = SystemTime::now().duration_since(at).unwrap_or_default();
+    Instant::now().checked_sub(ago).unwrap_or_else(Instant::now)
 }
 
 /// Where the judged window starts: the step's start, or `window_ms` before `now` when that is later.

@@ -33,6 +33,7 @@ use crate::live::Live;
 use crate::observe::Observations;
 use crate::pipeline::{Pipeline, Protocol};
 use crate::registry::{LoadSpec, Registry, VersionLoader};
+use crate::rollout::Rollouts;
 use crate::traffic::{InFlight, Policy, Traffic};
 use crate::versions::Versions;
 use crate::{Pool, RouterError};
@@ -228,12 +229,26 @@ pub async fn serve(
     let observations = Arc::new(Observations::default());
     let in_flight = Arc::new(InFlight::default());
     let control = SharedControl::new(Arc::clone(&live), Arc::clone(&filters));
+    let rollouts = Arc::new(Rollouts::default());
     let mut syncing = Vec::new();
     if let Some(cluster) = live.cluster() {
         traffic.join(Arc::clone(cluster), Arc::clone(&in_flight)).await;
         control.join(Arc::clone(cluster)).await;
         syncing.push(tokio::spawn(crate::traffic::follow(Arc::clone(&traffic))));
         syncing.push(tokio::spawn(Arc::clone(cluster).follow_doc(Arc::clone(&control))));
+        rollouts
+            .join(
+                Arc::clone(cluster),
+                Arc::clone(&traffic),
+                Arc::clone(&observations),
+                Arc::clone(&pool),
+            )
+            .await;
+        syncing.push(tokio::spawn(Arc::clone(cluster).follow_doc(Arc::clone(&rollouts))));
+        syncing.push(tokio::spawn(crate::rollout::share_observations(
+            Arc::clone(&observations),
+            Arc::clone(cluster),
+        )));
     }
     let max_request_bytes = config.limits.max_request_bytes;
     let pipeline = Arc::new(Pipeline {
@@ -262,7 +277,7 @@ pub async fn serve(
         filters,
         control,
         observations,
-        rollouts: Arc::default(),
+        rollouts,
         versions,
         in_flight,
         drain: drain.watch(),
