@@ -72,7 +72,8 @@ watch_interval_secs = 0
 [cluster]
 heartbeat_ms = 100
 lease_ms = 1000
-timeout_ms = 50
+# Generous for a loaded 2-core test machine; production keeps the default 50 ms.
+timeout_ms = 500
 "#,
         admin = sha256_hex(ADMIN),
         capped = sha256_hex(CAPPED),
@@ -135,6 +136,7 @@ impl Fleet {
         }
         for r in &routers {
             wait_serving(&r.url).await;
+            until_healthy_workers(&r.url, workers.len()).await;
         }
         let fleet = Fleet {
             dir,
@@ -163,6 +165,7 @@ impl Fleet {
         let loopback = ["--listen", "127.0.0.1:0", "--metrics-listen", ""];
         let router = spawn(&[&args[..], &loopback].concat()).await;
         wait_serving(&router.url).await;
+        until_healthy_workers(&router.url, self.workers.len()).await;
         self.routers.push(router);
         self.routers.len() - 1
     }
@@ -211,6 +214,27 @@ impl Fleet {
             "the fleet never reached the state; last seen: {last:?}"
         );
     }
+}
+
+/// Polls the router's workers (bounded) until `n` are healthy in its pool.
+async fn until_healthy_workers(url: &str, n: usize) {
+    let mut admin = AdminClient::connect(url.to_string()).await.unwrap();
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    let joined = tokio::time::timeout(WAIT, async {
+        loop {
+            tick.tick().await;
+            let list = admin
+                .list_workers(with_key(pb::ListWorkersRequest {}, ADMIN))
+                .await
+                .expect("ListWorkers")
+                .into_inner();
+            if list.workers.iter().filter(|w| w.healthy).count() >= n {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(joined.is_ok(), "{n} workers never joined {url}");
 }
 
 impl Drop for Fleet {

@@ -47,6 +47,9 @@ return out
     )
 });
 
+/// The longest one read or write of a document waits: these are operators' changes and background
+/// syncs, not the request path, so they can wait out a busy Redis.
+pub(crate) const DOC_TIMEOUT: Duration = Duration::from_secs(2);
 /// Compare-and-set attempts before a change gives up under contention.
 const ATTEMPTS: usize = 16;
 /// How long a change waits for every live replica to apply it.
@@ -104,7 +107,7 @@ impl Cluster {
         let mut cmd = redis::cmd("MGET");
         cmd.arg(format!("{key}:rev")).arg(&key);
         let read = cmd.query_async::<(Option<u64>, Option<Vec<u8>>)>(&mut conn);
-        match tokio::time::timeout(self.config.timeout * 4, read).await {
+        match tokio::time::timeout(DOC_TIMEOUT, read).await {
             Ok(Ok((rev, bytes))) => Ok((rev.unwrap_or(0), bytes)),
             Ok(Err(e)) => Err(DocError::Unreachable(e.to_string())),
             Err(_) => Err(DocError::Unreachable("no answer in time".into())),
@@ -117,7 +120,7 @@ impl Cluster {
         let mut cmd = redis::cmd("GET");
         cmd.arg(format!("{}:rev", self.doc_key(doc)));
         let read = cmd.query_async::<Option<u64>>(&mut conn);
-        match tokio::time::timeout(self.config.timeout * 4, read).await {
+        match tokio::time::timeout(DOC_TIMEOUT, read).await {
             Ok(Ok(rev)) => Ok(rev.unwrap_or(0)),
             Ok(Err(e)) => Err(DocError::Unreachable(e.to_string())),
             Err(_) => Err(DocError::Unreachable("no answer in time".into())),
@@ -134,7 +137,7 @@ impl Cluster {
             .arg(expected)
             .arg(bytes)
             .arg(&key);
-        match tokio::time::timeout(self.config.timeout * 4, call.invoke_async::<(i64, u64)>(&mut conn)).await {
+        match tokio::time::timeout(DOC_TIMEOUT, call.invoke_async::<(i64, u64)>(&mut conn)).await {
             Ok(Ok((1, new))) => Ok(Cas::Written(new)),
             Ok(Ok((_, now))) => Ok(Cas::Conflict(now)),
             Ok(Err(e)) => Err(DocError::Unreachable(e.to_string())),
@@ -150,7 +153,7 @@ impl Cluster {
             .arg(&self.replica)
             .arg(revision);
         let write = cmd.query_async::<i64>(&mut conn);
-        let _ = tokio::time::timeout(self.config.timeout * 4, write).await;
+        let _ = tokio::time::timeout(DOC_TIMEOUT, write).await;
     }
 
     /// Waits (polling, at most `within`) until every live replica has applied `revision`; returns the
@@ -169,7 +172,7 @@ impl Cluster {
                 .key(format!("{}:acks", self.doc_key(doc)))
                 .arg(revision);
             let read = call.invoke_async::<Vec<String>>(&mut conn);
-            if let Ok(Ok(l)) = tokio::time::timeout(self.config.timeout * 4, read).await {
+            if let Ok(Ok(l)) = tokio::time::timeout(DOC_TIMEOUT, read).await {
                 if l.is_empty() {
                     return l;
                 }

@@ -294,12 +294,15 @@ impl Cluster {
 
     /// One heartbeat: connect if needed, renew the lease, restate the holdings, count the fleet.
     async fn beat(&self) {
+        // A heartbeat may take up to half a lease: a slow one delays the next, and only a lease that
+        // runs out counts a replica out.
+        let bound = self.config.lease / 2;
         let conn = lock(&self.conn).clone();
         let mut conn = match conn {
             Some(c) => c,
             None => {
                 let connect = self.client.get_multiplexed_async_connection();
-                match tokio::time::timeout(self.config.heartbeat, connect).await {
+                match tokio::time::timeout(bound, connect).await {
                     Ok(Ok(c)) => c,
                     Ok(Err(e)) => return self.failed(Call::Heartbeat, e.to_string()),
                     Err(_) => return self.failed(Call::Heartbeat, "connecting timed out".into()),
@@ -320,7 +323,7 @@ impl Cluster {
         for (tenant, n) in &holdings {
             call.key(self.key(tenant, "inflight")).arg(*n);
         }
-        match tokio::time::timeout(self.config.heartbeat, call.invoke_async::<u32>(&mut conn)).await {
+        match tokio::time::timeout(bound, call.invoke_async::<u32>(&mut conn)).await {
             Ok(Ok(replicas)) => {
                 let replicas = replicas.max(1);
                 self.replicas.store(replicas, Ordering::Relaxed);

@@ -41,7 +41,7 @@ impl Cluster {
             .key(format!("{prefix}:lead:fence"))
             .arg(&self.replica)
             .arg(self.config.lease.as_millis() as u64);
-        let token = tokio::time::timeout(self.config.timeout * 4, call.invoke_async::<u64>(&mut conn)).await;
+        let token = tokio::time::timeout(crate::doc::DOC_TIMEOUT, call.invoke_async::<u64>(&mut conn)).await;
         match token {
             Ok(Ok(t)) if t > 0 => Some(t),
             _ => None,
@@ -66,7 +66,7 @@ impl Cluster {
             .ignore()
             .pexpire(&key, 3_600_000)
             .ignore();
-        match tokio::time::timeout(self.config.timeout * 4, pipe.query_async::<()>(&mut conn)).await {
+        match tokio::time::timeout(crate::doc::DOC_TIMEOUT, pipe.query_async::<()>(&mut conn)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(DocError::Unreachable(e.to_string())),
             Err(_) => Err(DocError::Unreachable("no answer in time".into())),
@@ -81,7 +81,7 @@ impl Cluster {
         let key = format!("{}:log:{name}", self.config.key_prefix);
         let mut cmd = redis::cmd("LRANGE");
         cmd.arg(&key).arg(0).arg(-1);
-        match tokio::time::timeout(self.config.timeout * 4, cmd.query_async::<Vec<Vec<u8>>>(&mut conn)).await {
+        match tokio::time::timeout(crate::doc::DOC_TIMEOUT, cmd.query_async::<Vec<Vec<u8>>>(&mut conn)).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(DocError::Unreachable(e.to_string())),
             Err(_) => Err(DocError::Unreachable("no answer in time".into())),

@@ -37,6 +37,8 @@ fn config(redis: &Redis) -> ClusterConfig {
     ClusterConfig {
         heartbeat: Duration::from_millis(100),
         lease: Duration::from_millis(500),
+        // Generous for a loaded 2-core test machine; production keeps the default 50 ms.
+        timeout: Duration::from_millis(500),
         ..ClusterConfig::new(redis.url())
     }
 }

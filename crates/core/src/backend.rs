@@ -58,9 +58,14 @@ pub struct ModelInfo {
 }
 
 impl ModelInfo {
+    /// Which version this is.
+    pub fn id(&self) -> crate::VersionId {
+        crate::VersionId::new(&self.name, &self.version)
+    }
+
     /// `name@version`, the form clients use to pin a version.
     pub fn qualified(&self) -> String {
-        format!("{}@{}", self.name, self.version)
+        self.id().to_string()
     }
 }
 

@@ -6,6 +6,7 @@ mod backend;
 mod event;
 mod limits;
 mod request;
+mod version;
 
 pub use backend::{Backend, BackendError, EventStream, ModelInfo, StatsStream, WorkerStats};
 pub use event::{Alternative, Completion, Event, FinishReason, Timings, TokenChunk, TokenDetail, Usage};
@@ -14,3 +15,4 @@ pub use limits::{
     check_sampling, echo,
 };
 pub use request::{ChatMessage, GenerationDefaults, Input, Role, Sampling, ValidRequest};
+pub use version::VersionId;

@@ -5,6 +5,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
+use ferroserve_core::VersionId;
 use ferroserve_proto::v1 as pb;
 use ferroserve_proto::v1::admin_server::Admin;
 use futures::{Stream, StreamExt};
@@ -343,7 +344,7 @@ impl Admin for AdminService {
         if cancel {
             // After the switch: nothing new reaches the version, and what runs there now ends (in a fleet,
             // every replica cancels its own when it applies the change).
-            self.in_flight.cancel(&format!("{}@{version}", state.model));
+            self.in_flight.cancel(&VersionId::new(&state.model, version));
         }
         Ok(Response::new(state))
     }

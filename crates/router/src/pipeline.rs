@@ -330,7 +330,7 @@ impl Pipeline {
                         permit,
                         prompt_estimate: estimate_prompt_tokens(&valid.input),
                         events,
-                        cancel: self.in_flight.watch(&model.qualified()),
+                        cancel: self.in_flight.watch(&model.id()),
                         model,
                         request_id,
                         arrived: arrival.at,

@@ -317,7 +317,7 @@ impl Pool {
         let label = match selector {
             ModelSelector::Default => default.clone().unwrap_or_else(|| "the default model".into()),
             ModelSelector::Name(n) => n.clone(),
-            ModelSelector::Pinned { name, version } => format!("{name}@{version}"),
+            ModelSelector::Pinned { name, version } => ferroserve_core::VersionId::new(name, version).to_string(),
         };
         let wanted = |info: &ModelInfo| match selector {
             ModelSelector::Default => default.as_deref() == Some(info.name.as_str()),

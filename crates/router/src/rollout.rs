@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use ferroserve_cluster::Cluster;
+use ferroserve_core::VersionId;
 use ferroserve_proto::v1 as pb;
 use ferroserve_telemetry::names;
 use serde::{Deserialize, Serialize};
@@ -24,7 +25,7 @@ pub use fleet::share_observations;
 
 use crate::observe::{Observations, Summary};
 use crate::pool::Pool;
-use crate::traffic::Traffic;
+use crate::traffic::{PolicyAction, Traffic};
 use crate::{ModelSelector, RouterError};
 
 /// How often a running rollout is judged.
@@ -117,6 +118,17 @@ pub(crate) enum Status {
 }
 
 impl Status {
+    /// The wire enum.
+    pub(crate) fn to_wire(self) -> pb::RolloutStatus {
+        match self {
+            Status::Running => pb::RolloutStatus::Running,
+            Status::Promoted => pb::RolloutStatus::Promoted,
+            Status::RolledBack => pb::RolloutStatus::RolledBack,
+            Status::Stopped => pb::RolloutStatus::Stopped,
+            Status::Superseded => pb::RolloutStatus::Superseded,
+        }
+    }
+
     /// The wire word (`RolloutState.status`).
     pub(crate) fn label(self) -> &'static str {
         match self {
@@ -230,6 +242,7 @@ impl Rollouts {
             return pb::RolloutState {
                 model: model.to_string(),
                 status: "none".into(),
+                status_code: pb::RolloutStatus::None as i32,
                 ..Default::default()
             };
         };
@@ -238,6 +251,7 @@ impl Rollouts {
             baseline: r.plan.baseline.clone(),
             canary: r.plan.canary.clone(),
             status: r.status.label().into(),
+            status_code: r.status.to_wire() as i32,
             step: r.step as u32,
             steps: r
                 .plan
@@ -317,7 +331,7 @@ impl Rollouts {
             return false;
         }
         let set = traffic
-            .commit(model, WHO, "set", &decision, |p| {
+            .commit(model, WHO, PolicyAction::Set, &decision, |p| {
                 p.weights = [(baseline.clone(), 100 - weight), (canary.clone(), weight)].into();
                 p.disabled.remove(&canary);
             })
@@ -375,7 +389,7 @@ impl Rollouts {
             self.finish(model, id, token, Status::Stopped, decision).await;
             return false;
         }
-        let qualified = |v: &str| format!("{model}@{v}");
+        let qualified = |v: &str| VersionId::new(model, v).to_string();
         let step_started = instant_of(run.step_started);
         let since = window_start(step_started, Instant::now(), run.plan.thresholds.window_ms);
         let (canary, baseline) = match cluster {
@@ -403,7 +417,7 @@ impl Rollouts {
             let (baseline_v, canary_v) = (run.plan.baseline.clone(), run.plan.canary.clone());
             let rolled_back = j
                 .traffic
-                .commit(model, WHO, "disable", &decision, |p| {
+                .commit(model, WHO, PolicyAction::Disable, &decision, |p| {
                     p.weights = [(baseline_v.clone(), 100)].into();
                     p.disabled.insert(canary_v.clone());
                 })

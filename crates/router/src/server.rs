@@ -34,7 +34,7 @@ use crate::observe::Observations;
 use crate::pipeline::{Pipeline, Protocol};
 use crate::registry::{LoadSpec, Registry, VersionLoader};
 use crate::rollout::Rollouts;
-use crate::traffic::{InFlight, Policy, Traffic};
+use crate::traffic::{InFlight, Policy, PolicyAction, Traffic};
 use crate::versions::Versions;
 use crate::{Pool, RouterError};
 use ferroserve_filter::FilterHub;
@@ -142,7 +142,9 @@ fn traffic(state_file: Option<std::path::PathBuf>, policies: Vec<(String, Policy
         if traffic.has_policy(&model) {
             tracing::info!(%model, "keeping the traffic policy saved before the restart over the config's");
         } else {
-            traffic.change(&model, "config", "set", "from the config at startup", |p| *p = policy);
+            traffic.change(&model, "config", PolicyAction::Set, "from the config at startup", |p| {
+                *p = policy
+            });
         }
     }
     traffic

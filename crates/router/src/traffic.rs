@@ -21,6 +21,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use ferroserve_cluster::Cluster;
+use ferroserve_core::VersionId;
 use ferroserve_telemetry::names;
 use tokio::sync::watch;
 
@@ -68,6 +69,54 @@ impl Policy {
     }
 }
 
+/// What a change of a traffic policy did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PolicyAction {
+    /// Set the split and cohorts.
+    Set,
+    /// Took a version out of traffic (the kill switch).
+    Disable,
+    /// Put a version back.
+    Enable,
+    /// Restored the policy before the last change.
+    Rollback,
+    /// Removed an unloaded version from the policy.
+    Unload,
+    /// Applied the fleet's policy (metrics only; never recorded in the history).
+    Sync,
+    /// Restored the saved policy at startup (metrics only).
+    Restore,
+}
+
+impl PolicyAction {
+    /// The wire enum (`Sync` and `Restore` are never recorded, so never sent).
+    pub fn to_wire(self) -> ferroserve_proto::v1::PolicyAction {
+        use ferroserve_proto::v1::PolicyAction as W;
+        match self {
+            PolicyAction::Set => W::Set,
+            PolicyAction::Disable => W::Disable,
+            PolicyAction::Enable => W::Enable,
+            PolicyAction::Rollback => W::Rollback,
+            PolicyAction::Unload => W::Unload,
+            PolicyAction::Sync | PolicyAction::Restore => W::Unspecified,
+        }
+    }
+
+    /// The word in metrics, the history and the wire.
+    pub fn label(self) -> &'static str {
+        match self {
+            PolicyAction::Set => "set",
+            PolicyAction::Disable => "disable",
+            PolicyAction::Enable => "enable",
+            PolicyAction::Rollback => "rollback",
+            PolicyAction::Unload => "unload",
+            PolicyAction::Sync => "sync",
+            PolicyAction::Restore => "restore",
+        }
+    }
+}
+
 /// One recorded change.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Change {
@@ -75,8 +124,8 @@ pub struct Change {
     pub at_unix_ms: u64,
     /// The operator.
     pub who: String,
-    /// `set`, `disable`, `enable` or `rollback`.
-    pub action: String,
+    /// What the change did.
+    pub action: PolicyAction,
     /// The model's policy after the change, and the reason.
     pub summary: String,
 }
@@ -137,7 +186,7 @@ impl Traffic {
                 Ok(state) => {
                     tracing::info!(path = %path.display(), models = state.policies.len(), "traffic policy restored");
                     for (model, policy) in &state.policies {
-                        publish(model, "restore", &Policy::default(), policy);
+                        publish(model, PolicyAction::Restore, &Policy::default(), policy);
                     }
                     state
                 }
@@ -204,7 +253,14 @@ impl Traffic {
 
     /// Replaces `model`'s policy with `edit` applied to it, recording the change, in this router alone
     /// (see [`Traffic::commit`] for a fleet).
-    pub fn change(&self, model: &str, who: &str, action: &str, reason: &str, edit: impl FnOnce(&mut Policy)) -> Policy {
+    pub fn change(
+        &self,
+        model: &str,
+        who: &str,
+        action: PolicyAction,
+        reason: &str,
+        edit: impl FnOnce(&mut Policy),
+    ) -> Policy {
         let mut state = self.state.write().expect("traffic lock");
         let (before, after) = edit_state(&mut state, model, who, action, reason, edit);
         publish(model, action, &before, &after);
@@ -217,7 +273,7 @@ impl Traffic {
     pub fn rollback(&self, model: &str, who: &str, reason: &str) -> Option<Policy> {
         let mut state = self.state.write().expect("traffic lock");
         let (current, previous) = rollback_state(&mut state, model, who, reason)?;
-        publish(model, "rollback", &current, &previous);
+        publish(model, PolicyAction::Rollback, &current, &previous);
         self.save(&state);
         Some(previous)
     }
@@ -260,22 +316,22 @@ impl Traffic {
 /// `cancel_in_flight` fires it.
 #[derive(Default)]
 pub struct InFlight {
-    versions: Mutex<HashMap<String, watch::Sender<u64>>>,
+    versions: Mutex<HashMap<VersionId, watch::Sender<u64>>>,
 }
 
 impl InFlight {
-    /// A receiver that changes when requests on `qualified` (`name@version`) are to be cancelled.
-    pub fn watch(&self, qualified: &str) -> watch::Receiver<u64> {
+    /// A receiver that changes when requests on `version` are to be cancelled.
+    pub fn watch(&self, version: &VersionId) -> watch::Receiver<u64> {
         let mut versions = self.versions.lock().expect("in-flight lock");
         versions
-            .entry(qualified.to_string())
+            .entry(version.clone())
             .or_insert_with(|| watch::Sender::new(0))
             .subscribe()
     }
 
-    /// Cancels every request in flight on `qualified`.
-    pub fn cancel(&self, qualified: &str) {
-        if let Some(tx) = self.versions.lock().expect("in-flight lock").get(qualified) {
+    /// Cancels every request in flight on `version`.
+    pub fn cancel(&self, version: &VersionId) {
+        if let Some(tx) = self.versions.lock().expect("in-flight lock").get(version) {
             tx.send_modify(|n| *n += 1);
         }
     }
@@ -283,11 +339,11 @@ impl InFlight {
 
 /// Publishes a change of `model`'s policy: the change counter, and each version's share and disabled gauge
 /// (versions that left the policy read 0).
-fn publish(model: &str, action: &str, before: &Policy, after: &Policy) {
+fn publish(model: &str, action: PolicyAction, before: &Policy, after: &Policy) {
     metrics::counter!(
         names::TRAFFIC_POLICY_CHANGES_TOTAL,
         names::LABEL_MODEL => model.to_string(),
-        names::LABEL_ACTION => action.to_string(),
+        names::LABEL_ACTION => action.label(),
     )
     .increment(1);
     let enabled = |v: &str| {
@@ -323,7 +379,7 @@ fn edit_state(
     state: &mut State,
     model: &str,
     who: &str,
-    action: &str,
+    action: PolicyAction,
     reason: &str,
     edit: impl FnOnce(&mut Policy),
 ) -> (Policy, Policy) {
@@ -345,11 +401,11 @@ fn rollback_state(state: &mut State, model: &str, who: &str, reason: &str) -> Op
     let previous = state.undo.get_mut(model)?.pop()?;
     let current = state.policies.get(model).cloned().unwrap_or_default();
     state.policies.insert(model.to_string(), previous.clone());
-    record(state, model, who, "rollback", &previous, reason);
+    record(state, model, who, PolicyAction::Rollback, &previous, reason);
     Some((current, previous))
 }
 
-fn record(state: &mut State, model: &str, who: &str, action: &str, policy: &Policy, reason: &str) {
+fn record(state: &mut State, model: &str, who: &str, action: PolicyAction, policy: &Policy, reason: &str) {
     let at_unix_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
@@ -357,11 +413,11 @@ fn record(state: &mut State, model: &str, who: &str, action: &str, policy: &Poli
     if !reason.is_empty() {
         summary.push_str(&format!(" ({reason})"));
     }
-    tracing::info!(%who, %action, %summary, "traffic policy changed");
+    tracing::info!(%who, action = action.label(), %summary, "traffic policy changed");
     state.history.push_back(Change {
         at_unix_ms,
         who: who.to_string(),
-        action: action.to_string(),
+        action,
         summary,
     });
     if state.history.len() > HISTORY {
@@ -378,7 +434,7 @@ mod tests {
     }
 
     fn split(t: &Traffic, stable: u32, canary: u32) {
-        t.change("m", "test", "set", "", |p| {
+        t.change("m", "test", PolicyAction::Set, "", |p| {
             p.weights = [("stable".to_string(), stable), ("canary".to_string(), canary)].into();
         });
     }
@@ -432,7 +488,7 @@ mod tests {
     fn disable_moves_every_request_and_rollback_restores_the_split() {
         let t = Traffic::default();
         split(&t, 50, 50);
-        t.change("m", "ops", "disable", "bad canary", |p| {
+        t.change("m", "ops", PolicyAction::Disable, "bad canary", |p| {
             p.disabled.insert("canary".into());
         });
         for i in 0..500 {
@@ -449,7 +505,7 @@ mod tests {
         assert!(restored.disabled.is_empty());
         assert_eq!(restored.weights["canary"], 50);
         let history = t.history();
-        let actions: Vec<&str> = history.iter().map(|c| c.action.as_str()).collect();
+        let actions: Vec<&str> = history.iter().map(|c| c.action.label()).collect();
         assert_eq!(actions, ["set", "disable", "rollback"]);
         assert_eq!(history[1].who, "ops");
         assert!(history[1].summary.contains("disabled canary") && history[1].summary.contains("bad canary"));
@@ -461,7 +517,7 @@ mod tests {
     fn cohorts_and_unavailable_versions() {
         let t = Traffic::default();
         split(&t, 100, 0);
-        t.change("m", "ops", "set", "", |p| {
+        t.change("m", "ops", PolicyAction::Set, "", |p| {
             p.cohorts.insert("beta".into(), "canary".into());
         });
         let beta = VersionAsk {
@@ -516,7 +572,7 @@ mod tests {
             ]
         );
         metrics::with_local_recorder(&recorder, || {
-            t.change("m", "ops", "disable", "", |p| {
+            t.change("m", "ops", PolicyAction::Disable, "", |p| {
                 p.disabled.insert("canary".into());
             })
         });
@@ -542,10 +598,10 @@ mod tests {
         let path = dir.join("traffic.json");
         let _ = std::fs::remove_file(&path);
         let t = Traffic::persisted(Some(path.clone()));
-        t.change("m", "ops", "set", "canary", |p| {
+        t.change("m", "ops", PolicyAction::Set, "canary", |p| {
             p.weights = BTreeMap::from([("a".into(), 9), ("b".into(), 1)]);
         });
-        t.change("m", "ops", "disable", "bad canary", |p| {
+        t.change("m", "ops", PolicyAction::Disable, "bad canary", |p| {
             p.disabled.insert("b".into());
         });
         drop(t);

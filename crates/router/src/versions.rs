@@ -4,13 +4,14 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use ferroserve_core::VersionId;
 use ferroserve_proto::v1 as pb;
 
 use crate::RouterError;
 use crate::pool::Pool;
-use crate::registry::{LoadSpec, Progress, Registry, VersionLoader};
+use crate::registry::{LoadSpec, Phase, Progress, Registry, VersionLoader};
 use crate::rollout::Plan;
-use crate::traffic::{Policy, Traffic};
+use crate::traffic::{Policy, PolicyAction, Traffic};
 use ferroserve_core::RequestLimits;
 
 /// The admin call's header naming the operator, for the history.
@@ -103,18 +104,24 @@ impl Versions {
                     .next()
                     .map(|w| w.model.defaults.clone())
                     .unwrap_or_default();
-                let state = if policy.disabled.contains(v) {
-                    if in_flight > 0 { "draining" } else { "disabled" }.to_string()
+                let phase = if policy.disabled.contains(v) {
+                    if in_flight > 0 {
+                        Phase::Draining
+                    } else {
+                        Phase::Disabled
+                    }
                 } else if of_version.clone().next().is_some() {
-                    "ready".to_string()
+                    Phase::Ready
                 } else {
-                    self.registry
-                        .get(&format!("{name}@{v}"))
-                        .unwrap_or_else(|| "unloaded".into())
+                    self.registry.get(&VersionId::new(name, v)).unwrap_or(Phase::Unloaded)
                 };
+                let (wire_phase, load_percent, failure) = phase.to_wire();
                 pb::VersionState {
                     version: v.clone(),
-                    state,
+                    state: phase.to_string(),
+                    phase: wire_phase as i32,
+                    load_percent,
+                    failure,
                     share: if total == 0 {
                         0.0
                     } else {
@@ -151,7 +158,8 @@ impl Versions {
                 .map(|c| pb::PolicyChange {
                     at_unix_ms: c.at_unix_ms,
                     who: c.who,
-                    action: c.action,
+                    action: c.action.label().into(),
+                    kind: c.action.to_wire() as i32,
                     summary: c.summary,
                 })
                 .collect(),
@@ -192,7 +200,7 @@ impl Versions {
         let weights: BTreeMap<String, u32> = r.weights.into_iter().collect();
         let cohorts: BTreeMap<String, String> = r.cohorts.into_iter().collect();
         self.traffic
-            .commit(&name, who, "set", &r.reason, |p: &mut Policy| {
+            .commit(&name, who, PolicyAction::Set, &r.reason, |p: &mut Policy| {
                 p.weights = weights.clone();
                 p.cohorts = cohorts.clone();
             })
@@ -210,7 +218,11 @@ impl Versions {
     ) -> Result<pb::TrafficState, RouterError> {
         let name = model(&self.pool, &r.model)?;
         check_version(&self.pool, &name, &r.version, "version")?;
-        let action = if disable { "disable" } else { "enable" };
+        let action = if disable {
+            PolicyAction::Disable
+        } else {
+            PolicyAction::Enable
+        };
         let cancel = disable && r.cancel_in_flight;
         self.traffic
             .commit(&name, who, action, &r.reason, |p| {
@@ -262,9 +274,9 @@ impl Versions {
         if r.version.is_empty() || r.version.contains('@') {
             return Err(invalid("version", "give a label without `@`, e.g. q8_0".into()));
         }
-        let qualified = format!("{name}@{}", r.version);
+        let qualified = VersionId::new(&name, &r.version);
         if self.pool.versions(&name).contains(&r.version)
-            || self.registry.get(&qualified).is_some_and(|s| s.starts_with("loading"))
+            || matches!(self.registry.get(&qualified), Some(Phase::Loading { .. }))
         {
             return Err(invalid(
                 "version",
@@ -292,11 +304,14 @@ impl Versions {
     /// Loads `spec` in the background: `loading`, then `ready` (it joins the pool) or `failed: why` (nothing
     /// else changes).
     pub(crate) fn start_load(&self, loader: &Arc<dyn VersionLoader>, spec: LoadSpec) {
-        let qualified = format!("{}@{}", spec.name, spec.version);
-        self.registry.set(&qualified, "loading");
+        let qualified = VersionId::new(&spec.name, &spec.version);
+        self.registry.set(&qualified, Phase::Loading { percent: 0 });
         let progress: Progress = {
             let (registry, qualified) = (Arc::clone(&self.registry), qualified.clone());
-            Arc::new(move |done: f32| registry.set(&qualified, format!("loading {:.0} %", done * 100.0)))
+            Arc::new(move |done: f32| {
+                let percent = (done.clamp(0.0, 1.0) * 100.0).round() as u8;
+                registry.set(&qualified, Phase::Loading { percent });
+            })
         };
         let (pool, registry, load) = (
             Arc::clone(&self.pool),
@@ -307,11 +322,11 @@ impl Versions {
             match load.await {
                 Ok(backend) => {
                     pool.add(backend);
-                    registry.set(&qualified, "ready");
+                    registry.set(&qualified, Phase::Ready);
                 }
                 Err(e) => {
                     tracing::warn!(version = %qualified, error = %e, "loading a version failed; nothing changed");
-                    registry.set(&qualified, format!("failed: {e}"));
+                    registry.set(&qualified, Phase::Failed(e));
                 }
             }
         });
@@ -332,14 +347,14 @@ impl Versions {
         }
         let version = r.version.clone();
         self.traffic
-            .commit(&name, who, "unload", &r.reason, |p| {
+            .commit(&name, who, PolicyAction::Unload, &r.reason, |p| {
                 p.weights.remove(&version);
                 p.cohorts.retain(|_, v| *v != version);
                 p.disabled.remove(&version);
             })
             .await?;
         self.pool.remove_version(&name, &r.version);
-        self.registry.set(&format!("{name}@{}", r.version), "unloaded");
+        self.registry.set(&VersionId::new(&name, &r.version), Phase::Unloaded);
         Ok(self.state(&name))
     }
 }

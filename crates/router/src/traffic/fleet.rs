@@ -12,7 +12,8 @@ use std::sync::Arc;
 
 use ferroserve_cluster::{Cluster, DocError, Replicated};
 
-use super::{InFlight, Policy, State, Traffic, edit_state, publish, rollback_state};
+use super::{InFlight, Policy, PolicyAction, State, Traffic, edit_state, publish, rollback_state};
+use ferroserve_core::VersionId;
 
 impl Replicated for Traffic {
     fn doc(&self) -> &'static str {
@@ -53,7 +54,7 @@ impl Traffic {
         &self,
         model: &str,
         who: &str,
-        action: &str,
+        action: PolicyAction,
         reason: &str,
         edit: impl Fn(&mut Policy),
     ) -> Result<Policy, DocError> {
@@ -112,11 +113,11 @@ impl Traffic {
             if before == after {
                 continue;
             }
-            publish(&model, "sync", before, after);
+            publish(&model, PolicyAction::Sync, before, after);
             if let Some((_, in_flight)) = self.fleet.get() {
                 for (version, count) in &after.cancels {
                     if before.cancels.get(version).is_none_or(|c| c < count) {
-                        in_flight.cancel(&format!("{model}@{version}"));
+                        in_flight.cancel(&VersionId::new(&model, version));
                     }
                 }
             }
