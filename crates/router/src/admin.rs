@@ -15,12 +15,10 @@ use tonic::{Request, Response, Status};
 use ferroserve_admission::{LimitsPatch, LimitsView};
 use ferroserve_filter::{Feedback, FilterHub};
 
+use crate::catalog::Catalog;
 use crate::control::SharedControl;
 use crate::live::Live;
-use crate::observe::Observations;
 use crate::pool::Pool;
-use crate::rollout::Rollouts;
-use crate::traffic::InFlight;
 use crate::versions::{self, Versions};
 use crate::{ModelSelector, RouterError};
 
@@ -34,14 +32,10 @@ pub(crate) struct AdminService {
     pub filters: Arc<FilterHub>,
     /// Filter selection and limit changes, shared with the fleet.
     pub control: Arc<SharedControl>,
-    /// Each version's recent outcomes.
-    pub observations: Arc<Observations>,
-    /// The automatic canary analyses.
-    pub rollouts: Arc<Rollouts>,
-    /// The traffic policy, the versions' workers and their loads.
+    /// The versions, their traffic, rollouts, outcomes and in-flight cancel handles.
+    pub catalog: Arc<Catalog>,
+    /// The Admin calls on versions and traffic, over the catalog.
     pub versions: Versions,
-    /// Cancels requests in flight on a disabled version.
-    pub in_flight: Arc<InFlight>,
     /// The server's shutdown: watch streams end as soon as it drains.
     pub drain: ferroserve_net::DrainWatch,
 }
@@ -344,7 +338,7 @@ impl Admin for AdminService {
         if cancel {
             // After the switch: nothing new reaches the version, and what runs there now ends (in a fleet,
             // every replica cancels its own when it applies the change).
-            self.in_flight.cancel(&VersionId::new(&state.model, version));
+            self.catalog.in_flight.cancel(&VersionId::new(&state.model, version));
         }
         Ok(Response::new(state))
     }
@@ -369,16 +363,19 @@ impl Admin for AdminService {
         request: Request<pb::StartRolloutRequest>,
     ) -> Result<Response<pb::RolloutState>, Status> {
         let plan = versions::rollout_plan(&self.pool, request.into_inner())?;
-        let (traffic, observations) = (Arc::clone(&self.versions.traffic), Arc::clone(&self.observations));
+        let (traffic, observations) = (
+            Arc::clone(&self.catalog.traffic),
+            Arc::clone(&self.catalog.observations),
+        );
         let pool = Arc::clone(&self.pool);
         Ok(Response::new(
-            self.rollouts.start(plan, traffic, observations, pool).await?,
+            self.catalog.rollouts.start(plan, traffic, observations, pool).await?,
         ))
     }
 
     async fn get_rollout(&self, request: Request<pb::GetRolloutRequest>) -> Result<Response<pb::RolloutState>, Status> {
         let model = versions::model(&self.pool, &request.get_ref().model)?;
-        Ok(Response::new(self.rollouts.state(&model)))
+        Ok(Response::new(self.catalog.rollouts.state(&model)))
     }
 
     async fn load_version(

@@ -14,6 +14,7 @@
 
 mod admin;
 pub mod affinity;
+mod catalog;
 mod control;
 mod deadline;
 mod error;

@@ -14,12 +14,11 @@ use ferroserve_proto::v1 as pb;
 use tonic::Status;
 
 use crate::affinity::PrefixKeys;
+use crate::catalog::{Asking, Catalog};
 use crate::live::Live;
 use crate::migrate::Handoff;
-use crate::observe::Observations;
 use crate::pool::Pool;
 use crate::relay::{Dispatched, record_outcome, until, verdict_to_wire};
-use crate::traffic::{InFlight, Traffic, VersionAsk};
 use crate::validate::{Checked, validate};
 use crate::{ModelSelector, RouterError};
 
@@ -62,12 +61,8 @@ pub(crate) struct Pipeline {
     pub limits: RequestLimits,
     /// The content filter, swappable live.
     pub filters: Arc<FilterHub>,
-    /// Which version takes a request, changeable live.
-    pub traffic: Arc<Traffic>,
-    /// Each version's recent outcomes, for the canary analysis.
-    pub observations: Arc<Observations>,
-    /// Cancels requests in flight on a disabled version.
-    pub in_flight: Arc<InFlight>,
+    /// Which version takes a request (the traffic policy), where its outcomes go, and what cancels it.
+    pub catalog: Arc<Catalog>,
     /// How long a streaming client may take no message before it is given up on.
     pub client_stall: Duration,
     /// How long a worker may send no event before the request moves to another.
@@ -264,29 +259,13 @@ impl Pipeline {
     /// The version the traffic policy sends this request to, as a pin; the request's own selector when
     /// the model has no policy.
     fn route(&self, checked: &Checked, arrival: &Arrival) -> ModelSelector {
-        let selector = checked.selector.clone();
-        let (name, pinned) = match &selector {
-            ModelSelector::Default => match self.pool.default_name() {
-                Some(name) => (name, None),
-                None => return selector,
-            },
-            ModelSelector::Name(name) => (name.clone(), None),
-            ModelSelector::Pinned { name, version } => (name.clone(), Some(version.as_str())),
-        };
-        // The common case, no policy: skip collecting the serving versions.
-        if !self.traffic.has_policy(&name) {
-            return selector;
-        }
-        let ask = VersionAsk {
-            pinned,
+        let asking = Asking {
+            selector: &checked.selector,
             session: Some(checked.session.as_str()).filter(|s| !s.is_empty()),
             cohort: arrival.cohort.as_deref(),
             request_id: &checked.request.request_id,
         };
-        match self.traffic.choose(&name, ask, &self.pool.healthy_versions(&name)) {
-            Some(version) => ModelSelector::Pinned { name, version },
-            None => selector,
-        }
+        self.catalog.choose(&self.pool, asking)
     }
 
     /// Hands the request to the least loaded worker of its version, trying another if one is full or
@@ -330,13 +309,13 @@ impl Pipeline {
                         permit,
                         prompt_estimate: estimate_prompt_tokens(&valid.input),
                         events,
-                        cancel: self.in_flight.watch(&model.id()),
+                        cancel: self.catalog.in_flight.watch(&model.id()),
                         model,
                         request_id,
                         arrived: arrival.at,
                         deadline: arrival.deadline(),
                         guard: guard.take(),
-                        observations: Arc::clone(&self.observations),
+                        observations: Arc::clone(&self.catalog.observations),
                         protocol: arrival.protocol,
                     })));
                 }

@@ -26,15 +26,14 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Status};
 
 use crate::admin::AdminService;
+use crate::catalog::Catalog;
 use crate::control::SharedControl;
 use crate::http::{HttpDoor, HttpLimits, serve_http};
 use crate::inference::{InferenceService, authorization};
 use crate::live::Live;
-use crate::observe::Observations;
 use crate::pipeline::{Pipeline, Protocol};
-use crate::registry::{LoadSpec, Registry, VersionLoader};
-use crate::rollout::Rollouts;
-use crate::traffic::{InFlight, Policy, PolicyAction, Traffic};
+use crate::registry::{LoadSpec, VersionLoader};
+use crate::traffic::{Policy, PolicyAction, Traffic};
 use crate::versions::Versions;
 use crate::{Pool, RouterError};
 use ferroserve_filter::FilterHub;
@@ -152,16 +151,15 @@ fn traffic(state_file: Option<std::path::PathBuf>, policies: Vec<(String, Policy
 
 /// The version control wing, starting the configured extra versions' loads.
 fn versions(
-    traffic: Arc<Traffic>,
+    catalog: Arc<Catalog>,
     pool: Arc<Pool>,
     loader: Option<Arc<dyn VersionLoader>>,
     preload: Vec<LoadSpec>,
     limits: RequestLimits,
 ) -> Versions {
     let versions = Versions {
-        traffic,
+        catalog,
         pool,
-        registry: Arc::new(Registry::default()),
         loader,
         limits,
     };
@@ -227,30 +225,13 @@ pub async fn serve(
     let follower = follow_pool(&pool, switch.clone());
     let drain = Drain::new(config.drain, switch);
     let (reflection_v1, reflection_v1alpha) = ferroserve_net::reflection_services();
-    let traffic = traffic(config.state_file.clone(), policies);
-    let observations = Arc::new(Observations::default());
-    let in_flight = Arc::new(InFlight::default());
+    let catalog = Catalog::new(traffic(config.state_file.clone(), policies));
     let control = SharedControl::new(Arc::clone(&live), Arc::clone(&filters));
-    let rollouts = Arc::new(Rollouts::default());
     let mut syncing = Vec::new();
     if let Some(cluster) = live.cluster() {
-        traffic.join(Arc::clone(cluster), Arc::clone(&in_flight)).await;
+        syncing = catalog.join(cluster, &pool).await;
         control.join(Arc::clone(cluster)).await;
-        syncing.push(tokio::spawn(crate::traffic::follow(Arc::clone(&traffic))));
         syncing.push(tokio::spawn(Arc::clone(cluster).follow_doc(Arc::clone(&control))));
-        rollouts
-            .join(
-                Arc::clone(cluster),
-                Arc::clone(&traffic),
-                Arc::clone(&observations),
-                Arc::clone(&pool),
-            )
-            .await;
-        syncing.push(tokio::spawn(Arc::clone(cluster).follow_doc(Arc::clone(&rollouts))));
-        syncing.push(tokio::spawn(crate::rollout::share_observations(
-            Arc::clone(&observations),
-            Arc::clone(cluster),
-        )));
     }
     let max_request_bytes = config.limits.max_request_bytes;
     let pipeline = Arc::new(Pipeline {
@@ -258,9 +239,7 @@ pub async fn serve(
         live: Arc::clone(&live),
         limits: config.limits,
         filters: Arc::clone(&filters),
-        traffic: Arc::clone(&traffic),
-        observations: Arc::clone(&observations),
-        in_flight: Arc::clone(&in_flight),
+        catalog: Arc::clone(&catalog),
         client_stall: config.client_stall,
         worker_stall: config.worker_stall,
         drain: drain.watch(),
@@ -271,17 +250,15 @@ pub async fn serve(
     })
     .max_decoding_message_size(max_request_bytes);
     let inference = InterceptedService::new(inference, inference_auth(Arc::clone(&pipeline)));
-    let versions = versions(traffic, Arc::clone(&pool), loader, preload, config.limits);
+    let versions = versions(Arc::clone(&catalog), Arc::clone(&pool), loader, preload, config.limits);
     let admin_auth = admin_auth(Arc::clone(&live));
     let admin = AdminServer::new(AdminService {
         pool,
         live,
         filters,
         control,
-        observations,
-        rollouts,
+        catalog,
         versions,
-        in_flight,
         drain: drain.watch(),
     })
     .max_decoding_message_size(max_request_bytes);

@@ -8,10 +8,11 @@ use ferroserve_core::VersionId;
 use ferroserve_proto::v1 as pb;
 
 use crate::RouterError;
+use crate::catalog::Catalog;
 use crate::pool::Pool;
-use crate::registry::{LoadSpec, Phase, Progress, Registry, VersionLoader};
+use crate::registry::{LoadSpec, Phase, Progress, VersionLoader};
 use crate::rollout::Plan;
-use crate::traffic::{Policy, PolicyAction, Traffic};
+use crate::traffic::{Policy, PolicyAction};
 use ferroserve_core::RequestLimits;
 
 /// The admin call's header naming the operator, for the history.
@@ -63,12 +64,10 @@ fn check_version(pool: &Pool, name: &str, version: &str, field: &str) -> Result<
 
 /// The version controls behind the `Admin` RPCs: the traffic policy, the workers, and the loads.
 pub(crate) struct Versions {
-    /// Which version takes a request.
-    pub traffic: Arc<Traffic>,
+    /// The traffic policy and the load phases.
+    pub catalog: Arc<Catalog>,
     /// The workers, of every version.
     pub pool: Arc<Pool>,
-    /// Load states, for versions loaded or unloaded here.
-    pub registry: Arc<Registry>,
     /// How to load a version into this server, when it can.
     pub loader: Option<Arc<dyn VersionLoader>>,
     /// Request shape limits, which a loaded version's stop strings also meet.
@@ -78,10 +77,15 @@ pub(crate) struct Versions {
 impl Versions {
     /// The traffic state of `name`: its policy, each version's state, share and workers, and the history.
     fn state(&self, name: &str) -> pb::TrafficState {
-        let policy = self.traffic.policy(name);
+        let policy = self.catalog.traffic.policy(name);
         let workers = self.pool.workers();
         let mut versions = self.pool.versions(name);
-        for v in policy.weights.keys().cloned().chain(self.registry.versions(name)) {
+        for v in policy
+            .weights
+            .keys()
+            .cloned()
+            .chain(self.catalog.registry.versions(name))
+        {
             if !versions.contains(&v) {
                 versions.push(v);
             }
@@ -113,7 +117,10 @@ impl Versions {
                 } else if of_version.clone().next().is_some() {
                     Phase::Ready
                 } else {
-                    self.registry.get(&VersionId::new(name, v)).unwrap_or(Phase::Unloaded)
+                    self.catalog
+                        .registry
+                        .get(&VersionId::new(name, v))
+                        .unwrap_or(Phase::Unloaded)
                 };
                 let (wire_phase, load_percent, failure) = phase.to_wire();
                 pb::VersionState {
@@ -152,6 +159,7 @@ impl Versions {
             cohorts: policy.cohorts.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             versions: version_states,
             history: self
+                .catalog
                 .traffic
                 .history()
                 .into_iter()
@@ -199,7 +207,8 @@ impl Versions {
         }
         let weights: BTreeMap<String, u32> = r.weights.into_iter().collect();
         let cohorts: BTreeMap<String, String> = r.cohorts.into_iter().collect();
-        self.traffic
+        self.catalog
+            .traffic
             .commit(&name, who, PolicyAction::Set, &r.reason, |p: &mut Policy| {
                 p.weights = weights.clone();
                 p.cohorts = cohorts.clone();
@@ -224,7 +233,8 @@ impl Versions {
             PolicyAction::Enable
         };
         let cancel = disable && r.cancel_in_flight;
-        self.traffic
+        self.catalog
+            .traffic
             .commit(&name, who, action, &r.reason, |p| {
                 if disable {
                     p.disabled.insert(r.version.clone());
@@ -246,7 +256,8 @@ impl Versions {
         r: pb::RollbackTrafficRequest,
     ) -> Result<pb::TrafficState, RouterError> {
         let name = model(&self.pool, &r.model)?;
-        self.traffic
+        self.catalog
+            .traffic
             .commit_rollback(&name, who, &r.reason)
             .await?
             .ok_or_else(|| RouterError::Invalid {
@@ -276,7 +287,7 @@ impl Versions {
         }
         let qualified = VersionId::new(&name, &r.version);
         if self.pool.versions(&name).contains(&r.version)
-            || matches!(self.registry.get(&qualified), Some(Phase::Loading { .. }))
+            || matches!(self.catalog.registry.get(&qualified), Some(Phase::Loading { .. }))
         {
             return Err(invalid(
                 "version",
@@ -305,9 +316,9 @@ impl Versions {
     /// else changes).
     pub(crate) fn start_load(&self, loader: &Arc<dyn VersionLoader>, spec: LoadSpec) {
         let qualified = VersionId::new(&spec.name, &spec.version);
-        self.registry.set(&qualified, Phase::Loading { percent: 0 });
+        self.catalog.registry.set(&qualified, Phase::Loading { percent: 0 });
         let progress: Progress = {
-            let (registry, qualified) = (Arc::clone(&self.registry), qualified.clone());
+            let (registry, qualified) = (Arc::clone(&self.catalog.registry), qualified.clone());
             Arc::new(move |done: f32| {
                 let percent = (done.clamp(0.0, 1.0) * 100.0).round() as u8;
                 registry.set(&qualified, Phase::Loading { percent });
@@ -315,7 +326,7 @@ impl Versions {
         };
         let (pool, registry, load) = (
             Arc::clone(&self.pool),
-            Arc::clone(&self.registry),
+            Arc::clone(&self.catalog.registry),
             loader.load(spec, progress),
         );
         tokio::spawn(async move {
@@ -346,7 +357,8 @@ impl Versions {
             });
         }
         let version = r.version.clone();
-        self.traffic
+        self.catalog
+            .traffic
             .commit(&name, who, PolicyAction::Unload, &r.reason, |p| {
                 p.weights.remove(&version);
                 p.cohorts.retain(|_, v| *v != version);
@@ -354,7 +366,9 @@ impl Versions {
             })
             .await?;
         self.pool.remove_version(&name, &r.version);
-        self.registry.set(&VersionId::new(&name, &r.version), Phase::Unloaded);
+        self.catalog
+            .registry
+            .set(&VersionId::new(&name, &r.version), Phase::Unloaded);
         Ok(self.state(&name))
     }
 }
