@@ -320,7 +320,7 @@ impl<C: Clock + Clone> Admission<C> {
             }
             return Err(e);
         }
-        let slots = st.server.shared.max_in_flight.unwrap_or(u32::MAX);
+        let slots = st.slots();
         let must_wait = st.running >= slots || !st.queue.is_empty();
         let ahead = if must_wait {
             let mine = rank(ask.tenant.priority);
@@ -450,7 +450,7 @@ impl<C: Clock + Clone> Admission<C> {
             if permit.used.is_some() {
                 st.estimate.observe(permit.started.elapsed(), permit.timing);
             }
-            let slots = st.server.shared.max_in_flight.unwrap_or(u32::MAX);
+            let slots = st.slots();
             while st.running < slots {
                 let Some((_, w)) = st.queue.pop_first() else { break };
                 st.queued_tokens -= u64::from(w.reserved);
@@ -505,7 +505,7 @@ impl<C: Clock + Clone> Admission<C> {
             &mut st.server_buckets,
             Buckets::new(&TenantLimits::default(), &self.clock),
         );
-        st.server_buckets = old.reconfigure(&limits.server.shared, &self.clock);
+        st.server_buckets = old.reconfigure(&limits.server.shared.shared_by(st.share), &self.clock);
         st.server = limits.server;
         st.tenants
             .retain(|name, t| limits.tenants.contains_key(name) || t.running + t.queued > 0);
@@ -545,7 +545,7 @@ impl<C: Clock + Clone> Admission<C> {
                     &mut st.server_buckets,
                     Buckets::new(&TenantLimits::default(), &self.clock),
                 );
-                st.server_buckets = old.reconfigure(&next.shared, &self.clock);
+                st.server_buckets = old.reconfigure(&next.shared.shared_by(st.share), &self.clock);
                 st.server = next;
                 Ok(server_view(st))
             }
@@ -570,9 +570,10 @@ impl<C: Clock + Clone> Admission<C> {
         }
     }
 
-    /// Sets how many replicas enforce the tenant limits apart: each tenant's buckets and cap become
-    /// 1/`replicas` of its limits (levels carried). A fleet sets this to its live replica count, so that a
-    /// replica cut off from the shared store admits only its part.
+    /// Sets how many replicas share this gate's limits: the server's rates and slots become 1/`replicas`
+    /// of its limits (the replicas front the same workers), and so do each tenant's buckets and cap, which
+    /// only apply while the shared store is unreachable (levels carried). A fleet sets this to its live
+    /// replica count.
     pub fn set_share(&self, replicas: u32) {
         let replicas = replicas.max(1);
         let mut guard = self.lock();
@@ -581,6 +582,11 @@ impl<C: Clock + Clone> Admission<C> {
             return;
         }
         st.share = replicas;
+        let old = std::mem::replace(
+            &mut st.server_buckets,
+            Buckets::new(&TenantLimits::default(), &self.clock),
+        );
+        st.server_buckets = old.reconfigure(&st.server.shared.shared_by(replicas), &self.clock);
         for t in st.tenants.values_mut() {
             let effective = t.limits.shared_by(replicas);
             t.rebucket(&effective, &self.clock);
@@ -641,6 +647,15 @@ impl<C: Clock + Clone> Admission<C> {
 }
 
 impl<C: Clock + Clone> State<C> {
+    /// The requests this replica runs at once: the server's cap, or its share of it in a fleet.
+    fn slots(&self) -> u32 {
+        self.server
+            .shared
+            .shared_by(self.share)
+            .max_in_flight
+            .unwrap_or(u32::MAX)
+    }
+
     /// Gives request cells and tokens back to the server's buckets, and to the tenant's when they were
     /// taken from them (`Scope::Local`).
     fn refund(&self, tenant: &str, scope: Scope, requests: u32, tokens: u32) {

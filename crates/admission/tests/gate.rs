@@ -233,3 +233,49 @@ fn a_deadline_that_cannot_be_met_is_shed_once_the_service_time_is_known() {
     deadline_ask.max_tokens = 2;
     assert!(matches!(g.admit(deadline_ask), Ok(Admitted::Now(_))));
 }
+
+#[tokio::test]
+async fn a_fleet_replica_runs_its_share_of_the_slots_and_checks_only_the_server_for_cluster_decided_asks() {
+    let capped = TenantLimits {
+        max_in_flight: Some(1),
+        ..TenantLimits::default()
+    };
+    let g = gate(4, 8, &[("t", capped)]);
+    g.set_share(2);
+    // Two of the four slots are this replica's; the third request waits.
+    let a = now(&g, ask("other", Priority::Interactive, 1));
+    let b = now(&g, ask("other", Priority::Interactive, 1));
+    assert!(matches!(
+        g.admit(ask("other", Priority::Interactive, 1)),
+        Ok(Admitted::Queued(_))
+    ));
+    drop((a, b));
+    // A tenant decided in the shared store is not held to the local share of its own cap (1 of 1 here).
+    let g = gate(
+        4,
+        8,
+        &[(
+            "t",
+            TenantLimits {
+                max_in_flight: Some(1),
+                ..TenantLimits::default()
+            },
+        )],
+    );
+    g.set_share(2);
+    let first = g.admit_in(ask("t", Priority::Interactive, 1), ferroserve_admission::Scope::Cluster);
+    let second = g.admit_in(ask("t", Priority::Interactive, 1), ferroserve_admission::Scope::Cluster);
+    assert!(matches!(
+        (&first, &second),
+        (Ok(Admitted::Now(_)), Ok(Admitted::Now(_)))
+    ));
+    // Decided here, it is.
+    drop((first, second));
+    let local = now(&g, ask("t", Priority::Interactive, 1));
+    let e = g
+        .admit(ask("t", Priority::Interactive, 1))
+        .err()
+        .expect("over the tenant's cap");
+    assert_eq!(e.reason, Reason::TenantConcurrency);
+    drop(local);
+}

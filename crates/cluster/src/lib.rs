@@ -17,12 +17,14 @@
 //!   itself degraded (`ferroserve_cluster_redis_up` 0, `GetLimits`), and goes back to Redis at the first
 //!   heartbeat that reaches it.
 //!
-//! - **Control documents** (the traffic policy: splits, cohorts, the kill switch, its history) are stored
-//!   whole with a revision, changed only by compare-and-set, announced by pub/sub and checked at every
-//!   heartbeat; a change returns once every live replica has applied it ([`doc`]).
-//!
-//! The server-wide limits (`[admission]`: slots, queue, server rates) stay each replica's own: they
-//! describe what this replica may put in flight.
+//! - **Control documents** (the traffic policy, the filter selection and Admin's limit changes, the
+//!   rollouts) are stored whole with a revision, changed only by compare-and-set, announced by pub/sub and
+//!   checked at every heartbeat; a change returns once every live replica has applied it ([`doc`]).
+//! - **Leadership and shared logs**: one replica leads a role (a rollout's judge) under a lease with a
+//!   fencing token, over outcomes every replica appends to a bounded log (lead.rs).
+//! - **The server-wide limits** (`[admission]`: slots and server rates) describe the workers every replica
+//!   fronts, so each replica takes its share: 1/N of the slots and rates. The waiting queue stays each
+//!   replica's own.
 #![forbid(unsafe_code)]
 
 pub mod doc;
