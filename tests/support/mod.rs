@@ -5,6 +5,7 @@
 pub mod certs;
 pub mod dnsmasq;
 pub mod faults;
+pub mod fleet;
 pub mod procs;
 pub mod proxy;
 pub mod raw;

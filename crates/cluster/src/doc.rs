@@ -190,11 +190,11 @@ impl Cluster {
             Ok(Err(e)) => return Err(DocError::Unreachable(e.to_string())),
             Err(_) => return Err(DocError::Unreachable("connecting timed out".into())),
         };
-        pubsub
-            .subscribe(self.doc_channel(doc))
-            .await
-            .map_err(|e| DocError::Unreachable(e.to_string()))?;
-        Ok(pubsub)
+        match tokio::time::timeout(DOC_TIMEOUT, pubsub.subscribe(self.doc_channel(doc))).await {
+            Ok(Ok(())) => Ok(pubsub),
+            Ok(Err(e)) => Err(DocError::Unreachable(e.to_string())),
+            Err(_) => Err(DocError::Unreachable("subscribing timed out".into())),
+        }
     }
 }
 
@@ -252,9 +252,15 @@ impl Cluster {
             self.ack_doc(doc, new).await;
             return Ok(());
         }
+        // Revisions only rise, unless Redis lost the document (then the fleet's revision is below ours).
+        let lost = revision < value.revision();
         if revision != value.revision() {
             let (revision, bytes) = self.load_doc(doc).await?;
-            if let Some(b) = bytes {
+            // A commit of ours may have installed a newer revision since the read: never go back to an
+            // older one, save after a loss.
+            if let Some(b) = bytes
+                && (revision > value.revision() || lost)
+            {
                 value.install(revision, &b);
             }
         }

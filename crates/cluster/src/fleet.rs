@@ -172,8 +172,7 @@ impl Cluster {
             return Ok(Reservation::new(Scope::Local, ticket));
         };
         let started = Instant::now();
-        let holding = ticket.holding();
-        let invocation = self.reserve_call(tenant, &ticket.limits, tokens, holding, clock_us);
+        let invocation = self.reserve_call(tenant, &ticket.limits, tokens, clock_us);
         let call = invocation.invoke_async::<(i64, u64)>(&mut conn);
         match tokio::time::timeout(self.config.timeout, call).await {
             Ok(Ok((0, _))) => {
@@ -212,7 +211,6 @@ impl Cluster {
         tenant: &str,
         limits: &TenantLimits,
         tokens: u32,
-        holding: u32,
         clock_us: u64,
     ) -> redis::ScriptInvocation<'static> {
         let (rq_interval, rq_burst) = bucket(limits.requests);
@@ -229,9 +227,7 @@ impl Cluster {
             .arg(tk_burst)
             .arg(tokens)
             .arg(limits.max_in_flight.unwrap_or(0))
-            .arg(&self.replica)
-            .arg(holding.saturating_sub(1))
-            .arg(holding);
+            .arg(&self.replica);
         call
     }
 
@@ -262,20 +258,16 @@ impl Cluster {
         lock(&self.conn).clone()
     }
 
-    /// Counts one more request held for `tenant`; returns the new holding.
-    pub(crate) fn hold(&self, tenant: &str) -> u32 {
-        let mut held = lock(&self.held);
-        let n = held.entry(tenant.to_string()).or_insert(0);
-        *n += 1;
-        *n
+    /// Counts one more request held for `tenant` (restated to Redis at each heartbeat).
+    pub(crate) fn hold(&self, tenant: &str) {
+        *lock(&self.held).entry(tenant.to_string()).or_insert(0) += 1;
     }
 
-    /// Counts one request fewer held for `tenant`; returns the new holding.
-    pub(crate) fn release(&self, tenant: &str) -> u32 {
-        let mut held = lock(&self.held);
-        let Some(n) = held.get_mut(tenant) else { return 0 };
-        *n = n.saturating_sub(1);
-        *n
+    /// Counts one request fewer held for `tenant`.
+    pub(crate) fn release(&self, tenant: &str) {
+        if let Some(n) = lock(&self.held).get_mut(tenant) {
+            *n = n.saturating_sub(1);
+        }
     }
 
     /// A call to Redis failed: decide locally until the next heartbeat reaches it.
@@ -379,9 +371,10 @@ async fn heartbeats(cluster: Weak<Cluster>) {
     }
 }
 
-/// A bucket's interval in microseconds and burst, or zeros for no limit.
-pub(crate) fn bucket(rate: Option<ferroserve_admission::Rate>) -> (u64, u32) {
-    rate.map_or((0, 0), |r| ((r.interval().as_nanos() as u64 / 1000).max(1), r.burst))
+/// A bucket's interval in microseconds (fractional: 40M tokens a minute is 1.5 µs a token) and burst, or
+/// zeros for no limit.
+pub(crate) fn bucket(rate: Option<ferroserve_admission::Rate>) -> (f64, u32) {
+    rate.map_or((0.0, 0), |r| ((r.interval().as_secs_f64() * 1e6).max(1e-3), r.burst))
 }
 
 /// The rejection for a refusal code of the reserve script.

@@ -38,8 +38,10 @@ end
 /// Admits one request, all or nothing: the in-flight cap, then a request cell, then the token reservation.
 ///
 /// KEYS: requests bucket, tokens bucket, in-flight hash, replicas set.
-/// ARGV: clock, request interval (µs, 0 = no limit), request burst, token interval (µs, 0 = none), token
-/// burst, tokens to reserve, in-flight cap (0 = none), replica id, the replica's holdings before and after.
+/// ARGV: clock, request interval (µs, fractional; 0 = no limit), request burst, token interval (µs, 0 =
+/// none), token burst, tokens to reserve, in-flight cap (0 = none), replica id. The in-flight count goes up
+/// by one (HINCRBY: writes from one replica's concurrent requests commute; the heartbeat restates the
+/// total).
 /// Returns `{code, wait µs}`: 0 admitted, 1 requests, 2 tokens, 3 concurrency, 4 more tokens than the
 /// bucket holds.
 const RESERVE: &str = r"
@@ -53,13 +55,15 @@ local function over(key, interval, burst, n)
 end
 local cap = tonumber(ARGV[7])
 if cap > 0 then
-  local held = tonumber(ARGV[9])
+  local held = 0
   local ms = math.floor(now / 1000)
   local h = redis.call('HGETALL', KEYS[3])
   for i = 1, #h, 2 do
-    if h[i] ~= ARGV[8] then
-      local lease = tonumber(redis.call('ZSCORE', KEYS[4], h[i]) or '0')
-      if lease >= ms then held = held + tonumber(h[i + 1]) else redis.call('HDEL', KEYS[3], h[i]) end
+    local lease = tonumber(redis.call('ZSCORE', KEYS[4], h[i]) or '0')
+    if h[i] == ARGV[8] or lease >= ms then
+      held = held + tonumber(h[i + 1])
+    else
+      redis.call('HDEL', KEYS[3], h[i])
     end
   end
   if held >= cap then return {3, 0} end
@@ -72,7 +76,7 @@ local twait, tnext = over(KEYS[2], tonumber(ARGV[4]), tonumber(ARGV[5]), tokens)
 if twait then return {2, math.ceil(twait)} end
 if rnext > 0 then store(KEYS[1], rnext) end
 if tnext > 0 then store(KEYS[2], tnext) end
-if cap > 0 then redis.call('HSET', KEYS[3], ARGV[8], ARGV[10]) end
+if cap > 0 then redis.call('HINCRBY', KEYS[3], ARGV[8], 1) end
 return {0, 0}
 ";
 
@@ -81,7 +85,7 @@ return {0, 0}
 ///
 /// KEYS: requests bucket, tokens bucket, in-flight hash.
 /// ARGV: clock, request interval (µs, 0 = none), cells to refund, token interval (µs, 0 = none), tokens to
-/// move (positive: refund; negative: charge), replica id, the replica's holdings now.
+/// move (positive: refund; negative: charge), replica id, 1 if the reservation counted an in-flight slot.
 const SETTLE: &str = r"
 local rint = tonumber(ARGV[2])
 if rint > 0 and tonumber(ARGV[3]) > 0 then
@@ -96,10 +100,9 @@ if tint > 0 and delta > 0 then
 elseif tint > 0 and delta < 0 then
   store(KEYS[2], math.max(tat_of(KEYS[2]), now) - delta * tint)
 end
-if tonumber(ARGV[7]) > 0 then
-  redis.call('HSET', KEYS[3], ARGV[6], ARGV[7])
-else
-  redis.call('HDEL', KEYS[3], ARGV[6])
+if ARGV[7] == '1' then
+  local left = redis.call('HINCRBY', KEYS[3], ARGV[6], -1)
+  if left <= 0 then redis.call('HDEL', KEYS[3], ARGV[6]) end
 end
 return 0
 ";

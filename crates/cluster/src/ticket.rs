@@ -43,7 +43,6 @@ pub struct Ticket {
     tenant: String,
     pub(crate) limits: TenantLimits,
     reserved: u32,
-    holding: u32,
     /// Reserved in Redis (else decided locally: only the holding to give back).
     pub(crate) shared: bool,
     /// `Some` once the request ran: the tokens it reported using.
@@ -58,22 +57,16 @@ type Settlement = (ScriptInvocation<'static>, MultiplexedConnection);
 impl Ticket {
     /// A hold on one more request of `tenant`.
     pub(crate) fn new(cluster: Arc<Cluster>, tenant: &str, limits: TenantLimits, reserved: u32) -> Ticket {
-        let holding = cluster.hold(tenant);
+        cluster.hold(tenant);
         Ticket {
             cluster,
             tenant: tenant.to_string(),
             limits,
             reserved,
-            holding,
             shared: false,
             ran: None,
             released: false,
         }
-    }
-
-    /// The replica's holding for the tenant, this request included, when it was reserved.
-    pub(crate) fn holding(&self) -> u32 {
-        self.holding
     }
 
     /// The request ran and used `used` tokens (`None`: it reported none, so the reservation is refunded).
@@ -104,7 +97,7 @@ impl Ticket {
         if std::mem::replace(&mut self.released, true) {
             return None;
         }
-        let holding = self.cluster.release(&self.tenant);
+        self.cluster.release(&self.tenant);
         if !self.shared {
             return None;
         }
@@ -127,7 +120,7 @@ impl Ticket {
             .arg(tk_interval)
             .arg(tokens)
             .arg(&self.cluster.replica)
-            .arg(holding);
+            .arg(u8::from(self.limits.max_in_flight.is_some()));
         Some((call, conn))
     }
 }

@@ -25,7 +25,7 @@ pub use fleet::share_observations;
 
 use crate::observe::{Observations, Summary};
 use crate::pool::Pool;
-use crate::traffic::{PolicyAction, Traffic};
+use crate::traffic::{Policy, PolicyAction, Traffic};
 use crate::{ModelSelector, RouterError};
 
 /// How often a running rollout is judged.
@@ -277,14 +277,15 @@ impl Rollouts {
             .cloned()
     }
 
-    /// Changes run `id` of `model` with `change` if it is still running and no newer judge wrote it; true
-    /// when changed. In a fleet the change is a compare-and-set on the shared state, fenced by `token`.
-    async fn transition(&self, model: &str, id: u64, token: u64, change: impl Fn(&mut Run)) -> bool {
+    /// Changes run `id` of `model` with `change` if it is still running at step `at_step` and no newer
+    /// judge wrote it; true when changed. In a fleet the change is a compare-and-set on the shared state,
+    /// fenced by `token`.
+    async fn transition(&self, model: &str, id: u64, token: u64, at_step: usize, change: impl Fn(&mut Run)) -> bool {
         let me = self.fleet.get().map(|s| s.cluster.state().replica).unwrap_or_default();
         let apply = |runs: &mut HashMap<String, Run>| {
             let run = runs
                 .get_mut(model)
-                .filter(|r| r.id == id && r.status == Status::Running && r.judge <= token)?;
+                .filter(|r| r.id == id && r.status == Status::Running && r.judge <= token && r.step == at_step)?;
             run.judge = token;
             if token > 0 {
                 run.judged_by = me.clone();
@@ -321,7 +322,7 @@ impl Rollouts {
         let (baseline, canary) = (run.plan.baseline.clone(), run.plan.canary.clone());
         let decision = format!("step {}: canary {canary} at {weight} %", step + 1);
         let entered = self
-            .transition(model, id, token, |r| {
+            .transition(model, id, token, step.saturating_sub(1), |r| {
                 r.step = step;
                 r.step_started = SystemTime::now();
                 r.decisions.push(decision.clone());
@@ -330,15 +331,15 @@ impl Rollouts {
         if !entered {
             return false;
         }
-        let set = traffic
-            .commit(model, WHO, PolicyAction::Set, &decision, |p| {
-                p.weights = [(baseline.clone(), 100 - weight), (canary.clone(), weight)].into();
+        // Only the start re-enables the canary: later steps must not undo an operator's kill switch made
+        // meanwhile (the next judgement then stops the rollout).
+        commit_retrying(traffic, model, PolicyAction::Set, &decision, |p| {
+            p.weights = [(baseline.clone(), 100 - weight), (canary.clone(), weight)].into();
+            if step == 0 {
                 p.disabled.remove(&canary);
-            })
-            .await;
-        if let Err(e) = set {
-            tracing::error!(%model, error = %e, "the rollout could not set its step's split");
-        }
+            }
+        })
+        .await;
         metrics::gauge!(names::ROLLOUT_CANARY_WEIGHT, names::LABEL_MODEL => model.to_string()).set(f64::from(weight));
         if step > 0 {
             metrics::counter!(names::ROLLOUT_DECISIONS_TOTAL, names::LABEL_MODEL => model.to_string(), names::LABEL_DECISION => "promote").increment(1);
@@ -347,8 +348,8 @@ impl Rollouts {
     }
 
     /// Ends run `id` with `status`, recording `decision`.
-    async fn finish(&self, model: &str, id: u64, token: u64, status: Status, decision: String) -> bool {
-        self.transition(model, id, token, |r| {
+    async fn finish(&self, model: &str, run: &Run, token: u64, status: Status, decision: String) -> bool {
+        self.transition(model, run.id, token, run.step, |r| {
             r.status = status;
             r.decisions.push(decision.clone());
         })
@@ -386,8 +387,8 @@ impl Rollouts {
         if j.traffic.policy(model).disabled.contains(&run.plan.canary) {
             let decision = format!("stopped at step {}: an operator disabled the canary", run.step + 1);
             metrics::gauge!(names::ROLLOUT_CANARY_WEIGHT, names::LABEL_MODEL => model.to_string()).set(0.0);
-            self.finish(model, id, token, Status::Stopped, decision).await;
-            return false;
+            // Not recorded (Redis, or another judge): judge again; the run's state decides.
+            return !self.finish(model, run, token, Status::Stopped, decision).await;
         }
         let qualified = |v: &str| VersionId::new(model, v).to_string();
         let step_started = instant_of(run.step_started);
@@ -409,22 +410,17 @@ impl Rollouts {
         if let Some(reason) = breach(&run.plan.thresholds, &canary, &baseline) {
             let decision = format!("rolled back at step {}: {reason}", run.step + 1);
             if !self
-                .finish(model, id, token, Status::RolledBack, decision.clone())
+                .finish(model, run, token, Status::RolledBack, decision.clone())
                 .await
             {
                 return true;
             }
             let (baseline_v, canary_v) = (run.plan.baseline.clone(), run.plan.canary.clone());
-            let rolled_back = j
-                .traffic
-                .commit(model, WHO, PolicyAction::Disable, &decision, |p| {
-                    p.weights = [(baseline_v.clone(), 100)].into();
-                    p.disabled.insert(canary_v.clone());
-                })
-                .await;
-            if let Err(e) = rolled_back {
-                tracing::error!(%model, error = %e, "could not take the rolled-back canary out of traffic");
-            }
+            commit_retrying(&j.traffic, model, PolicyAction::Disable, &decision, |p| {
+                p.weights = [(baseline_v.clone(), 100)].into();
+                p.disabled.insert(canary_v.clone());
+            })
+            .await;
             tracing::warn!(%model, %decision, "canary rolled back");
             metrics::gauge!(names::ROLLOUT_CANARY_WEIGHT, names::LABEL_MODEL => model.to_string()).set(0.0);
             metrics::counter!(names::ROLLOUT_DECISIONS_TOTAL, names::LABEL_MODEL => model.to_string(), names::LABEL_DECISION => "rollback").increment(1);
@@ -439,11 +435,31 @@ impl Rollouts {
         if run.step + 1 == run.plan.steps.len() {
             let taken = take_drift_baseline(&j.pool, model, &run.plan.canary).await;
             let decision = format!("promoted: canary {} has all traffic; {taken}", run.plan.canary);
-            self.finish(model, id, token, Status::Promoted, decision).await;
-            return false;
+            return !self.finish(model, run, token, Status::Promoted, decision).await;
         }
         self.enter_step(model, id, run.step + 1, token, &j.traffic).await;
         true
+    }
+}
+
+/// A rollout's traffic change, tried again for a few seconds if the fleet's store does not take it: a
+/// recorded decision must reach traffic.
+async fn commit_retrying(
+    traffic: &Traffic,
+    model: &str,
+    action: PolicyAction,
+    decision: &str,
+    edit: impl Fn(&mut Policy),
+) {
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    for attempt in 1..=20 {
+        tick.tick().await;
+        match traffic.commit(model, WHO, action, decision, &edit).await {
+            Ok(_) => return,
+            Err(e) => {
+                tracing::error!(%model, attempt, error = %e, "the rollout's traffic change did not commit; retrying")
+            }
+        }
     }
 }
 

@@ -56,7 +56,9 @@ impl Replicated for Rollouts {
     }
 
     fn seed(&self) -> Option<Vec<u8>> {
-        None
+        // After Redis lost its data, the running rollouts continue from this replica's copy.
+        let runs = self.runs.lock().expect("rollout lock");
+        (!runs.is_empty()).then(|| encode(&runs))
     }
 
     fn install(&self, revision: u64, bytes: &[u8]) {
