@@ -321,14 +321,9 @@ impl Rollouts {
         let (weight, _) = run.plan.steps[step];
         let (baseline, canary) = (run.plan.baseline.clone(), run.plan.canary.clone());
         let decision = format!("step {}: canary {canary} at {weight} %", step + 1);
-        let entered = self
-            .transition(model, id, token, step.saturating_sub(1), |r| {
-                r.step = step;
-                r.step_started = SystemTime::now();
-                r.decisions.push(decision.clone());
-            })
-            .await;
-        if !entered {
+        let at = step.saturating_sub(1);
+        // Claim the step (fenced), set its split, then record it: whoever reads the step sees its split.
+        if !self.transition(model, id, token, at, |_| {}).await {
             return false;
         }
         // Only the start re-enables the canary: later steps must not undo an operator's kill switch made
@@ -340,6 +335,16 @@ impl Rollouts {
             }
         })
         .await;
+        let entered = self
+            .transition(model, id, token, at, |r| {
+                r.step = step;
+                r.step_started = SystemTime::now();
+                r.decisions.push(decision.clone());
+            })
+            .await;
+        if !entered {
+            return false;
+        }
         metrics::gauge!(names::ROLLOUT_CANARY_WEIGHT, names::LABEL_MODEL => model.to_string()).set(f64::from(weight));
         if step > 0 {
             metrics::counter!(names::ROLLOUT_DECISIONS_TOTAL, names::LABEL_MODEL => model.to_string(), names::LABEL_DECISION => "promote").increment(1);
@@ -409,10 +414,9 @@ impl Rollouts {
         }
         if let Some(reason) = breach(&run.plan.thresholds, &canary, &baseline) {
             let decision = format!("rolled back at step {}: {reason}", run.step + 1);
-            if !self
-                .finish(model, run, token, Status::RolledBack, decision.clone())
-                .await
-            {
+            // Claim the decision (fenced), take the canary out of traffic, then record it: whoever reads
+            // "rolled_back" finds the canary disabled.
+            if !self.transition(model, id, token, run.step, |_| {}).await {
                 return true;
             }
             let (baseline_v, canary_v) = (run.plan.baseline.clone(), run.plan.canary.clone());
@@ -421,6 +425,12 @@ impl Rollouts {
                 p.disabled.insert(canary_v.clone());
             })
             .await;
+            if !self
+                .finish(model, run, token, Status::RolledBack, decision.clone())
+                .await
+            {
+                return true;
+            }
             tracing::warn!(%model, %decision, "canary rolled back");
             metrics::gauge!(names::ROLLOUT_CANARY_WEIGHT, names::LABEL_MODEL => model.to_string()).set(0.0);
             metrics::counter!(names::ROLLOUT_DECISIONS_TOTAL, names::LABEL_MODEL => model.to_string(), names::LABEL_DECISION => "rollback").increment(1);
