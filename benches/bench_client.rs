@@ -12,66 +12,21 @@
 //! Both targets are measured: gRPC (Ferroserve's API) and OpenAI SSE. Results also go to
 //! target/bench-client.json. Environment: BENCH_CLIENT_REQUESTS (default 2000).
 
+#[path = "shared/mock_load.rs"]
+mod mock_load;
+
 use std::time::Duration;
 
-use ferroserve_bench::load::{Bound, Level, LoadSettings};
+use ferroserve_bench::load::Level;
 use ferroserve_bench::mock::{MockBehaviour, MockServer};
-use ferroserve_bench::prompts::{PromptSource, Prompts};
-use ferroserve_bench::report::{RunConfig, RunResult};
-use ferroserve_bench::target::{Generation, TargetSpec};
-use ferroserve_bench::{Bench, run};
+use ferroserve_bench::report::RunResult;
+use mock_load::{cpu_time, run_level};
 
-/// User plus system CPU time of this process, from /proc (Linux); zero elsewhere.
-fn cpu_time() -> Duration {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
-        return Duration::ZERO;
-    };
-    // Fields after the command name (which is in parentheses and may hold spaces).
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name; 100 ticks/s is
-    // the Linux default (sysconf(_SC_CLK_TCK)).
-    Duration::from_millis((ticks(11) + ticks(12)) * 10)
-}
-
+/// One closed-loop level against a mock, and the CPU time this process spent on it.
 async fn measure(url: &str, level: Level, requests: u32, max_tokens: u32) -> (RunResult, Duration) {
-    let config = RunConfig {
-        generation: Generation {
-            model: String::new(),
-            max_tokens,
-            ignore_eos: true,
-            temperature: 0.0,
-        },
-        prompts: PromptSource::Synthetic {
-            input_tokens: 16,
-            chat: false,
-        },
-        mean_input_tokens: 16.0,
-        load: LoadSettings {
-            levels: vec![level],
-            bound: Bound::Requests(requests),
-            warmup: 8,
-            timeout_secs: 60.0,
-            burstiness: 1.0,
-            max_concurrency: None,
-            seed: 1,
-        },
-        slo: None,
-    };
-    let prompts = Prompts::load(&config.prompts, 1, 256, None).expect("synthetic prompts");
-    let bench = Bench {
-        label: url.to_string(),
-        target: TargetSpec::parse(url, false, false).expect("mock URL"),
-        api_key: None,
-        tls: Default::default(),
-        config,
-        show_progress: false,
-        server_build: Some("mock server".into()),
-    };
-    let cpu = cpu_time();
-    let result = run(&bench, prompts, |_| {}).await.expect("run against the mock");
-    (result, cpu_time().saturating_sub(cpu))
+    let cpu = cpu_time("self");
+    let result = run_level(url, level, requests, 8, max_tokens, "mock server").await;
+    (result, cpu_time("self").saturating_sub(cpu))
 }
 
 #[tokio::main(flavor = "multi_thread")]

@@ -12,67 +12,24 @@
 //! latency at high rates includes that contention. Environment: ROUTER_COST_RATES (default 1000,5000),
 //! ROUTER_COST_SECONDS per level (default 5).
 
-use std::process::Stdio;
-use std::time::Duration;
+#[path = "shared/mock_load.rs"]
+mod mock_load;
 
-use ferroserve_bench::load::{Bound, Level, LoadSettings};
+use std::process::Stdio;
+
+use ferroserve_bench::load::Level;
 use ferroserve_bench::mock::{MockBehaviour, MockServer};
-use ferroserve_bench::prompts::{PromptSource, Prompts};
-use ferroserve_bench::report::RunConfig;
 use ferroserve_bench::stats::LevelResult;
-use ferroserve_bench::target::{Generation, TargetSpec};
-use ferroserve_bench::{Bench, run};
+use mock_load::{cpu_time, run_level};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 const MAX_TOKENS: u32 = 8;
 
-/// User plus system CPU time of process `pid`, from /proc (Linux; 100 ticks a second).
-fn cpu_time(pid: u32) -> Duration {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return Duration::ZERO;
-    };
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    Duration::from_millis((ticks(11) + ticks(12)) * 10)
-}
-
+/// `seconds` of Poisson arrivals at `rate` against `url` (after 200 uncounted requests).
 async fn measure(url: &str, rate: f64, seconds: f64) -> LevelResult {
-    let config = RunConfig {
-        generation: Generation {
-            model: String::new(),
-            max_tokens: MAX_TOKENS,
-            ignore_eos: true,
-            temperature: 0.0,
-        },
-        prompts: PromptSource::Synthetic {
-            input_tokens: 16,
-            chat: false,
-        },
-        mean_input_tokens: 16.0,
-        load: LoadSettings {
-            levels: vec![Level::Rate(rate)],
-            bound: Bound::Requests((rate * seconds) as u32),
-            warmup: 200,
-            timeout_secs: 60.0,
-            burstiness: 1.0,
-            max_concurrency: None,
-            seed: 1,
-        },
-        slo: None,
-    };
-    let prompts = Prompts::load(&config.prompts, 1, 256, None).expect("synthetic prompts");
-    let bench = Bench {
-        label: url.to_string(),
-        target: TargetSpec::parse(url, false, false).expect("grpc URL"),
-        api_key: None,
-        tls: Default::default(),
-        config,
-        show_progress: false,
-        server_build: Some("mock".into()),
-    };
-    let result = run(&bench, prompts, |_| {}).await.expect("the run completes");
+    let requests = (rate * seconds) as u32;
+    let result = run_level(url, Level::Rate(rate), requests, 200, MAX_TOKENS, "mock").await;
     result.levels.into_iter().next().expect("one level")
 }
 
@@ -137,7 +94,7 @@ async fn main() {
     let worker_url = format!("http://{worker}");
     let args = ["router", "--config", config.to_str().unwrap(), "--worker", &worker_url];
     let (router, addr) = spawn(ferroserve, &[&args[..], &loopback].concat()).await;
-    let router_pid = router.id().expect("running");
+    let router_pid = router.id().expect("running").to_string();
     let routed = format!("grpc://{addr}");
     // The router serves once the worker joined; a short run until nothing fails.
     for _ in 0..100 {
@@ -152,9 +109,9 @@ async fn main() {
     println!("|---|---|---|---|---|---|---|---|---|");
     for rate in rates {
         let d = measure(&direct, rate, seconds).await;
-        let cpu = cpu_time(router_pid);
+        let cpu = cpu_time(&router_pid);
         let r = measure(&routed, rate, seconds).await;
-        let cpu_per_request = cpu_time(router_pid).saturating_sub(cpu).as_secs_f64() * 1e6 / r.completed.max(1) as f64;
+        let cpu_per_request = cpu_time(&router_pid).saturating_sub(cpu).as_secs_f64() * 1e6 / r.completed.max(1) as f64;
         for (name, l) in [("mock direct", &d), ("router + mock worker", &r)] {
             let added = if std::ptr::eq(l, &r) {
                 (

@@ -144,9 +144,8 @@ fn to_wire(s: &Sample) -> Wire {
 }
 
 fn from_wire(w: Wire) -> Sample {
-    let ago = Duration::from_millis(unix_ms(SystemTime::now()).saturating_sub(w.t));
     Sample {
-        at: Instant::now().checked_sub(ago).unwrap_or_else(Instant::now),
+        at: super::instant_of(UNIX_EPOCH + Duration::from_millis(w.t)),
         failed: w.f,
         ttft: w.ttft_us.map(Duration::from_micros),
         itl: w.itl_us.map(Duration::from_micros),
