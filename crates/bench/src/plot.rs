@@ -92,13 +92,64 @@ pub fn plot(runs: &[RunResult], dir: &Path) -> Result<Vec<PathBuf>, BenchError> 
     std::fs::create_dir_all(dir).map_err(|e| BenchError::io(dir, e))?;
     let mut written = Vec::new();
     for chart in charts(runs) {
-        let png = dir.join(format!("{}.png", chart.stem));
-        draw(BitMapBackend::new(&png, SIZE), &chart)?;
-        let svg = dir.join(format!("{}.svg", chart.stem));
-        draw(SVGBackend::new(&svg, SIZE), &chart)?;
-        written.extend([png, svg]);
+        written.extend(write(dir, &chart)?);
     }
     Ok(written)
+}
+
+/// One line of a chart drawn by [`line_chart`].
+pub struct Line {
+    /// Legend text.
+    pub name: String,
+    /// Points in data units.
+    pub points: Vec<(f64, f64)>,
+    /// Dashed instead of solid.
+    pub dashed: bool,
+    /// A dot on each point (for few points).
+    pub markers: bool,
+}
+
+/// Draws one line chart, each line in its own hue, as `<dir>/<stem>.png` and
+/// `.svg` (for other tools' charts: `ferroserve plan`). Returns the files written.
+pub fn line_chart(
+    dir: &Path,
+    stem: &'static str,
+    title: &str,
+    axes: [&str; 2],
+    lines: Vec<Line>,
+) -> Result<Vec<PathBuf>, BenchError> {
+    font()?;
+    std::fs::create_dir_all(dir).map_err(|e| BenchError::io(dir, e))?;
+    let series = lines
+        .into_iter()
+        .enumerate()
+        .map(|(run, l)| Series {
+            name: l.name,
+            points: l.points,
+            run,
+            shade: 0,
+            shades: 1,
+            markers: l.markers,
+            dashed: l.dashed,
+        })
+        .collect();
+    let chart = Chart {
+        stem,
+        title: title.into(),
+        x: axes[0].into(),
+        y: axes[1].into(),
+        series,
+    };
+    write(dir, &chart)
+}
+
+/// Writes `chart` as PNG and SVG into `dir`.
+fn write(dir: &Path, chart: &Chart) -> Result<Vec<PathBuf>, BenchError> {
+    let png = dir.join(format!("{}.png", chart.stem));
+    draw(BitMapBackend::new(&png, SIZE), chart)?;
+    let svg = dir.join(format!("{}.svg", chart.stem));
+    draw(SVGBackend::new(&svg, SIZE), chart)?;
+    Ok(vec![png, svg])
 }
 
 /// The load axis name for these runs.

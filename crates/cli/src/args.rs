@@ -99,6 +99,10 @@ pub struct ServerArgs {
     /// router that uses it (overrides cluster.redis_url; `serve` and `router` only).
     #[arg(long, env = "FERROSERVE_REDIS_URL")]
     pub redis_url: Option<String>,
+    /// Read and validate the config (with these flags, and every file it names), print what was checked,
+    /// and exit without loading a model or binding a port: 0 if it would start, 1 with the reason if not.
+    #[arg(long)]
+    pub check_config: bool,
 }
 
 /// Options of the worker command.

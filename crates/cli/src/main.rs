@@ -56,5 +56,6 @@ async fn main() -> anyhow::Result<()> {
         Command::Model(a) => commands::model::run(a),
         Command::Models(a) => commands::models::run(a).await,
         Command::Bench(a) => commands::bench::run(a).await,
+        Command::Plan(a) => commands::plan::run(a),
     }
 }

@@ -7,6 +7,7 @@ pub mod generate;
 mod listen;
 pub mod model;
 pub mod models;
+pub mod plan;
 pub mod servers;
 
 use std::path::PathBuf;
