@@ -42,6 +42,9 @@ pub enum Command {
     /// Load tester: measures Ferroserve or any OpenAI-compatible server (`bench compare`, `bench plot`
     /// read the result files).
     Bench(crate::commands::bench::BenchArgs),
+    /// Capacity and cost planner: workers, routers, `max_batch_seqs`, $/hour and spot mix for a workload at
+    /// an SLO, from `ferroserve bench` results; `--simulate 10,1000` replays a day under the autoscaling rules.
+    Plan(crate::commands::plan::PlanArgs),
     /// Makes a running server re-read its config file and apply its keys and limits (as SIGHUP does).
     Reload(crate::commands::admin::AdminConn),
 }

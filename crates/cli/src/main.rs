@@ -23,6 +23,16 @@ async fn announce_and_run(what: &str, running: Running) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--check-config`: the settings were read and validated; says which file, for an init container's log.
+fn config_checked(what: &str, args: &ferroserve::args::ServerArgs) -> anyhow::Result<()> {
+    let file = args.config.as_ref().map_or_else(
+        || "configs/ferroserve.toml (default)".to_string(),
+        |p| p.display().to_string(),
+    );
+    println!("ferroserve {what}: config OK: {file}");
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -30,11 +40,17 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(a) => {
             let settings = a.reloadable_settings(Role::Router, &[])?;
+            if a.check_config {
+                return config_checked("serve", &a);
+            }
             let model = commands::resolve_model(&settings, &ferroserve::Bars::default())?;
             announce_and_run("serve", servers::start_serve(settings, model).await?).await
         }
         Command::Worker(a) => {
             let settings = a.server.settings(Role::Worker, &[])?;
+            if a.server.check_config {
+                return config_checked("worker", &a.server);
+            }
             let model = if a.mock {
                 servers::WorkerModel::Mock {
                     per_token: std::time::Duration::from_micros(a.mock_token_us),
@@ -46,6 +62,9 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Router(a) => {
             let settings = a.server.reloadable_settings(Role::Router, &a.workers)?;
+            if a.server.check_config {
+                return config_checked("router", &a.server);
+            }
             announce_and_run("router", servers::start_router(settings).await?).await
         }
         Command::Generate(a) => commands::generate::run(a).await,

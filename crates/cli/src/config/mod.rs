@@ -25,6 +25,7 @@ use serde::Deserialize;
 mod cluster;
 mod network;
 mod router;
+mod secrets;
 mod versions;
 pub use network::{ConnectionsSection, ServerSection, WorkerSection};
 pub use router::RouterSection;
@@ -196,8 +197,12 @@ impl LimitFields {
 pub struct AuthSection {
     /// sha256 (hex) of the admin credential for the `Admin` service.
     pub admin_token_sha256: Option<String>,
+    /// A file holding `admin_token_sha256` (a Kubernetes Secret mounted as a file); re-read on reload.
+    pub admin_token_sha256_file: Option<PathBuf>,
     /// Data-plane keys, one table per key.
     pub keys: Vec<KeySection>,
+    /// A TOML file of more `[[keys]]` tables (a mounted Secret), added to `keys`; re-read on reload.
+    pub keys_file: Option<PathBuf>,
     /// Allow binding a non-loopback address with no keys (also `--allow-unauthenticated`). `Admin` stays
     /// closed there until `admin_token_sha256` is set.
     pub allow_unauthenticated: bool,
@@ -543,10 +548,12 @@ impl FileConfig {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => return Ok(FileConfig::default()),
             Err(e) => return Err(err("--config", format!("cannot read {}: {e}", path.display()))),
         };
-        toml::from_str(&text).map_err(|e| {
+        let mut file: FileConfig = toml::from_str(&text).map_err(|e| {
             let key = e.message().split('`').nth(1).unwrap_or("(file)").to_string();
             err(&key, format!("{} (in {})", e.to_string().trim(), path.display()))
-        })
+        })?;
+        file.read_secret_files()?;
+        Ok(file)
     }
 
     /// Checks every value and produces typed settings.

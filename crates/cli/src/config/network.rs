@@ -63,6 +63,8 @@ pub struct WorkerSection {
     pub metrics_listen: String,
     /// sha256 (hex) of the internal-plane token routers must send; unset accepts any caller.
     pub token_sha256: Option<String>,
+    /// A file holding `token_sha256` (a mounted Secret).
+    pub token_sha256_file: Option<PathBuf>,
     /// PEM certificate chain for TLS on the worker listener (with `tls_key`).
     pub tls_cert: Option<PathBuf>,
     /// PEM private key of `tls_cert`.
@@ -77,6 +79,7 @@ impl Default for WorkerSection {
             listen: "127.0.0.1:50061".into(),
             metrics_listen: "127.0.0.1:9465".into(),
             token_sha256: None,
+            token_sha256_file: None,
             tls_cert: None,
             tls_key: None,
             tls_client_ca: None,
