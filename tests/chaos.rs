@@ -10,6 +10,7 @@
 //! | an engine-thread panic (test-only fault hook) | clear UNAVAILABLE; the engine restarts; repeated panics turn health NOT_SERVING; nothing hangs |
 //! | an embedding-thread panic (test-only fault hook) | counted; fails open or closed as the filter config says |
 //! | SIGTERM under load, worker then router | NOT_SERVING first while the listener still accepts; streams finish, move on, or end with UNAVAILABLE saying how far they got; exit 0 |
+//! | a spot notice: SIGTERM with a 5 s grace period | the worker stops taking work, streams still running at its 3 s drain deadline continue on the other worker, every stream completes; the worker exits 0 before the kubelet's SIGKILL |
 //! | router restart after a kill switch | the version stays disabled |
 
 mod support;
@@ -21,7 +22,7 @@ use std::time::Instant;
 use ferroserve_proto::v1 as pb;
 use ferroserve_proto::v1::admin_client::AdminClient;
 use support::faults::*;
-use support::procs::{spawn_with, until_workers};
+use support::procs::{spawn_with, until_workers, wait_log};
 use support::proxy::Proxy;
 use support::*;
 use tonic::Code;
@@ -490,6 +491,62 @@ async fn sigterm_drains_a_worker_then_a_router_under_load() {
         "router SIGTERM (pre-stop 1 s, drain 2 s): exit 0 after {:.0} ms",
         sent.elapsed().as_secs_f64() * 1e3
     );
+    w2.stop().await;
+}
+
+/// A spot notice: the node is going away and the pod has 5 s (`terminationGracePeriodSeconds: 5`). The
+/// worker's drain fits it (0.5 s NOT_SERVING while accepting, 2.5 s for streams, at most 1 s to send the
+/// cut-off statuses); what is still running at its deadline moves to the other worker and continues there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spot_notice_with_a_5_s_grace_moves_what_runs_and_the_worker_exits_in_time() {
+    const GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+    let _one = SERIAL.lock().await;
+    let dir = Scratch::new("spot");
+    let spot = dir.file(
+        "spot.toml",
+        &format!("{WORKER_CONFIG}[server]\ndrain_prestop_secs = 0.5\ndrain_timeout_secs = 2.5\n"),
+    );
+    let (wcfg, rcfg) = (dir.file("w.toml", WORKER_CONFIG), dir.file("r.toml", &router_config()));
+    let w1 = start_worker(&spot, &[]).await;
+    let w2 = start_worker(&wcfg, &[]).await;
+    let router = start_router(&rcfg, &[&w1.url, &w2.url]).await;
+
+    // Streams long enough that those on the spot worker are still running at its deadline.
+    let max_tokens = 256;
+    let (handles, mut tokens) = start_streams(&router.url, (0..8).map(|i| seeded(i, max_tokens)).collect());
+    until_tokens(&mut tokens, 16).await;
+    let mut health = health_watch(&w1.url).await;
+    let mut worker_logs = w1.logs();
+    let mut router_logs = router.logs();
+    let mut w1 = w1;
+    let noticed = Instant::now();
+    w1.signal("TERM");
+    until_not_serving(&mut health).await;
+    // The kubelet's side: SIGKILL once the grace period is over.
+    let exit = match tokio::time::timeout(GRACE.saturating_sub(noticed.elapsed()), w1.child.wait()).await {
+        Ok(exit) => exit.unwrap(),
+        Err(_) => {
+            w1.kill9().await;
+            panic!("the worker was still running when the {GRACE:?} grace period ended");
+        }
+    };
+    assert!(exit.success(), "{exit:?}");
+    let exited_ms = noticed.elapsed().as_secs_f64() * 1e3;
+    let cut = wait_log(&mut worker_logs, "drain timeout passed").await;
+    assert!(cut.contains("UNAVAILABLE"), "{cut}");
+
+    let got = outcomes(handles).await;
+    assert_eq!(assert_clean(&got, max_tokens), 8, "every stream completed: {got:?}");
+    let moved = wait_log(&mut router_logs, "continuing it on another").await;
+    assert!(
+        moved.contains("drain deadline passed"),
+        "moved at the spot worker's deadline: {moved}"
+    );
+    eprintln!(
+        "spot notice (grace 5 s): worker exit 0 after {exited_ms:.0} ms; 8/8 streams completed, those cut off continued on the other worker"
+    );
+    wait_admission_idle(&router.url).await;
+    router.stop().await;
     w2.stop().await;
 }
 
