@@ -89,8 +89,7 @@ pub struct Plan {
     pub static_cost_per_day: f64,
     /// The cost of tighter and looser TTFT objectives.
     pub slo_curve: Vec<SloCost>,
-    /// The autoscaler's running-requests target per worker: what a worker runs when the peak fleet is at
-    /// the SLO's limit, less 10 %.
+    /// The autoscaler's running-requests target per worker ([`running_target`]).
     pub running_target: f64,
     /// What the planner noticed about its inputs.
     pub warnings: Vec<String>,
@@ -165,13 +164,22 @@ pub fn plan(curve: ServiceCurve, input: PlanInput) -> Result<Plan, PlanError> {
     })
 }
 
-/// The running-requests target for `workers` workers: 90 % of what each runs at the most the fleet
-/// sustains within `slo`, so that the autoscaler adds workers before the SLO is at its limit.
+/// The share of a worker's highest measured throughput at which the running-requests target holds it.
+pub const TARGET_THROUGHPUT_SHARE: f64 = 0.8;
+
+/// The running-requests target for `workers` workers: what each runs at the knee of its curve (where its
+/// throughput reaches 80 % of the most measured), and at most 90 % of what each runs at the most the fleet
+/// sustains within `slo`. Past the knee more requests add latency, not throughput: a target there leaves a
+/// worker no room for a surge while new workers start, and the fleet swings between queueing and scaling.
 pub fn running_target(model: &Model<'_>, workers: u64, slo: &SloTarget) -> f64 {
-    model
-        .best(workers, slo)
-        .map_or(1.0, |p| (0.9 * p.busy_per_worker * 10.0).floor() / 10.0)
-        .max(1.0)
+    let curve = model.curve;
+    let best = curve.points.iter().map(|p| p.req_per_s).fold(0.0, f64::max);
+    let knee = (1..=160)
+        .map(|tenth| f64::from(tenth) / 10.0)
+        .find(|&c| curve.at(c).req_per_s >= TARGET_THROUGHPUT_SHARE * best)
+        .unwrap_or(1.0);
+    let at_slo = model.best(workers, slo).map_or(knee, |p| 0.9 * p.busy_per_worker);
+    (knee.min(at_slo) * 10.0).floor().max(10.0) / 10.0
 }
 
 /// The on-demand fleet for `rate` within `slo`.
@@ -309,5 +317,11 @@ mod tests {
             "looser objectives never cost more: {costs:?}"
         );
         assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+        let slots = f64::from(p.peak.workers.max_batch_seqs);
+        assert!(
+            p.running_target >= 1.0 && p.running_target < slots,
+            "{} of {slots}",
+            p.running_target
+        );
     }
 }

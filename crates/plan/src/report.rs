@@ -54,6 +54,12 @@ pub fn plan_table(p: &Plan) -> String {
     );
     let _ = writeln!(
         s,
+        "  autoscaling: running-requests target {:.1} per worker (the first trigger of \
+         deploy/k8s/components/keda)",
+        p.running_target
+    );
+    let _ = writeln!(
+        s,
         "\nworkers on demand + spot (spares cover spot replacements 99 % of the time):"
     );
     let _ = writeln!(
