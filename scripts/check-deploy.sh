@@ -151,7 +151,7 @@ alert_groups = yaml.safe_load(open("deploy/prometheus/alerts.yml"))["groups"]
 PROM = "http://prometheus-operated.monitoring.svc:9090"
 # crates/plan/src/scaling.rs (ScalingRules::default) holds the same triggers for the simulator.
 TRIGGERS = [
-    ("AverageValue", 'sum(ferroserve_running_requests{namespace="ferroserve"})', "12"),
+    ("AverageValue", 'sum(ferroserve_running_requests{namespace="ferroserve"})', "4"),
     ("AverageValue", 'sum(ferroserve_waiting_requests{namespace="ferroserve"})', "4"),
     ("Value", 'avg(ferroserve_kv_cache_usage_ratio{namespace="ferroserve"})', "0.8"),
     ("Value", 'clamp_max(histogram_quantile(0.99, sum by (le) (rate(ferroserve_time_to_first_token_seconds_bucket{namespace="ferroserve"}[2m]))), 4)', "2"),
@@ -164,7 +164,7 @@ BEHAVIOR = {
 }
 MAX_WORKERS = {"gpu": 8}
 ADAPTER = {  # external metric name -> (HPA target type, target, query)
-    "ferroserve_running_requests_sum": ("AverageValue", "12", TRIGGERS[0][1]),
+    "ferroserve_running_requests_sum": ("AverageValue", "4", TRIGGERS[0][1]),
     "ferroserve_waiting_requests_sum": ("AverageValue", "4", TRIGGERS[1][1]),
     "ferroserve_kv_cache_usage_ratio_avg": ("Value", "800m", TRIGGERS[2][1]),
     "ferroserve_time_to_first_token_p99_seconds": ("Value", "2", TRIGGERS[3][1]),

@@ -89,7 +89,7 @@ impl Default for ScalingRules {
                 Trigger {
                     signal: Signal::Running,
                     metric_type: MetricType::AverageValue,
-                    threshold: 12.0,
+                    threshold: 4.0,
                     cap: None,
                 },
                 Trigger {
@@ -273,7 +273,7 @@ mod tests {
             "capped at 4 s: twice the fleet"
         );
         let steady = Signals {
-            running: 120.0,
+            running: 40.0,
             ttft_p99_s: 0.3,
             ..Signals::default()
         };
