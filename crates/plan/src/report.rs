@@ -58,6 +58,16 @@ pub fn plan_table(p: &Plan) -> String {
          deploy/k8s/components/keda)",
         p.running_target
     );
+    costs(p, &mut s);
+    for warning in &p.warnings {
+        let _ = writeln!(s, "\nwarning: {warning}");
+    }
+    s
+}
+
+/// The plan's cost sections: on-demand/spot splits, the day, and cost against the objective.
+fn costs(p: &Plan, s: &mut String) {
+    let slo = &p.input.slo;
     let _ = writeln!(
         s,
         "\nworkers on demand + spot (spares cover spot replacements 99 % of the time):"
@@ -102,10 +112,6 @@ pub fn plan_table(p: &Plan) -> String {
             pt.ttft_p99_ms, pt.workers, pt.on_demand_per_hour, pt.cheapest_mix_per_hour
         );
     }
-    for warning in &p.warnings {
-        let _ = writeln!(s, "\nwarning: {warning}");
-    }
-    s
 }
 
 /// Simulated days side by side.
@@ -200,4 +206,33 @@ pub fn plot_sim(reports: &[SimReport], dir: &Path) -> Result<Vec<PathBuf>, PlanE
         ["hour of the day", "workers"],
         lines,
     )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::curve::tests::synthetic;
+    use crate::input::tests::example;
+
+    #[test]
+    fn the_table_says_what_to_run_and_what_it_costs() {
+        let mut input = example();
+        input.workload.input_tokens.mean = 100.0;
+        input.workload.output_tokens.mean = 64.0;
+        input.workload.peak_rps = 40.0;
+        let plan = crate::plan(synthetic(), input).unwrap();
+        let text = super::plan_table(&plan);
+        let peak = format!(
+            "{} workers (max_batch_seqs = {})",
+            plan.peak.workers.workers, plan.peak.workers.max_batch_seqs
+        );
+        for line in [
+            peak.as_str(),
+            "running-requests target",
+            "cheapest:",
+            "autoscaled hour by hour",
+            "TTFT p99",
+        ] {
+            assert!(text.contains(line), "{line:?} missing from:\n{text}");
+        }
+    }
 }
