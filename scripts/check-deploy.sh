@@ -147,30 +147,38 @@ for copy, original in copies.items():
 ok(f"copies: {len(copies)} files equal their originals")
 alert_groups = yaml.safe_load(open("deploy/prometheus/alerts.yml"))["groups"]
 
-# --- the autoscaling contract (a Rust simulator implements the same rules) ---
-PROM = "http://prometheus-operated.monitoring.svc:9090"
-# crates/plan/src/scaling.rs (ScalingRules::default) holds the same triggers for the simulator.
-TRIGGERS = [
-    ("AverageValue", 'sum(ferroserve_running_requests{namespace="ferroserve"})', "4"),
-    ("AverageValue", 'sum(ferroserve_waiting_requests{namespace="ferroserve"})', "4"),
-    ("Value", 'avg(ferroserve_kv_cache_usage_ratio{namespace="ferroserve"})', "0.8"),
-    ("Value", 'clamp_max(histogram_quantile(0.99, sum by (le) (rate(ferroserve_time_to_first_token_seconds_bucket{namespace="ferroserve"}[2m]))), 4)', "2"),
-]
-RUNNING_TARGET = {"gpu": "30"}  # the first trigger's threshold per overlay: 75 % of engine.max_batch_seqs
-BEHAVIOR = {
-    "scaleUp": {"stabilizationWindowSeconds": 0, "selectPolicy": "Max", "policies": [
-        {"type": "Percent", "value": 100, "periodSeconds": 15}, {"type": "Pods", "value": 4, "periodSeconds": 15}]},
-    "scaleDown": {"stabilizationWindowSeconds": 300, "policies": [{"type": "Percent", "value": 10, "periodSeconds": 60}]},
-}
-MAX_WORKERS = {"gpu": 8}
-ADAPTER = {  # external metric name -> (HPA target type, target, query)
-    "ferroserve_running_requests_sum": ("AverageValue", "4", TRIGGERS[0][1]),
-    "ferroserve_waiting_requests_sum": ("AverageValue", "4", TRIGGERS[1][1]),
-    "ferroserve_kv_cache_usage_ratio_avg": ("Value", "800m", TRIGGERS[2][1]),
-    "ferroserve_time_to_first_token_p99_seconds": ("Value", "2", TRIGGERS[3][1]),
-}
+# --- the autoscaling contract ---
+# deploy/k8s/components/keda/scaledobject.yaml states it once (tests/deploy.rs holds it equal to
+# crates/plan/src/scaling.rs' ScalingRules::default(), the simulator's rules). Every overlay's rendered
+# ScaledObject and the HPA variant must say the same, the gpu overlay with its two documented patches.
+BASE_SO = yaml.safe_load(open("deploy/k8s/components/keda/scaledobject.yaml"))["spec"]
+BEHAVIOR = BASE_SO["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+OVERLAY_PATCHES = {"gpu": {"maxReplicaCount": 8, "running_target": "30"}}  # overlays/gpu/kustomization.yaml
+PROM = "http://prometheus-operated.monitoring.svc:9090"  # the Prometheus Operator's service for its Prometheus
+for t in BASE_SO["triggers"]:
+    if (t["type"], t["metadata"].get("serverAddress")) != ("prometheus", PROM):
+        fail(f"contract: a KEDA trigger reads {t['type']} at {t['metadata'].get('serverAddress')}, not prometheus at {PROM}")
 
-# tests/deploy.rs checks that crates/plan/src/scaling.rs' ScalingRules::default() is this ScaledObject.
+def as_triggers(spec):
+    return [(t["type"], t["metricType"], t["metadata"].get("serverAddress"), t["metadata"].get("query"),
+             t["metadata"].get("threshold")) for t in spec["triggers"]]
+
+def contract(overlay):
+    """An overlay's workers' (pollingInterval, cooldownPeriod, minReplicaCount, maxReplicaCount) and triggers."""
+    patch = OVERLAY_PATCHES.get(overlay, {})
+    bounds = {k: BASE_SO[k] for k in ("pollingInterval", "cooldownPeriod", "minReplicaCount", "maxReplicaCount")}
+    bounds["maxReplicaCount"] = patch.get("maxReplicaCount", bounds["maxReplicaCount"])
+    triggers = as_triggers(BASE_SO)
+    if "running_target" in patch:
+        if "ferroserve_running_requests" not in triggers[0][3]: fail("contract: the first trigger is not running requests")
+        triggers[0] = triggers[0][:4] + (patch["running_target"],)
+    return bounds, triggers
+
+def quantity(q):
+    """A Kubernetes quantity as a number ("800m" is 0.8)."""
+    q = str(q)
+    return float(q[:-1]) / 1000 if q.endswith("m") else float(q)
+
 
 def extra_keys(obj, allowed, where):
     bad = set(obj) - set(allowed)
@@ -216,31 +224,30 @@ def check_scaled_object(so, objs, overlay):
             fail(f"{where} triggers[{i}]: metricType {t.get('metricType')!r}")
         if not all(isinstance(v, str) for v in t["metadata"].values()):
             fail(f"{where} triggers[{i}]: metadata values must all be strings (KEDA reads map[string]string)")
-    want = {"pollingInterval": 15, "cooldownPeriod": 300, "minReplicaCount": 2,
-            "maxReplicaCount": MAX_WORKERS.get(overlay, 20)}
+    want, want_triggers = contract(overlay)
     got = {k: s.get(k) for k in want}
     if got != want: fail(f"{where}: {got} != the contract {want}")
-    triggers = [(t["type"], t["metricType"], t["metadata"].get("serverAddress"), t["metadata"].get("query"),
-                 t["metadata"].get("threshold")) for t in s["triggers"]]
-    want_triggers = [("prometheus", m, PROM, q, th) for m, q, th in TRIGGERS]
-    if overlay in RUNNING_TARGET: want_triggers[0] = want_triggers[0][:4] + (RUNNING_TARGET[overlay],)
-    if triggers != want_triggers:
-        fail(f"{where}: triggers differ from the contract: {triggers}")
+    if as_triggers(s) != want_triggers:
+        fail(f"{where}: triggers differ from the contract: {as_triggers(s)}")
     if hpa_cfg.get("behavior") != BEHAVIOR: fail(f"{where}: behavior differs from the contract")
 
 def check_hpa_contract(hpa, overlay):
     where = f"{overlay}: HorizontalPodAutoscaler/{hpa['metadata']['name']}"
     s = hpa["spec"]
-    if (s["minReplicas"], s["maxReplicas"]) != (2, MAX_WORKERS.get(overlay, 20)):
+    bounds, triggers = contract(overlay)
+    if (s["minReplicas"], s["maxReplicas"]) != (bounds["minReplicaCount"], bounds["maxReplicaCount"]):
         fail(f"{where}: replicas {s['minReplicas']}..{s['maxReplicas']}")
-    got = {m["external"]["metric"]["name"]: (m["external"]["target"]["type"],
-           m["external"]["target"].get("averageValue", m["external"]["target"].get("value"))) for m in s["metrics"]}
-    if got != {k: v[:2] for k, v in ADAPTER.items()}: fail(f"{where}: metrics differ from the contract: {got}")
-    if s.get("behavior") != BEHAVIOR: fail(f"{where}: behavior differs from the contract")
+    # Metric i is KEDA's trigger i: same type and target, and the adapter serves it with the same query.
     rules = yaml.safe_load(open("deploy/k8s/components/hpa/prometheus-adapter-values.yaml"))["rules"]["external"]
     adapter = {r["name"]["as"]: r["metricsQuery"] for r in rules}
-    if adapter != {k: v[2] for k, v in ADAPTER.items()}:
-        fail(f"{where}: prometheus-adapter-values.yaml's queries differ from KEDA's: {adapter}")
+    if len(s["metrics"]) != len(triggers): fail(f"{where}: {len(s['metrics'])} metrics, KEDA has {len(triggers)} triggers")
+    for m, (_, metric_type, _, query, threshold) in zip(s["metrics"], triggers):
+        name, target = m["external"]["metric"]["name"], m["external"]["target"]
+        if (target["type"], quantity(target.get("averageValue", target.get("value")))) != (metric_type, quantity(threshold)):
+            fail(f"{where}: {name}: target {target} differs from KEDA's {metric_type} {threshold}")
+        if adapter.get(name) != query:
+            fail(f"{where}: prometheus-adapter-values.yaml serves {name} as {adapter.get(name)!r}, KEDA queries {query!r}")
+    if s.get("behavior") != BEHAVIOR: fail(f"{where}: behavior differs from the contract")
     for r in rules:
         if not re.fullmatch(r["name"]["matches"].strip("^$"), r["seriesQuery"].split("{")[0]):
             fail(f"{where}: adapter rule {r['name']['as']}: `matches` does not match its seriesQuery")
