@@ -283,7 +283,7 @@ fn warnings(curve: &ServiceCurve, input: &PlanInput) -> Vec<String> {
 mod tests {
     use super::*;
     use crate::curve::tests::synthetic;
-    use crate::input::tests::example;
+    use crate::input::tests::{example, for_synthetic};
 
     #[test]
     fn spot_is_used_when_it_is_cheaper_and_spares_cover_interruptions() {
@@ -302,12 +302,9 @@ mod tests {
 
     #[test]
     fn a_plan_costs_less_autoscaled_and_more_for_a_tighter_slo() {
-        let mut input = example();
-        input.workload.input_tokens.mean = 100.0;
-        input.workload.output_tokens.mean = 64.0;
+        let mut input = for_synthetic(40.0);
         input.slo.ttft_p99_ms = 1000.0;
         input.slo.tpot_p99_ms = 60.0;
-        input.workload.peak_rps = 40.0;
         let p = plan(synthetic(), input).unwrap();
         assert!(p.peak.workers.meets(&p.input.slo));
         assert!(p.autoscaled_cost_per_day < p.static_cost_per_day);

@@ -235,6 +235,16 @@ pub(crate) mod tests {
         input
     }
 
+    /// The example input with requests shaped as the synthetic curve's (100 prompt, 64 output tokens), at
+    /// `peak_rps`.
+    pub(crate) fn for_synthetic(peak_rps: f64) -> PlanInput {
+        let mut input = example();
+        input.workload.input_tokens.mean = 100.0;
+        input.workload.output_tokens.mean = 64.0;
+        input.workload.peak_rps = peak_rps;
+        input
+    }
+
     #[test]
     fn the_daily_shape_is_continuous_and_bursts_multiply() {
         let mut w = example().workload;

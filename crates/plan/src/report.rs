@@ -211,15 +211,11 @@ pub fn plot_sim(reports: &[SimReport], dir: &Path) -> Result<Vec<PathBuf>, PlanE
 #[cfg(test)]
 mod tests {
     use crate::curve::tests::synthetic;
-    use crate::input::tests::example;
+    use crate::input::tests::for_synthetic;
 
     #[test]
     fn the_table_says_what_to_run_and_what_it_costs() {
-        let mut input = example();
-        input.workload.input_tokens.mean = 100.0;
-        input.workload.output_tokens.mean = 64.0;
-        input.workload.peak_rps = 40.0;
-        let plan = crate::plan(synthetic(), input).unwrap();
+        let plan = crate::plan(synthetic(), for_synthetic(40.0)).unwrap();
         let text = super::plan_table(&plan);
         let peak = format!(
             "{} workers (max_batch_seqs = {})",

@@ -341,10 +341,11 @@ impl<'a> Sim<'a> {
     }
 
     fn poll(&mut self, now: f64) {
-        let FleetPolicy::Autoscaled(rules) = &self.config.policy else {
+        // The config outlives the simulation's borrows: its rules need no copy.
+        let config = self.config;
+        let FleetPolicy::Autoscaled(rules) = &config.policy else {
             return;
         };
-        let rules = rules.clone();
         let mut recent: Vec<f64> = self.ttft_window.iter().flatten().copied().collect();
         let ttft_p99_s = if recent.is_empty() {
             0.0
@@ -364,7 +365,7 @@ impl<'a> Sim<'a> {
         };
         let replicas: Vec<usize> = self.fleet.replicas().collect();
         let current = replicas.len() as u64;
-        let target = self.autoscaler.desired(&rules, now, current, signals);
+        let target = self.autoscaler.desired(rules, now, current, signals);
         for _ in current..target {
             self.add_worker(now, Stage::Starting);
         }

@@ -1,14 +1,11 @@
 use super::*;
 use crate::curve::tests::synthetic;
 use crate::input::PlanInput;
-use crate::input::tests::example;
+use crate::input::tests::for_synthetic;
 
 /// A day compressed into two hours, at a rate a few synthetic workers serve, with fast starts.
 fn input() -> PlanInput {
-    let mut i = example();
-    i.workload.peak_rps = 20.0;
-    i.workload.input_tokens.mean = 100.0;
-    i.workload.output_tokens.mean = 64.0;
+    let mut i = for_synthetic(20.0);
     i.workload.bursts.clear();
     i.slo.ttft_p99_ms = 1500.0;
     i.slo.tpot_p99_ms = 60.0;
