@@ -15,7 +15,7 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -322,10 +322,6 @@ async fn an_engine_panic_ends_its_requests_clearly_and_repeated_panics_turn_heal
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     wait_admission_idle(&server.url()).await;
     server.shutdown().await.unwrap();
-}
-
-fn repo(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(path)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

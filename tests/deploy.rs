@@ -4,15 +4,12 @@
 //! validation, checkov and `--check-config` on the ConfigMap's configs are `scripts/check-deploy.sh`'s
 //! (`.ci/run` runs it).
 
-use std::path::PathBuf;
+mod support;
 
 use ferroserve_plan::scaling::{MetricType, Policy, ScalingRules, Signal, Trigger};
 use ferroserve_telemetry::names;
 use serde_json::Value;
-
-fn repo(path: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..").join(path)
-}
+use support::repo;
 
 /// Every YAML document of a file, as JSON values.
 fn yaml(path: &str) -> Vec<Value> {

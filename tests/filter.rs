@@ -5,16 +5,10 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
-
 use ferroserve::config::FileConfig;
 use ferroserve_proto::v1 as pb;
 use ferroserve_proto::v1::admin_client::AdminClient;
 use support::*;
-
-fn repo(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(path)
-}
 
 /// Follows `ListFilters` (bounded) until `done` holds.
 async fn until_filters(

@@ -23,6 +23,11 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
+/// A path in the repository (configs, data, deploy files), from the repository's root.
+pub fn repo(path: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..").join(path)
+}
+
 /// Upper bound on any single wait in these tests.
 pub const WAIT: Duration = Duration::from_secs(120);
 
