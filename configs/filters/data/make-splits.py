@@ -1,0 +1,59 @@
+#!/usr/bin/env python3
+"""Makes train.jsonl and val.jsonl from parts/*.jsonl, and test.jsonl from test-parts/*.jsonl.
+
+Deterministic: the same files give the same splits. Within each (category, label, style) group the
+examples are shuffled with a fixed seed and 15 % go to validation. The test split is written by other
+hands (see README.md) and is only concatenated, never sampled from the training parts.
+"""
+import json
+import pathlib
+import random
+
+HERE = pathlib.Path(__file__).parent
+VAL_SHARE = 0.15
+SEED = 20261207
+
+
+def read(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def write(path, rows):
+    with path.open("w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def key(r):
+    return " ".join(r["text"].lower().split())
+
+
+def main():
+    groups = {}
+    for part in sorted((HERE / "parts").glob("*.jsonl")):
+        for r in read(part):
+            groups.setdefault((r["category"], r["label"], r.get("style", "")), []).append(r)
+    rng = random.Random(SEED)
+    train, val = [], []
+    for group in sorted(groups):
+        rows = groups[group]
+        rng.shuffle(rows)
+        cut = round(len(rows) * VAL_SHARE)
+        val += rows[:cut]
+        train += rows[cut:]
+    test = [r for part in sorted((HERE / "test-parts").glob("*.jsonl")) for r in read(part)]
+    # Decontamination: a training text that is also a test text (the same common phrasing, written twice by
+    # different hands) leaves training, so the test split stays whole and unseen.
+    tested = {key(r) for r in test}
+    dropped = [r for r in train + val if key(r) in tested]
+    train = [r for r in train if key(r) not in tested]
+    val = [r for r in val if key(r) not in tested]
+    print(f"{len(dropped)} training texts dropped because the test split has them")
+    write(HERE / "train.jsonl", train)
+    write(HERE / "val.jsonl", val)
+    write(HERE / "test.jsonl", test)
+    print(f"train {len(train)}  val {len(val)}  test {len(test)}")
+
+
+if __name__ == "__main__":
+    main()
