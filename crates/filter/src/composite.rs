@@ -1,21 +1,39 @@
-//! The composite filter: the rules and the semantic filter of one config together. Each category has its
-//! own action; the strongest action any part asks for wins.
+//! The composite filter: the parts of one config together. The rules run first: they are cheap and
+//! explainable, and a rule's block stands without asking the others. What the rules let through goes to
+//! the learned classifier and to the semantic filter; the strongest action any part asks for wins.
 
+use crate::classifier::ClassifierFilter;
 use crate::rules::RulesFilter;
 use crate::semantic::SemanticFilter;
-use crate::verdict::{Filter, Verdict};
+use crate::verdict::{Action, Filter, Verdict};
 
 /// A config's filters, judged together.
 pub struct CompositeFilter {
     id: String,
     rules: RulesFilter,
     semantic: Option<SemanticFilter>,
+    classifier: Option<ClassifierFilter>,
 }
 
 impl CompositeFilter {
     /// Combines compiled parts.
-    pub fn new(id: String, rules: RulesFilter, semantic: Option<SemanticFilter>) -> CompositeFilter {
-        CompositeFilter { id, rules, semantic }
+    pub fn new(
+        id: String,
+        rules: RulesFilter,
+        semantic: Option<SemanticFilter>,
+        classifier: Option<ClassifierFilter>,
+    ) -> CompositeFilter {
+        CompositeFilter {
+            id,
+            rules,
+            semantic,
+            classifier,
+        }
+    }
+
+    /// The learned classifier, if the config has one (the red-team and the gate read its scores).
+    pub fn classifier(&self) -> Option<&ClassifierFilter> {
+        self.classifier.as_ref()
     }
 }
 
@@ -25,18 +43,26 @@ impl Filter for CompositeFilter {
     }
 
     fn check(&self, text: &str) -> Verdict {
-        let rules = self.rules.check(text);
-        match &self.semantic {
-            Some(s) if rules.action < crate::Action::Block => {
-                let semantic = s.check(text);
-                if semantic.action > rules.action {
-                    semantic
-                } else {
-                    rules
-                }
-            }
-            _ => rules,
+        let mut verdict = self.rules.check(text);
+        if verdict.action == Action::Block {
+            return verdict;
         }
+        if let Some(c) = &self.classifier {
+            let v = c.check(text);
+            if v.action > verdict.action {
+                verdict = v;
+            }
+        }
+        if verdict.action == Action::Block {
+            return verdict;
+        }
+        if let Some(s) = &self.semantic {
+            let v = s.check(text);
+            if v.action > verdict.action {
+                verdict = v;
+            }
+        }
+        verdict
     }
 
     /// Mid-stream, only the rules run: embeddings are for whole sentences (see [`Filter::check_partial`]).
@@ -45,13 +71,16 @@ impl Filter for CompositeFilter {
     }
 
     fn is_heavy(&self) -> bool {
-        self.semantic.is_some()
+        self.semantic.is_some() || self.classifier.is_some()
     }
 
     fn failures(&self) -> Option<(u64, &'static str)> {
-        self.semantic.as_ref().map(|s| {
-            let (n, on_error) = s.failures();
-            (n, on_error.label())
-        })
+        let parts = [
+            self.classifier.as_ref().map(ClassifierFilter::failures),
+            self.semantic.as_ref().map(|s| s.failures()),
+        ];
+        let mut present = parts.into_iter().flatten().peekable();
+        let on_error = present.peek()?.1;
+        Some((present.map(|(n, _)| n).sum(), on_error.label()))
     }
 }

@@ -1,13 +1,14 @@
 //! Filter configs: versioned TOML files in `configs/filters/`. A config is compiled and validated as a
 //! whole before it is used, so a bad one is refused with a message naming the problem.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
+use crate::classifier::ClassifierFilter;
 use crate::composite::CompositeFilter;
 use crate::rules::RulesFilter;
-use crate::semantic::{SemanticFilter, service};
+use crate::semantic::{EmbedService, SemanticFilter, service};
 use crate::verdict::Action;
 
 /// A filter config file.
@@ -26,6 +27,54 @@ pub struct FilterConfig {
     pub rules: RulesConfig,
     /// The semantic filter (sentence embeddings against exemplars), if any.
     pub semantic: Option<SemanticConfig>,
+    /// The learned classifier (a trained head on sentence embeddings), if any.
+    pub classifier: Option<ClassifierConfig>,
+    /// The directory of the file this config came from: the classifier's weights are found from here.
+    #[serde(skip)]
+    pub dir: Option<PathBuf>,
+}
+
+/// `[classifier]`: written by `ferroserve filter train`, which also writes the weights it names.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClassifierConfig {
+    /// The head's weights (safetensors), relative to the config's directory.
+    pub weights: PathBuf,
+    /// The weights file's SHA-256: a config never runs with weights it was not trained with.
+    pub sha256: String,
+    /// The head's outputs in order: `allow` first, then the harm categories.
+    pub classes: Vec<String>,
+    /// The probability of harm (1 - P(allow)) at which a text is blocked, chosen on the validation split.
+    pub threshold: f32,
+    /// Hashed word n-gram features after the embedding (see `classifier::features`); 0 for none.
+    #[serde(default)]
+    pub ngram_buckets: usize,
+    /// Softmax temperature fitted on the validation split (calibration).
+    #[serde(default = "one")]
+    pub temperature: f32,
+    /// What a text gets when it cannot be embedded: `allow` (fail open; the rules still ran) or `block`.
+    #[serde(default)]
+    pub on_error: OnError,
+    /// How the weights were made, so that `ferroserve filter train` can make them again.
+    pub trained: Option<TrainedFrom>,
+}
+
+fn one() -> f32 {
+    1.0
+}
+
+/// The provenance of a classifier's weights.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainedFrom {
+    /// The training and validation files, as given to `filter train`.
+    pub data: Vec<String>,
+    /// SHA-256 over the examples trained on, in order.
+    pub data_sha256: String,
+    /// The seed of the weights' initialization and of the dropout masks.
+    pub seed: u64,
+    /// The command that wrote these weights; run again, it writes the same ones on the same CPU.
+    pub command: String,
 }
 
 fn default_threshold() -> f32 {
@@ -55,7 +104,7 @@ pub struct SemanticConfig {
 }
 
 /// What the semantic filter decides when it cannot embed a text.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OnError {
     /// Fail open: the text passes (the rules still judged it).
@@ -154,7 +203,9 @@ impl FilterConfig {
             path: path.display().to_string(),
             message: e.to_string(),
         })?;
-        Self::parse(&text, &path.display().to_string())
+        let mut config = Self::parse(&text, &path.display().to_string())?;
+        config.dir = path.parent().map(Path::to_path_buf);
+        Ok(config)
     }
 
     /// Parses config text; `origin` names it in errors.
@@ -163,6 +214,11 @@ impl FilterConfig {
             path: origin.to_string(),
             message: e.to_string().trim().to_string(),
         })
+    }
+
+    /// Whether compiling needs the embedding model (a `[semantic]` or a `[classifier]` section).
+    pub fn needs_embeddings(&self) -> bool {
+        self.semantic.is_some() || self.classifier.is_some()
     }
 
     /// `name@version`.
@@ -208,21 +264,31 @@ impl FilterConfig {
                         )));
                     }
                 }
-                let service = service().ok_or_else(|| {
-                    ConfigError::Invalid(
-                        "[semantic] needs the embedding model, which this process has not loaded; \
-                         fetch it with `ferroserve fetch-model` or remove the [semantic] section"
-                            .into(),
-                    )
-                })?;
-                Some(SemanticFilter::compile(s, service).map_err(ConfigError::Invalid)?)
+                Some(SemanticFilter::compile(s, embeddings("[semantic]")?).map_err(ConfigError::Invalid)?)
             }
         };
-        if self.rules.categories.is_empty() && semantic.is_none() {
+        let classifier = match &self.classifier {
+            None => None,
+            Some(c) => Some(
+                ClassifierFilter::load(c, self.dir.as_deref(), embeddings("[classifier]")?)
+                    .map_err(ConfigError::Invalid)?,
+            ),
+        };
+        if self.rules.categories.is_empty() && semantic.is_none() && classifier.is_none() {
             return Err(ConfigError::Invalid(
-                "the config has neither rules nor a [semantic] section".into(),
+                "the config has no rules, no [semantic] and no [classifier] section".into(),
             ));
         }
-        Ok(CompositeFilter::new(self.id(), rules, semantic))
+        Ok(CompositeFilter::new(self.id(), rules, semantic, classifier))
     }
+}
+
+/// The process's embedding service, which `section` needs.
+fn embeddings(section: &str) -> Result<std::sync::Arc<EmbedService>, ConfigError> {
+    service().ok_or_else(|| {
+        ConfigError::Invalid(format!(
+            "{section} needs the embedding model, which this process has not loaded; \
+             fetch it with `ferroserve fetch-model` or remove the {section} section"
+        ))
+    })
 }

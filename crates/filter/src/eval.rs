@@ -118,6 +118,8 @@ pub struct Report {
     pub examples: usize,
     /// Block versus allow, over everything.
     pub overall: Rates,
+    /// Per category, the share of its harmful examples blocked, whatever category the filter named.
+    pub caught: BTreeMap<String, f64>,
     /// Per harm category: blocked with that category versus not.
     pub categories: BTreeMap<String, Rates>,
     /// Rows: the example's category (allow kinds as `allow`); columns: the filter's category or `allow`.
@@ -175,7 +177,17 @@ pub fn evaluate(filter: &dyn Filter, examples: &[Example], repeats: usize) -> Re
             });
         }
     }
+    let caught = matrix
+        .iter()
+        .filter(|(row, _)| categories.contains_key(*row))
+        .map(|(row, cells)| {
+            let total: u32 = cells.values().sum();
+            let allowed = cells.get("allow").copied().unwrap_or(0);
+            (row.clone(), f64::from(total - allowed) / f64::from(total.max(1)))
+        })
+        .collect();
     Report {
+        caught,
         filter: filter.id().to_string(),
         examples: examples.len(),
         overall: overall.rates(),
@@ -191,18 +203,19 @@ impl Report {
     /// The report as a table for a terminal.
     pub fn table(&self) -> String {
         let mut out = format!("filter {} on {} examples\n\n", self.filter, self.examples);
-        out.push_str("category          precision  recall    fpr     fnr    tp  fp  tn  fn\n");
-        let mut line = |name: &str, r: &Rates| {
+        // `recall` counts a block in the right category; `caught` any block of the category's harmful texts.
+        out.push_str("category          precision  recall    fpr     fnr    tp  fp  tn  fn  caught\n");
+        let mut line = |name: &str, r: &Rates, caught: f64| {
             let c = r.confusion;
             out.push_str(&format!(
-                "{name:<16} {:>9.3} {:>7.3} {:>7.3} {:>7.3} {:>5} {:>3} {:>3} {:>3}\n",
+                "{name:<16} {:>9.3} {:>7.3} {:>7.3} {:>7.3} {:>5} {:>3} {:>3} {:>3} {caught:>7.3}\n",
                 r.precision, r.recall, r.fpr, r.fnr, c.tp, c.fp, c.tn, c.r#fn
             ));
         };
         for (name, r) in &self.categories {
-            line(name, r);
+            line(name, r, self.caught.get(name).copied().unwrap_or(0.0));
         }
-        line("OVERALL", &self.overall);
+        line("OVERALL", &self.overall, self.overall.recall);
         out.push_str("\nconfusion matrix (rows: expected, columns: decided)\n");
         let columns: std::collections::BTreeSet<&String> = self.matrix.values().flat_map(|r| r.keys()).collect();
         out.push_str(&format!("{:<16}", ""));

@@ -486,7 +486,8 @@ impl FilterHub {
     }
 }
 
-/// True when a config in `dir` has a `[semantic]` section, so the embedding model must be loaded first.
+/// True when a config in `dir` has a `[semantic]` or `[classifier]` section, so the embedding model must be
+/// loaded first.
 pub fn needs_embeddings(dir: &Path) -> bool {
     std::fs::read_dir(dir)
         .into_iter()
@@ -494,7 +495,7 @@ pub fn needs_embeddings(dir: &Path) -> bool {
         .filter_map(Result::ok)
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-        .any(|p| FilterConfig::load(&p).is_ok_and(|c| c.semantic.is_some()))
+        .any(|p| FilterConfig::load(&p).is_ok_and(|c| c.needs_embeddings()))
 }
 
 /// Every config in `dir`: the valid ones by name, and a message for each invalid one.

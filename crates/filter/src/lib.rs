@@ -1,6 +1,7 @@
 //! The content filter stage's filters, and how their mistakes are measured.
 //!
 //! - [`normalize`]: NFKC, case folding, invisible characters removed, simple obfuscation undone.
+//! - [`classifier`]: a trained head on sentence embeddings, its training and calibration.
 //! - [`RulesFilter`]: per category terms (aho-corasick) and patterns (regex), with exceptions for
 //!   defensive, educational and fictional framing; compiled once from a versioned config.
 //! - [`FilterHub`]: the live state (active, on/off, shadow, recent verdicts), swapped atomically.
@@ -10,14 +11,17 @@
 //! This crate knows nothing of the engine or of gRPC.
 #![forbid(unsafe_code)]
 
+pub mod classifier;
 mod composite;
 pub mod config;
 pub mod eval;
 mod hub;
 pub mod normalize;
 mod output;
+pub mod redteam;
 mod rules;
 pub mod semantic;
+pub mod store;
 mod verdict;
 
 pub use composite::CompositeFilter;

@@ -1,5 +1,5 @@
 //! Text as the rules see it: NFKC, lower case, invisible characters removed, and the common tricks that
-//! hide a word undone ("b.o.m.b", "k1ll", "ｂｏｍｂ").
+//! hide a word undone ("b.o.m.b", "k1ll", "ｂｏｍｂ", a Cyrillic "о" inside a Latin word).
 //!
 //! Normalization never inserts spaces, so word boundaries in the normalized text are the author's.
 
@@ -24,6 +24,41 @@ fn leet(c: char) -> Option<char> {
         '7' => 't',
         _ => return None,
     })
+}
+
+/// The Latin letter a Cyrillic or Greek look-alike stands for (lower case, after NFKC).
+fn homoglyph(c: char) -> Option<char> {
+    Some(match c {
+        'а' | 'α' => 'a',
+        'в' | 'β' => 'b',
+        'с' | 'ϲ' => 'c',
+        'е' | 'ε' => 'e',
+        'һ' => 'h',
+        'і' | 'ι' => 'i',
+        'ј' => 'j',
+        'к' | 'κ' => 'k',
+        'м' => 'm',
+        'н' | 'η' => 'n',
+        'о' | 'ο' | 'σ' => 'o',
+        'р' | 'ρ' => 'p',
+        'ѕ' => 's',
+        'т' | 'τ' => 't',
+        'υ' => 'u',
+        'ѵ' | 'ν' => 'v',
+        'ш' | 'ω' => 'w',
+        'х' | 'χ' => 'x',
+        'у' | 'γ' => 'y',
+        _ => return None,
+    })
+}
+
+/// Folds look-alike letters into Latin in a word that mixes them with Latin letters ("bоmb" with a
+/// Cyrillic о); a word wholly in another script is that language, and stays.
+fn fold_homoglyphs(word: &str) -> String {
+    if !word.chars().any(|c| c.is_ascii_alphabetic()) {
+        return word.to_string();
+    }
+    word.chars().map(|c| homoglyph(c).unwrap_or(c)).collect()
 }
 
 /// Undoes leetspeak inside words ("h4ck", "k1ll", "l33t", "$teal"): a stand-in is replaced only between
@@ -96,7 +131,7 @@ pub fn normalize(text: &str) -> String {
         .collect::<String>()
         .split(' ')
         .filter(|w| !w.is_empty())
-        .map(unleet)
+        .map(|w| unleet(&fold_homoglyphs(w)))
         .collect::<Vec<_>>()
         .join(" ");
     join_spelled(&spaced)
@@ -105,6 +140,16 @@ pub fn normalize(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn look_alike_letters_inside_latin_words_are_folded_but_other_scripts_stay() {
+        assert_eq!(normalize("how to make a b\u{043e}mb"), "how to make a bomb");
+        assert_eq!(
+            normalize("\u{0441}\u{043e}\u{043a}"),
+            "\u{0441}\u{043e}\u{043a}",
+            "a Russian word stays Russian"
+        );
+    }
 
     #[test]
     fn simple_obfuscation_is_undone() {

@@ -211,24 +211,7 @@ impl SemanticFilter {
     pub fn check(&self, text: &str) -> Verdict {
         let v = match self.service.embed(&normalize(text)) {
             Ok(v) => v,
-            Err(e) => {
-                self.failures.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!(
-                    ferroserve_telemetry::names::FILTER_FAILURES_TOTAL,
-                    ferroserve_telemetry::names::LABEL_STAGE => "semantic",
-                    ferroserve_telemetry::names::LABEL_ACTION => self.on_error.label()
-                )
-                .increment(1);
-                tracing::error!(error = %e, on_error = self.on_error.label(), "semantic filter could not embed a text");
-                return match self.on_error {
-                    OnError::Allow => Verdict::allow(),
-                    OnError::Block => Verdict {
-                        action: Action::Block,
-                        category: Some("filter_unavailable".into()),
-                        evidence: format!("semantic: the text could not be embedded ({e})"),
-                    },
-                };
-            }
+            Err(e) => return embedding_failed("semantic", self.on_error, &self.failures, &e),
         };
         let allow = if self.allow.is_empty() {
             f32::MIN
@@ -252,5 +235,26 @@ impl SemanticFilter {
             }
         }
         verdict
+    }
+}
+
+/// The verdict for a text that could not be embedded: `on_error`'s, counted and logged. `part` names the
+/// filter part (`semantic`, `classifier`) in the metric and the log.
+pub(crate) fn embedding_failed(part: &'static str, on_error: OnError, failures: &AtomicU64, e: &str) -> Verdict {
+    failures.fetch_add(1, Ordering::Relaxed);
+    metrics::counter!(
+        ferroserve_telemetry::names::FILTER_FAILURES_TOTAL,
+        ferroserve_telemetry::names::LABEL_STAGE => part,
+        ferroserve_telemetry::names::LABEL_ACTION => on_error.label()
+    )
+    .increment(1);
+    tracing::error!(error = %e, part, on_error = on_error.label(), "filter could not embed a text");
+    match on_error {
+        OnError::Allow => Verdict::allow(),
+        OnError::Block => Verdict {
+            action: Action::Block,
+            category: Some("filter_unavailable".into()),
+            evidence: format!("{part}: the text could not be embedded ({e})"),
+        },
     }
 }

@@ -13,6 +13,9 @@ use ferroserve_proto::v1 as pb;
 
 use super::admin::{AdminConn, connect, status_error, with_token};
 
+mod feedback;
+mod train;
+
 /// `ferroserve filter ...`.
 #[derive(Debug, Args)]
 pub struct FilterArgs {
@@ -40,6 +43,14 @@ pub enum FilterCommand {
     Reload(AdminConn),
     /// Marks a recent request's verdict as a false positive or a false negative.
     Feedback(FeedbackArgs),
+    /// Trains a new versioned filter (the classifier's head) from labelled data and a feedback store.
+    Train(train::TrainArgs),
+    /// Attacks a filter with mutated harmful prompts; the attack success rate, and what got through.
+    Redteam(feedback::RedTeamArgs),
+    /// Lists, labels and exports the feedback store.
+    Review(feedback::ReviewArgs),
+    /// The gate: refuses a candidate whose catch rate drops, FPR rises or latency regresses.
+    Validate(feedback::ValidateArgs),
 }
 
 /// A command that names a loaded filter config.
@@ -114,12 +125,18 @@ pub enum Part {
     Rules,
     /// The `[semantic]` section.
     Semantic,
+    /// The `[classifier]` section.
+    Classifier,
 }
 
 /// Runs a filter subcommand.
 pub async fn run(args: FilterArgs) -> anyhow::Result<()> {
     let (conn, call) = match args.command {
         FilterCommand::Eval(a) => return eval(a),
+        FilterCommand::Train(a) => return train::run(a),
+        FilterCommand::Redteam(a) => return feedback::redteam(a),
+        FilterCommand::Review(a) => return feedback::review(a),
+        FilterCommand::Validate(a) => return feedback::validate(a),
         FilterCommand::List(conn) => (conn, Call::List),
         FilterCommand::Swap(a) => (a.conn, Call::Swap(a.name)),
         FilterCommand::Enable(conn) => (conn, Call::Enable),
@@ -240,15 +257,29 @@ fn print_state(s: &pb::ListFiltersResponse) {
 
 fn eval(a: EvalArgs) -> anyhow::Result<()> {
     let mut config = FilterConfig::load(&a.config)?;
-    match a.only {
-        Some(Part::Rules) => config.semantic = None,
-        Some(Part::Semantic) if config.semantic.is_none() => {
-            anyhow::bail!("{} has no [semantic] section to judge alone", a.config.display())
+    let has = |present: bool, section: &str| {
+        if present {
+            Ok(())
+        } else {
+            Err(anyhow::anyhow!(
+                "{} has no {section} section to judge alone",
+                a.config.display()
+            ))
         }
-        Some(Part::Semantic) => config.rules.categories.clear(),
+    };
+    match a.only {
+        Some(Part::Rules) => (config.semantic, config.classifier) = (None, None),
+        Some(Part::Semantic) => {
+            has(config.semantic.is_some(), "[semantic]")?;
+            (config.rules.categories, config.classifier) = (Vec::new(), None);
+        }
+        Some(Part::Classifier) => {
+            has(config.classifier.is_some(), "[classifier]")?;
+            (config.rules.categories, config.semantic) = (Vec::new(), None);
+        }
         None => {}
     }
-    if config.semantic.is_some() {
+    if config.needs_embeddings() {
         let backend = if a.reference_embedder {
             Backend::Candle
         } else {
