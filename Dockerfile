@@ -29,6 +29,9 @@ RUN groupadd --system --gid 10001 ferroserve \
        --shell /usr/sbin/nologin ferroserve \
     && install -d -o 10001 -g 10001 -m 0750 /var/cache/ferroserve
 COPY --from=build /usr/local/bin/ferroserve /usr/local/bin/ferroserve
+# The content filter's classifier weights (4.6 MB, past a ConfigMap's 1 MiB): the router's filter
+# directory. deploy/k8s mounts the filter configs from a ConfigMap into this directory file by file.
+COPY configs/filters/default.classifier.safetensors /usr/share/ferroserve/filters/default.classifier.safetensors
 # Models go to /var/cache/ferroserve (a volume on Kubernetes). pip writes nothing outside HOME (/tmp, a
 # writable volume when the root filesystem is read-only) and the cache; no pip cache, no bytecode.
 ENV FERROSERVE_CACHE_DIR=/var/cache/ferroserve \

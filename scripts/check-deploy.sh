@@ -127,6 +127,8 @@ set +e
 import os, re, shutil, subprocess, sys, tempfile, tomllib
 import yaml
 from kubernetes_validate import utils as kv
+# The directory the Dockerfile puts the content filter classifier weights in.
+IMAGE_FILTER_DIR = "/usr/share/ferroserve/filters"
 
 out_dir, binary, overlays = sys.argv[1], sys.argv[2], sys.argv[3:]
 failures = []
@@ -381,9 +383,11 @@ def check_pod_config(dep, objs, overlay):
         keys = tomllib.loads(examples["ferroserve-keys"]["stringData"]["keys.toml"])
         if list(keys) != ["keys"] or not all({"tenant", "key_sha256"} <= set(k) for k in keys["keys"]):
             fail("examples: ferroserve-keys keys.toml must hold [[keys]] tables with tenant and key_sha256")
-        # Every absolute path the config names is inside one of the container's mounts.
+        # Every absolute path the config names is inside one of the container's mounts, or is the image's
+        # filter directory (Dockerfile: the classifier's weights), into which a ConfigMap file is mounted.
         for s in strings(config):
-            if s.startswith("/") and not any(s == m["mountPath"] or s.startswith(m["mountPath"] + "/") for m in mounts):
+            image_dir = s == IMAGE_FILTER_DIR and any(m["mountPath"].startswith(s + "/") for m in mounts)
+            if s.startswith("/") and not image_dir and not any(s == m["mountPath"] or s.startswith(m["mountPath"] + "/") for m in mounts):
                 fail(f"{where}: {role}.toml names {s}, which no volume mounts")
         # Drain arithmetic: grace >= preStop sleep + drain_prestop_secs + drain_timeout_secs + 1 s cut-off,
         # with a margin; workers on spot nodes within 25 s.

@@ -335,10 +335,15 @@ async fn an_embedding_panic_is_counted_and_fails_open_or_closed_as_configured() 
     for (name, on_error) in [("open", "allow"), ("closed", "block")] {
         let text = default
             .replace("name = \"default\"", &format!("name = \"{name}\""))
-            .replace("on_error = \"allow\"", &format!("on_error = \"{on_error}\""));
+            .replace("on_error = \"block\"", &format!("on_error = \"{on_error}\""));
         assert!(text.contains(&format!("on_error = \"{on_error}\"")));
         std::fs::write(filters.join(format!("{name}.toml")), text).unwrap();
     }
+    std::fs::copy(
+        repo("configs/filters/default.classifier.safetensors"),
+        filters.join("default.classifier.safetensors"),
+    )
+    .unwrap();
     let cfg = dir.file(
         "serve.toml",
         &format!(
@@ -400,7 +405,7 @@ async fn an_embedding_panic_is_counted_and_fails_open_or_closed_as_configured() 
     assert!(panics >= 2.0, "each panic is counted: {panics}");
     let closed_failures = sample(
         &metrics,
-        "ferroserve_filter_failures_total{stage=\"semantic\",action=\"block\"}",
+        "ferroserve_filter_failures_total{stage=\"classifier\",action=\"block\"}",
     )
     .unwrap_or(0.0);
     assert!(closed_failures >= 1.0, "{closed_failures}");

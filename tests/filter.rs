@@ -52,6 +52,11 @@ async fn serve_filters_prompts_and_the_watcher_swaps_edited_configs() {
     std::fs::create_dir_all(&dir).unwrap();
     let default = std::fs::read_to_string(repo("configs/filters/default.toml")).unwrap();
     std::fs::write(dir.join("default.toml"), &default).unwrap();
+    std::fs::copy(
+        repo("configs/filters/default.classifier.safetensors"),
+        dir.join("default.classifier.safetensors"),
+    )
+    .unwrap();
 
     let mut file = FileConfig::default();
     file.server.listen = "127.0.0.1:0".into();
@@ -74,7 +79,7 @@ async fn serve_filters_prompts_and_the_watcher_swaps_edited_configs() {
     let verdict = refused.filtered.unwrap();
     assert_eq!(
         (verdict.filter.as_str(), verdict.stage.as_str()),
-        ("default@1", "input")
+        ("default@2", "input")
     );
     assert_eq!(verdict.category, "weapons");
     let fine = c
@@ -85,9 +90,9 @@ async fn serve_filters_prompts_and_the_watcher_swaps_edited_configs() {
     assert_ne!(fine.finish_reason, pb::FinishReason::Filtered as i32);
     assert!(!fine.text.is_empty());
 
-    // A broken edit (an unknown key) is refused by name, and version 1 stays active.
+    // A broken edit (an unknown key) is refused by name, and version 2 stays active.
     let mut admin = AdminClient::connect(server.url()).await.unwrap();
-    let broken = default.replacen("version = \"1\"", "version = \"2\"\nbogus = 1", 1);
+    let broken = default.replacen("version = \"2\"", "version = \"3\"\nbogus = 1", 1);
     std::fs::write(dir.join("default.toml"), &broken).unwrap();
     let reload = admin
         .reload_filters(pb::ReloadFiltersRequest {})
@@ -99,24 +104,24 @@ async fn serve_filters_prompts_and_the_watcher_swaps_edited_configs() {
         "{:?}",
         reload.refused
     );
-    assert_eq!(reload.filters.unwrap().active, "default@1");
-    // A valid edit: version 2 also blocks questions about the capital of France. The watcher compiles it
+    assert_eq!(reload.filters.unwrap().active, "default@2");
+    // A valid edit: version 3 also blocks questions about the capital of France. The watcher compiles it
     // and swaps it in.
-    let valid_v2 = default.replacen("version = \"1\"", "version = \"2\"", 1).replacen(
-        "[[rules.categories]]\nname = \"hate\"",
-        "[[rules.categories]]\nname = \"geography\"\naction = \"block\"\npatterns = ['\\bcapital of france\\b']\n\n[[rules.categories]]\nname = \"hate\"",
+    let valid_v2 = default.replacen("version = \"2\"", "version = \"3\"", 1).replacen(
+        "[[rules.categories]]\nname = \"violence\"",
+        "[[rules.categories]]\nname = \"geography\"\naction = \"block\"\npatterns = ['\\bcapital of france\\b']\n\n[[rules.categories]]\nname = \"violence\"",
         1,
     );
     assert_ne!(valid_v2, default);
     std::fs::write(dir.join("default.toml"), &valid_v2).unwrap();
-    until_filters(&mut admin, |l| l.active == "default@2").await;
+    until_filters(&mut admin, |l| l.active == "default@3").await;
     let now_refused = c
         .generate(chat("What is the capital of France?", 8))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(now_refused.finish_reason, pb::FinishReason::Filtered as i32);
-    assert_eq!(now_refused.filtered.unwrap().filter, "default@2");
+    assert_eq!(now_refused.filtered.unwrap().filter, "default@3");
 
     // The operator's CLI: off, on, list, a shadow, and a name that is not loaded.
     let url = server.url();
@@ -129,12 +134,12 @@ async fn serve_filters_prompts_and_the_watcher_swaps_edited_configs() {
         .into_inner();
     assert_ne!(passes.finish_reason, pb::FinishReason::Filtered as i32);
     let (ok, out, _) = filter_cli(&url, &["enable"]).await;
-    assert!(ok && out.contains("active default@2  filtering on"), "{out}");
-    let (ok, out, _) = filter_cli(&url, &["shadow", "default@2"]).await;
-    assert!(ok && out.contains("shadow default@2"), "{out}");
+    assert!(ok && out.contains("active default@3  filtering on"), "{out}");
+    let (ok, out, _) = filter_cli(&url, &["shadow", "default@3"]).await;
+    assert!(ok && out.contains("shadow default@3"), "{out}");
     let (ok, out, _) = filter_cli(&url, &["list"]).await;
     assert!(
-        ok && out.contains("shadow agreement") && out.contains("default@2"),
+        ok && out.contains("shadow agreement") && out.contains("default@3"),
         "{out}"
     );
     let (ok, _, err) = filter_cli(&url, &["swap", "nonexistent"]).await;
@@ -169,7 +174,7 @@ fn filter_eval_prints_rates_as_json() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("/nonexistent.toml"));
 }
 
-/// `filter eval --only semantic` with our int8 encoder and with Candle's f32 BERT: the same decisions on
+/// `filter eval --only classifier` with our int8 encoder and with Candle's f32 BERT: the same decisions on
 /// every dev prompt (the int8 encoder is a speed-up, not a different filter).
 #[test]
 fn the_int8_and_reference_encoders_make_the_same_semantic_decisions() {
@@ -182,7 +187,7 @@ fn the_int8_and_reference_encoders_make_the_same_semantic_decisions() {
                 "--repeats",
                 "1",
                 "--only",
-                "semantic",
+                "classifier",
                 "--config",
             ])
             .arg(repo("configs/filters/default.toml"))
@@ -198,8 +203,11 @@ fn the_int8_and_reference_encoders_make_the_same_semantic_decisions() {
     for key in ["overall", "categories", "matrix", "mistakes"] {
         assert_eq!(int8[key], reference[key], "{key}");
     }
-    // The rules are out of this run: the semantic filter alone misses some prompts the rules catch.
-    assert!(int8["overall"]["recall"].as_f64().unwrap() < 1.0);
+    assert!(
+        int8["overall"]["recall"].as_f64().unwrap() >= 0.9,
+        "{}",
+        int8["overall"]
+    );
 
     let rules_only = std::env::temp_dir().join(format!("ferroserve-rules-only-{}.toml", std::process::id()));
     std::fs::write(&rules_only, "name = \"r\"\nversion = \"1\"\n").unwrap();
