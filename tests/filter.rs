@@ -222,3 +222,167 @@ fn the_int8_and_reference_encoders_make_the_same_semantic_decisions() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("has no [semantic] section"));
 }
+
+/// Runs the ferroserve binary; (success, stdout, stderr).
+fn ferroserve(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferroserve"))
+        .args(args)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The shipped weights name the data they were trained on, and that data is what is in the repository.
+#[test]
+fn the_shipped_classifier_was_trained_on_the_committed_training_split() {
+    let config = ferroserve_filter::FilterConfig::load(&repo("configs/filters/default.toml")).unwrap();
+    let trained = config.classifier.unwrap().trained.unwrap();
+    let train = std::fs::read_to_string(repo(&trained.data[0])).unwrap();
+    let examples = ferroserve_filter::eval::read_examples(&train).unwrap();
+    assert_eq!(
+        ferroserve_filter::classifier::train::data_sha256(&examples),
+        trained.data_sha256,
+        "configs/filters/data changed since the shipped weights were trained: retrain with\n  {}",
+        trained.command
+    );
+}
+
+/// The loop on a small slice of the data: training twice with one seed writes the same weights; the red
+/// team stores what got through; a reviewer labels and exports it; the gate refuses the small model
+/// against the shipped one, and says why.
+#[test]
+fn train_redteam_review_and_the_gate_work_end_to_end() {
+    let dir = std::env::temp_dir().join(format!("ferroserve-filter-loop-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let slice = |from: &str, every: usize, to: &str| {
+        let text = std::fs::read_to_string(repo(from)).unwrap();
+        let kept: Vec<&str> = text.lines().step_by(every).collect();
+        let path = dir.join(to);
+        std::fs::write(&path, kept.join("\n") + "\n").unwrap();
+        path.display().to_string()
+    };
+    let (train, val) = (
+        slice("configs/filters/data/train.jsonl", 12, "train.jsonl"),
+        slice("configs/filters/data/val.jsonl", 4, "val.jsonl"),
+    );
+    let small = |name: &str| {
+        let out = dir.join(format!("{name}.toml")).display().to_string();
+        let base = repo("configs/filters/default.toml").display().to_string();
+        let (ok, stdout, err) = ferroserve(&[
+            "filter",
+            "train",
+            "--base",
+            &base,
+            "--data",
+            &train,
+            "--val",
+            &val,
+            "--out",
+            &out,
+            "--name",
+            name,
+            "--filter-version",
+            "1",
+            "--hidden",
+            "16",
+            "--epochs",
+            "40",
+            "--ngram-buckets",
+            "256",
+        ]);
+        assert!(ok && stdout.contains(&format!("{name}@1")), "{stdout}\n{err}");
+        std::fs::read(dir.join(format!("{name}.classifier.safetensors"))).unwrap()
+    };
+    assert_eq!(small("a"), small("b"), "the same data and seed give the same weights");
+    let candidate = dir.join("a.toml").display().to_string();
+    let store = dir.join("store.jsonl").display().to_string();
+
+    let (ok, stdout, err) = ferroserve(&[
+        "filter",
+        "redteam",
+        "--config",
+        &candidate,
+        "--seeds",
+        &val,
+        "--per-category",
+        "2",
+        "--store",
+        &store,
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let categories = report["by_category"].as_object().unwrap().len();
+    assert_eq!(
+        report["overall"]["tried"],
+        categories * 2 * 9,
+        "every mutation of two seeds per category"
+    );
+    let through = report["successes"].as_array().unwrap().len();
+    assert_eq!(report["overall"]["succeeded"], through);
+    assert!(
+        through > 0,
+        "a 16-unit model trained for 40 passes lets some attacks through"
+    );
+
+    let first = std::fs::read_to_string(&store).unwrap();
+    let id: serde_json::Value = serde_json::from_str(first.lines().next().unwrap()).unwrap();
+    let id = id["id"].as_str().unwrap().to_string();
+    let export = dir.join("export.jsonl").display().to_string();
+    let (ok, stdout, err) = ferroserve(&[
+        "filter",
+        "review",
+        "--store",
+        &store,
+        "--label",
+        &format!("{id}=allow"),
+        "--by",
+        "lead",
+        "--export",
+        &export,
+    ]);
+    assert!(ok, "{err}");
+    assert!(stdout.contains(&id) && stdout.contains("RedTeam"), "{stdout}");
+    let exported = std::fs::read_to_string(&export).unwrap();
+    assert_eq!(
+        exported.lines().count(),
+        through,
+        "every stored attack kept its text and label"
+    );
+    assert_eq!(
+        exported.lines().filter(|l| l.contains("\"allow\"")).count(),
+        1,
+        "the reviewer's label counts"
+    );
+    let (ok, _, err) = ferroserve(&["filter", "review", "--store", &store, "--label", "nope=allow"]);
+    assert!(!ok && err.contains("no finding `nope`"), "{err}");
+
+    let (ok, stdout, err) = ferroserve(&[
+        "filter",
+        "validate",
+        "--candidate",
+        &candidate,
+        "--baseline",
+        &repo("configs/filters/default.toml").display().to_string(),
+        "--data",
+        &val,
+        "--store",
+        &store,
+        "--by",
+        "ci",
+    ]);
+    assert!(!ok && err.contains("the gate refuses a@1"), "{stdout}\n{err}");
+    let steps = std::fs::read_to_string(&store).unwrap();
+    assert!(
+        steps
+            .lines()
+            .any(|l| l.contains("\"gate_refused\"") && l.contains("\"ci\"")),
+        "the gate's decision is recorded with who ran it"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -15,13 +15,15 @@ use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use ferroserve_telemetry::names;
 
+use crate::classifier::sha256_hex;
 use crate::config::FilterConfig;
+use crate::store::{Entry, Label, Source, Step, Store};
 use crate::verdict::{Action, Filter, Verdict};
 
 /// Where in the request path a text is judged.
@@ -97,6 +99,10 @@ pub struct Recorded {
     pub stage: Stage,
     /// What it decided.
     pub verdict: Verdict,
+    /// The text judged, kept only while a feedback store that keeps text is set.
+    pub text: Option<Arc<str>>,
+    /// The text's SHA-256, while a feedback store is set.
+    pub text_sha256: Option<String>,
 }
 
 /// Why an operator's change or a piece of feedback was refused.
@@ -145,6 +151,8 @@ struct ShadowJob {
     text: Arc<str>,
     /// Where the queued bytes are counted, released once judged.
     queued: Arc<AtomicUsize>,
+    /// Where a disagreement is recorded, if anywhere.
+    store: Option<Arc<Store>>,
 }
 
 /// The live filter state.
@@ -165,6 +173,8 @@ pub struct FilterHub {
     shadow_bytes: Arc<AtomicUsize>,
     /// Agreement of the current shadow, reset when the shadow changes.
     shadow_stats: ArcSwap<ShadowStats>,
+    /// The durable feedback store, once set: reviewers' reports, shadow disagreements and operators' steps.
+    store: OnceLock<Arc<Store>>,
 }
 
 /// Texts the shadow queue holds before it starts skipping.
@@ -183,6 +193,21 @@ fn shadow_worker(rx: std::sync::mpsc::Receiver<ShadowJob>) {
             (false, true) => ("shadow_only_block", &job.stats.shadow_only_block),
             (true, false) => ("active_only_block", &job.stats.active_only_block),
         };
+        // Stored before it is counted, so that whoever sees the count finds the finding.
+        if let Some(store) = job.store.as_ref().filter(|_| job.active_blocked != shadow_blocked) {
+            let found = store.finding(
+                Source::ShadowDisagreement,
+                &job.shadow.id,
+                None,
+                &job.text,
+                &v,
+                None,
+                "shadow",
+            );
+            if let Err(e) = store.append(&Entry::Finding(found)) {
+                tracing::error!(error = %e, "could not record a shadow disagreement");
+            }
+        }
         count.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(
             names::FILTER_SHADOW_TOTAL,
@@ -243,7 +268,20 @@ impl FilterHub {
             shadow_tx,
             shadow_bytes: Arc::new(AtomicUsize::new(0)),
             shadow_stats: ArcSwap::from_pointee(ShadowStats::default()),
+            store: OnceLock::new(),
         })
+    }
+
+    /// Sets the durable feedback store (once; later calls keep the first).
+    pub fn set_store(&self, store: Arc<Store>) {
+        let _ = self.store.set(store);
+    }
+
+    /// Records an operator's step (a swap, a shadow, on or off) in the feedback store, if one is set.
+    pub fn record_step(&self, step: Step, filter: &str, by: &str) {
+        if let Some(store) = self.store.get() {
+            store.step(step, filter, by, "");
+        }
     }
 
     /// Adds (or replaces) a compiled filter in the library; an active or shadow filter of the same name is
@@ -421,6 +459,7 @@ impl FilterHub {
             stage,
             text: Arc::clone(text),
             queued: Arc::clone(&self.shadow_bytes),
+            store: self.store.get().cloned(),
         };
         if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = self.shadow_tx.try_send(job) {
             self.shadow_bytes.fetch_sub(len, Ordering::Relaxed);
@@ -428,8 +467,9 @@ impl FilterHub {
         }
     }
 
-    /// Counts a request's final verdict at a stage and keeps it for feedback.
-    pub fn record(&self, filter: &str, stage: Stage, request_id: &str, verdict: &Verdict) {
+    /// Counts a request's final verdict at a stage and keeps it for feedback, with the text judged (or its
+    /// hash) where a feedback store wants it.
+    pub fn record(&self, filter: &str, stage: Stage, request_id: &str, verdict: &Verdict, text: Option<&Arc<str>>) {
         metrics::counter!(
             names::FILTER_VERDICTS_TOTAL,
             names::LABEL_FILTER => filter.to_string(),
@@ -442,17 +482,20 @@ impl FilterHub {
         if recent.len() == self.capacity {
             recent.pop_front();
         }
+        let store = self.store.get();
         recent.push_back(Recorded {
             request_id: request_id.to_string(),
             filter: filter.to_string(),
             stage,
             verdict: verdict.clone(),
+            text: text.filter(|_| store.is_some_and(|s| s.keeps_text())).cloned(),
+            text_sha256: text.filter(|_| store.is_some()).map(|t| sha256_hex(t.as_bytes())),
         });
     }
 
     /// A reviewer's correction. The request must be among the recent verdicts; a false positive must have
     /// been blocked or flagged, a false negative allowed. Counted per filter version.
-    pub fn feedback(&self, request_id: &str, kind: Feedback) -> Result<Recorded, HubError> {
+    pub fn feedback(&self, request_id: &str, kind: Feedback, by: &str) -> Result<Recorded, HubError> {
         let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
         let mut found: Vec<&Recorded> = recent.iter().filter(|r| r.request_id == request_id).collect();
         if found.is_empty() {
@@ -480,8 +523,27 @@ impl FilterHub {
             _ => {
                 metrics::counter!(names::FILTER_FEEDBACK_TOTAL, names::LABEL_FILTER => decisive.filter.clone(), names::LABEL_KIND => kind.label())
                     .increment(1);
+                self.store_feedback(&decisive, kind, by);
                 Ok(decisive)
             }
+        }
+    }
+}
+
+impl FilterHub {
+    /// Puts a reviewer's report in the feedback store, if one is set: a false positive is labelled
+    /// harmless; a false negative waits for `filter review` to name its category.
+    fn store_feedback(&self, r: &Recorded, kind: Feedback, by: &str) {
+        let Some(store) = self.store.get() else { return };
+        let (source, label) = match kind {
+            Feedback::FalsePositive => (Source::FalsePositive, Some(Label::Allow)),
+            Feedback::FalseNegative => (Source::FalseNegative, None),
+        };
+        let mut found = store.finding(source, &r.filter, Some(&r.request_id), "", &r.verdict, label, by);
+        found.text = r.text.as_deref().map(str::to_string);
+        found.text_sha256 = r.text_sha256.clone().unwrap_or_default();
+        if let Err(e) = store.append(&Entry::Finding(found)) {
+            tracing::error!(error = %e, "could not store filter feedback");
         }
     }
 }

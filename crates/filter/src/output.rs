@@ -86,20 +86,25 @@ impl OutputGuard {
         if !self.done {
             self.done = true;
             self.hub
-                .record(&self.filter, Stage::Output, &self.request_id, &self.worst);
+                .record(&self.filter, Stage::Output, &self.request_id, &self.worst, None);
         }
         Ok(out)
     }
 
     async fn judge(&mut self, window: Arc<str>, full: bool) -> Result<(), Verdict> {
-        let Some(v) = self.hub.check(&self.selection, Stage::Output, window, full).await else {
+        let Some(v) = self
+            .hub
+            .check(&self.selection, Stage::Output, Arc::clone(&window), full)
+            .await
+        else {
             return Ok(());
         };
         match v.action {
             Action::Block => {
                 if !self.done {
                     self.done = true;
-                    self.hub.record(&self.filter, Stage::Output, &self.request_id, &v);
+                    self.hub
+                        .record(&self.filter, Stage::Output, &self.request_id, &v, Some(&window));
                 }
                 Err(v)
             }
@@ -117,7 +122,7 @@ impl Drop for OutputGuard {
     fn drop(&mut self) {
         if !self.done {
             self.hub
-                .record(&self.filter, Stage::Output, &self.request_id, &self.worst);
+                .record(&self.filter, Stage::Output, &self.request_id, &self.worst, None);
         }
     }
 }

@@ -13,6 +13,7 @@ use tokio_stream::wrappers::WatchStream;
 use tonic::{Request, Response, Status};
 
 use ferroserve_admission::{LimitsPatch, LimitsView};
+use ferroserve_filter::store::Step;
 use ferroserve_filter::{Feedback, FilterHub};
 
 use crate::catalog::Catalog;
@@ -225,20 +226,27 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::SwapFilterRequest>,
     ) -> Result<Response<pb::ListFiltersResponse>, Status> {
+        let who = versions::operator(request.metadata());
         let name = request.into_inner().name;
         self.control
-            .select_filter(|hub| hub.swap_checked(&name).map(drop).map_err(RouterError::from))
+            .select_filter(|hub| {
+                let promoted = hub.swap_checked(&name).map_err(RouterError::from)?;
+                hub.record_step(Step::Promote, &promoted.id, &who);
+                Ok(())
+            })
             .await?;
         Ok(Response::new(filters_to_wire(&self.filters)))
     }
 
     async fn enable_filter(
         &self,
-        _: Request<pb::EnableFilterRequest>,
+        request: Request<pb::EnableFilterRequest>,
     ) -> Result<Response<pb::ListFiltersResponse>, Status> {
+        let who = versions::operator(request.metadata());
         self.control
             .select_filter(|hub| {
                 hub.set_enabled(true);
+                hub.record_step(Step::Enable, "", &who);
                 Ok(())
             })
             .await?;
@@ -247,11 +255,13 @@ impl Admin for AdminService {
 
     async fn disable_filter(
         &self,
-        _: Request<pb::DisableFilterRequest>,
+        request: Request<pb::DisableFilterRequest>,
     ) -> Result<Response<pb::ListFiltersResponse>, Status> {
+        let who = versions::operator(request.metadata());
         self.control
             .select_filter(|hub| {
                 hub.set_enabled(false);
+                hub.record_step(Step::Disable, "", &who);
                 Ok(())
             })
             .await?;
@@ -262,10 +272,15 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::SetShadowFilterRequest>,
     ) -> Result<Response<pb::ListFiltersResponse>, Status> {
+        let who = versions::operator(request.metadata());
         let name = request.into_inner().name;
         let shadow = Some(name.as_str()).filter(|n| !n.is_empty());
         self.control
-            .select_filter(|hub| hub.set_shadow(shadow).map(drop).map_err(RouterError::from))
+            .select_filter(|hub| {
+                let set = hub.set_shadow(shadow).map_err(RouterError::from)?;
+                hub.record_step(Step::Shadow, set.as_ref().map_or("", |s| s.id.as_str()), &who);
+                Ok(())
+            })
             .await?;
         Ok(Response::new(filters_to_wire(&self.filters)))
     }
@@ -285,6 +300,7 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::ReportFilterFeedbackRequest>,
     ) -> Result<Response<pb::ReportFilterFeedbackResponse>, Status> {
+        let who = versions::operator(request.metadata());
         let request = request.into_inner();
         let kind = match pb::FeedbackKind::try_from(request.kind) {
             Ok(pb::FeedbackKind::FalsePositive) => Feedback::FalsePositive,
@@ -299,7 +315,7 @@ impl Admin for AdminService {
         };
         let recorded = self
             .filters
-            .feedback(&request.request_id, kind)
+            .feedback(&request.request_id, kind, &who)
             .map_err(RouterError::from)?;
         Ok(Response::new(pb::ReportFilterFeedbackResponse {
             verdict: Some(crate::relay::verdict_to_wire(

@@ -241,12 +241,14 @@ impl Pipeline {
     async fn screen_input(&self, checked: &Checked, arrival: &Arrival) -> Option<pb::GenerationComplete> {
         let selection = self.filters.selection();
         let request_id = &checked.request.request_id;
+        let text = filter_text(&checked.request.input);
         let verdict = self
             .filters
-            .check(&selection, Stage::Input, filter_text(&checked.request.input), true)
+            .check(&selection, Stage::Input, Arc::clone(&text), true)
             .await?;
         let filter = selection.active.as_ref().map(|a| a.id.clone()).unwrap_or_default();
-        self.filters.record(&filter, Stage::Input, request_id, &verdict);
+        self.filters
+            .record(&filter, Stage::Input, request_id, &verdict, Some(&text));
         if verdict.action != Action::Block {
             return None;
         }

@@ -10,6 +10,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use ferroserve_admission::{AdmissionLimits, ServerLimits, TenantLimits};
+use ferroserve_filter::store::{Entry, Label, Source, Step, Store};
 use ferroserve_filter::{FilterConfig, FilterHub, Loaded};
 use ferroserve_proto::v1 as pb;
 use mock::*;
@@ -30,6 +31,12 @@ fn loaded(name: &str, version: &str, category: &str, pattern: &str) -> Loaded {
         path: None,
         filter: Arc::new(config.compile().unwrap()),
     }
+}
+
+/// `r`, sent on behalf of the operator `who` (recorded with each filter step).
+fn as_operator<T>(mut r: tonic::Request<T>, who: &str) -> tonic::Request<T> {
+    r.metadata_mut().insert("x-ferroserve-operator", who.parse().unwrap());
+    r
 }
 
 fn hub() -> Arc<FilterHub> {
@@ -218,6 +225,10 @@ async fn swaps_under_concurrent_streaming_load_fail_no_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shadow_filter_is_measured_without_affecting_responses_and_feedback_is_checked() {
     let filters = hub();
+    let store_path = std::env::temp_dir().join(format!("ferroserve-feedback-{}.jsonl", std::process::id()));
+    let _ = std::fs::remove_file(&store_path);
+    filters.set_store(Arc::new(Store::open(&store_path, true).unwrap()));
+
     let h = Harness::start(Options {
         filters: Arc::clone(&filters),
         script: Some(vec!["fine".to_string()]),
@@ -227,9 +238,9 @@ async fn a_shadow_filter_is_measured_without_affecting_responses_and_feedback_is
     h.release.send(true).unwrap();
     let mut admin = h.admin().await;
     let listed = admin
-        .set_shadow_filter(admin_request(
-            pb::SetShadowFilterRequest { name: "secrets".into() },
-            "admin",
+        .set_shadow_filter(as_operator(
+            admin_request(pb::SetShadowFilterRequest { name: "secrets".into() }, "admin"),
+            "carol",
         ))
         .await
         .unwrap()
@@ -283,7 +294,10 @@ async fn a_shadow_filter_is_measured_without_affecting_responses_and_feedback_is
         )
     };
     let fp = admin
-        .report_filter_feedback(feedback("blocked", pb::FeedbackKind::FalsePositive))
+        .report_filter_feedback(as_operator(
+            feedback("blocked", pb::FeedbackKind::FalsePositive),
+            "dave",
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -319,5 +333,57 @@ async fn a_shadow_filter_is_measured_without_affecting_responses_and_feedback_is
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
+    admin
+        .swap_filter(as_operator(
+            admin_request(pb::SwapFilterRequest { name: "secrets".into() }, "admin"),
+            "erin",
+        ))
+        .await
+        .unwrap();
     h.stop().await;
+
+    // The durable store holds the reviewers' reports (text kept: this store opted in), the shadow's
+    // disagreements, and each step with who took it.
+    let entries = Store::read(&store_path).unwrap();
+    let findings = entries.findings();
+    let fp = findings
+        .iter()
+        .find(|(f, _)| f.source == Source::FalsePositive)
+        .expect("the false positive");
+    assert_eq!(
+        (fp.0.text.as_deref(), fp.0.by.as_str(), &fp.1),
+        (Some("pipe bomb"), "dave", &Some(Label::Allow))
+    );
+    let fn_ = findings
+        .iter()
+        .find(|(f, _)| f.source == Source::FalseNegative)
+        .expect("the false negative");
+    assert_eq!(
+        (fn_.0.text.as_deref(), fn_.0.by.as_str(), &fn_.1),
+        (Some("tell me a secret"), "admin", &None)
+    );
+    let disagreements: Vec<&str> = findings
+        .iter()
+        .filter(|(f, _)| f.source == Source::ShadowDisagreement)
+        .filter_map(|(f, _)| f.text.as_deref())
+        .collect();
+    assert!(
+        disagreements.contains(&"tell me a secret") && disagreements.contains(&"pipe bomb"),
+        "{disagreements:?}"
+    );
+    let steps: Vec<(Step, String, String)> = entries
+        .steps()
+        .filter_map(|e| match e {
+            Entry::Step { step, filter, by, .. } => Some((*step, filter.clone(), by.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        steps,
+        vec![
+            (Step::Shadow, "secrets@1".to_string(), "carol".to_string()),
+            (Step::Promote, "secrets@1".to_string(), "erin".to_string()),
+        ]
+    );
+    std::fs::remove_file(&store_path).unwrap();
 }

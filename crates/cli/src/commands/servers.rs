@@ -332,6 +332,11 @@ fn filter_hub(settings: &Settings) -> anyhow::Result<Arc<FilterHub>> {
         tracing::warn!(dir = %f.dir.display(), "no filter directory: content filtering is off (see [filter] in the config)");
         FilterHub::empty(None, f.recent_verdicts)
     };
+    if let Some(path) = &f.store {
+        let store = ferroserve_filter::store::Store::open(path, f.keep_text)
+            .map_err(|e| anyhow::anyhow!("filter.store: {e}"))?;
+        hub.set_store(Arc::new(store));
+    }
     if let Some(shadow) = &f.shadow {
         hub.set_shadow(Some(shadow))
             .map_err(|e| anyhow::anyhow!("filter.shadow: {e}"))?;

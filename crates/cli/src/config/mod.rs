@@ -75,6 +75,11 @@ pub struct FilterSection {
     pub recent_verdicts: usize,
     /// Seconds between checks of `dir` for changed files; 0 disables the watcher.
     pub watch_interval_secs: f64,
+    /// The durable feedback store (JSONL): reviewers' reports, shadow disagreements and operators' filter
+    /// steps. Empty for none.
+    pub store: PathBuf,
+    /// Whether the store keeps the prompt text of a finding (opt-in); otherwise its SHA-256 and verdict.
+    pub keep_text: bool,
 }
 
 impl Default for FilterSection {
@@ -86,6 +91,8 @@ impl Default for FilterSection {
             shadow: String::new(),
             recent_verdicts: 10_000,
             watch_interval_secs: 1.0,
+            store: PathBuf::new(),
+            keep_text: false,
         }
     }
 }
@@ -105,6 +112,10 @@ pub struct FilterSettings {
     pub recent_verdicts: usize,
     /// Watcher period, if watching.
     pub watch_interval: Option<Duration>,
+    /// The feedback store's file, if any.
+    pub store: Option<PathBuf>,
+    /// Whether it keeps prompt text.
+    pub keep_text: bool,
 }
 
 /// Rate and concurrency limits, as written in `[admission]` and in each `[[auth.keys]]` entry.
@@ -696,6 +707,8 @@ impl FileConfig {
             shadow: Some(f.shadow.clone()).filter(|a| !a.is_empty()),
             recent_verdicts: f.recent_verdicts,
             watch_interval: (f.watch_interval_secs > 0.0).then(|| Duration::from_secs_f64(f.watch_interval_secs)),
+            store: Some(f.store.clone()).filter(|p| !p.as_os_str().is_empty()),
+            keep_text: f.keep_text,
         };
         // Keys are required where either door is reachable from off this machine.
         let exposed = http_listen.filter(|a| !a.ip().is_loopback()).unwrap_or(listen);

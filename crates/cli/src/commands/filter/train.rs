@@ -35,9 +35,9 @@ pub struct TrainArgs {
     /// The new filter's name (a candidate needs its own to run in shadow beside the active one).
     #[arg(long)]
     pub name: String,
-    /// The new filter's version.
-    #[arg(long)]
-    pub version: String,
+    /// The new filter's version (`--version` is the program's own).
+    #[arg(long = "filter-version")]
+    pub filter_version: String,
     /// Seeds the initial weights.
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
@@ -158,7 +158,7 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
                 .join(" "),
         }),
     };
-    let config = with_classifier(&base_text, &a.name, &a.version, &section)?;
+    let config = with_classifier(&base_text, &a.name, &a.filter_version, &section)?;
     std::fs::write(&a.out, &config)?;
     let check = FilterConfig::load(&a.out)?;
     check
