@@ -17,7 +17,7 @@ cargo build --release -q -p ferroserve
 
 # Two filter versions to swap between: the default, and the same rules under another name.
 mkdir -p "$OUT/filters"
-cp configs/filters/default.toml "$OUT/filters/default.toml"
+cp configs/filters/default.toml configs/filters/default.classifier.safetensors "$OUT/filters/"
 sed 's/^name = "default"/name = "twin"/' configs/filters/default.toml >"$OUT/filters/twin.toml"
 sed -e "s|^dir = .*|dir = \"$OUT/filters\"|" -e "s|^listen = .*|listen = \"$ADDR\"|" \
   -e 's|^metrics_listen = .*|metrics_listen = "127.0.0.1:9474"|' configs/ferroserve.toml >"$OUT/server.toml"

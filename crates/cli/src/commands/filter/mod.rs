@@ -22,6 +22,10 @@ pub struct FilterArgs {
     /// What to do.
     #[command(subcommand)]
     pub command: FilterCommand,
+    /// Who makes a live change: recorded with each swap, shadow, enable, disable and feedback in the
+    /// server's feedback store (sent as `x-ferroserve-operator`).
+    #[arg(long, global = true, env = "FERROSERVE_OPERATOR", default_value = "admin")]
+    pub operator: String,
 }
 
 /// The filter subcommands.
@@ -145,7 +149,7 @@ pub async fn run(args: FilterArgs) -> anyhow::Result<()> {
         FilterCommand::Reload(conn) => (conn, Call::Reload),
         FilterCommand::Feedback(a) => (a.conn, Call::Feedback(a.request_id, a.kind)),
     };
-    admin(&conn, call).await
+    admin(&conn, call, &args.operator).await
 }
 
 /// One Admin filter RPC.
@@ -159,34 +163,38 @@ enum Call {
     Feedback(String, Feedback),
 }
 
-async fn admin(conn: &AdminConn, call: Call) -> anyhow::Result<()> {
+async fn admin(conn: &AdminConn, call: Call, operator: &str) -> anyhow::Result<()> {
     let mut client = connect(conn).await?;
     let token = &conn.admin_token;
     let state = match call {
-        Call::List => client.list_filters(with_token(pb::ListFiltersRequest {}, token)?).await,
+        Call::List => {
+            client
+                .list_filters(signed(pb::ListFiltersRequest {}, token, operator)?)
+                .await
+        }
         Call::Swap(name) => {
             client
-                .swap_filter(with_token(pb::SwapFilterRequest { name }, token)?)
+                .swap_filter(signed(pb::SwapFilterRequest { name }, token, operator)?)
                 .await
         }
         Call::Enable => {
             client
-                .enable_filter(with_token(pb::EnableFilterRequest {}, token)?)
+                .enable_filter(signed(pb::EnableFilterRequest {}, token, operator)?)
                 .await
         }
         Call::Disable => {
             client
-                .disable_filter(with_token(pb::DisableFilterRequest {}, token)?)
+                .disable_filter(signed(pb::DisableFilterRequest {}, token, operator)?)
                 .await
         }
         Call::Shadow(name) => {
             client
-                .set_shadow_filter(with_token(pb::SetShadowFilterRequest { name }, token)?)
+                .set_shadow_filter(signed(pb::SetShadowFilterRequest { name }, token, operator)?)
                 .await
         }
         Call::Reload => {
             let r = client
-                .reload_filters(with_token(pb::ReloadFiltersRequest {}, token)?)
+                .reload_filters(signed(pb::ReloadFiltersRequest {}, token, operator)?)
                 .await
                 .map_err(status_error)?
                 .into_inner();
@@ -201,12 +209,13 @@ async fn admin(conn: &AdminConn, call: Call) -> anyhow::Result<()> {
                 Feedback::FalseNegative => pb::FeedbackKind::FalseNegative,
             };
             let r = client
-                .report_filter_feedback(with_token(
+                .report_filter_feedback(signed(
                     pb::ReportFilterFeedbackRequest {
                         request_id,
                         kind: kind as i32,
                     },
                     token,
+                    operator,
                 )?)
                 .await
                 .map_err(status_error)?
@@ -221,6 +230,14 @@ async fn admin(conn: &AdminConn, call: Call) -> anyhow::Result<()> {
     };
     print_state(&state.map_err(status_error)?.into_inner());
     Ok(())
+}
+
+/// An admin call carrying the credential and the operator's name.
+fn signed<T>(message: T, token: &Option<String>, operator: &str) -> anyhow::Result<tonic::Request<T>> {
+    let mut r = with_token(message, token)?;
+    let value = operator.parse().context("--operator must be printable ASCII")?;
+    r.metadata_mut().insert("x-ferroserve-operator", value);
+    Ok(r)
 }
 
 fn print_state(s: &pb::ListFiltersResponse) {
