@@ -1,8 +1,8 @@
 //! Content filter latency per prompt, on this machine (a benchmark: it measures, it asserts nothing).
 //!
 //! Judges every prompt of `tests/data/filter-eval-dev.jsonl` many times with the default config's rules
-//! alone, its semantic filter alone, and both together, and prints p50 and p99 per prompt. Targets on 2
-//! cores: rules p99 < 50 µs, semantic p99 < 10 ms.
+//! alone, its classifier alone, and both together, and prints p50 and p99 per prompt. Targets on 2
+//! cores: rules p99 < 50 µs, classifier p99 < 10 ms.
 //!
 //! Run: `cargo bench -p ferroserve --bench filter_latency` (env: FILTER_BENCH_REPEATS, default 50).
 
@@ -49,11 +49,16 @@ fn main() {
     let config = FilterConfig::load(std::path::Path::new(&format!("{root}/configs/filters/default.toml"))).unwrap();
 
     let mut rules = config.clone();
-    rules.semantic = None;
-    let mut semantic = config.clone();
-    semantic.rules.categories.clear();
+    (rules.semantic, rules.classifier) = (None, None);
+    let mut classifier = config.clone();
+    (classifier.rules.categories, classifier.semantic) = (Vec::new(), None);
     println!("{} prompts x {repeats} repeats, one thread", texts.len());
     measure("rules", &rules.compile().unwrap(), &texts, repeats);
-    measure("semantic", &semantic.compile().unwrap(), &texts, repeats.div_ceil(5));
+    measure(
+        "classifier",
+        &classifier.compile().unwrap(),
+        &texts,
+        repeats.div_ceil(5),
+    );
     measure("both", &config.compile().unwrap(), &texts, repeats.div_ceil(5));
 }

@@ -33,11 +33,11 @@ def main():
     for part in sorted((HERE / "parts").glob("*.jsonl")):
         for r in read(part):
             groups.setdefault((r["category"], r["label"], r.get("style", "")), []).append(r)
-    rng = random.Random(SEED)
     train, val = [], []
     for group in sorted(groups):
         rows = groups[group]
-        rng.shuffle(rows)
+        # One generator per group, so that adding a group leaves the others' splits as they were.
+        random.Random(f"{SEED}/{'/'.join(group)}").shuffle(rows)
         cut = round(len(rows) * VAL_SHARE)
         val += rows[:cut]
         train += rows[cut:]

@@ -62,6 +62,26 @@ fn simple_obfuscation_does_not_hide_a_request() {
     }
 }
 
+/// Greetings, tiny instructions and raw completion prompts (what SDK tests and benchmarks send) pass.
+#[test]
+fn short_and_generic_prompts_pass() {
+    let f = default_filter();
+    for text in [
+        "hi",
+        "Hello",
+        "Say hello.",
+        "Name a colour.",
+        "Once upon a time",
+        "The three primary colours are",
+        "1, 2, 3, 4,",
+        "Count to a thousand:",
+        "How do I bake bread?",
+    ] {
+        let v = f.check(text);
+        assert_eq!(v.action, Action::Allow, "{text}: {v:?}");
+    }
+}
+
 #[test]
 fn a_bad_config_is_refused_with_the_problem_named() {
     let base = std::fs::read_to_string(root("configs/filters/default.toml")).unwrap();

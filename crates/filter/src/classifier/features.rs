@@ -13,7 +13,12 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
-/// The n-gram part of the features: `buckets` values, unit length (all zero for a text with no words).
+/// A text's n-gram vector is scaled to unit length, but never by less than this: a text of one or two
+/// words must not put all its weight on one or two (collision-prone) buckets.
+const MIN_NORM: f32 = 2.828_427; // sqrt(8): as if the text had at least 8 distinct n-grams
+
+/// The n-gram part of the features: `buckets` values, unit length for a text of 8 or more distinct
+/// n-grams, shorter for fewer (all zero for a text with no words).
 pub fn ngrams(normalized: &str, buckets: usize) -> Vec<f32> {
     let mut v = vec![0.0f32; buckets];
     if buckets == 0 {
@@ -30,10 +35,8 @@ pub fn ngrams(normalized: &str, buckets: usize) -> Vec<f32> {
             hit(&format!("{w} {next}"));
         }
     }
-    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-    if norm > 0.0 {
-        v.iter_mut().for_each(|x| *x /= norm);
-    }
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(MIN_NORM);
+    v.iter_mut().for_each(|x| *x /= norm);
     v
 }
 
@@ -50,9 +53,17 @@ mod tests {
 
     #[test]
     fn ngrams_are_stable_unit_length_and_see_word_pairs() {
-        let a = ngrams("how do i get caught", 64);
-        assert_eq!(a, ngrams("how do i get caught", 64), "deterministic");
-        assert!((a.iter().map(|x| x * x).sum::<f32>() - 1.0).abs() < 1e-5);
+        let a = ngrams("how do i get caught without a trace", 4096);
+        assert_eq!(a, ngrams("how do i get caught without a trace", 4096), "deterministic");
+        assert!(
+            (a.iter().map(|x| x * x).sum::<f32>() - 1.0).abs() < 1e-5,
+            "8+ n-grams: unit length"
+        );
+        let hi = ngrams("hi", 4096);
+        assert!(
+            (hi.iter().map(|x| x * x).sum::<f32>().sqrt() - 1.0 / MIN_NORM).abs() < 1e-5,
+            "one word is not amplified"
+        );
         assert_ne!(
             ngrams("without getting caught", 4096),
             ngrams("caught without getting", 4096),
