@@ -177,7 +177,7 @@ fn filter_eval_prints_rates_as_json() {
 /// `filter eval --only classifier` with our int8 encoder and with Candle's f32 BERT: the same decisions on
 /// every dev prompt (the int8 encoder is a speed-up, not a different filter).
 #[test]
-fn the_int8_and_reference_encoders_make_the_same_semantic_decisions() {
+fn the_int8_and_reference_encoders_make_the_same_classifier_decisions() {
     let eval = |extra: &[&str]| {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferroserve"))
             .args([
