@@ -66,6 +66,17 @@ pub(crate) fn with_token<T>(message: T, token: &Option<String>) -> anyhow::Resul
     Ok(r)
 }
 
+/// An admin call carrying the credential and the operator's name (`x-ferroserve-operator`), which the server
+/// records with version and filter changes.
+pub(crate) fn operator_request<T>(conn: &AdminConn, operator: &str, message: T) -> anyhow::Result<tonic::Request<T>> {
+    let mut r = with_token(message, &conn.admin_token)?;
+    r.metadata_mut().insert(
+        "x-ferroserve-operator",
+        operator.parse().context("--operator must be printable ASCII")?,
+    );
+    Ok(r)
+}
+
 pub(crate) async fn connect(conn: &AdminConn) -> anyhow::Result<AdminClient<tonic::transport::Channel>> {
     Ok(AdminClient::new(super::channel(&conn.addr, &conn.tls_ca).await?))
 }

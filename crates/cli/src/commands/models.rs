@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use ferroserve_proto::v1 as pb;
 
-use super::admin::{AdminConn, connect, status_error, with_token};
+use super::admin::{AdminConn, connect, operator_request as request, status_error};
 
 /// `ferroserve models ...`.
 #[derive(Debug, Args)]
@@ -205,16 +205,6 @@ fn pairs(items: &[String], what: &str) -> anyhow::Result<Vec<(String, String)>> 
                 .with_context(|| format!("`{item}`: write {what}"))
         })
         .collect()
-}
-
-/// An admin call carrying the credential and the operator's name.
-fn request<T>(conn: &AdminConn, operator: &str, message: T) -> anyhow::Result<tonic::Request<T>> {
-    let mut r = with_token(message, &conn.admin_token)?;
-    r.metadata_mut().insert(
-        "x-ferroserve-operator",
-        operator.parse().context("--operator must be printable ASCII")?,
-    );
-    Ok(r)
 }
 
 /// Runs a models subcommand.

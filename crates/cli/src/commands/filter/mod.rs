@@ -11,7 +11,7 @@ use ferroserve_filter::eval::{evaluate, read_examples};
 use ferroserve_model::embed::Backend;
 use ferroserve_proto::v1 as pb;
 
-use super::admin::{AdminConn, connect, status_error, with_token};
+use super::admin::{AdminConn, connect, operator_request, status_error};
 
 mod feedback;
 mod train;
@@ -165,36 +165,35 @@ enum Call {
 
 async fn admin(conn: &AdminConn, call: Call, operator: &str) -> anyhow::Result<()> {
     let mut client = connect(conn).await?;
-    let token = &conn.admin_token;
     let state = match call {
         Call::List => {
             client
-                .list_filters(signed(pb::ListFiltersRequest {}, token, operator)?)
+                .list_filters(operator_request(conn, operator, pb::ListFiltersRequest {})?)
                 .await
         }
         Call::Swap(name) => {
             client
-                .swap_filter(signed(pb::SwapFilterRequest { name }, token, operator)?)
+                .swap_filter(operator_request(conn, operator, pb::SwapFilterRequest { name })?)
                 .await
         }
         Call::Enable => {
             client
-                .enable_filter(signed(pb::EnableFilterRequest {}, token, operator)?)
+                .enable_filter(operator_request(conn, operator, pb::EnableFilterRequest {})?)
                 .await
         }
         Call::Disable => {
             client
-                .disable_filter(signed(pb::DisableFilterRequest {}, token, operator)?)
+                .disable_filter(operator_request(conn, operator, pb::DisableFilterRequest {})?)
                 .await
         }
         Call::Shadow(name) => {
             client
-                .set_shadow_filter(signed(pb::SetShadowFilterRequest { name }, token, operator)?)
+                .set_shadow_filter(operator_request(conn, operator, pb::SetShadowFilterRequest { name })?)
                 .await
         }
         Call::Reload => {
             let r = client
-                .reload_filters(signed(pb::ReloadFiltersRequest {}, token, operator)?)
+                .reload_filters(operator_request(conn, operator, pb::ReloadFiltersRequest {})?)
                 .await
                 .map_err(status_error)?
                 .into_inner();
@@ -209,13 +208,13 @@ async fn admin(conn: &AdminConn, call: Call, operator: &str) -> anyhow::Result<(
                 Feedback::FalseNegative => pb::FeedbackKind::FalseNegative,
             };
             let r = client
-                .report_filter_feedback(signed(
+                .report_filter_feedback(operator_request(
+                    conn,
+                    operator,
                     pb::ReportFilterFeedbackRequest {
                         request_id,
                         kind: kind as i32,
                     },
-                    token,
-                    operator,
                 )?)
                 .await
                 .map_err(status_error)?
@@ -230,14 +229,6 @@ async fn admin(conn: &AdminConn, call: Call, operator: &str) -> anyhow::Result<(
     };
     print_state(&state.map_err(status_error)?.into_inner());
     Ok(())
-}
-
-/// An admin call carrying the credential and the operator's name.
-fn signed<T>(message: T, token: &Option<String>, operator: &str) -> anyhow::Result<tonic::Request<T>> {
-    let mut r = with_token(message, token)?;
-    let value = operator.parse().context("--operator must be printable ASCII")?;
-    r.metadata_mut().insert("x-ferroserve-operator", value);
-    Ok(r)
 }
 
 fn print_state(s: &pb::ListFiltersResponse) {
