@@ -30,11 +30,6 @@ impl CompositeFilter {
             classifier,
         }
     }
-
-    /// The learned classifier, if the config has one (the red-team and the gate read its scores).
-    pub fn classifier(&self) -> Option<&ClassifierFilter> {
-        self.classifier.as_ref()
-    }
 }
 
 impl Filter for CompositeFilter {
