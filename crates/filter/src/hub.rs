@@ -21,9 +21,8 @@ use std::time::Instant;
 use arc_swap::ArcSwap;
 use ferroserve_telemetry::names;
 
-use crate::classifier::sha256_hex;
 use crate::config::FilterConfig;
-use crate::store::{Entry, Label, Source, Step, Store};
+use crate::store::{Entry, Kept, Label, Source, Step, Store};
 use crate::verdict::{Action, Filter, Verdict};
 
 /// Where in the request path a text is judged.
@@ -99,10 +98,8 @@ pub struct Recorded {
     pub stage: Stage,
     /// What it decided.
     pub verdict: Verdict,
-    /// The text judged, kept only while a feedback store that keeps text is set.
-    pub text: Option<Arc<str>>,
-    /// The text's SHA-256, while a feedback store is set.
-    pub text_sha256: Option<String>,
+    /// The text judged, or its hash, as the feedback store keeps it; `None` without a store.
+    pub text: Option<Kept>,
 }
 
 /// Why an operator's change or a piece of feedback was refused.
@@ -199,7 +196,7 @@ fn shadow_worker(rx: std::sync::mpsc::Receiver<ShadowJob>) {
                 Source::ShadowDisagreement,
                 &job.shadow.id,
                 None,
-                &job.text,
+                &store.keep(&job.text),
                 &v,
                 None,
                 "shadow",
@@ -482,14 +479,12 @@ impl FilterHub {
         if recent.len() == self.capacity {
             recent.pop_front();
         }
-        let store = self.store.get();
         recent.push_back(Recorded {
             request_id: request_id.to_string(),
             filter: filter.to_string(),
             stage,
             verdict: verdict.clone(),
-            text: text.filter(|_| store.is_some_and(|s| s.keeps_text())).cloned(),
-            text_sha256: text.filter(|_| store.is_some()).map(|t| sha256_hex(t.as_bytes())),
+            text: text.zip(self.store.get()).map(|(t, store)| store.keep(t)),
         });
     }
 
@@ -528,20 +523,18 @@ impl FilterHub {
             }
         }
     }
-}
 
-impl FilterHub {
     /// Puts a reviewer's report in the feedback store, if one is set: a false positive is labelled
-    /// harmless; a false negative waits for `filter review` to name its category.
+    /// harmless; a false negative waits for `filter review` to name its category. A verdict recorded with
+    /// no text (an output stream's end) is stored with an empty hash.
     fn store_feedback(&self, r: &Recorded, kind: Feedback, by: &str) {
         let Some(store) = self.store.get() else { return };
         let (source, label) = match kind {
             Feedback::FalsePositive => (Source::FalsePositive, Some(Label::Allow)),
             Feedback::FalseNegative => (Source::FalseNegative, None),
         };
-        let mut found = store.finding(source, &r.filter, Some(&r.request_id), "", &r.verdict, label, by);
-        found.text = r.text.as_deref().map(str::to_string);
-        found.text_sha256 = r.text_sha256.clone().unwrap_or_default();
+        let text = r.text.clone().unwrap_or_else(|| Kept::Hash(String::new()));
+        let found = store.finding(source, &r.filter, Some(&r.request_id), &text, &r.verdict, label, by);
         if let Err(e) = store.append(&Entry::Finding(found)) {
             tracing::error!(error = %e, "could not store filter feedback");
         }

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -166,6 +166,25 @@ pub enum StoreError {
     },
 }
 
+/// A judged text as the store may hold it: the text itself where the store keeps text, else its SHA-256
+/// (computed once, when the text is judged, so the text need not be held).
+#[derive(Debug, Clone)]
+pub enum Kept {
+    /// The text (the store keeps text).
+    Text(Arc<str>),
+    /// Its SHA-256 only.
+    Hash(String),
+}
+
+impl Kept {
+    fn sha256(&self) -> String {
+        match self {
+            Kept::Text(t) => sha256_hex(t.as_bytes()),
+            Kept::Hash(h) => h.clone(),
+        }
+    }
+}
+
 /// Unix seconds now.
 pub fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
@@ -198,11 +217,6 @@ impl Store {
         })
     }
 
-    /// Whether findings keep their text.
-    pub fn keeps_text(&self) -> bool {
-        self.keep_text
-    }
-
     /// Appends one entry as one line, flushed to the file before returning.
     pub fn append(&self, entry: &Entry) -> Result<(), StoreError> {
         let mut line = serde_json::to_vec(entry).expect("store entries serialize");
@@ -216,19 +230,28 @@ impl Store {
             })
     }
 
-    /// A finding about `text`; its text is kept only where the store keeps text.
+    /// What of `text` this store may hold: the text where it keeps text, else its hash.
+    pub fn keep(&self, text: &Arc<str>) -> Kept {
+        if self.keep_text {
+            Kept::Text(Arc::clone(text))
+        } else {
+            Kept::Hash(sha256_hex(text.as_bytes()))
+        }
+    }
+
+    /// A finding about a judged text, as [`Store::keep`] kept it.
     #[allow(clippy::too_many_arguments)]
     pub fn finding(
         &self,
         source: Source,
         filter: &str,
         request_id: Option<&str>,
-        text: &str,
+        text: &Kept,
         verdict: &Verdict,
         label: Option<Label>,
         by: &str,
     ) -> Finding {
-        let text_sha256 = sha256_hex(text.as_bytes());
+        let text_sha256 = text.sha256();
         let at = now();
         let id =
             sha256_hex(format!("{source:?}|{filter}|{request_id:?}|{text_sha256}|{at}").as_bytes())[..12].to_string();
@@ -239,7 +262,10 @@ impl Store {
             filter: filter.to_string(),
             request_id: request_id.map(str::to_string),
             text_sha256,
-            text: self.keep_text.then(|| text.to_string()),
+            text: match text {
+                Kept::Text(t) => Some(t.to_string()),
+                Kept::Hash(_) => None,
+            },
             action: verdict.action,
             category: verdict.category.clone(),
             label,
@@ -352,7 +378,7 @@ mod tests {
             Source::FalsePositive,
             "f@1",
             Some("r1"),
-            "kill the process",
+            &kept.keep(&Arc::from("kill the process")),
             &blocked,
             Some(Label::Allow),
             "ops",
@@ -361,7 +387,7 @@ mod tests {
             Source::FalseNegative,
             "f@1",
             Some("r2"),
-            "secret text",
+            &hashed.keep(&Arc::from("secret text")),
             &Verdict::allow(),
             None,
             "ops",
@@ -369,6 +395,11 @@ mod tests {
         assert!(
             fnr.text.is_none() && fnr.text_sha256 == sha256_hex(b"secret text"),
             "no text without the opt-in"
+        );
+        assert_eq!(
+            (fp.text.as_deref(), fp.text_sha256.as_str()),
+            (Some("kill the process"), sha256_hex(b"kill the process").as_str()),
+            "kept text and its hash"
         );
         kept.append(&Entry::Finding(fp.clone())).unwrap();
         hashed.append(&Entry::Finding(fnr.clone())).unwrap();

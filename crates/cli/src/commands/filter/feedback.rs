@@ -110,7 +110,7 @@ pub fn redteam(a: RedTeamArgs) -> anyhow::Result<()> {
                 Source::RedTeam,
                 filter.id(),
                 None,
-                &s.text,
+                &store.keep(&std::sync::Arc::from(s.text.as_str())),
                 &Verdict::allow(),
                 Some(label),
                 "redteam",
