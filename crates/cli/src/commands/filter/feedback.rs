@@ -84,11 +84,7 @@ pub struct ValidateArgs {
 fn compile(path: &std::path::Path) -> anyhow::Result<ferroserve_filter::CompositeFilter> {
     let config = FilterConfig::load(path)?;
     if config.needs_embeddings() {
-        super::super::install_embeddings(
-            &ferroserve_model::fetch::default_cache_dir(),
-            &crate::progress::Bars::default(),
-            ferroserve_model::embed::Backend::Int8,
-        )?;
+        super::embeddings(ferroserve_model::embed::Backend::Int8)?;
     }
     config
         .compile()

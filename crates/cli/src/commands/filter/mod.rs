@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use ferroserve_filter::FilterConfig;
-use ferroserve_filter::eval::{evaluate, read_examples};
+use ferroserve_filter::eval::evaluate;
 use ferroserve_model::embed::Backend;
 use ferroserve_proto::v1 as pb;
 
@@ -263,6 +263,16 @@ fn print_state(s: &pb::ListFiltersResponse) {
     }
 }
 
+/// Loads the embedding model (fetched into the cache on first use) for the filter commands that judge or
+/// train offline.
+fn embeddings(backend: Backend) -> anyhow::Result<()> {
+    super::install_embeddings(
+        &ferroserve_model::fetch::default_cache_dir(),
+        &crate::progress::Bars::default(),
+        backend,
+    )
+}
+
 fn eval(a: EvalArgs) -> anyhow::Result<()> {
     let mut config = FilterConfig::load(&a.config)?;
     let has = |present: bool, section: &str| {
@@ -288,22 +298,16 @@ fn eval(a: EvalArgs) -> anyhow::Result<()> {
         None => {}
     }
     if config.needs_embeddings() {
-        let backend = if a.reference_embedder {
+        embeddings(if a.reference_embedder {
             Backend::Candle
         } else {
             Backend::Int8
-        };
-        super::install_embeddings(
-            &ferroserve_model::fetch::default_cache_dir(),
-            &crate::progress::Bars::default(),
-            backend,
-        )?;
+        })?;
     }
     let filter = config
         .compile()
         .with_context(|| format!("{} does not compile", a.config.display()))?;
-    let text = std::fs::read_to_string(&a.data).with_context(|| format!("cannot read {}", a.data.display()))?;
-    let examples = read_examples(&text).map_err(|e| anyhow::anyhow!("{}: {e}", a.data.display()))?;
+    let examples = train::read_files(std::slice::from_ref(&a.data))?;
     let report = evaluate(&filter, &examples, a.repeats);
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

@@ -88,11 +88,7 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
     let val = read_files(&a.val)?;
     let base_text = std::fs::read_to_string(&a.base).with_context(|| format!("cannot read {}", a.base.display()))?;
     FilterConfig::parse(&base_text, &a.base.display().to_string())?;
-    super::super::install_embeddings(
-        &ferroserve_model::fetch::default_cache_dir(),
-        &crate::progress::Bars::default(),
-        ferroserve_model::embed::Backend::Int8,
-    )?;
+    super::embeddings(ferroserve_model::embed::Backend::Int8)?;
     let service = ferroserve_filter::semantic::service().context("the embedding service")?;
     let classes = classes_of(&train);
     let started = std::time::Instant::now();
