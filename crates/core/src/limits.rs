@@ -64,7 +64,7 @@ pub struct Violation {
     pub message: String,
 }
 
-fn violation(field: impl Into<String>, message: impl Into<String>) -> Violation {
+pub(crate) fn violation(field: impl Into<String>, message: impl Into<String>) -> Violation {
     Violation {
         field: field.into(),
         message: message.into(),
@@ -217,6 +217,9 @@ impl RequestLimits {
             ));
         }
         check_sampling(&r.sampling)?;
+        if let Some(c) = &r.constraint {
+            c.check("constraint")?;
+        }
         self.check_stop(&r.stop)
     }
 }

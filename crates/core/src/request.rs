@@ -1,5 +1,6 @@
 //! A request after validation: every field is within limits and every default is resolved.
 
+use crate::Constraint;
 use std::time::SystemTime;
 
 /// A generation request that has passed validation. Only the router builds these from client input;
@@ -27,6 +28,8 @@ pub struct ValidRequest {
     /// `Some(k)`: stream each generated token's text and bytes with its `k` most likely alternatives
     /// (at most [`crate::MAX_TOP_LOGPROBS`]); `None`: only the sampled tokens' logprobs, as always.
     pub top_logprobs: Option<u32>,
+    /// What the output must match (a JSON schema, a regex, a grammar, a choice); `None`: free text.
+    pub constraint: Option<Constraint>,
 }
 
 /// The two ways to give a model its input.
@@ -169,6 +172,7 @@ impl ValidRequest {
             priority: 0,
             continuation: Vec::new(),
             top_logprobs: None,
+            constraint: None,
         }
     }
 }

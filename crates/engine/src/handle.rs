@@ -4,8 +4,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread;
+use std::time::Duration;
 
-use ferroserve_core::{Backend, BackendError, EventStream, ModelInfo, StatsStream, ValidRequest, WorkerStats};
+use ferroserve_core::{
+    Backend, BackendError, Constraint, EventStream, ModelInfo, StatsStream, ValidRequest, WorkerStats,
+};
 use ferroserve_model::{LoadedModel, TextCodec};
 use ferroserve_telemetry::cost::{self, CostMeter, Price};
 use ferroserve_telemetry::drift::DriftMonitor;
@@ -14,6 +17,7 @@ use futures::future::BoxFuture;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::{ReceiverStream, WatchStream};
 
+use crate::constrain::{Compiled, ConstraintError, Grammars, Guide};
 use crate::instruments::EngineMetrics;
 use crate::run::EngineLoop;
 use crate::schedule::BatchLimits;
@@ -37,6 +41,10 @@ pub struct EngineConfig {
     /// Test-only fault injection (`FERROSERVE_TEST_FAULT=engine-panic:<marker>`): the engine thread panics
     /// on a request whose text contains the marker. Never set in a real deployment.
     pub test_fault_marker: Option<String>,
+    /// Structured output: the longest a constraint may take to compile before it is refused.
+    pub constraint_compile_ms: u64,
+    /// Structured output: compiled constraints kept for reuse.
+    pub constraint_cache_entries: usize,
 }
 
 impl Default for EngineConfig {
@@ -51,6 +59,8 @@ impl Default for EngineConfig {
             batch: BatchLimits::default(),
             prefix_caching: PrefixCaching::default(),
             test_fault_marker: None,
+            constraint_compile_ms: 2_000,
+            constraint_cache_entries: 64,
         }
     }
 }
@@ -131,6 +141,10 @@ pub struct EngineHandle {
     shared: Arc<Shared>,
     /// Requests that may wait at once, in the channel and in the engine's queue together.
     queue_capacity: usize,
+    /// The structured-output compiler for this model's vocabulary (an error where it cannot be built).
+    grammars: Result<Arc<Grammars>, String>,
+    /// The bound on compiling one constraint.
+    compile_limit: Duration,
 }
 
 impl EngineHandle {
@@ -150,6 +164,10 @@ impl EngineHandle {
             info.context_length = pool_tokens;
         }
         let pool = model.kv_pool(pool_blocks, config.prefix_caching);
+        let grammars = Grammars::new(&text, config.constraint_cache_entries).map(Arc::new);
+        if let Err(e) = &grammars {
+            tracing::warn!(error = %e, "structured output is unavailable for this model's tokenizer");
+        }
         let shared = Arc::new(Shared {
             stats: watch::Sender::new(WorkerStats::default()),
             metrics: EngineMetrics::new(&info),
@@ -177,6 +195,8 @@ impl EngineHandle {
             jobs,
             shared,
             queue_capacity: config.queue_capacity,
+            grammars,
+            compile_limit: Duration::from_millis(config.constraint_compile_ms),
         }
     }
 
@@ -207,11 +227,55 @@ impl EngineHandle {
     /// blocking pool, since rendering and tokenizing a long prompt takes milliseconds.
     pub fn submit(&self, request: ValidRequest) -> Result<EventStream, BackendError> {
         let prompt = prompt_ids(&self.text, &self.info, &request)?;
-        self.enqueue(request, prompt)
+        let guide = match &request.constraint {
+            None => None,
+            Some(c) => Some(self.record(c, compile(self.grammars()?, c)?)),
+        };
+        self.enqueue(request, prompt, guide)
+    }
+
+    /// The constraint compiler, or why this model has none.
+    fn grammars(&self) -> Result<&Arc<Grammars>, BackendError> {
+        self.grammars.as_ref().map_err(|e| BackendError::InvalidRequest {
+            field: "constraint".into(),
+            message: format!("structured output is unavailable for this model's tokenizer: {e}"),
+        })
+    }
+
+    /// Compiles `constraint` on the blocking pool, within the configured bound. A compile past the bound
+    /// is refused; it finishes on its own thread (llguidance's fuel limits bound it) and is not cached.
+    async fn guide(&self, constraint: Constraint) -> Result<Guide, BackendError> {
+        let grammars = Arc::clone(self.grammars()?);
+        let kind = constraint.kind().as_str();
+        let c = constraint.clone();
+        let work = tokio::task::spawn_blocking(move || compile(&grammars, &c));
+        match tokio::time::timeout(self.compile_limit, work).await {
+            Ok(joined) => {
+                let compiled =
+                    joined.map_err(|e| BackendError::Internal(format!("compiling the constraint failed: {e}")))??;
+                Ok(self.record(&constraint, compiled))
+            }
+            Err(_) => Err(ConstraintError::TooSlow {
+                kind,
+                limit_ms: self.compile_limit.as_millis() as u64,
+            }
+            .into()),
+        }
+    }
+
+    /// Counts a compiled constraint in the metrics; returns its guide.
+    fn record(&self, constraint: &Constraint, (guide, how, took): (Guide, Compiled, Duration)) -> Guide {
+        self.shared.metrics.constrained(constraint.kind(), how, took);
+        guide
     }
 
     /// Queues a tokenized request for the engine thread.
-    fn enqueue(&self, request: ValidRequest, prompt: Vec<u32>) -> Result<EventStream, BackendError> {
+    fn enqueue(
+        &self,
+        request: ValidRequest,
+        prompt: Vec<u32>,
+        guide: Option<Guide>,
+    ) -> Result<EventStream, BackendError> {
         if self.shared.is_draining() {
             return Err(BackendError::Unavailable(
                 "this worker is draining; retry on another".into(),
@@ -244,6 +308,7 @@ impl EngineHandle {
             tokens,
             prompt_len,
             events,
+            guide,
         };
         let refused = |s: &mut WorkerStats| {
             s.waiting -= 1;
@@ -274,6 +339,13 @@ impl EngineHandle {
             preemptions: self.shared.preemptions.load(Ordering::Relaxed),
         }
     }
+}
+
+/// A guide for `constraint`, whether the cache had it, and how long it took.
+fn compile(grammars: &Grammars, constraint: &Constraint) -> Result<(Guide, Compiled, Duration), BackendError> {
+    let started = std::time::Instant::now();
+    let (guide, how) = grammars.guide(constraint)?;
+    Ok((guide, how, started.elapsed()))
 }
 
 /// `request`'s prompt tokens, checked against `info`'s context length.
@@ -335,7 +407,11 @@ impl Backend for EngineHandle {
             })
             .await
             .map_err(|e| BackendError::Internal(format!("tokenizing the request failed: {e}")))??;
-            self.enqueue(request, prompt)
+            let guide = match &request.constraint {
+                None => None,
+                Some(c) => Some(self.guide(c.clone()).await?),
+            };
+            self.enqueue(request, prompt, guide)
         })
     }
 

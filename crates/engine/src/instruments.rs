@@ -1,9 +1,13 @@
 //! The engine's metric handles, registered once per engine with its model and version labels, so the hot
 //! loop records without building label sets per token.
 
-use ferroserve_core::{FinishReason, ModelInfo};
+use std::time::Duration;
+
+use ferroserve_core::{ConstraintKind, FinishReason, ModelInfo};
 use ferroserve_telemetry::names;
 use metrics::{Counter, Gauge, Histogram};
+
+use crate::constrain::Compiled;
 
 /// Handles for everything the engine records.
 pub(crate) struct EngineMetrics {
@@ -29,6 +33,8 @@ pub(crate) struct EngineMetrics {
     pub token_logprob: Histogram,
     pub token_entropy: Histogram,
     pub drift_score: Gauge,
+    /// Time to compute the constraint masks of one step (on the mask thread, during the forward pass).
+    pub constraint_mask_seconds: Histogram,
     /// The version label, for the per-reason finish counters.
     version: String,
     /// The model label.
@@ -65,9 +71,28 @@ impl EngineMetrics {
             token_logprob: metrics::histogram!(names::TOKEN_LOGPROB, &mv),
             token_entropy: metrics::histogram!(names::TOKEN_ENTROPY, &mv),
             drift_score: metrics::gauge!(names::TOKEN_DRIFT_SCORE, &mv),
+            constraint_mask_seconds: metrics::histogram!(names::CONSTRAINT_MASK_SECONDS, &mv),
             version: info.version.clone(),
             model: info.name.clone(),
         }
+    }
+
+    /// Counts a constrained request by kind, and its compile time by whether the cache held it.
+    pub fn constrained(&self, kind: ConstraintKind, how: Compiled, took: Duration) {
+        metrics::counter!(
+            names::CONSTRAINED_REQUESTS_TOTAL,
+            names::LABEL_MODEL => self.model.clone(),
+            names::LABEL_VERSION => self.version.clone(),
+            names::LABEL_KIND => kind.as_str()
+        )
+        .increment(1);
+        metrics::histogram!(
+            names::CONSTRAINT_COMPILE_SECONDS,
+            names::LABEL_MODEL => self.model.clone(),
+            names::LABEL_VERSION => self.version.clone(),
+            names::LABEL_CACHE => how.as_str()
+        )
+        .record(took.as_secs_f64());
     }
 
     /// Counts a finished generation under its reason.

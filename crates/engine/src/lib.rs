@@ -8,6 +8,7 @@
 //! client left, and the engine stops work on that request at its next step.
 #![forbid(unsafe_code)]
 
+mod constrain;
 mod handle;
 mod instruments;
 mod run;
@@ -17,6 +18,7 @@ mod seq;
 pub mod stop;
 mod supervise;
 
+pub use constrain::{ConstraintError, GbnfError, to_lark};
 pub use ferroserve_model::pool::PrefixCaching;
 pub use handle::{EngineConfig, EngineHandle, KvReport};
 pub use schedule::BatchLimits;

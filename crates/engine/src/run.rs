@@ -21,7 +21,7 @@ use ferroserve_model::{ModelError, TextCodec};
 
 use crate::handle::Shared;
 use crate::schedule::{self, BatchLimits, SeqView};
-use crate::seq::{Job, Outcome, Seq, ms_since};
+use crate::seq::{Job, Outcome, Seq, StepError, ms_since};
 
 /// The requests the engine holds: waiting for a place in the batch, and running. They live outside the
 /// loop so that after a panic the supervisor can tell each of them what happened.
@@ -305,17 +305,38 @@ impl EngineLoop {
         }
         let mut order = Vec::with_capacity(running.len());
         let mut chunks: Vec<Chunk<'_>> = Vec::with_capacity(running.len());
+        // The constraints of the sequences that sample this step: their masks are computed while the
+        // forward pass runs.
+        let mut guides = Vec::new();
         for (i, (seq, take)) in running.iter_mut().zip(&takes).enumerate() {
             let Some(range) = take else { continue };
-            let Seq { cache, job, .. } = seq;
+            let Seq { cache, job, guide, .. } = seq;
             order.push(i);
+            if range.end == job.tokens.len()
+                && let Some(g) = guide.as_mut()
+            {
+                guides.push(g);
+            }
             chunks.push(Chunk {
                 cache: cache.as_mut().expect("a running sequence has a cache"),
                 tokens: &job.tokens[range.clone()],
             });
         }
         let step_tokens: usize = chunks.iter().map(|c| c.tokens.len()).sum();
-        let result = self.model.forward(&mut chunks);
+        let result = if guides.is_empty() {
+            self.model.forward(&mut chunks)
+        } else {
+            std::thread::scope(|s| {
+                let masks = s.spawn(move || crate::constrain::prepare_all(guides));
+                let result = self.model.forward(&mut chunks);
+                // A mask thread that panicked leaves its guides unprepared: each computes its mask when
+                // it samples, and fails its own sequence if that fails too.
+                if let Ok(took) = masks.join() {
+                    self.shared.metrics.constraint_mask_seconds.record(took.as_secs_f64());
+                }
+                result
+            })
+        };
         drop(chunks);
         self.shared.metrics.batch_tokens.record(step_tokens as f64);
         let mut ended = Vec::new();
@@ -381,14 +402,19 @@ impl EngineLoop {
     }
 
     /// Samples the next token of `seq` and streams it; `Some` when the sequence has ended.
-    fn advance(&self, seq: &mut Seq, logits: &mut [f32]) -> Result<Option<Outcome>, ModelError> {
+    fn advance(&self, seq: &mut Seq, logits: &mut [f32]) -> Result<Option<Outcome>, StepError> {
         let m = &self.shared.metrics;
         let request = &seq.job.request;
         // The alternatives come from the logits as the model gave them, before the sampler rewrites them.
         let top = request
             .top_logprobs
             .map(|k| crate::sampler::top_logprobs(logits, k.min(MAX_TOP_LOGPROBS) as usize));
-        let pick = seq.sampler.sample(logits);
+        let mut masked = Ok(());
+        let pick = match &mut seq.guide {
+            None => seq.sampler.sample(logits),
+            Some(guide) => seq.sampler.sample_masked(logits, |l| masked = guide.mask(l)),
+        };
+        masked?;
         m.token_logprob.record(f64::from(pick.logprob));
         m.token_entropy.record(f64::from(pick.entropy));
         self.shared
@@ -399,9 +425,15 @@ impl EngineLoop {
         if seq.generated == 0 {
             seq.ttft_ms = ms_since(request.arrived);
         }
-        if !request.sampling.ignore_eos && self.text.tokenizer.is_stop(pick.token) {
+        // Under a constraint, end-of-sequence is possible only where the output is complete, and ends it
+        // even with ignore_eos (there is nothing more it may say).
+        if (!request.sampling.ignore_eos || seq.guide.is_some()) && self.text.tokenizer.is_stop(pick.token) {
             return Ok(Some(self.complete(seq, FinishReason::Eos)));
         }
+        let complete = match &mut seq.guide {
+            Some(guide) => guide.commit(pick.token)?,
+            None => false,
+        };
         seq.generated += 1;
         let piece = seq.detok.push(&self.text.tokenizer, pick.token)?;
         let check = seq.stops.push(&piece);
@@ -420,7 +452,7 @@ impl EngineLoop {
             m.generation_tokens_total.increment(u64::from(n));
             return Ok(Some(Outcome::Cancelled(n)));
         }
-        if check.stopped {
+        if check.stopped || complete {
             return Ok(Some(self.complete(seq, FinishReason::Stop)));
         }
         if seq.generated >= request.max_tokens || seq.job.tokens.len() + 1 > seq.capacity() {
@@ -469,7 +501,7 @@ impl EngineLoop {
     }
 
     /// Tells the client its request failed.
-    fn fail(&self, job: &Job, e: &ModelError) {
+    fn fail(&self, job: &Job, e: &dyn std::fmt::Display) {
         tracing::error!(request_id = %job.request.request_id, error = %e, "generation failed");
         let _ = job.events.try_send(Err(BackendError::Internal(e.to_string())));
     }

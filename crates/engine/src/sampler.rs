@@ -47,6 +47,13 @@ impl Sampler {
     /// possible every token is equally likely, so the choice is always a token of the vocabulary and the
     /// reported figures are finite.
     pub fn sample(&mut self, logits: &mut [f32]) -> Sampled {
+        self.sample_masked(logits, |_| {})
+    }
+
+    /// [`Sampler::sample`] among the tokens `mask` leaves possible: it sets the others to -inf (a
+    /// constraint's mask), after the model's distribution is measured for the reported logprob and
+    /// entropy. The mask must leave some token possible.
+    pub fn sample_masked(&mut self, logits: &mut [f32], mask: impl FnOnce(&mut [f32])) -> Sampled {
         if logits.is_empty() {
             return Sampled {
                 token: 0,
@@ -56,6 +63,7 @@ impl Sampler {
         }
         sanitize(logits);
         let (lse, entropy) = lse_and_entropy(logits);
+        mask(logits);
         // The penalties rewrite logits; keep the originals of the tokens they touch for the logprob.
         let originals = self.penalize(logits);
         let token = if self.draws() {
@@ -132,6 +140,9 @@ impl Sampler {
             .iter()
             .enumerate()
             .map(|(i, &l)| (i as u32, ((l - max) * inv_t).exp()))
+            // Impossible tokens (masked, or underflowed to zero) are never candidates, not even for the
+            // rounding sliver at the end.
+            .filter(|c| c.1 > 0.0)
             .collect();
         let by_prob_desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         let k = self.params.top_k as usize;

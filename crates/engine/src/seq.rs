@@ -9,9 +9,19 @@ use ferroserve_model::detok::IncrementalDecoder;
 use ferroserve_model::{ModelError, TextCodec};
 use tokio::sync::mpsc;
 
+use crate::constrain::{ConstraintError, Guide};
 use crate::sampler::Sampler;
 use crate::schedule::SeqView;
 use crate::stop::StopMatcher;
+
+/// What ends one sequence's generation with an error, the others going on.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum StepError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Constraint(#[from] ConstraintError),
+}
 
 /// One queued request.
 pub(crate) struct Job {
@@ -24,6 +34,8 @@ pub(crate) struct Job {
     pub prompt_len: usize,
     /// Where its events go. Closed means the client left.
     pub events: mpsc::Sender<Result<Event, BackendError>>,
+    /// Its compiled constraint, when it has one.
+    pub guide: Option<Guide>,
 }
 
 impl Job {
@@ -71,6 +83,8 @@ pub(crate) struct Seq {
     pub ttft_ms: f64,
     /// Prompt tokens found in the prefix cache at the first admission.
     pub cached_prompt: u32,
+    /// Its constraint, following the tokens it generates; `None` for free text.
+    pub guide: Option<Guide>,
 }
 
 pub(crate) fn ms_since(t: SystemTime) -> f64 {
@@ -79,9 +93,10 @@ pub(crate) fn ms_since(t: SystemTime) -> f64 {
 
 impl Seq {
     /// A sequence for `job`, waiting.
-    pub fn new(job: Job) -> Seq {
+    pub fn new(mut job: Job) -> Seq {
         let resumed = (job.tokens.len() - job.prompt_len) as u32;
         Seq {
+            guide: job.guide.take(),
             sampler: Sampler::new(job.request.sampling, &job.tokens),
             stops: StopMatcher::new(&job.request.stop),
             detok: IncrementalDecoder::default(),
@@ -95,19 +110,23 @@ impl Seq {
         }
     }
 
-    /// Brings the decoder, the stop matcher and the sampler to where the failed worker left them, from
-    /// the continuation alone: each is deterministic in the tokens it saw. The text it would release was
+    /// Brings the decoder, the stop matcher, the sampler and the constraint to where the failed worker left
+    /// them, from the continuation alone: each is deterministic in the tokens it saw. The text it would release was
     /// streamed already, so it is dropped; a partial stop string stays held, as it was there.
     ///
     /// Returns how the request ends already, if it does: the continuation may hold its last token or
     /// complete a stop string (the worker failed before it sent the completion). An end-of-sequence token
     /// is never streamed, so it cannot be in a continuation.
-    pub fn resume(&mut self, text: &TextCodec) -> Result<Option<FinishReason>, ModelError> {
+    pub fn resume(&mut self, text: &TextCodec) -> Result<Option<FinishReason>, StepError> {
         let continuation = self.job.tokens[self.job.prompt_len..].to_vec();
         for id in continuation {
             let piece = self.detok.push(&text.tokenizer, id)?;
             self.sampler.skip_draw(id);
-            if self.stops.push(&piece).stopped {
+            let complete = match &mut self.guide {
+                Some(g) => g.commit(id)?,
+                None => false,
+            };
+            if self.stops.push(&piece).stopped || complete {
                 return Ok(Some(FinishReason::Stop));
             }
         }

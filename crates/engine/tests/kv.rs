@@ -75,6 +75,7 @@ fn request(id: &str, question: &str, max_tokens: u32, sampling: Sampling) -> Val
         priority: 0,
         continuation: Vec::new(),
         top_logprobs: None,
+        constraint: None,
     }
 }
 

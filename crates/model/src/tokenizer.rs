@@ -141,6 +141,33 @@ impl TextTokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// Every token's bytes, by id, as grammar engines take a vocabulary: byte-level BPE's characters mapped
+    /// back to the bytes they stand for, and a control token's text behind a 0xFF byte (no UTF-8 text holds
+    /// one), which marks it special (llguidance's convention).
+    pub fn token_bytes(&self) -> Vec<Vec<u8>> {
+        let unbyte = byte_level_bytes();
+        (0..self.vocab_size() as u32)
+            .map(|id| {
+                let Some(token) = self.inner.id_to_token(id) else {
+                    return Vec::new();
+                };
+                if self.specials.contains(&token) {
+                    return [&[0xFF][..], token.as_bytes()].concat();
+                }
+                token
+                    .chars()
+                    .map(|c| unbyte.get(&c).copied())
+                    .collect::<Option<Vec<u8>>>()
+                    .unwrap_or_else(|| token.into_bytes())
+            })
+            .collect()
+    }
+
+    /// The ids that end a generation.
+    pub fn stop_ids(&self) -> &[u32] {
+        &self.stop_ids
+    }
+
     /// The EOS token's text.
     pub fn eos_token(&self) -> &str {
         &self.eos_token
@@ -150,4 +177,23 @@ impl TextTokenizer {
     pub fn bos_token(&self) -> &str {
         &self.bos_token
     }
+}
+
+/// Byte-level BPE's alphabet, character to byte: printable Latin-1 bytes stand for themselves, and the
+/// rest (controls, space, 0x7F-0xA0, 0xAD) for the characters from U+0100 on, in byte order (GPT-2's
+/// `bytes_to_unicode`).
+fn byte_level_bytes() -> std::collections::HashMap<char, u8> {
+    let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+    let mut next = 0x100u32;
+    (0..=255u8)
+        .map(|b| {
+            if printable(b) {
+                (char::from(b), b)
+            } else {
+                let c = char::from_u32(next).expect("below the surrogates");
+                next += 1;
+                (c, b)
+            }
+        })
+        .collect()
 }

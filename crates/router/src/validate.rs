@@ -6,8 +6,8 @@
 use std::time::SystemTime;
 
 use ferroserve_core::{
-    ChatMessage, GREEDY_BELOW_TEMPERATURE, GenerationDefaults, Input, MAX_TOP_LOGPROBS, RequestLimits, Role, Sampling,
-    ValidRequest, Violation, check_sampling, echo,
+    ChatMessage, Constraint, GREEDY_BELOW_TEMPERATURE, GenerationDefaults, GrammarSyntax, Input, MAX_TOP_LOGPROBS,
+    RequestLimits, Role, Sampling, ValidRequest, Violation, check_sampling, echo,
 };
 use ferroserve_proto::v1 as pb;
 
@@ -116,6 +116,7 @@ pub(crate) fn validate(
             format!("must be at most {MAX_TOP_LOGPROBS} (got {})", request.top_logprobs),
         ));
     }
+    let constraint = request.constraint.map(constraint).transpose()?;
     Ok(Checked {
         selector: model,
         request: ValidRequest {
@@ -128,6 +129,7 @@ pub(crate) fn validate(
             priority: request.priority,
             continuation: Vec::new(),
             top_logprobs: request.logprobs.then_some(request.top_logprobs),
+            constraint,
         },
         sampling_given,
         session: request.session,
@@ -143,6 +145,41 @@ pub fn check_request(
 ) -> Result<(ModelSelector, ValidRequest), RouterError> {
     let checked = validate(request, || "req-check".to_string(), limits)?;
     Ok((checked.selector, checked.request))
+}
+
+/// The wire's constraint, its shape checked; the field named in errors is the oneof member the client set.
+fn constraint(c: pb::generate_request::Constraint) -> Result<Constraint, RouterError> {
+    use pb::generate_request::Constraint as C;
+    let (field, c) = match c {
+        C::JsonSchema(s) => (
+            "json_schema.schema",
+            Constraint::JsonSchema {
+                schema: s.schema,
+                strict: s.strict,
+            },
+        ),
+        C::JsonObject(_) => ("json_object", Constraint::JsonObject),
+        C::Regex(r) => ("regex", Constraint::Regex(r)),
+        C::Grammar(g) => {
+            let syntax = match pb::GrammarSyntax::try_from(g.syntax) {
+                Ok(pb::GrammarSyntax::Lark) => GrammarSyntax::Lark,
+                Ok(pb::GrammarSyntax::Gbnf) => GrammarSyntax::Gbnf,
+                _ => {
+                    return Err(invalid(
+                        "grammar.syntax",
+                        format!(
+                            "unknown grammar syntax {}; use GRAMMAR_SYNTAX_LARK or GRAMMAR_SYNTAX_GBNF",
+                            g.syntax
+                        ),
+                    ));
+                }
+            };
+            ("grammar.text", Constraint::Grammar { syntax, text: g.text })
+        }
+        C::Choice(c) => ("choice.choices", Constraint::Choice(c.choices)),
+    };
+    c.check(field)?;
+    Ok(c)
 }
 
 /// Exactly one of a prompt and a conversation, with known roles, within the input limits.

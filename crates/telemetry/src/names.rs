@@ -127,6 +127,17 @@ pub const FINISH_REASON_TOTAL: &str = "ferroserve_finish_reason_total";
 /// Population stability index between the live window and the baseline snapshot, by `version`.
 pub const TOKEN_DRIFT_SCORE: &str = "ferroserve_token_drift_score";
 
+// --- Structured output ---
+
+/// Requests with a constraint on their output, by `model`, `version` and `kind` (`json_schema`,
+/// `json_object`, `regex`, `grammar`, `choice`).
+pub const CONSTRAINED_REQUESTS_TOTAL: &str = "ferroserve_constrained_requests_total";
+/// Time to compile (or fetch from the cache) one request's constraint, by `cache` (`hit`, `miss`).
+pub const CONSTRAINT_COMPILE_SECONDS: &str = "ferroserve_constraint_compile_seconds";
+/// Time to compute one step's constraint masks, all constrained sequences together (on its own thread,
+/// overlapping the forward pass).
+pub const CONSTRAINT_MASK_SECONDS: &str = "ferroserve_constraint_mask_seconds";
+
 // --- Cost ---
 
 /// Accelerator (or CPU) cost accrued while busy, in US dollars, by `worker_kind`.
@@ -207,6 +218,9 @@ pub const ALL: &[&str] = &[
     TOKEN_ENTROPY,
     FINISH_REASON_TOTAL,
     TOKEN_DRIFT_SCORE,
+    CONSTRAINED_REQUESTS_TOTAL,
+    CONSTRAINT_COMPILE_SECONDS,
+    CONSTRAINT_MASK_SECONDS,
     COST_USD_TOTAL,
     COST_PER_MILLION_TOKENS,
     ROLLOUT_CANARY_WEIGHT,
@@ -275,6 +289,8 @@ pub const LABEL_KIND: &str = "kind";
 pub const LABEL_WORKER_KIND: &str = "worker_kind";
 /// What an engine step ran: `prefill`, `decode` or `mixed`.
 pub const LABEL_PHASE: &str = "phase";
+/// Whether a compiled constraint came from the cache (`hit`, `miss`).
+pub const LABEL_CACHE: &str = "cache";
 /// A rollout decision: `promote` or `rollback`.
 pub const LABEL_DECISION: &str = "decision";
 /// Which listener of the process: `grpc`, `worker` or `metrics`.

@@ -3,8 +3,9 @@
 use std::time::{Duration, UNIX_EPOCH};
 
 use ferroserve_core::{
-    Alternative, BackendError, ChatMessage, Completion, Event, FinishReason, GenerationDefaults, Input, ModelInfo,
-    Role, Sampling, Timings, TokenChunk, TokenDetail, Usage, ValidRequest, WorkerStats,
+    Alternative, BackendError, ChatMessage, Completion, Constraint, Event, FinishReason, GenerationDefaults,
+    GrammarSyntax, Input, ModelInfo, Role, Sampling, Timings, TokenChunk, TokenDetail, Usage, ValidRequest,
+    WorkerStats,
 };
 use ferroserve_proto::worker as pb;
 use tonic::{Code, Status};
@@ -35,7 +36,54 @@ pub(crate) fn request_to_wire(r: &ValidRequest) -> pb::WorkRequest {
         priority: r.priority,
         continuation: r.continuation.clone(),
         top_logprobs: r.top_logprobs,
+        constraint: r.constraint.as_ref().map(constraint_to_wire),
     }
+}
+
+fn constraint_to_wire(c: &Constraint) -> pb::Constraint {
+    use pb::constraint::Kind;
+    let kind = match c {
+        Constraint::JsonSchema { schema, strict } => Kind::JsonSchema(pb::JsonSchema {
+            schema: schema.clone(),
+            strict: *strict,
+        }),
+        Constraint::JsonObject => Kind::JsonObject(true),
+        Constraint::Regex(r) => Kind::Regex(r.clone()),
+        Constraint::Grammar {
+            syntax: GrammarSyntax::Lark,
+            text,
+        } => Kind::Lark(text.clone()),
+        Constraint::Grammar {
+            syntax: GrammarSyntax::Gbnf,
+            text,
+        } => Kind::Gbnf(text.clone()),
+        Constraint::Choice(choices) => Kind::Choice(pb::Choices {
+            choices: choices.clone(),
+        }),
+    };
+    pb::Constraint { kind: Some(kind) }
+}
+
+fn constraint_from_wire(c: pb::Constraint) -> Result<Constraint, Status> {
+    use pb::constraint::Kind;
+    Ok(match c.kind {
+        Some(Kind::JsonSchema(s)) => Constraint::JsonSchema {
+            schema: s.schema,
+            strict: s.strict,
+        },
+        Some(Kind::JsonObject(_)) => Constraint::JsonObject,
+        Some(Kind::Regex(r)) => Constraint::Regex(r),
+        Some(Kind::Lark(text)) => Constraint::Grammar {
+            syntax: GrammarSyntax::Lark,
+            text,
+        },
+        Some(Kind::Gbnf(text)) => Constraint::Grammar {
+            syntax: GrammarSyntax::Gbnf,
+            text,
+        },
+        Some(Kind::Choice(c)) => Constraint::Choice(c.choices),
+        None => return Err(Status::invalid_argument("work request has a constraint of no kind")),
+    })
 }
 
 /// The router validated this request; a malformed one here is a bug on the other side, not user error.
@@ -70,6 +118,7 @@ pub(crate) fn request_from_wire(r: pb::WorkRequest) -> Result<ValidRequest, Stat
         priority: r.priority,
         continuation: r.continuation,
         top_logprobs: r.top_logprobs,
+        constraint: r.constraint.map(constraint_from_wire).transpose()?,
     })
 }
 
@@ -330,6 +379,10 @@ mod tests {
         r.priority = -3;
         r.continuation = vec![5, 6];
         r.top_logprobs = Some(3);
+        r.constraint = Some(Constraint::Grammar {
+            syntax: GrammarSyntax::Gbnf,
+            text: "root ::= \"a\"".into(),
+        });
         assert_eq!(request_from_wire(request_to_wire(&r)).unwrap(), r);
     }
 

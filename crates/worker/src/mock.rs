@@ -149,6 +149,7 @@ mod tests {
             priority: 0,
             continuation: Vec::new(),
             top_logprobs: None,
+            constraint: None,
         };
         let events: Vec<_> = mock.generate(request).await.unwrap().collect().await;
         assert_eq!(events.len(), 6);

@@ -327,6 +327,10 @@ pub struct EngineSection {
     pub prefix_caching: bool,
     /// The largest share of the pool that cached blocks no sequence holds may keep, 0 to 1.
     pub prefix_cache_max_share: f64,
+    /// Structured output: the longest one constraint may take to compile, in milliseconds.
+    pub constraint_compile_ms: u64,
+    /// Structured output: compiled constraints kept for reuse.
+    pub constraint_cache_entries: usize,
 }
 
 impl Default for EngineSection {
@@ -340,6 +344,8 @@ impl Default for EngineSection {
             kv_budget_tokens: e.batch.kv_budget_tokens,
             prefix_caching: e.prefix_caching.enabled,
             prefix_cache_max_share: e.prefix_caching.max_idle_share,
+            constraint_compile_ms: e.constraint_compile_ms,
+            constraint_cache_entries: e.constraint_cache_entries,
         }
     }
 }
@@ -632,6 +638,12 @@ impl FileConfig {
                 ),
             ));
         }
+        if self.engine.constraint_compile_ms == 0 {
+            return Err(err(
+                "engine.constraint_compile_ms",
+                "must be at least 1 (milliseconds a constraint may take to compile)",
+            ));
+        }
         if self.engine.queue_capacity == 0 {
             return Err(err("engine.queue_capacity", "must be at least 1"));
         }
@@ -769,6 +781,8 @@ impl FileConfig {
                     usd_per_hour: price,
                 },
                 test_fault_marker: test_fault("engine-panic"),
+                constraint_compile_ms: self.engine.constraint_compile_ms,
+                constraint_cache_entries: self.engine.constraint_cache_entries,
             },
             request_limits: limits,
             connections,

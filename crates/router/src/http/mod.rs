@@ -37,6 +37,7 @@ use crate::{HttpError, RouterError};
 
 mod complete;
 mod extra;
+mod format;
 mod responses;
 mod wire;
 

@@ -94,6 +94,19 @@ fn parse(bytes: &[u8], default_max_tokens: u32) -> Result<Parsed, HttpError> {
             ));
         }
     }
+    // Structured output: `text.format` is chat's `response_format` with the schema's fields flattened.
+    if let Some(format) = o
+        .get("text")
+        .and_then(|t| t.get("format"))
+        .filter(|f| !f.is_null())
+        .cloned()
+    {
+        let format = match format.get("type").and_then(Value::as_str) {
+            Some("json_schema") => json!({"type": "json_schema", "json_schema": format}),
+            _ => format,
+        };
+        o.insert("response_format".into(), format);
+    }
     if let Some(max) = o.remove("max_output_tokens") {
         o.insert("max_completion_tokens".into(), max);
     }
