@@ -12,10 +12,13 @@ import asyncio
 import base64
 import json
 import math
+import re
 import struct
 import sys
+from typing import Literal, Optional
 
 import openai
+import pydantic
 from openai import OpenAI, AsyncOpenAI
 
 BETA = "demo-key-beta"  # 100 requests/s: the functional checks
@@ -199,6 +202,88 @@ def responses(client):
     ok(f"responses: {text!r}, {len(events)} stream events, previous_response_id refused")
 
 
+class Person(pydantic.BaseModel):
+    name: str
+    age: int
+    city: str
+    mood: Literal["happy", "calm", "sad"]
+    email: Optional[str]
+
+
+PERSON_PROMPT = "Describe a person called Ada, aged 36, who lives in London."
+PERSON_SCHEMA = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "age": {"type": "integer", "minimum": 0, "maximum": 150}},
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+
+
+def structured(client):
+    """Structured output: the pydantic parse helper, json_schema streamed, json_object, vLLM's guided_* and
+    structured_outputs, the Responses API's text.format, and refusals naming response_format."""
+    parse = getattr(client.chat.completions, "parse", None) or client.beta.chat.completions.parse
+    msgs = [{"role": "user", "content": PERSON_PROMPT}]
+    r = parse(model=MODEL, messages=msgs, response_format=Person, max_tokens=200, temperature=0)
+    person = r.choices[0].message.parsed
+    check(isinstance(person, Person), "parse gives the pydantic model", r)
+    check(r.choices[0].finish_reason == "stop", "a complete object ends with stop", r.choices[0].finish_reason)
+    ok(f"pydantic parse: {person!r}")
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON_SCHEMA, "strict": True}}
+    pieces = []
+    for chunk in client.chat.completions.create(
+        model=MODEL, messages=msgs, response_format=fmt, max_tokens=100, temperature=0.8, seed=5, stream=True
+    ):
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+    streamed = json.loads("".join(pieces))
+    check(set(streamed) <= {"name", "age"} and isinstance(streamed["age"], int), "streamed json_schema", streamed)
+    ok(f"streamed json_schema, sampled: {streamed}")
+
+    r = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Give the name and age of a person as JSON."}],
+        response_format={"type": "json_object"}, max_tokens=120, temperature=0,
+    )
+    check(isinstance(json.loads(r.choices[0].message.content), dict), "json_object", r.choices[0].message.content)
+
+    yes_no = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Is water wet?"}], max_tokens=8,
+        extra_body={"guided_choice": ["yes", "no"]},
+    ).choices[0].message.content
+    check(yes_no in ("yes", "no"), "guided_choice", yes_no)
+    date = client.completions.create(
+        model=MODEL, prompt="The moon landing was on", max_tokens=20, temperature=0.7, seed=1,
+        extra_body={"structured_outputs": {"regex": r" \d{4}-\d{2}-\d{2}"}},
+    ).choices[0].text
+    check(re.fullmatch(r" \d{4}-\d{2}-\d{2}", date) is not None, "structured_outputs.regex", date)
+    ok(f"json_object, guided_choice {yes_no!r}, structured_outputs.regex {date!r}")
+
+    r = client.responses.create(
+        model=MODEL, input=PERSON_PROMPT, max_output_tokens=100, temperature=0,
+        text={"format": {"type": "json_schema", "name": "person", "schema": PERSON_SCHEMA, "strict": True}},
+    )
+    check(isinstance(json.loads(r.output_text).get("age"), int), "responses text.format", r.output_text)
+
+    def refused(what, **kw):
+        try:
+            client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=4, **kw)
+        except openai.BadRequestError as e:
+            check(e.param is not None and e.param.startswith(("response_format", "guided_")), what, e.body)
+            return e.param
+        raise AssertionError(f"{what}: accepted")
+
+    params = [
+        refused("a schema with an unknown type", response_format={"type": "json_schema", "json_schema": {
+            "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "strng"}}}}}),
+        refused("an uncompilable regex", extra_body={"guided_regex": "(unclosed"}),
+        refused("a bad grammar", extra_body={"guided_grammar": "root ::= undefined"}),
+        refused("two constraints", response_format={"type": "json_object"}, extra_body={"guided_regex": "a"}),
+        refused("an unknown response_format", response_format={"type": "xml"}),
+    ]
+    ok(f"bad constraints refused with 400 naming {params}")
+
+
 def disconnect(client):
     """A client that closes its stream mid-way: the Rust side waits for the engine's cancellation log."""
     stream = client.completions.create(
@@ -300,6 +385,7 @@ def main():
     penalties(client)
     models_embeddings_moderations(client)
     responses(client)
+    structured(client)
     disconnect(client)
     errors(a.base_url)
     print("all checks passed")
