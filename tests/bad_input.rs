@@ -104,6 +104,66 @@ async fn bad_requests_get_clear_statuses_and_the_server_keeps_serving() {
     r.model = "smollm2-135m-instruct@v9".into();
     assert_status(c.generate_stream(r).await, Code::NotFound, &["@v9"]);
 
+    // Structured output: bad constraints are refused before any model work, naming the problem; a good
+    // one is obeyed.
+    use pb::generate_request::Constraint as C;
+    let with = |c: C| {
+        let mut r = ok.clone();
+        r.constraint = Some(c);
+        r
+    };
+    assert_status(
+        c.generate(with(C::Regex("(unclosed".into()))).await,
+        Code::InvalidArgument,
+        &["regex", "does not compile"],
+    );
+    assert_status(
+        c.generate(with(C::Choice(pb::ChoiceConstraint { choices: vec![] })))
+            .await,
+        Code::InvalidArgument,
+        &["choice.choices", "at least one"],
+    );
+    assert_status(
+        c.generate(with(C::JsonSchema(pb::JsonSchemaConstraint {
+            schema: "{\"type\": ".into(),
+            strict: true,
+        })))
+        .await,
+        Code::InvalidArgument,
+        &["json_schema.schema", "not valid JSON"],
+    );
+    assert_status(
+        c.generate(with(C::Grammar(pb::GrammarConstraint {
+            syntax: 0,
+            text: "start: \"a\"".into(),
+        })))
+        .await,
+        Code::InvalidArgument,
+        &["grammar.syntax", "GRAMMAR_SYNTAX_LARK"],
+    );
+    assert_status(
+        c.generate_stream(with(C::Grammar(pb::GrammarConstraint {
+            syntax: pb::GrammarSyntax::Gbnf as i32,
+            text: "root ::= nowhere".into(),
+        })))
+        .await,
+        Code::InvalidArgument,
+        &["grammar", "never defined"],
+    );
+    let mut r = with(C::JsonSchema(pb::JsonSchemaConstraint {
+        schema: r#"{"type": "object", "properties": {"colour": {"enum": ["red", "green", "blue"]}},
+                    "required": ["colour"], "additionalProperties": false}"#
+            .into(),
+        strict: true,
+    }));
+    r.max_tokens = 32;
+    let answer = c.generate(r).await.expect("a constrained request").into_inner();
+    let value: serde_json::Value = serde_json::from_str(&answer.text).expect("the output is JSON");
+    assert!(
+        ["red", "green", "blue"].contains(&value["colour"].as_str().unwrap_or("")),
+        "{value}"
+    );
+
     // Still serving, on the same connection.
     let answer = c.generate(ok).await.expect("server still serves").into_inner();
     assert_eq!(answer.usage.unwrap().completion_tokens, 4);
