@@ -50,10 +50,28 @@ fn request() -> impl Strategy<Value = pb::GenerateRequest> {
             any::<i32>(),
             text(),
             (any::<bool>(), 0u32..40),
+            proptest::option::of((text(), 0u8..5)),
         ),
     )
         .prop_map(
-            |((model, prompt, messages, max_tokens), (sampling, stop, request_id, priority, session, top))| {
+            |(
+                (model, prompt, messages, max_tokens),
+                (sampling, stop, request_id, priority, session, top, constraint),
+            )| {
+                use pb::generate_request::Constraint as C;
+                let constraint = constraint.map(|(text, kind)| match kind {
+                    0 => C::JsonSchema(pb::JsonSchemaConstraint {
+                        schema: text,
+                        strict: true,
+                    }),
+                    1 => C::JsonObject(pb::JsonObjectConstraint {}),
+                    2 => C::Regex(text),
+                    3 => C::Grammar(pb::GrammarConstraint {
+                        syntax: i32::from(kind),
+                        text,
+                    }),
+                    _ => C::Choice(pb::ChoiceConstraint { choices: vec![text] }),
+                });
                 pb::GenerateRequest {
                     model,
                     prompt,
@@ -66,6 +84,7 @@ fn request() -> impl Strategy<Value = pb::GenerateRequest> {
                     session,
                     logprobs: top.0,
                     top_logprobs: top.1,
+                    constraint,
                 }
             },
         )

@@ -46,18 +46,31 @@ fn request() -> impl Strategy<Value = pb::WorkRequest> {
         any::<i32>(),
         proptest::collection::vec(any::<u32>(), 0..8),
         proptest::option::of(any::<u32>()),
+        proptest::option::of(("\\PC{0,20}", any::<bool>())),
     )
         .prop_map(
-            |(request_id, input, max_tokens, sampling, stop, priority, continuation, top_logprobs)| pb::WorkRequest {
-                request_id,
-                input,
-                max_tokens,
-                sampling,
-                stop,
-                arrived_unix_ms: 0,
-                priority,
-                continuation,
-                top_logprobs,
+            |(request_id, input, max_tokens, sampling, stop, priority, continuation, top_logprobs, constraint)| {
+                pb::WorkRequest {
+                    request_id,
+                    input,
+                    max_tokens,
+                    sampling,
+                    stop,
+                    arrived_unix_ms: 0,
+                    priority,
+                    continuation,
+                    top_logprobs,
+                    constraint: constraint.map(|(text, regex)| pb::Constraint {
+                        kind: Some(if regex {
+                            pb::constraint::Kind::Regex(text)
+                        } else {
+                            pb::constraint::Kind::JsonSchema(pb::JsonSchema {
+                                schema: text,
+                                strict: true,
+                            })
+                        }),
+                    }),
+                }
             },
         )
 }
