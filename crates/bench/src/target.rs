@@ -26,6 +26,10 @@ pub struct Generation {
     pub ignore_eos: bool,
     /// Sampling temperature; 0 is greedy.
     pub temperature: f32,
+    /// Structured output: every request's output constrained by this JSON schema (its text), sent as
+    /// `response_format` (OpenAI, llama-server, vLLM) or `GenerateRequest.constraint` (gRPC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub json_schema: Option<String>,
 }
 
 /// Which API a target speaks.

@@ -18,6 +18,7 @@ fn config(levels: Vec<Level>, requests: u32, max_tokens: u32) -> RunConfig {
             max_tokens,
             ignore_eos: true,
             temperature: 0.0,
+            json_schema: None,
         },
         prompts: PromptSource::Synthetic {
             input_tokens: 32,

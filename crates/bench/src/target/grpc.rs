@@ -74,6 +74,12 @@ impl GrpcClient {
             stop: Vec::new(),
             request_id: String::new(),
             session: String::new(),
+            constraint: g.json_schema.as_ref().map(|schema| {
+                pb::generate_request::Constraint::JsonSchema(pb::JsonSchemaConstraint {
+                    schema: schema.clone(),
+                    strict: true,
+                })
+            }),
             ..Default::default()
         });
         if let Some(auth) = &self.auth {

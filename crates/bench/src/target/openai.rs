@@ -68,6 +68,12 @@ impl OpenAiClient {
         if g.ignore_eos {
             body["ignore_eos"] = json!(true);
         }
+        if let Some(schema) = &g.json_schema {
+            let schema: Value = serde_json::from_str(schema)
+                .map_err(|e| (ErrorKind::Invalid, format!("the JSON schema is not JSON: {e}")))?;
+            body["response_format"] = json!({"type": "json_schema",
+                "json_schema": {"name": "bench", "schema": schema, "strict": true}});
+        }
         match (&prompt.body, self.chat) {
             (PromptBody::Text(t), false) => body["prompt"] = json!(t),
             (PromptBody::Text(t), true) => body["messages"] = json!([{"role": "user", "content": t}]),

@@ -138,6 +138,9 @@ pub struct RunArgs {
     /// Sampling temperature (0 = greedy).
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f32,
+    /// Structured output: constrain every request's output by the JSON schema in this file.
+    #[arg(long)]
+    pub json_schema: Option<PathBuf>,
     /// Seed for prompt choice and arrival times.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -253,6 +256,11 @@ async fn measure(a: RunArgs) -> anyhow::Result<()> {
     };
     let counter = token_counter(a.tokenizer.as_deref())?;
     let prompts = Prompts::load(&source, a.seed, pool, counter.as_deref())?;
+    let json_schema = a
+        .json_schema
+        .as_deref()
+        .map(|p| std::fs::read_to_string(p).with_context(|| format!("reading the JSON schema {}", p.display())))
+        .transpose()?;
     let target = TargetSpec::parse(&a.target, prompts.has_chat(), a.api_key.is_some())?;
     let bench = Bench {
         label: a.label,
@@ -269,6 +277,7 @@ async fn measure(a: RunArgs) -> anyhow::Result<()> {
                 max_tokens: a.max_tokens,
                 ignore_eos: a.ignore_eos,
                 temperature: a.temperature,
+                json_schema,
             },
             prompts: source,
             mean_input_tokens: prompts.mean_tokens(),
