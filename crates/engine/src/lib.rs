@@ -18,7 +18,7 @@ mod seq;
 pub mod stop;
 mod supervise;
 
-pub use constrain::{ConstraintError, GbnfError, to_lark};
+pub use constrain::{Compiled, ConstraintError, GbnfError, Grammars, Guide, prepare_all, to_lark};
 pub use ferroserve_model::pool::PrefixCaching;
 pub use handle::{EngineConfig, EngineHandle, KvReport};
 pub use schedule::BatchLimits;

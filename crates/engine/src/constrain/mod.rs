@@ -278,16 +278,31 @@ impl Guide {
             return Err(ConstraintError::Failed("no token can continue the output".into()));
         }
         let eos_ok = self.matcher.is_accepting().unwrap_or(false);
-        for (i, l) in logits.iter_mut().enumerate() {
-            let id = i as u32;
-            let allowed = if self.stop_ids.contains(&id) {
-                eos_ok
-            } else {
-                i < mask.len() && mask.is_allowed(id)
-            };
-            if !allowed {
-                *l = f32::NEG_INFINITY;
+        let stops: Vec<(usize, f32)> = self
+            .stop_ids
+            .iter()
+            .filter_map(|&id| logits.get(id as usize).map(|l| (id as usize, *l)))
+            .collect();
+        // A word of the mask at a time: most are all-allowed or all-forbidden.
+        for (chunk, &word) in logits.chunks_mut(32).zip(mask.as_slice()) {
+            match word {
+                u32::MAX => {}
+                0 => chunk.fill(f32::NEG_INFINITY),
+                _ => {
+                    for (bit, l) in chunk.iter_mut().enumerate() {
+                        if word & (1 << bit) == 0 {
+                            *l = f32::NEG_INFINITY;
+                        }
+                    }
+                }
             }
+        }
+        // Tokens past the vocabulary llguidance knows are never allowed.
+        if let Some(rest) = logits.get_mut(mask.len()..) {
+            rest.fill(f32::NEG_INFINITY);
+        }
+        for (id, l) in stops {
+            logits[id] = if eos_ok { l } else { f32::NEG_INFINITY };
         }
         Ok(())
     }
@@ -304,7 +319,7 @@ impl Guide {
 }
 
 /// Mask time of one step, for the metric.
-pub(crate) fn prepare_all(guides: Vec<&mut Guide>) -> std::time::Duration {
+pub fn prepare_all(guides: Vec<&mut Guide>) -> std::time::Duration {
     let t = Instant::now();
     for g in guides {
         g.prepare();
