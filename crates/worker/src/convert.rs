@@ -384,6 +384,23 @@ mod tests {
             text: "root ::= \"a\"".into(),
         });
         assert_eq!(request_from_wire(request_to_wire(&r)).unwrap(), r);
+        // Every kind of constraint travels to the worker as it was sent.
+        for c in [
+            Constraint::JsonSchema {
+                schema: "{}".into(),
+                strict: false,
+            },
+            Constraint::JsonObject,
+            Constraint::Regex("a+".into()),
+            Constraint::Grammar {
+                syntax: GrammarSyntax::Lark,
+                text: "start: \"a\"".into(),
+            },
+            Constraint::Choice(vec!["x".into(), "y".into()]),
+        ] {
+            r.constraint = Some(c);
+            assert_eq!(request_from_wire(request_to_wire(&r)).unwrap(), r);
+        }
     }
 
     #[test]
