@@ -40,6 +40,7 @@ pub async fn run_level(
             max_tokens,
             ignore_eos: true,
             temperature: 0.0,
+            json_schema: None,
         },
         prompts: PromptSource::Synthetic {
             input_tokens: 16,
