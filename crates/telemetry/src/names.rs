@@ -354,6 +354,8 @@ pub const HISTOGRAM_BUCKETS: &[(&str, &[f64])] = &[
     (ENGINE_STEP_SECONDS, INTER_TOKEN_BUCKETS),
     (TOKEN_LOGPROB, LOGPROB_BUCKETS),
     (TOKEN_ENTROPY, ENTROPY_BUCKETS),
+    (CONSTRAINT_COMPILE_SECONDS, FILTER_BUCKETS),
+    (CONSTRAINT_MASK_SECONDS, FILTER_BUCKETS),
 ];
 
 /// Registers help text and units for every metric. Call once after installing a recorder.
@@ -571,6 +573,21 @@ pub fn describe() {
     describe_gauge!(
         TOKEN_DRIFT_SCORE,
         "Population stability index of the token distribution against the baseline."
+    );
+    describe_counter!(
+        CONSTRAINED_REQUESTS_TOTAL,
+        Unit::Count,
+        "Requests with a constraint on their output (structured output), by kind."
+    );
+    describe_histogram!(
+        CONSTRAINT_COMPILE_SECONDS,
+        Unit::Seconds,
+        "Time to compile one request's constraint, or take it from the cache (cache=hit|miss)."
+    );
+    describe_histogram!(
+        CONSTRAINT_MASK_SECONDS,
+        Unit::Seconds,
+        "Time to compute one step's constraint masks, overlapping the forward pass."
     );
     describe_counter!(COST_USD_TOTAL, "Busy-time cost in US dollars.");
     describe_gauge!(
