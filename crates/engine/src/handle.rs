@@ -7,7 +7,7 @@ use std::thread;
 use std::time::Duration;
 
 use ferroserve_core::{
-    Backend, BackendError, Constraint, EventStream, ModelInfo, StatsStream, ValidRequest, WorkerStats,
+    Backend, BackendError, Constraint, ConstraintKind, EventStream, ModelInfo, StatsStream, ValidRequest, WorkerStats,
 };
 use ferroserve_model::{LoadedModel, TextCodec};
 use ferroserve_telemetry::cost::{self, CostMeter, Price};
@@ -229,7 +229,7 @@ impl EngineHandle {
         let prompt = prompt_ids(&self.text, &self.info, &request)?;
         let guide = match &request.constraint {
             None => None,
-            Some(c) => Some(self.record(c, compile(self.grammars()?, c)?)),
+            Some(c) => Some(self.record(c.kind(), compile(self.grammars()?, c)?)),
         };
         self.enqueue(request, prompt, guide)
     }
@@ -244,19 +244,19 @@ impl EngineHandle {
 
     /// Compiles `constraint` on the blocking pool, within the configured bound. A compile past the bound
     /// is refused; it finishes on its own thread (llguidance's fuel limits bound it) and is not cached.
-    async fn guide(&self, constraint: Constraint) -> Result<Guide, BackendError> {
+    async fn guide(&self, constraint: &Constraint) -> Result<Guide, BackendError> {
         let grammars = Arc::clone(self.grammars()?);
-        let kind = constraint.kind().as_str();
+        let kind = constraint.kind();
         let c = constraint.clone();
         let work = tokio::task::spawn_blocking(move || compile(&grammars, &c));
         match tokio::time::timeout(self.compile_limit, work).await {
             Ok(joined) => {
                 let compiled =
                     joined.map_err(|e| BackendError::Internal(format!("compiling the constraint failed: {e}")))??;
-                Ok(self.record(&constraint, compiled))
+                Ok(self.record(kind, compiled))
             }
             Err(_) => Err(ConstraintError::TooSlow {
-                kind,
+                kind: kind.as_str(),
                 limit_ms: self.compile_limit.as_millis() as u64,
             }
             .into()),
@@ -264,8 +264,8 @@ impl EngineHandle {
     }
 
     /// Counts a compiled constraint in the metrics; returns its guide.
-    fn record(&self, constraint: &Constraint, (guide, how, took): (Guide, Compiled, Duration)) -> Guide {
-        self.shared.metrics.constrained(constraint.kind(), how, took);
+    fn record(&self, kind: ConstraintKind, (guide, how, took): (Guide, Compiled, Duration)) -> Guide {
+        self.shared.metrics.constrained(kind, how, took);
         guide
     }
 
@@ -409,7 +409,7 @@ impl Backend for EngineHandle {
             .map_err(|e| BackendError::Internal(format!("tokenizing the request failed: {e}")))??;
             let guide = match &request.constraint {
                 None => None,
-                Some(c) => Some(self.guide(c.clone()).await?),
+                Some(c) => Some(self.guide(c).await?),
             };
             self.enqueue(request, prompt, guide)
         })
