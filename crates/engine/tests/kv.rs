@@ -2,36 +2,15 @@
 //! cached tokens, copies of one prompt share its blocks, a small pool preempts without changing a seeded
 //! stream, and every block comes back.
 
-use std::sync::{Arc, OnceLock};
+mod support;
+
 use std::time::SystemTime;
 
-use ferroserve_core::{
-    Backend, ChatMessage, Completion, Event, GenerationDefaults, Input, Role, Sampling, ValidRequest,
-};
+use ferroserve_core::{Backend, ChatMessage, Completion, Event, Input, Role, Sampling, ValidRequest};
 use ferroserve_engine::{BatchLimits, EngineConfig, EngineHandle, PrefixCaching};
-use ferroserve_model::batched::BatchedLlama;
-use ferroserve_model::device::DeviceSpec;
-use ferroserve_model::fetch::{self, DEFAULT_MODEL, Quiet};
-use ferroserve_model::{LoadedModel, ModelSpec};
+use ferroserve_model::LoadedModel;
 use futures::StreamExt;
-
-fn spec() -> ModelSpec {
-    let path = fetch::ensure(&DEFAULT_MODEL, &fetch::default_cache_dir(), &Quiet).expect("default model");
-    ModelSpec {
-        name: "smollm2".into(),
-        version: "test".into(),
-        path,
-        device: DeviceSpec::Cpu,
-        defaults: GenerationDefaults::default(),
-    }
-}
-
-/// The weights, read once for every engine of this file.
-fn weights() -> Arc<BatchedLlama> {
-    static W: OnceLock<Arc<BatchedLlama>> = OnceLock::new();
-    W.get_or_init(|| LoadedModel::load(&spec()).expect("model loads").model)
-        .clone()
-}
+use support::{spec, weights};
 
 fn engine(kv_budget_tokens: usize, caching: bool) -> EngineHandle {
     let model = LoadedModel::load_sharing(&spec(), Some(weights())).expect("model loads");

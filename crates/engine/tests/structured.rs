@@ -3,36 +3,17 @@
 //! and batched with free ones, a migrated stream continues under its constraint, running out of tokens
 //! mid-structure ends with LENGTH, and every kind of bad constraint is refused before any model work.
 
-use std::sync::{Arc, OnceLock};
+mod support;
 
 use ferroserve_core::{
-    Backend, BackendError, ChatMessage, Constraint, Event, FinishReason, GenerationDefaults, GrammarSyntax, Input,
-    Role, Sampling, ValidRequest,
+    Backend, BackendError, ChatMessage, Constraint, Event, FinishReason, GrammarSyntax, Input, Role, Sampling,
+    ValidRequest,
 };
 use ferroserve_engine::{EngineConfig, EngineHandle};
-use ferroserve_model::batched::BatchedLlama;
-use ferroserve_model::device::DeviceSpec;
-use ferroserve_model::fetch::{self, DEFAULT_MODEL, Quiet};
-use ferroserve_model::{LoadedModel, ModelSpec};
+use ferroserve_model::LoadedModel;
 use futures::StreamExt;
 use serde_json::Value;
-
-fn spec() -> ModelSpec {
-    let path = fetch::ensure(&DEFAULT_MODEL, &fetch::default_cache_dir(), &Quiet).expect("default model");
-    ModelSpec {
-        name: "smollm2".into(),
-        version: "test".into(),
-        path,
-        device: DeviceSpec::Cpu,
-        defaults: GenerationDefaults::default(),
-    }
-}
-
-fn weights() -> Arc<BatchedLlama> {
-    static W: OnceLock<Arc<BatchedLlama>> = OnceLock::new();
-    W.get_or_init(|| LoadedModel::load(&spec()).expect("model loads").model)
-        .clone()
-}
+use support::{spec, weights};
 
 fn engine(config: EngineConfig) -> EngineHandle {
     EngineHandle::start(
