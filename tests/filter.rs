@@ -294,12 +294,19 @@ fn train_redteam_review_and_the_gate_work_end_to_end() {
             "40",
             "--ngram-buckets",
             "256",
+            "--char-ngram-buckets",
+            "128",
         ]);
         assert!(ok && stdout.contains(&format!("{name}@1")), "{stdout}\n{err}");
         std::fs::read(dir.join(format!("{name}.classifier.safetensors"))).unwrap()
     };
     assert_eq!(small("a"), small("b"), "the same data and seed give the same weights");
     let candidate = dir.join("a.toml").display().to_string();
+    let written = std::fs::read_to_string(&candidate).unwrap();
+    assert!(
+        written.contains("char_ngram_buckets = 128") && written.matches("# Written by").count() == 1,
+        "{written}"
+    );
     let store = dir.join("store.jsonl").display().to_string();
 
     let (ok, stdout, err) = ferroserve(&[

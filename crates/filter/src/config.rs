@@ -49,6 +49,9 @@ pub struct ClassifierConfig {
     /// Hashed word n-gram features after the embedding (see `classifier::features`); 0 for none.
     #[serde(default)]
     pub ngram_buckets: usize,
+    /// Hashed character n-gram features after the word n-grams; 0 (and absent) for none.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub char_ngram_buckets: usize,
     /// Softmax temperature fitted on the validation split (calibration).
     #[serde(default = "one")]
     pub temperature: f32,
@@ -61,6 +64,20 @@ pub struct ClassifierConfig {
 
 fn one() -> f32 {
     1.0
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+impl ClassifierConfig {
+    /// The head's input layout after the embedding.
+    pub fn layout(&self) -> crate::classifier::features::Layout {
+        crate::classifier::features::Layout {
+            word_buckets: self.ngram_buckets,
+            char_buckets: self.char_ngram_buckets,
+        }
+    }
 }
 
 /// The provenance of a classifier's weights.

@@ -67,8 +67,8 @@ pub struct ClassifierFilter {
     classes: Vec<String>,
     threshold: f32,
     temperature: f32,
-    /// Hashed n-gram features after the embedding.
-    ngram_buckets: usize,
+    /// The n-gram features after the embedding.
+    layout: features::Layout,
     /// What a text that cannot be embedded gets.
     on_error: OnError,
     /// Texts that could not be embedded.
@@ -101,10 +101,12 @@ impl ClassifierFilter {
             ));
         }
         let head = Head::load(&path, config.classes.len())?;
-        if head.inputs <= config.ngram_buckets {
+        let layout = config.layout();
+        if head.inputs <= layout.width() {
             return Err(format!(
                 "[classifier] the head takes {} inputs, too few for {} n-gram buckets after the embedding",
-                head.inputs, config.ngram_buckets
+                head.inputs,
+                layout.width()
             ));
         }
         Ok(ClassifierFilter {
@@ -113,7 +115,7 @@ impl ClassifierFilter {
             classes: config.classes.clone(),
             threshold: config.threshold,
             temperature: config.temperature,
-            ngram_buckets: config.ngram_buckets,
+            layout,
             on_error: config.on_error,
             failures: AtomicU64::new(0),
         })
@@ -139,7 +141,7 @@ impl ClassifierFilter {
         vectors
             .into_iter()
             .zip(&windows)
-            .map(|(v, w)| features::features(v, w, self.ngram_buckets))
+            .map(|(v, w)| self.layout.features(v, w))
             .enumerate()
             .map(|(i, x)| (i, self.judge_vector(&x)))
             .max_by(|a, b| a.1.0.total_cmp(&b.1.0))

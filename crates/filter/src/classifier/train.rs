@@ -31,7 +31,7 @@ pub fn embed_examples(
     service: &EmbedService,
     examples: &[Example],
     classes: &[String],
-    ngram_buckets: usize,
+    layout: super::features::Layout,
 ) -> Result<Labelled, String> {
     let y = examples
         .iter()
@@ -49,12 +49,7 @@ pub fn embed_examples(
     let mut x = Vec::with_capacity(texts.len());
     for chunk in texts.chunks(256) {
         let vectors = service.embed_many(chunk)?;
-        x.extend(
-            vectors
-                .into_iter()
-                .zip(chunk)
-                .map(|(v, t)| super::features::features(v, t, ngram_buckets)),
-        );
+        x.extend(vectors.into_iter().zip(chunk).map(|(v, t)| layout.features(v, t)));
     }
     Ok(Labelled { x, y })
 }

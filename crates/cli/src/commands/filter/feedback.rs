@@ -64,9 +64,12 @@ pub struct ValidateArgs {
     /// The filter it would replace.
     #[arg(long, default_value = "configs/filters/default.toml")]
     pub baseline: PathBuf,
-    /// The frozen test split.
-    #[arg(long, default_value = "configs/filters/data/test.jsonl")]
-    pub data: PathBuf,
+    /// The frozen test splits (repeat for several; judged as one set).
+    #[arg(
+        long,
+        default_values = ["configs/filters/data/test.jsonl", "configs/filters/data/test2.jsonl"]
+    )]
+    pub data: Vec<PathBuf>,
     /// The highest false-positive rate the candidate may have.
     #[arg(long, default_value_t = 0.05)]
     pub max_fpr: f64,
@@ -226,7 +229,7 @@ fn gate_problems(candidate: &EvalReport, baseline: &EvalReport, a: &ValidateArgs
 /// Runs `filter validate`: exits with an error (status 1) when the gate refuses.
 pub fn validate(a: ValidateArgs) -> anyhow::Result<()> {
     let (candidate, baseline) = (compile(&a.candidate)?, compile(&a.baseline)?);
-    let examples = read_files(std::slice::from_ref(&a.data))?;
+    let examples = read_files(&a.data)?;
     let (c, b) = (evaluate(&candidate, &examples, 3), evaluate(&baseline, &examples, 3));
     println!("category          baseline  candidate   (share of harmful prompts blocked)");
     for (k, base) in &b.caught {
@@ -239,7 +242,11 @@ pub fn validate(a: ValidateArgs) -> anyhow::Result<()> {
     let problems = gate_problems(&c, &b, &a);
     let detail = format!(
         "on {}: recall {:.3} (baseline {:.3}), FPR {:.3}; {}",
-        a.data.display(),
+        a.data
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(" + "),
         c.overall.recall,
         b.overall.recall,
         c.overall.fpr,

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::Args;
 use ferroserve_filter::FilterConfig;
+use ferroserve_filter::classifier::features::Layout;
 use ferroserve_filter::classifier::sha256_hex;
 use ferroserve_filter::classifier::train::{TrainOptions, classes_of, data_sha256, embed_examples, fit};
 use ferroserve_filter::config::{ClassifierConfig, TrainedFrom};
@@ -56,6 +57,10 @@ pub struct TrainArgs {
     /// Hashed word n-gram features after the embedding; 0 for the embedding alone.
     #[arg(long, default_value_t = 4096)]
     pub ngram_buckets: usize,
+    /// Hashed character n-gram features (3 to 5 characters of each word) after the word n-grams; 0 for
+    /// none.
+    #[arg(long, default_value_t = 0)]
+    pub char_ngram_buckets: usize,
     /// Share of hidden units dropped in each training pass.
     #[arg(long, default_value_t = 0.6)]
     pub dropout: f32,
@@ -92,8 +97,12 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
     let service = ferroserve_filter::semantic::service().context("the embedding service")?;
     let classes = classes_of(&train);
     let started = std::time::Instant::now();
-    let train_set = embed_examples(&service, &train, &classes, a.ngram_buckets).map_err(anyhow::Error::msg)?;
-    let val_set = embed_examples(&service, &val, &classes, a.ngram_buckets).map_err(anyhow::Error::msg)?;
+    let layout = Layout {
+        word_buckets: a.ngram_buckets,
+        char_buckets: a.char_ngram_buckets,
+    };
+    let train_set = embed_examples(&service, &train, &classes, layout).map_err(anyhow::Error::msg)?;
+    let val_set = embed_examples(&service, &val, &classes, layout).map_err(anyhow::Error::msg)?;
     println!(
         "embedded {} training and {} validation examples in {:.1} s",
         train.len(),
@@ -136,6 +145,7 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
         classes,
         threshold: trained.threshold,
         ngram_buckets: a.ngram_buckets,
+        char_ngram_buckets: a.char_ngram_buckets,
         temperature: trained.temperature,
         on_error: ferroserve_filter::config::OnError::Block,
         trained: Some(TrainedFrom {
@@ -169,6 +179,9 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The comment above the section `filter train` writes.
+const WRITTEN_BY: &str = "# Written by `ferroserve filter train`; keep this section last.";
+
 /// The base config's text with a new name and version, and `[classifier]` (always the last section of a
 /// config `filter train` writes) replaced.
 fn with_classifier(base: &str, name: &str, version: &str, section: &ClassifierConfig) -> anyhow::Result<String> {
@@ -177,6 +190,9 @@ fn with_classifier(base: &str, name: &str, version: &str, section: &ClassifierCo
     for line in base.lines() {
         if line.starts_with("[classifier") {
             break;
+        }
+        if line == WRITTEN_BY {
+            continue;
         }
         top &= !line.starts_with('[');
         let key = line.split('=').next().unwrap_or("").trim();
@@ -194,7 +210,8 @@ fn with_classifier(base: &str, name: &str, version: &str, section: &ClassifierCo
         classifier: &'a ClassifierConfig,
     }
     let rendered = toml::to_string(&Wrapper { classifier: section })?;
-    out.push_str("# Written by `ferroserve filter train`; keep this section last.\n");
+    out.push_str(WRITTEN_BY);
+    out.push('\n');
     out.push_str(&rendered);
     Ok(out)
 }
@@ -216,6 +233,7 @@ mod tests {
             classes: vec!["allow".into(), "fraud".into()],
             threshold: 0.5,
             ngram_buckets: 0,
+            char_ngram_buckets: 0,
             temperature: 1.25,
             on_error: ferroserve_filter::config::OnError::Block,
             trained: None,
