@@ -5,9 +5,9 @@
 #   2. the red team on training prompts; what gets through goes into a feedback store;
 #   3. `filter train` on the training split plus the store: a candidate config;
 #   4. the candidate's ASR on the same validation mutations (the "after" figure);
-#   5. the gate (`filter validate`) on the frozen test split;
+#   5. the gate (`filter validate`) on the frozen test splits;
 #   6. a real `ferroserve serve` with both filters and the store: the candidate runs in shadow while the
-#      test split's prompts go through the OpenAI HTTP door, its live agreement is listed, and it is
+#      second test split's prompts go through the OpenAI HTTP door, its live agreement is listed, and it is
 #      promoted with SwapFilter only if the gate passed. Every step lands in the store with who did it.
 #
 #   scripts/filter-loop.sh          # env: PER_CATEGORY (150 training seeds per category), OUT (a temp dir)
@@ -32,7 +32,7 @@ cp configs/filters/default.toml configs/filters/default.classifier.safetensors "
   >"$OUT/redteam-train.txt"
 "$BIN" filter train --data "$DATA/train.jsonl" --val "$DATA/val.jsonl" --val tests/data/filter-eval-dev.jsonl \
   --val tests/data/filter-eval-extra.jsonl --store "$STORE" --out "$OUT/filters/candidate.toml" \
-  --name candidate --filter-version 3 >"$OUT/train.txt" 2>&1
+  --name candidate --filter-version 4 >"$OUT/train.txt" 2>&1
 "$BIN" filter redteam --config "$OUT/filters/candidate.toml" --seeds "$DATA/val.jsonl" --seed 2 >"$OUT/asr-after.txt"
 gate=passed
 "$BIN" filter validate --candidate "$OUT/filters/candidate.toml" --store "$STORE" --by filter-loop \
@@ -45,7 +45,7 @@ sed -e "s|^dir = \"configs/filters\"|dir = \"$OUT/filters\"|" -e "s|^listen = \"
 pids+=($!)
 wait_for "$BIN" generate --addr "http://$ADDR" --max-tokens 1 "Hello"
 "$BIN" filter shadow candidate --addr "http://$ADDR" >/dev/null
-python3 - "$HTTP" "$DATA/test.jsonl" <<'PY' >"$OUT/live.txt"
+python3 - "$HTTP" "$DATA/test2.jsonl" <<'PY' >"$OUT/live.txt"
 import json, sys, urllib.request
 url = f"http://{sys.argv[1]}/v1/chat/completions"
 filtered = 0

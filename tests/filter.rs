@@ -79,7 +79,7 @@ async fn serve_filters_prompts_and_the_watcher_swaps_edited_configs() {
     let verdict = refused.filtered.unwrap();
     assert_eq!(
         (verdict.filter.as_str(), verdict.stage.as_str()),
-        ("default@2", "input")
+        ("default@3", "input")
     );
     assert_eq!(verdict.category, "weapons");
     let fine = c
@@ -92,7 +92,7 @@ async fn serve_filters_prompts_and_the_watcher_swaps_edited_configs() {
 
     // A broken edit (an unknown key) is refused by name, and version 2 stays active.
     let mut admin = AdminClient::connect(server.url()).await.unwrap();
-    let broken = default.replacen("version = \"2\"", "version = \"3\"\nbogus = 1", 1);
+    let broken = default.replacen("version = \"3\"", "version = \"4\"\nbogus = 1", 1);
     std::fs::write(dir.join("default.toml"), &broken).unwrap();
     let reload = admin
         .reload_filters(pb::ReloadFiltersRequest {})
@@ -104,24 +104,24 @@ async fn serve_filters_prompts_and_the_watcher_swaps_edited_configs() {
         "{:?}",
         reload.refused
     );
-    assert_eq!(reload.filters.unwrap().active, "default@2");
-    // A valid edit: version 3 also blocks questions about the capital of France. The watcher compiles it
+    assert_eq!(reload.filters.unwrap().active, "default@3");
+    // A valid edit: version 4 also blocks questions about the capital of France. The watcher compiles it
     // and swaps it in.
-    let valid_v2 = default.replacen("version = \"2\"", "version = \"3\"", 1).replacen(
+    let valid_v2 = default.replacen("version = \"3\"", "version = \"4\"", 1).replacen(
         "[[rules.categories]]\nname = \"violence\"",
         "[[rules.categories]]\nname = \"geography\"\naction = \"block\"\npatterns = ['\\bcapital of france\\b']\n\n[[rules.categories]]\nname = \"violence\"",
         1,
     );
     assert_ne!(valid_v2, default);
     std::fs::write(dir.join("default.toml"), &valid_v2).unwrap();
-    until_filters(&mut admin, |l| l.active == "default@3").await;
+    until_filters(&mut admin, |l| l.active == "default@4").await;
     let now_refused = c
         .generate(chat("What is the capital of France?", 8))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(now_refused.finish_reason, pb::FinishReason::Filtered as i32);
-    assert_eq!(now_refused.filtered.unwrap().filter, "default@3");
+    assert_eq!(now_refused.filtered.unwrap().filter, "default@4");
 
     // The operator's CLI: off, on, list, a shadow, and a name that is not loaded.
     let url = server.url();
@@ -134,12 +134,12 @@ async fn serve_filters_prompts_and_the_watcher_swaps_edited_configs() {
         .into_inner();
     assert_ne!(passes.finish_reason, pb::FinishReason::Filtered as i32);
     let (ok, out, _) = filter_cli(&url, &["enable"]).await;
-    assert!(ok && out.contains("active default@3  filtering on"), "{out}");
-    let (ok, out, _) = filter_cli(&url, &["shadow", "default@3"]).await;
-    assert!(ok && out.contains("shadow default@3"), "{out}");
+    assert!(ok && out.contains("active default@4  filtering on"), "{out}");
+    let (ok, out, _) = filter_cli(&url, &["shadow", "default@4"]).await;
+    assert!(ok && out.contains("shadow default@4"), "{out}");
     let (ok, out, _) = filter_cli(&url, &["list"]).await;
     assert!(
-        ok && out.contains("shadow agreement") && out.contains("default@3"),
+        ok && out.contains("shadow agreement") && out.contains("default@4"),
         "{out}"
     );
     let (ok, _, err) = filter_cli(&url, &["swap", "nonexistent"]).await;

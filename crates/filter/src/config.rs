@@ -52,6 +52,9 @@ pub struct ClassifierConfig {
     /// Hashed character n-gram features after the word n-grams; 0 (and absent) for none.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub char_ngram_buckets: usize,
+    /// Characters per window of a text longer than the encoder takes whole (100 to 1,000).
+    #[serde(default = "window_chars")]
+    pub window_chars: usize,
     /// Softmax temperature fitted on the validation split (calibration).
     #[serde(default = "one")]
     pub temperature: f32,
@@ -64,6 +67,10 @@ pub struct ClassifierConfig {
 
 fn one() -> f32 {
     1.0
+}
+
+fn window_chars() -> usize {
+    crate::classifier::MAX_WINDOW_CHARS
 }
 
 fn is_zero(n: &usize) -> bool {

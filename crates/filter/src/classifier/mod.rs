@@ -6,8 +6,11 @@
 //! harm categories); a text is blocked when the probability of harm, `1 - P(allow)`, reaches the config's
 //! threshold.
 //!
-//! Text past the encoder's 256 tokens is judged in windows: the head, the tail and evenly spaced windows
-//! between them, at most [`MAX_WINDOWS`]; the text's score is its most harmful window's.
+//! Text longer than the encoder takes whole (about 256 tokens) is judged in overlapping windows of
+//! `window_chars`: the head, the tail and evenly spaced windows between them, spanning at most
+//! [`MAX_JUDGED_CHARS`] in all; the text's score is its most harmful window's. Smaller windows dilute a
+//! request buried in a long harmless text less (each window's embedding and n-grams are mostly the
+//! request's), at the same cost.
 
 pub mod features;
 pub mod head;
@@ -25,26 +28,29 @@ use crate::semantic::{EmbedService, embedding_failed};
 use crate::verdict::{Action, Verdict};
 use head::{Head, softmax};
 
-/// Characters in one window: about 220 tokens of English, under the encoder's 256.
-pub const WINDOW_CHARS: usize = 1000;
-/// Windows one text is judged in at most (head and tail always among them).
-pub const MAX_WINDOWS: usize = 6;
+/// The largest window: about 220 tokens of English, under the encoder's 256.
+pub const MAX_WINDOW_CHARS: usize = 1000;
+/// Characters of one text the encoder judges at most, all windows together: this bounds a text's cost
+/// (past it the windows spread out, head and tail always among them).
+pub const MAX_JUDGED_CHARS: usize = 6000;
 
-/// The windows of a normalized text: the whole text when it fits, else the head, the tail and evenly
-/// spaced windows between, overlapping.
-pub fn windows(text: &str) -> Vec<String> {
+/// The windows of a normalized text: the whole text when the encoder takes it whole (up to
+/// [`MAX_WINDOW_CHARS`]), else windows of `size` characters: the head, the tail and evenly spaced windows
+/// between, overlapping.
+pub fn windows(text: &str, size: usize) -> Vec<String> {
+    let size = size.clamp(1, MAX_WINDOW_CHARS);
     let chars: Vec<char> = text.chars().collect();
-    if chars.len() <= WINDOW_CHARS {
+    if chars.len() <= MAX_WINDOW_CHARS {
         return vec![text.to_string()];
     }
-    let last = chars.len() - WINDOW_CHARS;
+    let last = chars.len() - size;
     // Enough windows that neighbours overlap by at least a quarter, within the cap.
-    let stride = WINDOW_CHARS * 3 / 4;
-    let count = (last.div_ceil(stride) + 1).min(MAX_WINDOWS);
+    let stride = (size * 3 / 4).max(1);
+    let count = (last.div_ceil(stride) + 1).min((MAX_JUDGED_CHARS / size).max(2));
     (0..count)
         .map(|i| {
             let start = last * i / (count - 1);
-            chars[start..start + WINDOW_CHARS].iter().collect()
+            chars[start..start + size].iter().collect()
         })
         .collect()
 }
@@ -69,6 +75,8 @@ pub struct ClassifierFilter {
     temperature: f32,
     /// The n-gram features after the embedding.
     layout: features::Layout,
+    /// Characters per window of a long text.
+    window_chars: usize,
     /// What a text that cannot be embedded gets.
     on_error: OnError,
     /// Texts that could not be embedded.
@@ -85,6 +93,12 @@ impl ClassifierFilter {
     pub fn load(config: &ClassifierConfig, dir: Option<&Path>, service: Arc<EmbedService>) -> Result<Self, String> {
         if config.classes.first().map(String::as_str) != Some("allow") || config.classes.len() < 2 {
             return Err("[classifier] classes must start with `allow` and name at least one category".into());
+        }
+        if !(100..=MAX_WINDOW_CHARS).contains(&config.window_chars) {
+            return Err(format!(
+                "[classifier] window_chars is {}; it must be between 100 and {MAX_WINDOW_CHARS}",
+                config.window_chars
+            ));
         }
         if !(0.0..=1.0).contains(&config.threshold) || config.temperature <= 0.0 {
             return Err("[classifier] threshold must be in [0, 1] and temperature above 0".into());
@@ -116,6 +130,7 @@ impl ClassifierFilter {
             threshold: config.threshold,
             temperature: config.temperature,
             layout,
+            window_chars: config.window_chars,
             on_error: config.on_error,
             failures: AtomicU64::new(0),
         })
@@ -135,7 +150,7 @@ impl ClassifierFilter {
 
     /// Scores a text: its windows, embedded in one batch.
     pub fn score(&self, text: &str) -> Result<Score, String> {
-        let windows = windows(&normalize(text));
+        let windows = windows(&normalize(text), self.window_chars);
         let vectors = self.service.embed_many(&windows)?;
         let count = vectors.len();
         vectors
@@ -180,14 +195,26 @@ mod tests {
 
     #[test]
     fn long_text_is_judged_in_overlapping_windows_from_head_to_tail() {
-        assert_eq!(windows("short"), vec!["short".to_string()]);
+        assert_eq!(windows("short", 1000), vec!["short".to_string()]);
         let text: String = (0..5000).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
-        let w = windows(&text);
-        assert_eq!(w.len(), MAX_WINDOWS.min((5000 - WINDOW_CHARS).div_ceil(750) + 1));
-        assert!(w.iter().all(|x| x.chars().count() == WINDOW_CHARS));
-        assert_eq!(w[0], text[..WINDOW_CHARS], "the head");
-        assert_eq!(w[w.len() - 1], text[5000 - WINDOW_CHARS..], "the tail");
-        let huge = "x".repeat(100_000);
-        assert_eq!(windows(&huge).len(), MAX_WINDOWS, "bounded however long the text");
+        assert_eq!(windows(&text[..900], 300).len(), 1, "the encoder takes it whole");
+        for size in [1000, 400] {
+            let w = windows(&text, size);
+            assert_eq!(
+                w.len(),
+                ((5000 - size).div_ceil(size * 3 / 4) + 1).min(MAX_JUDGED_CHARS / size)
+            );
+            assert!(w.iter().all(|x| x.chars().count() == size));
+            assert_eq!(w[0], text[..size], "the head");
+            assert_eq!(w[w.len() - 1], text[5000 - size..], "the tail");
+            let huge = "x".repeat(100_000);
+            let judged: usize = windows(&huge, size).iter().map(|w| w.len()).sum();
+            assert!(judged <= MAX_JUDGED_CHARS, "bounded however long the text: {judged}");
+        }
+        assert_eq!(
+            windows(&text, 5000),
+            windows(&text, MAX_WINDOW_CHARS),
+            "no window is larger than the encoder takes"
+        );
     }
 }

@@ -59,8 +59,11 @@ pub struct TrainArgs {
     pub ngram_buckets: usize,
     /// Hashed character n-gram features (3 to 5 characters of each word) after the word n-grams; 0 for
     /// none.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 4096)]
     pub char_ngram_buckets: usize,
+    /// Characters per window of a long text, when the filter runs (100 to 1,000).
+    #[arg(long, default_value_t = 300)]
+    pub window_chars: usize,
     /// Share of hidden units dropped in each training pass.
     #[arg(long, default_value_t = 0.6)]
     pub dropout: f32,
@@ -146,6 +149,7 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
         threshold: trained.threshold,
         ngram_buckets: a.ngram_buckets,
         char_ngram_buckets: a.char_ngram_buckets,
+        window_chars: a.window_chars,
         temperature: trained.temperature,
         on_error: ferroserve_filter::config::OnError::Block,
         trained: Some(TrainedFrom {
@@ -234,6 +238,7 @@ mod tests {
             threshold: 0.5,
             ngram_buckets: 0,
             char_ngram_buckets: 0,
+            window_chars: 1000,
             temperature: 1.25,
             on_error: ferroserve_filter::config::OnError::Block,
             trained: None,
