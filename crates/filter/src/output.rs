@@ -92,9 +92,13 @@ impl OutputGuard {
     }
 
     async fn judge(&mut self, window: Arc<str>, full: bool) -> Result<(), Verdict> {
+        // Generated text gets the rules only. The classifier was trained on requests, not on model output:
+        // on output (a sampled JSON string, a fragment) it blocks what is harmless. `full` stays in the
+        // signature for the day it is trained on outputs too.
+        let _ = full;
         let Some(v) = self
             .hub
-            .check(&self.selection, Stage::Output, Arc::clone(&window), full)
+            .check(&self.selection, Stage::Output, Arc::clone(&window), false)
             .await
         else {
             return Ok(());
