@@ -229,15 +229,23 @@ fn the_int8_and_reference_encoders_make_the_same_classifier_decisions() {
 /// that to three.
 #[test]
 fn the_shipped_filter_lets_short_technical_fragments_through() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferroserve"))
-        .args(["filter", "eval", "--json", "--repeats", "1", "--config"])
-        .arg(repo("configs/filters/default.toml"))
-        .arg("--data")
-        .arg(repo("tests/data/filter-fragments.jsonl"))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (config, data) = (
+        repo("configs/filters/default.toml").display().to_string(),
+        repo("tests/data/filter-fragments.jsonl").display().to_string(),
+    );
+    let (ok, stdout, err) = ferroserve(&[
+        "filter",
+        "eval",
+        "--json",
+        "--repeats",
+        "1",
+        "--config",
+        &config,
+        "--data",
+        &data,
+    ]);
+    assert!(ok, "{err}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     let fpr = report["overall"]["fpr"].as_f64().unwrap();
     assert!(fpr <= 0.25, "{fpr}: {}", report["mistakes"]);
 }

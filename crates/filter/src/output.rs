@@ -62,9 +62,7 @@ impl OutputGuard {
     pub async fn push(&mut self, chunk: &str) -> Result<String, Verdict> {
         self.text.push_str(chunk);
         let window: Arc<str> = Arc::from(&self.text[tail_start(&self.text, WINDOW_CHARS)..]);
-        // The full check (embeddings too) at sentence ends; the cheap one in between.
-        let full = chunk.contains(['.', '!', '?', '\n']);
-        self.judge(window, full).await?;
+        self.judge(window).await?;
         // Release up to the last character that ends a word.
         let pending = &self.text[self.released..];
         let cut = pending
@@ -80,7 +78,7 @@ impl OutputGuard {
     /// The generation ended: judges the whole tail once more and releases what was held back.
     pub async fn finish(&mut self) -> Result<String, Verdict> {
         let window: Arc<str> = Arc::from(&self.text[tail_start(&self.text, WINDOW_CHARS)..]);
-        self.judge(window, true).await?;
+        self.judge(window).await?;
         let out = self.text[self.released..].to_string();
         self.released = self.text.len();
         if !self.done {
@@ -91,11 +89,10 @@ impl OutputGuard {
         Ok(out)
     }
 
-    async fn judge(&mut self, window: Arc<str>, full: bool) -> Result<(), Verdict> {
-        // Generated text gets the rules only. The classifier was trained on requests, not on model output:
-        // on output (a sampled JSON string, a fragment) it blocks what is harmless. `full` stays in the
-        // signature for the day it is trained on outputs too.
-        let _ = full;
+    async fn judge(&mut self, window: Arc<str>) -> Result<(), Verdict> {
+        // Generated text gets the rules only (the hub's partial check). The classifier was trained on
+        // requests, not on model output: on output (a sampled JSON string, a fragment) it blocks what is
+        // harmless.
         let Some(v) = self
             .hub
             .check(&self.selection, Stage::Output, Arc::clone(&window), false)
