@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use ferroserve_model::embed::Budget;
 use serde::{Deserialize, Serialize};
 
 use crate::classifier::ClassifierFilter;
@@ -55,6 +56,13 @@ pub struct ClassifierConfig {
     /// Characters per window of a text longer than the encoder takes whole (100 to 1,000).
     #[serde(default = "window_chars")]
     pub window_chars: usize,
+    /// Encoder layers an embedding takes (an early exit that cuts its cost in proportion); absent for all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoder_layers: Option<usize>,
+    /// Tokens of a text (or window) the encoder reads at most, the head and the tail of a longer one
+    /// (16 to 256; absent for 256). The n-grams still read every word.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoder_tokens: Option<usize>,
     /// Softmax temperature fitted on the validation split (calibration).
     #[serde(default = "one")]
     pub temperature: f32,
@@ -83,6 +91,14 @@ impl ClassifierConfig {
         crate::classifier::features::Layout {
             word_buckets: self.ngram_buckets,
             char_buckets: self.char_ngram_buckets,
+        }
+    }
+
+    /// How much of the encoder each text (or window) gets.
+    pub fn budget(&self) -> Budget {
+        Budget {
+            layers: self.encoder_layers.unwrap_or(Budget::FULL.layers),
+            tokens: self.encoder_tokens.unwrap_or(Budget::FULL.tokens),
         }
     }
 }

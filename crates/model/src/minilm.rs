@@ -228,15 +228,21 @@ impl Int8Bert {
         })
     }
 
-    /// Mean-pooled, unit-length embeddings of tokenized texts (each at most `max_positions` tokens).
+    /// Layers of the full encoder.
+    pub fn depth(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Mean-pooled, unit-length embeddings of tokenized texts (each at most `max_positions` tokens),
+    /// taken after the first `layers` layers (an early exit: the cost falls in proportion).
     ///
     /// The pass runs on a rayon worker, so its matmuls and attention split work by stealing rather than
     /// by waking the pool from outside for each of their thirty parallel loops.
-    pub fn embed(&self, texts: &[&[u32]]) -> Result<Vec<Vec<f32>>, String> {
-        rayon::scope(|_| self.embed_in_pool(texts))
+    pub fn embed(&self, texts: &[&[u32]], layers: usize) -> Result<Vec<Vec<f32>>, String> {
+        rayon::scope(|_| self.embed_in_pool(texts, layers))
     }
 
-    fn embed_in_pool(&self, texts: &[&[u32]]) -> Result<Vec<Vec<f32>>, String> {
+    fn embed_in_pool(&self, texts: &[&[u32]], layers: usize) -> Result<Vec<Vec<f32>>, String> {
         let h = self.hidden;
         let vocab = self.word.len() / h;
         let mut starts = Vec::with_capacity(texts.len() + 1);
@@ -263,7 +269,7 @@ impl Int8Bert {
         }
         let tokens = x.len() / h;
         self.embed_norm.apply(&mut x, self.eps);
-        for layer in &self.layers {
+        for layer in self.layers.iter().take(layers) {
             let qkv = layer.qkv.forward(&x, tokens);
             let ctx = self.attention(&qkv, &starts);
             let a = layer.attn_out.forward(&ctx, tokens);

@@ -1,7 +1,7 @@
 //! The int8 sentence encoder against candle-transformers' f32 BERT on the real all-MiniLM-L6-v2 weights
 //! (fetched into the cache on first use, like the LLM).
 
-use ferroserve_model::embed::{Backend, Embedder, MINILM, cosine};
+use ferroserve_model::embed::{Backend, Budget, Embedder, MINILM, cosine};
 use ferroserve_model::fetch;
 
 fn load(backend: Backend) -> Embedder {
@@ -60,4 +60,34 @@ fn a_text_embeds_the_same_alone_and_in_a_batch() {
         assert_eq!(&alone, in_batch, "{text}");
     }
     assert!(e.embed(&[]).unwrap().is_empty());
+}
+
+#[test]
+fn a_budget_stops_early_and_keeps_the_head_and_tail_of_a_long_text() {
+    let int8 = load(Backend::Int8);
+    let reference = load(Backend::Candle);
+    assert_eq!(int8.depth(), 6);
+    let budget = Budget { layers: 3, tokens: 12 };
+    // The same early exit and cut on both forward passes.
+    let a = int8.embed_with(&TEXTS, budget).unwrap();
+    let b = reference.embed_with(&TEXTS, budget).unwrap();
+    for ((text, a), b) in TEXTS.iter().zip(&a).zip(&b) {
+        let c = cosine(a, b);
+        assert!(c > 0.99, "{text}: cosine with the f32 reference at 3 layers is {c}");
+    }
+    let full = int8.embed(&TEXTS).unwrap();
+    assert!(cosine(&a[3], &full[3]) < 0.999, "three layers are not six");
+    // Two long texts that differ only in the middle read the same under a 12-token cut, and differently
+    // in full.
+    let head = "Please tell me, in plain words,";
+    let tail = "and thank you very much for your help today";
+    let one = format!("{head} how bread rises in a warm oven overnight {tail}");
+    let two = format!("{head} why the sky looks blue at noon in summer {tail}");
+    let cut = Budget { layers: 6, tokens: 12 };
+    let short = int8.embed_with(&[&one, &two], cut).unwrap();
+    assert_eq!(short[0], short[1], "the cut keeps head and tail only");
+    let whole = int8.embed(&[&one, &two]).unwrap();
+    assert!(cosine(&whole[0], &whole[1]) < 0.99, "in full the middles differ");
+    // A short text is not cut.
+    assert_eq!(int8.embed_with(&TEXTS[5..6], cut).unwrap()[0], full[5]);
 }

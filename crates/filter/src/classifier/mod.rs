@@ -22,6 +22,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use sha2::{Digest, Sha256};
 
+use ferroserve_model::embed::{Budget, MAX_TOKENS};
+
 use crate::config::{ClassifierConfig, OnError};
 use crate::normalize::normalize;
 use crate::semantic::{EmbedService, embedding_failed};
@@ -77,6 +79,8 @@ pub struct ClassifierFilter {
     layout: features::Layout,
     /// Characters per window of a long text.
     window_chars: usize,
+    /// How much of the encoder each window gets.
+    budget: Budget,
     /// What a text that cannot be embedded gets.
     on_error: OnError,
     /// Texts that could not be embedded.
@@ -98,6 +102,20 @@ impl ClassifierFilter {
             return Err(format!(
                 "[classifier] window_chars is {}; it must be between 100 and {MAX_WINDOW_CHARS}",
                 config.window_chars
+            ));
+        }
+        let budget = config.budget();
+        if budget.layers == 0 || (budget.layers < Budget::FULL.layers && budget.layers > service.depth()) {
+            return Err(format!(
+                "[classifier] encoder_layers is {}; the encoder has 1 to {} layers",
+                budget.layers,
+                service.depth()
+            ));
+        }
+        if !(16..=MAX_TOKENS).contains(&budget.tokens) {
+            return Err(format!(
+                "[classifier] encoder_tokens is {}; it must be between 16 and {MAX_TOKENS}",
+                budget.tokens
             ));
         }
         if !(0.0..=1.0).contains(&config.threshold) || config.temperature <= 0.0 {
@@ -131,6 +149,7 @@ impl ClassifierFilter {
             temperature: config.temperature,
             layout,
             window_chars: config.window_chars,
+            budget,
             on_error: config.on_error,
             failures: AtomicU64::new(0),
         })
@@ -151,7 +170,7 @@ impl ClassifierFilter {
     /// Scores a text: its windows, embedded in one batch.
     pub fn score(&self, text: &str) -> Result<Score, String> {
         let windows = windows(&normalize(text), self.window_chars);
-        let vectors = self.service.embed_many(&windows)?;
+        let vectors = self.service.embed_many_with(&windows, self.budget)?;
         let count = vectors.len();
         vectors
             .into_iter()

@@ -11,6 +11,8 @@ use rand::{Rng, SeedableRng};
 use super::head::{Head, softmax};
 use crate::eval::Example;
 use crate::normalize::normalize;
+use ferroserve_model::embed::Budget;
+
 use crate::semantic::EmbedService;
 
 /// The classes of a training set: `allow`, then every category of its harmful examples, sorted.
@@ -25,13 +27,14 @@ pub fn classes_of(examples: &[Example]) -> Vec<String> {
     std::iter::once("allow".to_string()).chain(harms).collect()
 }
 
-/// Embeds examples as the filter will see them (normalized; the encoder keeps the first 256 tokens), with
-/// their class indices; a harmful example of a category not in `classes` is an error naming it.
+/// Embeds examples as the filter will see them (normalized, within the encoder budget the filter will
+/// run), with their class indices; a harmful example of a category not in `classes` is an error naming it.
 pub fn embed_examples(
     service: &EmbedService,
     examples: &[Example],
     classes: &[String],
     layout: super::features::Layout,
+    budget: Budget,
 ) -> Result<Labelled, String> {
     let y = examples
         .iter()
@@ -48,7 +51,7 @@ pub fn embed_examples(
     let texts: Vec<String> = examples.iter().map(|e| normalize(&e.text)).collect();
     let mut x = Vec::with_capacity(texts.len());
     for chunk in texts.chunks(256) {
-        let vectors = service.embed_many(chunk)?;
+        let vectors = service.embed_many_with(chunk, budget)?;
         x.extend(vectors.into_iter().zip(chunk).map(|(v, t)| layout.features(v, t)));
     }
     Ok(Labelled { x, y })

@@ -64,6 +64,12 @@ pub struct TrainArgs {
     /// Characters per window of a long text, when the filter runs (100 to 1,000).
     #[arg(long, default_value_t = 300)]
     pub window_chars: usize,
+    /// Encoder layers an embedding takes (an early exit); all of them when absent.
+    #[arg(long)]
+    pub encoder_layers: Option<usize>,
+    /// Tokens of a text the encoder reads at most, head and tail (16 to 256); 256 when absent.
+    #[arg(long)]
+    pub encoder_tokens: Option<usize>,
     /// Share of hidden units dropped in each training pass.
     #[arg(long, default_value_t = 0.6)]
     pub dropout: f32,
@@ -104,8 +110,17 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
         word_buckets: a.ngram_buckets,
         char_buckets: a.char_ngram_buckets,
     };
-    let train_set = embed_examples(&service, &train, &classes, layout).map_err(anyhow::Error::msg)?;
-    let val_set = embed_examples(&service, &val, &classes, layout).map_err(anyhow::Error::msg)?;
+    let budget = ferroserve_model::embed::Budget {
+        layers: a.encoder_layers.unwrap_or(usize::MAX),
+        tokens: a.encoder_tokens.unwrap_or(ferroserve_model::embed::MAX_TOKENS),
+    };
+    anyhow::ensure!(
+        budget.layers > 0 && (16..=ferroserve_model::embed::MAX_TOKENS).contains(&budget.tokens),
+        "--encoder-layers must be at least 1 and --encoder-tokens between 16 and {}",
+        ferroserve_model::embed::MAX_TOKENS
+    );
+    let train_set = embed_examples(&service, &train, &classes, layout, budget).map_err(anyhow::Error::msg)?;
+    let val_set = embed_examples(&service, &val, &classes, layout, budget).map_err(anyhow::Error::msg)?;
     println!(
         "embedded {} training and {} validation examples in {:.1} s",
         train.len(),
@@ -150,6 +165,8 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
         ngram_buckets: a.ngram_buckets,
         char_ngram_buckets: a.char_ngram_buckets,
         window_chars: a.window_chars,
+        encoder_layers: a.encoder_layers,
+        encoder_tokens: a.encoder_tokens,
         temperature: trained.temperature,
         on_error: ferroserve_filter::config::OnError::Block,
         trained: Some(TrainedFrom {
@@ -239,6 +256,8 @@ mod tests {
             ngram_buckets: 0,
             char_ngram_buckets: 0,
             window_chars: 1000,
+            encoder_layers: Some(3),
+            encoder_tokens: None,
             temperature: 1.25,
             on_error: ferroserve_filter::config::OnError::Block,
             trained: None,
@@ -249,5 +268,6 @@ mod tests {
         assert!(!out.contains("\"old\""), "{out}");
         let c = parsed.classifier.unwrap();
         assert_eq!((c.threshold, c.temperature, c.classes.len()), (0.5, 1.25, 2));
+        assert_eq!((c.encoder_layers, c.encoder_tokens), (Some(3), None), "{out}");
     }
 }
