@@ -64,12 +64,12 @@ pub struct TrainArgs {
     /// Characters per window of a long text, when the filter runs (100 to 1,000).
     #[arg(long, default_value_t = 300)]
     pub window_chars: usize,
-    /// Encoder layers an embedding takes (an early exit); all of them when absent.
-    #[arg(long)]
-    pub encoder_layers: Option<usize>,
-    /// Tokens of a text the encoder reads at most, head and tail (16 to 256); 256 when absent.
-    #[arg(long)]
-    pub encoder_tokens: Option<usize>,
+    /// Encoder layers an embedding takes (an early exit; all-MiniLM-L6-v2 has 6).
+    #[arg(long, default_value_t = 3)]
+    pub encoder_layers: usize,
+    /// Tokens of a text the encoder reads at most, head and tail (16 to 256).
+    #[arg(long, default_value_t = 32)]
+    pub encoder_tokens: usize,
     /// Share of hidden units dropped in each training pass.
     #[arg(long, default_value_t = 0.6)]
     pub dropout: f32,
@@ -111,12 +111,14 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
         char_buckets: a.char_ngram_buckets,
     };
     let budget = ferroserve_model::embed::Budget {
-        layers: a.encoder_layers.unwrap_or(usize::MAX),
-        tokens: a.encoder_tokens.unwrap_or(ferroserve_model::embed::MAX_TOKENS),
+        layers: a.encoder_layers,
+        tokens: a.encoder_tokens,
     };
     anyhow::ensure!(
-        budget.layers > 0 && (16..=ferroserve_model::embed::MAX_TOKENS).contains(&budget.tokens),
-        "--encoder-layers must be at least 1 and --encoder-tokens between 16 and {}",
+        (1..=service.depth()).contains(&budget.layers)
+            && (16..=ferroserve_model::embed::MAX_TOKENS).contains(&budget.tokens),
+        "--encoder-layers must be between 1 and {} and --encoder-tokens between 16 and {}",
+        service.depth(),
         ferroserve_model::embed::MAX_TOKENS
     );
     let train_set = embed_examples(&service, &train, &classes, layout, budget).map_err(anyhow::Error::msg)?;
@@ -165,8 +167,8 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
         ngram_buckets: a.ngram_buckets,
         char_ngram_buckets: a.char_ngram_buckets,
         window_chars: a.window_chars,
-        encoder_layers: a.encoder_layers,
-        encoder_tokens: a.encoder_tokens,
+        encoder_layers: Some(a.encoder_layers),
+        encoder_tokens: Some(a.encoder_tokens),
         temperature: trained.temperature,
         on_error: ferroserve_filter::config::OnError::Block,
         trained: Some(TrainedFrom {
