@@ -9,7 +9,8 @@
 //! shares each text with the request rather than copying it.
 //!
 //! The hub decides where a check runs: a heavy filter's full check (embeddings take milliseconds) goes to
-//! the blocking pool, never the async threads, for input and output alike; a cheap one runs inline.
+//! the blocking pool, never the async threads; a partial check (the rules alone, what streamed output
+//! gets) and a cheap filter's run inline.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};

@@ -102,3 +102,43 @@ fn a_bad_config_is_refused_with_the_problem_named() {
     let err = FilterConfig::parse("name = \"x\"\nversion = \"1\"\n[rules]\nbogus = 1\n", "x.toml").unwrap_err();
     assert!(err.to_string().contains("bogus"), "{err}");
 }
+
+/// The shipped classifier on our int8 encoder and on Candle's f32 BERT (the reference): every dev prompt
+/// gets nearly the same P(harm), so the same decision wherever that is not within the margin of the
+/// threshold. The head was trained on the int8 embeddings; a prompt sitting on the threshold may fall
+/// either way, and only such a prompt.
+#[test]
+fn the_int8_and_reference_encoders_give_the_classifier_the_same_scores() {
+    use ferroserve_filter::classifier::ClassifierFilter;
+    use ferroserve_filter::semantic::EmbedService;
+    use ferroserve_model::embed::{Backend, Embedder, MINILM};
+    use ferroserve_model::fetch;
+    const MARGIN: f32 = 0.05;
+    let config = FilterConfig::load(&root("configs/filters/default.toml")).unwrap();
+    let section = config.classifier.as_ref().expect("the shipped config has a classifier");
+    let files = fetch::ensure_all(&MINILM, &fetch::default_cache_dir(), &fetch::Quiet).unwrap();
+    let load = |backend| {
+        let embedder = Embedder::load_with(&files[0], &files[1], &files[2], backend).unwrap();
+        ClassifierFilter::load(section, config.dir.as_deref(), EmbedService::start(embedder, None)).unwrap()
+    };
+    let (int8, reference) = (load(Backend::Int8), load(Backend::Candle));
+    let data = std::fs::read_to_string(root("tests/data/filter-eval-dev.jsonl")).unwrap();
+    let (mut worst, mut near) = (0.0f32, 0);
+    for e in read_examples(&data).unwrap() {
+        let (a, b) = (int8.score(&e.text).unwrap(), reference.score(&e.text).unwrap());
+        worst = worst.max((a.harm - b.harm).abs());
+        if (b.harm - section.threshold).abs() <= MARGIN {
+            near += 1;
+            continue;
+        }
+        assert_eq!(
+            a.harm >= section.threshold,
+            b.harm >= section.threshold,
+            "{}: int8 {a:?}, reference {b:?}",
+            e.text
+        );
+    }
+    println!("largest P(harm) difference {worst:.4}; {near} of 80 prompts within {MARGIN} of the threshold");
+    assert!(worst <= MARGIN, "int8 and reference P(harm) differ by {worst}");
+    assert!(near <= 4, "{near} prompts sit on the threshold");
+}
