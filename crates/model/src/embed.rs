@@ -50,6 +50,8 @@ pub const MINILM: [WheelAsset; 3] = [MINILM_WEIGHTS, MINILM_TOKENIZER, MINILM_CO
 
 /// Longest input in tokens; longer texts keep their head and tail (the model was trained on 256 at most).
 pub const MAX_TOKENS: usize = 256;
+/// The smallest token budget a config or `filter train` may set.
+pub const MIN_TOKENS: usize = 16;
 
 /// How much of the encoder one text gets: the output of its first `layers` layers, over at most `tokens`
 /// of its tokens. A longer text keeps its first and last `tokens / 2`, the `[CLS]` and `[SEP]` markers
@@ -68,6 +70,24 @@ impl Budget {
         layers: usize::MAX,
         tokens: MAX_TOKENS,
     };
+
+    /// Refuses a budget outside 1 to `depth` layers (or [`Budget::FULL`]'s "all") and [`MIN_TOKENS`] to
+    /// [`MAX_TOKENS`] tokens, naming the field and the allowed range.
+    pub fn check(&self, depth: usize) -> Result<(), String> {
+        if self.layers != Budget::FULL.layers && !(1..=depth).contains(&self.layers) {
+            return Err(format!(
+                "encoder_layers is {}; the encoder has 1 to {depth} layers",
+                self.layers
+            ));
+        }
+        if !(MIN_TOKENS..=MAX_TOKENS).contains(&self.tokens) {
+            return Err(format!(
+                "encoder_tokens is {}; it must be between {MIN_TOKENS} and {MAX_TOKENS}",
+                self.tokens
+            ));
+        }
+        Ok(())
+    }
 
     /// The token ids the encoder reads from a text's: all of them if they fit, else the head and the tail.
     fn cut(&self, ids: &[u32]) -> Vec<u32> {

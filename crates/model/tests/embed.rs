@@ -91,3 +91,18 @@ fn a_budget_stops_early_and_keeps_the_head_and_tail_of_a_long_text() {
     // A short text is not cut.
     assert_eq!(int8.embed_with(&TEXTS[5..6], cut).unwrap()[0], full[5]);
 }
+
+#[test]
+fn a_budget_out_of_range_is_refused_by_name() {
+    assert!(Budget::FULL.check(6).is_ok());
+    assert!(Budget { layers: 3, tokens: 32 }.check(6).is_ok());
+    for (budget, field) in [
+        (Budget { layers: 0, tokens: 32 }, "encoder_layers is 0"),
+        (Budget { layers: 7, tokens: 32 }, "encoder_layers is 7"),
+        (Budget { layers: 3, tokens: 15 }, "encoder_tokens is 15"),
+        (Budget { layers: 3, tokens: 257 }, "encoder_tokens is 257"),
+    ] {
+        let e = budget.check(6).unwrap_err();
+        assert!(e.contains(field), "{e}");
+    }
+}

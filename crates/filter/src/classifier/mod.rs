@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use sha2::{Digest, Sha256};
 
-use ferroserve_model::embed::{Budget, MAX_TOKENS};
+use ferroserve_model::embed::Budget;
 
 use crate::config::{ClassifierConfig, OnError};
 use crate::normalize::normalize;
@@ -105,19 +105,7 @@ impl ClassifierFilter {
             ));
         }
         let budget = config.budget();
-        if budget.layers == 0 || (budget.layers < Budget::FULL.layers && budget.layers > service.depth()) {
-            return Err(format!(
-                "[classifier] encoder_layers is {}; the encoder has 1 to {} layers",
-                budget.layers,
-                service.depth()
-            ));
-        }
-        if !(16..=MAX_TOKENS).contains(&budget.tokens) {
-            return Err(format!(
-                "[classifier] encoder_tokens is {}; it must be between 16 and {MAX_TOKENS}",
-                budget.tokens
-            ));
-        }
+        budget.check(service.depth()).map_err(|e| format!("[classifier] {e}"))?;
         if !(0.0..=1.0).contains(&config.threshold) || config.temperature <= 0.0 {
             return Err("[classifier] threshold must be in [0, 1] and temperature above 0".into());
         }

@@ -5,14 +5,13 @@
 
 use candle_core::{D, DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use ferroserve_model::embed::Budget;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::head::{Head, softmax};
 use crate::eval::Example;
 use crate::normalize::normalize;
-use ferroserve_model::embed::Budget;
-
 use crate::semantic::EmbedService;
 
 /// The classes of a training set: `allow`, then every category of its harmful examples, sorted.

@@ -114,13 +114,9 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
         layers: a.encoder_layers,
         tokens: a.encoder_tokens,
     };
-    anyhow::ensure!(
-        (1..=service.depth()).contains(&budget.layers)
-            && (16..=ferroserve_model::embed::MAX_TOKENS).contains(&budget.tokens),
-        "--encoder-layers must be between 1 and {} and --encoder-tokens between 16 and {}",
-        service.depth(),
-        ferroserve_model::embed::MAX_TOKENS
-    );
+    budget
+        .check(service.depth())
+        .map_err(|e| anyhow::anyhow!("{e} (--encoder-layers, --encoder-tokens)"))?;
     let train_set = embed_examples(&service, &train, &classes, layout, budget).map_err(anyhow::Error::msg)?;
     let val_set = embed_examples(&service, &val, &classes, layout, budget).map_err(anyhow::Error::msg)?;
     println!(
